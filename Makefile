@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo`, `make test`. Everything else is set up on demand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU build by default (this machine's pip finds its wheel locally; elsewhere add
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu). GPU hosts: TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) flows/demo.py --config flows/configs/tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests --ignore=tests/bench/test_benchmarks.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check components deploy flows tests
+
+bench: $(STAMP)
+	$(PY) flows/bench.py --config flows/configs/tiny.yaml
+
+clean:
+	rm -rf .state

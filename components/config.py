@@ -1,0 +1,276 @@
+"""The one typed configuration tree shared by every flow.
+
+Presets are YAML files under ``flows/configs/`` validated on load; unknown keys are rejected
+everywhere, so a YAML that names a parameter which no longer exists fails at once.
+Every default lives here and nowhere else; derived values are properties, never repeated.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class PredictionType(str, enum.Enum):
+    V = "v_prediction"
+    EPSILON = "epsilon"
+
+
+class TerminalPolicy(str, enum.Enum):
+    """Min-SNR weight where SNR == 0 (only the terminal step of a ZT-SNR schedule).
+
+    ``paper``: Hang et al.'s formula as written, weight 0 (v) -- t = T-1 gets no gradient.
+    ``terminus``: weight 1.0, what the trainer Terminus XL Gamma v2 was made with did (Dec 2023).
+    """
+
+    PAPER = "paper"
+    TERMINUS = "terminus"
+
+
+class Precision(str, enum.Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class OptimizerName(str, enum.Enum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw8bit"
+    ADAFACTOR = "adafactor"
+
+
+class CropMode(str, enum.Enum):
+    RANDOM = "random"
+    CENTER = "center"
+
+
+class MissingCaption(str, enum.Enum):
+    DROP = "drop"  # the image is dropped, counted under reason "no_caption"
+    EMPTY = "empty"  # trained with the empty caption (it then only teaches the unconditional branch)
+    FILENAME = "filename"  # the file stem, underscores as spaces
+
+
+class TinyModelConfig(Strict):
+    """Sizes of the offline SDXL-layout model (same wiring as SDXL, a few thousand times smaller)."""
+
+    seed: int = 0
+    unet_channels: tuple[int, int] = (32, 64)
+    text_hidden_1: int = 32
+    """Hidden size of text encoder 1 (CLIPTextModel); SDXL: 768."""
+    text_hidden_2: int = 32
+    """Hidden size of text encoder 2 (CLIPTextModelWithProjection); SDXL: 1280."""
+    text_layers: int = 3
+    addition_time_embed_dim: int = 8
+    """SDXL: 256. The UNet's added embedding takes pooled_dim + 6 * this."""
+    vae_channels: tuple[int, ...] = (16, 32, 32, 32)
+    """Four blocks, so the VAE downsamples by 8 as SDXL's does."""
+
+
+class ModelConfig(Strict):
+    source: str = "tiny"
+    """``tiny`` (built offline), a local diffusers directory, a hub id, or an ``s3://`` prefix."""
+    revision: str | None = None
+    variant: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class DiffusionConfig(Strict):
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    zero_terminal_snr: bool = True
+    """Lin et al. 2023, Algorithm 1 (diffusers ``rescale_betas_zero_snr``)."""
+    prediction_type: PredictionType = PredictionType.V
+    min_snr_gamma: float | None = 5.0
+    """Hang et al. 2023; None turns min-SNR weighting off (plain MSE)."""
+    terminal_policy: TerminalPolicy = TerminalPolicy.TERMINUS
+
+
+class InferenceConfig(Strict):
+    steps: int = Field(30, ge=1, le=200)
+    guidance_scale: float = 7.0
+    guidance_rescale: float = 0.7
+    """Lin et al. eq. 16; 0.7 keeps a ZT-SNR model's contrast."""
+    height: int = 1024
+    width: int = 1024
+
+
+class FilterConfig(Strict):
+    max_pixels: int = 40_000_000
+    """Decompression-bomb cap on the decoded pixel count."""
+    require_exif: bool = False
+    drop_edited: bool = False
+    edited_software: list[str] = ["photoshop", "gimp", "lightroom", "snapseed", "picsart", "facetune"]
+    max_watermark: float | None = None
+    """Keep rows whose manifest ``pwatermark`` is <= this; rows without the column pass."""
+    max_luminance: float | None = None
+    """Mean Rec. 709 relative luminance (0..1) of the sRGB pixel values, at most this."""
+    min_aspect: float = 0.25
+    max_aspect: float = 4.0
+    dedupe: bool = True
+
+
+class BucketConfig(Strict):
+    area: int = 1024 * 1024
+    """Target pixel area of every bucket (~1 MP for SDXL)."""
+    step: int = 64
+    min_side: int = 512
+    max_side: int = 2048
+
+    @model_validator(mode="after")
+    def _check(self) -> BucketConfig:
+        if self.min_side % self.step or self.max_side % self.step:
+            raise ValueError("bucket min_side and max_side must be multiples of step")
+        return self
+
+
+class CurateConfig(Strict):
+    source: str = "data/demo/manifest.jsonl"
+    """A directory, an ``s3://bucket/prefix``, or a manifest (.jsonl, .csv, .parquet)."""
+    output: str = ".state/datasets/demo"
+    caption_column: str = "caption"
+    missing_caption: MissingCaption = MissingCaption.FILENAME
+    filters: FilterConfig = FilterConfig()
+    buckets: BucketConfig = BucketConfig()
+    crop: CropMode = CropMode.RANDOM
+    jpeg_quality: int = 95
+    num_actors: int = 2
+    rows_per_shard: int = 256
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of kept images (chosen by content hash, so stable) set aside for validation."""
+    s3_endpoint_url: str | None = None
+
+
+class LRConfig(Strict):
+    max: float = 8e-7
+    min: float = 4e-7
+    warmup_steps: int = 0
+
+
+class TrainConfig(Strict):
+    data: str = ".state/datasets/demo"
+    batch_size: int = 24
+    grad_accum: int = 15
+    max_steps: int = 100
+    """Optimizer steps (each is batch_size * grad_accum * num_workers samples)."""
+    epochs: int | None = None
+    """If set, overrides max_steps from the dataset size."""
+    lr: LRConfig = LRConfig()
+    optimizer: OptimizerName = OptimizerName.ADAMW
+    weight_decay: float = 1e-2
+    clip_grad_norm: float = 1.0
+    precision: Precision = Precision.BF16
+    grad_checkpointing: bool = False
+    ema_decay: float | None = None
+    ema_on_cpu: bool = True
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    checkpoint_every: int = 50
+    num_to_keep: int = 2
+    val_every: int = 50
+    val_timesteps: list[int] = [100, 300, 500, 700, 900, 999]
+    val_prompts: list[str] = ["a photograph of an astronaut", "a cat on a sofa"]
+    val_image_size: int = 256
+    val_steps: int = 10
+    select: str = "best"
+    """``best`` (lowest validation loss) or ``last`` checkpoint becomes the registered model."""
+    storage_path: str = ".state/ray_results"
+    run_name: str | None = None
+    """Same name, same Ray storage and MLflow run: running again resumes."""
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.num_workers
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = None
+    """None: ``MLFLOW_TRACKING_URI`` if set, else SQLite under the state directory."""
+    experiment: str = "terminus"
+    registered_model: str = "terminus-tiny"
+
+
+class ServeConfig(Strict):
+    model_uri: str | None = None
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None: the registered model @champion."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_n: int = 4
+    max_steps: int = 50
+    max_side: int = 1024
+    max_prompt_chars: int = 1000
+    max_upload_bytes: int = 8 * 1024 * 1024
+    default_size: int = 256
+    default_steps: int = 20
+    poll_alias_s: float = 2.0
+    api_key_env: str | None = None
+    """Name of an env var holding a bearer token; None leaves the endpoint open (loopback default)."""
+
+
+class Config(Strict):
+    name: str = "tiny"
+    seed: int = 0
+    state_dir: str = ".state"
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    inference: InferenceConfig = InferenceConfig()
+    curate: CurateConfig = CurateConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config (recorded as lineage)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset, apply ``key.path=value`` overrides (YAML-typed), validate the whole tree."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid config at {where}: {first['msg']} ({err.error_count()} error(s))") from None

@@ -1,0 +1,191 @@
+"""One loader for every SDXL-layout model the platform touches.
+
+Sources: ``tiny`` (built offline from a fixed seed, wired exactly as SDXL), a local diffusers
+directory, a Hugging Face hub id, or an ``s3://`` prefix fetched with boto3 into a local cache.
+Saved models are plain diffusers directories in safetensors whose scheduler carries the ZT-SNR
+trailing v-prediction settings, so vanilla ``StableDiffusionXLPipeline.from_pretrained`` is correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from components.config import Config, DiffusionConfig, TinyModelConfig
+from components.diffusion import inference_scheduler
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Components:
+    """The SDXL parts, as ``StableDiffusionXLPipeline`` names them."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- the tiny offline model ---------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_tiny_tokenizer(directory: Path) -> None:
+    """A byte-level CLIP BPE vocabulary with no merges (character-level), built offline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_tokenizer(directory: Path) -> CLIPTokenizer:
+    # model_max_length=77 as SDXL; without it padding to max length overflows (transformers 5).
+    return CLIPTokenizer(
+        vocab_file=str(directory / "vocab.json"),
+        merges_file=str(directory / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+def build_tiny(cfg: TinyModelConfig) -> Components:
+    """SDXL wiring at toy size: two CLIP encoders whose hidden sizes sum to the UNet's
+    cross_attention_dim; ``text_time`` added embedding of pooled_dim + 6 * time_embed_dim."""
+    torch.manual_seed(cfg.seed)
+    text_cfg = dict(
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=cfg.text_layers,
+        vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        hidden_act="gelu",
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=cfg.text_hidden_1, **text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=cfg.text_hidden_2, projection_dim=cfg.text_hidden_2, **text_cfg)
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=cfg.text_hidden_2 + 6 * cfg.addition_time_embed_dim,
+        cross_attention_dim=cfg.text_hidden_1 + cfg.text_hidden_2,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=cfg.vae_channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = build_tokenizer(Path(tmp))
+        tokenizer_2 = build_tokenizer(Path(tmp))
+    return Components(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def fetch_s3_prefix(uri: str, cache_root: Path, endpoint_url: str | None = None) -> Path:
+    """Download ``s3://bucket/prefix`` into the cache (skipping files already there with the same size)."""
+    import boto3
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    target = cache_root / bucket / prefix.strip("/")
+    client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3"))
+    found = False
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found = True
+            dest = target / obj["Key"][len(prefix):]
+            if dest.is_file() and dest.stat().st_size == obj["Size"]:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(dest.name + ".partial")
+            client.download_file(bucket, obj["Key"], str(partial))
+            partial.replace(dest)
+    if not found:
+        raise ModelLoadError(f"no objects under {uri}")
+    return target
+
+
+def resolve_source(source: str, state_dir: str | Path) -> str:
+    """A local directory for s3:// sources; anything else as is."""
+    if _is_s3(source):
+        return str(fetch_s3_prefix(source, Path(state_dir) / "cache" / "s3"))
+    return source
+
+
+def load_components(cfg: Config) -> Components:
+    """The SDXL parts for ``cfg.model.source``, in fp32 (the precision policy casts later)."""
+    source = cfg.model.source
+    if source == "tiny":
+        return build_tiny(cfg.model.tiny)
+    location = resolve_source(source, cfg.state_dir)
+    is_local = Path(location).is_dir()
+    if not is_local and ("/" not in location or location.startswith((".", "/"))):
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id nor s3://")
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            location, revision=cfg.model.revision, variant=cfg.model.variant, use_safetensors=True,
+            torch_dtype=torch.float32,
+        )
+    except OSError as err:
+        where = "directory" if is_local else "hub id (is the hub reachable? set HF_HUB_OFFLINE=0)"
+        raise ModelLoadError(f"cannot load SDXL {where} {location!r}: {str(err).splitlines()[0]}") from None
+    return Components(
+        pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2
+    )
+
+
+def save_pipeline(parts: Components, diffusion: DiffusionConfig, directory: str | Path) -> Path:
+    """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler."""
+    pipe = StableDiffusionXLPipeline(scheduler=inference_scheduler(diffusion), **parts.as_dict())
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)

@@ -1,0 +1,87 @@
+"""MLflow wiring: where tracking goes, and the experiment every flow logs into.
+
+Embedded default: SQLite at ``<state_dir>/mlflow.db`` with artifacts under ``<state_dir>/mlartifacts``.
+A server (``mlflow server``) is used when ``tracking.tracking_uri`` or ``MLFLOW_TRACKING_URI`` says so;
+S3 artifact stores are configured by MLflow's usual variables (``MLFLOW_S3_ENDPOINT_URL``, AWS_*).
+Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from components.config import Config
+
+SECRET_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),  # AWS access key ids
+    re.compile(r"(?i)(secret|token|password|api_key)[^=:]*[=:]\s*\S+"),
+]
+
+
+def state_path(cfg: Config, *parts: str) -> Path:
+    root = Path(os.environ.get("TERMINUS_STATE_DIR", cfg.state_dir)).expanduser().resolve()
+    return root.joinpath(*parts)
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = state_path(cfg, "mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def setup_tracking(cfg: Config) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists. Returns its id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    existing = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if existing is not None:
+        return existing.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:"):
+        artifact_location = state_path(cfg, "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created by a racing process
+        return mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (``unknown`` outside a checkout, e.g. a Ray job's working dir)."""
+    if os.environ.get("TERMINUS_GIT_COMMIT"):
+        return os.environ["TERMINUS_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> MLflow params (``train.lr.max`` = ...)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def redact(text: str) -> str:
+    for pattern in SECRET_PATTERNS:
+        text = pattern.sub("<redacted>", text)
+    return text
