@@ -21,12 +21,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
 
 
-class PredictionType(str, enum.Enum):
+class PredictionType(enum.StrEnum):
     V = "v_prediction"
     EPSILON = "epsilon"
 
 
-class TerminalPolicy(str, enum.Enum):
+class TerminalPolicy(enum.StrEnum):
     """Min-SNR weight where SNR == 0 (only the terminal step of a ZT-SNR schedule).
 
     ``paper``: Hang et al.'s formula as written, weight 0 (v) -- t = T-1 gets no gradient.
@@ -37,24 +37,24 @@ class TerminalPolicy(str, enum.Enum):
     TERMINUS = "terminus"
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
 
 
-class OptimizerName(str, enum.Enum):
+class OptimizerName(enum.StrEnum):
     ADAMW = "adamw"
     ADAMW_8BIT = "adamw8bit"
     ADAFACTOR = "adafactor"
 
 
-class CropMode(str, enum.Enum):
+class CropMode(enum.StrEnum):
     RANDOM = "random"
     CENTER = "center"
 
 
-class MissingCaption(str, enum.Enum):
+class MissingCaption(enum.StrEnum):
     DROP = "drop"  # the image is dropped, counted under reason "no_caption"
     EMPTY = "empty"  # trained with the empty caption (it then only teaches the unconditional branch)
     FILENAME = "filename"  # the file stem, underscores as spaces
