@@ -1,0 +1,30 @@
+"""Ray connection for every flow: the cluster named by RAY_ADDRESS (a Ray job, KubeRay), or a
+local one started here, on loopback, and shut down by the same flow."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = None):
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+    else:
+        # Ray 2.60 maps a loopback node address to the host's own address for its internal
+        # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env, configure_logging=True, log_to_driver=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
