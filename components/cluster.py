@@ -21,6 +21,7 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
         # Ray 2.60 maps a loopback node address to the host's own address for its internal
         # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
         ray.init(
+            address="local",  # always a new cluster, never one a stale /tmp/ray file points at
             num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
             runtime_env=runtime_env, configure_logging=True, log_to_driver=True,
         )

@@ -183,6 +183,8 @@ class TrainConfig(Strict):
     num_to_keep: int = 2
     val_every: int = 50
     val_timesteps: list[int] = [100, 300, 500, 700, 900, 999]
+    val_max_rows: int = 64
+    """Held-out rows used for the validation loss (the val split may be larger)."""
     val_prompts: list[str] = ["a photograph of an astronaut", "a cat on a sofa"]
     val_image_size: int = 256
     val_steps: int = 10
@@ -221,6 +223,18 @@ class ServeConfig(Strict):
     """Name of an env var holding a bearer token; None leaves the endpoint open (loopback default)."""
 
 
+class EvaluateConfig(Strict):
+    dark_prompts: list[str] = ["a black cat in a dark room at night", "a starless night sky over a dark lake"]
+    bright_prompts: list[str] = ["a white snowy field under a bright overcast sky", "a white sheet of paper"]
+    seeds: list[int] = [0, 1]
+    image_size: int = 256
+    steps: int = 10
+    blank_std: float = 0.01
+    """An image whose pixel std (0..1 scale) is below this counts as blank."""
+    tolerance: float = 0.05
+    """Relative val_loss regression allowed against the champion at promotion."""
+
+
 class Config(Strict):
     name: str = "tiny"
     seed: int = 0
@@ -232,6 +246,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def digest(self) -> str:
         """Stable hash of the resolved config (recorded as lineage)."""

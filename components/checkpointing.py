@@ -1,0 +1,82 @@
+"""Training checkpoints: UNet (and EMA) in safetensors, optimizer and LR scheduler, data position.
+
+Weights are safetensors; optimizer state is loaded with ``torch.load(weights_only=True)``, so nothing
+in a checkpoint can run code. A checkpoint is complete only when ``COMPLETE`` is present: it is
+written last, and loading refuses a directory without it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+
+
+class IncompleteCheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    samples_seen: int = 0
+    best_val_loss: float | None = None
+
+
+def save_checkpoint(
+    directory: Path,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    state: TrainState,
+    ema=None,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, directory / "unet.safetensors")
+    if ema is not None:
+        shadow = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
+        save_file(shadow, directory / "ema.safetensors")
+        (directory / "ema.json").write_text(json.dumps({"optimization_step": ema.optimization_step}))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=str))
+    (directory / "state.json").write_text(json.dumps(asdict(state)))
+    (directory / COMPLETE).write_text("ok\n")  # last: the checkpoint is whole
+    return directory
+
+
+def load_checkpoint(
+    directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None
+) -> TrainState:
+    directory = Path(directory)
+    if not (directory / COMPLETE).exists():
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
+    unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(json.loads((directory / "lr_scheduler.json").read_text()))
+    if ema is not None and (directory / "ema.safetensors").exists():
+        shadow = load_file(directory / "ema.safetensors")
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(shadow[f"p{i}"])
+        ema.optimization_step = json.loads((directory / "ema.json").read_text())["optimization_step"]
+    return TrainState(**json.loads((directory / "state.json").read_text()))
+
+
+def load_unet_weights(directory: Path, unet: torch.nn.Module, use_ema: bool = False) -> None:
+    """Final weights for export: the EMA shadow where asked and present, else the raw UNet."""
+    directory = Path(directory)
+    if not (directory / COMPLETE).exists():
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
+    unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
+    if use_ema and (directory / "ema.safetensors").exists():
+        shadow = load_file(directory / "ema.safetensors")
+        for i, p in enumerate(p for p in unet.parameters() if p.requires_grad):
+            p.data.copy_(shadow[f"p{i}"])

@@ -1,0 +1,117 @@
+"""Deterministic evaluation of a registered version: the numbers promotion is gated on.
+
+- held-out v-prediction loss at fixed timesteps and noise (same Validator as training);
+- ZT-SNR luminance probe (Lin et al. 2023 sec. 1: a ZT-SNR model can make very dark and very bright
+  images; the flawed schedule pulls both toward mid-grey): mean luminance of dark- and
+  bright-prompt samples and their range;
+- NaN and blank (near-constant) images;
+- a grid of the probe samples, logged as an image.
+Results go to an MLflow run and onto the model version as ``eval.*`` tags.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from components.config import Config
+from components.curated import CuratedManifest
+
+LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 luma weights on the sRGB values
+
+
+def val_rows(manifest: CuratedManifest, limit: int) -> list[dict]:
+    rows: list[dict] = []
+    for path in manifest.paths("val"):
+        if path.startswith("s3://"):
+            import pyarrow.fs
+
+            fs, key = pyarrow.fs.FileSystem.from_uri(path)
+            table = pq.read_table(key, filesystem=fs)
+        else:
+            table = pq.read_table(path)
+        rows += table.to_pylist()
+        if len(rows) >= limit:
+            break
+    return rows[:limit]
+
+
+def probe_images(cfg: Config, pipes, prompts: list[str]) -> list[np.ndarray]:
+    """Float images (H, W, 3) in [0, 1], NaN kept (output_type='np' does not hide it)."""
+    ev = cfg.evaluate
+    out = []
+    for prompt in prompts:
+        for seed in ev.seeds:
+            images = pipes.t2i(
+                prompt=prompt, num_inference_steps=ev.steps, width=ev.image_size, height=ev.image_size,
+                guidance_scale=cfg.inference.guidance_scale, guidance_rescale=cfg.inference.guidance_rescale,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+            ).images
+            out.append(np.asarray(images[0], dtype=np.float32))
+    return out
+
+
+def grid(images: list[np.ndarray], cols: int) -> Image.Image:
+    tiles = [Image.fromarray((np.nan_to_num(a).clip(0, 1) * 255).astype(np.uint8)) for a in images]
+    w, h = tiles[0].size
+    rows = (len(tiles) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * w, rows * h))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, ((i % cols) * w, (i // cols) * h))
+    return canvas
+
+
+def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest) -> tuple[dict, Image.Image]:
+    from components.models import load_components
+    from components.pipelines import build_pipelines, pick_device
+    from components.registry import diffusion_from_pipeline_dir
+    from components.validation import Validator
+
+    device = pick_device()
+    diffusion = diffusion_from_pipeline_dir(pipeline_dir)
+    local = cfg.model_copy(deep=True)
+    local.model.source = str(pipeline_dir)
+    local.diffusion = diffusion
+    parts = load_components(local)
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        module.to(device).eval()
+    val_loss = Validator(local, val_rows(manifest, cfg.train.val_max_rows), device).loss(parts, parts.unet)
+    pipes = build_pipelines(parts, diffusion, cfg.inference, device=device)
+    dark = probe_images(cfg, pipes, cfg.evaluate.dark_prompts)
+    bright = probe_images(cfg, pipes, cfg.evaluate.bright_prompts)
+    everything = dark + bright
+    lum = lambda imgs: float(np.mean([np.nanmean(a @ LUMA) for a in imgs]))  # noqa: E731
+    metrics = {
+        "val_loss": val_loss,
+        "luminance_dark": lum(dark),
+        "luminance_bright": lum(bright),
+        "nan_images": float(sum(bool(np.isnan(a).any()) for a in everything)),
+        "blank_images": float(sum(float(np.nanstd(a)) < cfg.evaluate.blank_std for a in everything)),
+    }
+    metrics["luminance_range"] = metrics["luminance_bright"] - metrics["luminance_dark"]
+    return metrics, grid(everything, cols=len(cfg.evaluate.seeds) * 2)
+
+
+def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> dict:
+    """Evaluate the version ``model_uri`` names; record the run and the version's ``eval.*`` tags."""
+    import mlflow
+
+    from components.promotion import EVAL_PREFIX
+    from components.registry import fetch_model
+    from components.tracking import setup_tracking, state_path
+
+    experiment_id = setup_tracking(cfg)
+    resolved = fetch_model(model_uri, state_path(cfg, "cache", "models"))
+    metrics, sample_grid = evaluate_pipeline(cfg, str(resolved.pipeline_dir), manifest)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:
+        mlflow.set_tags({"eval.model": resolved.name, "eval.version": resolved.version,
+                         "dataset_digest": manifest.digest})
+        mlflow.log_metrics(metrics)
+        mlflow.log_image(sample_grid, "probe_grid.png")
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        client.set_model_version_tag(resolved.name, resolved.version, f"{EVAL_PREFIX}{key}", f"{value:.6g}")
+    client.set_model_version_tag(resolved.name, resolved.version, "eval.run_id", run.info.run_id)
+    return {"model": resolved.name, "version": resolved.version, "run_id": run.info.run_id, **metrics}

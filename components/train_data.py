@@ -1,0 +1,69 @@
+"""From curated rows to training batches: decode, group by aspect bucket, resume at a position.
+
+Batches never mix buckets (their images differ in size). Rows stream in a deterministic order for a
+given seed and epoch, so a resumed run can skip exactly the rows it had already consumed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from components.step import Batch
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> (3, H, W) float in [-1, 1]."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch:
+    def pair(a: str, b: str) -> torch.Tensor:
+        return torch.tensor([[int(r[a]), int(r[b])] for r in rows], dtype=torch.float32, device=device)
+
+    pixels = torch.stack([decode_image(r["image"]) for r in rows]).to(device)  # (B, 3, H, W)
+    return Batch(
+        pixels=pixels,
+        captions=[str(r["caption"]) for r in rows],
+        original_size=pair("original_h", "original_w"),
+        crop_top_left=pair("crop_top", "crop_left"),
+        target_size=pair("target_h", "target_w"),
+    )
+
+
+def iter_rows(batches: Iterable[dict]) -> Iterator[dict]:
+    """Column batches (dict of arrays, as Ray Data yields them) -> one dict per row."""
+    for cols in batches:
+        keys = list(cols)
+        for i in range(len(cols[keys[0]])):
+            yield {k: cols[k][i] for k in keys}
+
+
+def bucket_batches(rows: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Group a row stream into batches of one bucket each, in order of completion.
+
+    Rows of a bucket wait in its buffer until ``batch_size`` have arrived; leftovers at the end of
+    the stream (fewer than a batch per bucket) are dropped, as a drop_last loader would.
+    """
+    buffers: dict[str, list[dict]] = {}
+    for row in rows:
+        buf = buffers.setdefault(str(row["bucket"]), [])
+        buf.append(row)
+        if len(buf) == batch_size:
+            yield buf
+            buffers[str(row["bucket"])] = []
+
+
+def skip(rows: Iterable[dict], n: int) -> Iterator[dict]:
+    """Drop the first ``n`` rows (already consumed before a resume)."""
+    it = iter(rows)
+    for _ in range(n):
+        if next(it, None) is None:
+            return
+    yield from it

@@ -1,0 +1,176 @@
+"""The Ray Train worker loop: stream bucketed batches, min-SNR v-prediction steps, checkpoints.
+
+Ray appears only at the edges (dataset shard, report, checkpoint); the step itself is
+``components.step.diffusion_loss``. Rank 0 alone talks to MLflow (``RunLogger``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from components.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from components.config import Config, Precision
+from components.diffusion import training_scheduler
+from components.models import load_components
+from components.optim import build_lr_scheduler, build_optimizer
+from components.run_logger import RunLogger
+from components.step import diffusion_loss
+from components.train_data import bucket_batches, iter_rows, rows_to_batch, skip
+from components.validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """A noise stream per (rank, step, micro-batch): distinct across ranks, reproducible on resume."""
+    return torch.Generator().manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def epoch_batches(shard, cfg: Config, epoch: int, skip_batches: int):
+    """Micro-batch row lists of one epoch, bucket-pure, deterministic for (seed, epoch)."""
+    raw = shard.iter_batches(
+        batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
+        local_shuffle_seed=cfg.seed * 1000 + epoch,
+    )
+    batches = bucket_batches(iter_rows(raw), cfg.train.batch_size)
+    return skip(batches, skip_batches)
+
+
+def total_steps(cfg: Config, train_rows: int) -> int:
+    if cfg.train.epochs is None:
+        return cfg.train.max_steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    return max(1, math.ceil(cfg.train.epochs * train_rows / per_step))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    parts = load_components(cfg)
+    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+        frozen.requires_grad_(False).eval().to(device)
+    unet = parts.unet.to(device)
+    unet.train()
+    if cfg.train.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = build_optimizer(unet.parameters(), cfg.train, device)
+    steps = total_steps(cfg, loop_config["train_rows"])
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train.lr, steps)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay)
+        ema.to("cpu" if cfg.train.ema_on_cpu else device)
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(Path(ckpt_dir), unet, optimizer, lr_scheduler, ema)
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batches_in_epoch)
+
+    model = ray.train.torch.prepare_model(unet) if world > 1 else unet
+    scheduler = training_scheduler(cfg.diffusion)
+    scaler = torch.amp.GradScaler(enabled=cfg.train.precision is Precision.FP16 and device.type == "cuda")
+    logger = RunLogger(cfg, loop_config["mlflow_run_id"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    validator = None
+    if rank == 0:
+        val_rows = list(iter_rows(ray.train.get_dataset_shard("val").iter_batches(batch_format="numpy")))
+        validator = Validator(cfg, val_rows[: cfg.train.val_max_rows], device)
+
+    accum = cfg.train.grad_accum
+    micro, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    while state.step < steps:
+        produced = False
+        for rows in epoch_batches(shard, cfg, state.epoch, state.batches_in_epoch):
+            produced = True
+            batch = rows_to_batch(rows, device)
+            gen = step_generator(cfg.seed, rank, state.step, micro)
+            sync = micro == accum - 1
+            ctx_mgr = model.no_sync() if (world > 1 and not sync) else _null()
+            with ctx_mgr:
+                loss = diffusion_loss(parts, model, batch, scheduler, cfg.diffusion, cfg.train.precision,
+                                      cfg.train.caption_dropout, gen)
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.item()
+            state.batches_in_epoch += 1
+            micro += 1
+            if micro < accum:
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            state.step += 1
+            state.samples_seen += cfg.train.effective_batch
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "loss": loss_sum / accum, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "images_per_s": cfg.train.effective_batch / max(elapsed, 1e-9), "samples_seen": state.samples_seen,
+                "epoch": state.epoch,
+            }
+            micro, loss_sum = 0, 0.0
+            if logger:
+                logger.metrics(metrics, state.step)
+            if state.step % cfg.train.checkpoint_every == 0 or state.step == steps:
+                _checkpoint(cfg, unet, optimizer, lr_scheduler, ema, state, parts, logger, validator, metrics)
+            t0 = time.perf_counter()  # images/s excludes validation and checkpointing
+            if state.step >= steps:
+                break
+        if state.step >= steps:
+            break
+        if not produced and state.batches_in_epoch == 0:
+            raise RuntimeError(
+                f"worker {rank} got no full batch of {cfg.train.batch_size} from any bucket: "
+                "lower train.batch_size or curate more images"
+            )
+        state.epoch += 1
+        state.batches_in_epoch = 0
+    if logger:
+        logger.close()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _checkpoint(cfg, unet, optimizer, lr_scheduler, ema, state, parts, logger, validator, metrics) -> None:
+    """Validate (rank 0), then report a checkpoint; every rank reaches ``report`` (it is a barrier)."""
+    report = {"step": state.step, "loss": metrics["loss"]}
+    name = f"checkpoint_{state.step:08d}"
+    if validator is None:
+        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+        return
+    val_loss = validator.loss(parts, unet)
+    report["val_loss"] = val_loss
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss = val_loss
+    logger.metrics({"val_loss": val_loss}, state.step)
+    for key, image in validator.images(parts, unet).items():
+        logger.image(image, key, state.step)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), unet, optimizer, lr_scheduler, state, ema)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    logger.checkpoint(name, state.step, report)

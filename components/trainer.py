@@ -1,0 +1,169 @@
+"""Driver side of a training run: one MLflow run, a Ray Train TorchTrainer, then the export.
+
+Resume is by name: the same ``train.run_name`` reuses the Ray Train storage (Ray V2 restarts from
+the latest checkpoint) and the same MLflow run (found by its ``terminus.run_name`` tag).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from components.config import Config
+from components.curated import CuratedManifest, read_manifest
+from components.tracking import flatten, git_commit, redact, setup_tracking, state_path, tracking_uri
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG = "terminus.run_name"
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    run_name: str
+    model_name: str
+    version: str
+    checkpoint: str
+    val_loss: float | None
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths and a run name, so every Ray worker sees the same locations."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.state_dir = str(state_path(cfg))
+    cfg.tracking.tracking_uri = tracking_uri(cfg)
+    if not cfg.train.storage_path.startswith("s3://"):
+        cfg.train.storage_path = str(Path(cfg.train.storage_path).expanduser().resolve())
+    if not cfg.train.data.startswith("s3://"):
+        cfg.train.data = str(Path(cfg.train.data).expanduser().resolve())
+    if cfg.train.run_name is None:
+        cfg.train.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def open_run(cfg: Config, manifest: CuratedManifest) -> str:
+    """The MLflow run of this training run: found by name (resume) or created with its params."""
+    experiment_id = setup_tracking(cfg)
+    found = mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}'", output_format="list"
+    )
+    if found:
+        log.info("continuing MLflow run %s", found[0].info.run_id)
+        return found[0].info.run_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name) as run:
+        params = {k: redact(v) for k, v in flatten(cfg.model_dump(mode="json")).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.set_tags({
+            RUN_NAME_TAG: cfg.train.run_name, "git_commit": git_commit(), "config_hash": cfg.digest(),
+            "base_model": cfg.model.source, "dataset_digest": manifest.digest,
+        })
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        dataset = MetaDataset(source=resolve_dataset_source(manifest.root), name=Path(manifest.root).name,
+                              digest=manifest.digest)
+        mlflow.log_input(dataset, context="training")
+        return run.info.run_id
+
+
+def _storage_filesystem(storage_path: str):
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
+    if storage_path.startswith("s3://") and endpoint:
+        import pyarrow.fs
+
+        scheme, _, host = endpoint.partition("://")
+        return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
+    return None
+
+
+def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from components.train_loop import train_loop_per_worker
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
+    train_ds = ray.data.read_parquet(manifest.paths("train"))
+    val_ds = ray.data.read_parquet(manifest.paths("val"))
+    storage = cfg.train.storage_path
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "train_rows": manifest.rows["train"],
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage,
+            storage_filesystem=_storage_filesystem(storage),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def select_checkpoint(cfg: Config, result):
+    """(checkpoint, metrics): lowest val_loss among those kept, or the last one."""
+    if cfg.train.select == "last" or not result.best_checkpoints:
+        return result.checkpoint, result.metrics
+    return min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))
+
+
+def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
+    """Checkpoint -> diffusers directory -> pyfunc model in the run -> new registered version."""
+    from components.checkpointing import load_unet_weights
+    from components.models import load_components, save_pipeline
+    from components.registry import log_pipeline_model
+
+    parts = load_components(cfg)
+    with checkpoint.as_directory() as ckpt_dir:
+        load_unet_weights(Path(ckpt_dir), parts.unet, use_ema=cfg.train.ema_decay is not None)
+    export_dir = state_path(cfg, "exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")
+    save_pipeline(parts, cfg.diffusion, export_dir)
+    setup_tracking(cfg)
+    with mlflow.start_run(run_id=run_id):
+        final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        mlflow.log_metrics(final)
+        info = log_pipeline_model(export_dir, cfg.tracking.registered_model)
+        version = str(info.registered_model_version)
+        mlflow.set_tag("registered_version", version)
+    client = mlflow.MlflowClient()
+    tags = {
+        "run_id": run_id, "dataset_digest": manifest.digest, "base_model": cfg.model.source,
+        "config_hash": cfg.digest(), "git_commit": git_commit(), "checkpoint": checkpoint.path,
+        **{k: str(v) for k, v in final.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
+    return version
+
+
+def run_training(cfg: Config) -> TrainingResult:
+    cfg = resolve_paths(cfg)
+    manifest = read_manifest(cfg.train.data)
+    run_id = open_run(cfg, manifest)
+    result = fit(cfg, manifest, run_id)
+    if result.error is not None:
+        raise result.error
+    checkpoint, metrics = select_checkpoint(cfg, result)
+    version = export_and_register(cfg, run_id, checkpoint, metrics, manifest)
+    return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
+                          metrics.get("val_loss"))

@@ -1,0 +1,67 @@
+"""Validation during training: a held-out loss at fixed timesteps and noise, and sample images
+from fixed prompts and seeds with the ZT-SNR inference settings (trailing, CFG rescale 0.7)."""
+
+from __future__ import annotations
+
+import torch
+
+from components.config import Config
+from components.models import Components
+from components.pipelines import GenerationRequest, build_pipelines
+from components.step import diffusion_loss
+from components.train_data import rows_to_batch
+
+VAL_NOISE_SEED = 1234
+
+
+class Validator:
+    def __init__(self, cfg: Config, val_rows: list[dict], device: torch.device):
+        if not val_rows:
+            raise ValueError("the curated dataset has no validation rows: raise curate.holdout_fraction")
+        self.cfg = cfg
+        self.device = device
+        by_bucket: dict[str, list[dict]] = {}
+        for row in val_rows:
+            by_bucket.setdefault(str(row["bucket"]), []).append(row)
+        bs = cfg.train.batch_size
+        # Every held-out row once, in bucket-pure batches of at most train.batch_size.
+        self.batches = [
+            rows_to_batch(rows[i : i + bs], device) for rows in by_bucket.values() for i in range(0, len(rows), bs)
+        ]
+
+    @torch.no_grad()
+    def loss(self, parts: Components, unet: torch.nn.Module) -> float:
+        """Mean min-SNR-weighted loss over every held-out batch at every fixed timestep."""
+        from components.diffusion import training_scheduler
+
+        scheduler = training_scheduler(self.cfg.diffusion)
+        was_training = unet.training
+        unet.eval()
+        total, count = 0.0, 0
+        for b_idx, batch in enumerate(self.batches):
+            for t in self.cfg.train.val_timesteps:
+                gen = torch.Generator().manual_seed(VAL_NOISE_SEED + 7919 * b_idx + t)
+                timesteps = torch.full((batch.pixels.shape[0],), t, dtype=torch.long, device=self.device)
+                loss = diffusion_loss(parts, unet, batch, scheduler, self.cfg.diffusion, self.cfg.train.precision,
+                                      0.0, gen, timesteps=timesteps)
+                total += loss.item()
+                count += 1
+        unet.train(was_training)
+        return total / count
+
+    @torch.no_grad()
+    def images(self, parts: Components, unet: torch.nn.Module) -> dict:
+        was_training = unet.training
+        unet.eval()
+        live = Components(**{**parts.as_dict(), "unet": unet})
+        pipes = build_pipelines(live, self.cfg.diffusion, self.cfg.inference, device=self.device,
+                                dtype=torch.float32)
+        size = self.cfg.train.val_image_size
+        out = {}
+        for i, prompt in enumerate(self.cfg.train.val_prompts):
+            req = GenerationRequest(prompt=prompt, width=size, height=size, steps=self.cfg.train.val_steps,
+                                    guidance_scale=self.cfg.inference.guidance_scale,
+                                    guidance_rescale=self.cfg.inference.guidance_rescale, seed=i)
+            out[f"val_{i}"] = pipes.generate(req)[0]
+        unet.train(was_training)
+        return out
