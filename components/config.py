@@ -114,6 +114,8 @@ class FilterConfig(Strict):
     edited_software: list[str] = ["photoshop", "gimp", "lightroom", "snapseed", "picsart", "facetune"]
     max_watermark: float | None = None
     """Keep rows whose manifest ``pwatermark`` is <= this; rows without the column pass."""
+    watermark_column: str = "pwatermark"
+    """Manifest column with the watermark probability (LAION's name)."""
     max_luminance: float | None = None
     """Mean Rec. 709 relative luminance (0..1) of the sRGB pixel values, at most this."""
     min_aspect: float = 0.25
@@ -138,18 +140,27 @@ class BucketConfig(Strict):
 class CurateConfig(Strict):
     source: str = "data/demo/manifest.jsonl"
     """A directory, an ``s3://bucket/prefix``, or a manifest (.jsonl, .csv, .parquet)."""
+    root: str | None = None
+    """What manifest paths are relative to: a directory, an ``s3://`` prefix, or ``pkg:<package>/<dir>``
+    (a directory inside an installed package, e.g. ``pkg:skimage/data``); None: the manifest's directory.
+    Paths that resolve outside it are dropped as ``path_escape``."""
     output: str = ".state/datasets/demo"
+    path_column: str = "path"
     caption_column: str = "caption"
     missing_caption: MissingCaption = MissingCaption.FILENAME
     filters: FilterConfig = FilterConfig()
     buckets: BucketConfig = BucketConfig()
     crop: CropMode = CropMode.RANDOM
     jpeg_quality: int = 95
-    num_actors: int = 2
-    rows_per_shard: int = 256
+    num_actors: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    """Records per call of a curation actor; small, because each image is decoded whole."""
+    rows_per_shard: int = Field(256, ge=1)
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of kept images (chosen by content hash, so stable) set aside for validation."""
     s3_endpoint_url: str | None = None
+    track: bool = True
+    """Log the curation to MLflow (report, counts, and the dataset with its digest)."""
 
 
 class LRConfig(Strict):

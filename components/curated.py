@@ -82,3 +82,27 @@ def read_manifest(root: str, endpoint_url: str | None = None) -> CuratedManifest
         )
     data = json.loads(text)
     return CuratedManifest(root=root, digest=data["digest"], files=data["files"], rows=data["rows"])
+
+
+def success_text(digest: str, files: dict[str, list[str]], rows: dict[str, int], **extra) -> str:
+    """The body of ``_SUCCESS`` that ``read_manifest`` parses (extra keys are informational)."""
+    return json.dumps({"digest": digest, "files": files, "rows": rows, **extra}, indent=2, sort_keys=True)
+
+
+def mlflow_dataset(manifest: CuratedManifest, name: str | None = None):
+    """The curated dataset as an MLflow dataset (source = ROOT, digest = the curation digest), for
+    ``mlflow.log_input(mlflow_dataset(read_manifest(root)), context="training")`` so a run records
+    exactly which curated data it used."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    kinds = {pa.binary(): DataType.binary, pa.string(): DataType.string, pa.int32(): DataType.integer}
+    schema = Schema([ColSpec(kinds[field.type], field.name) for field in SCHEMA])
+    with warnings.catch_warnings():  # a local path matches two equivalent "local" source classes
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(manifest.root)
+    label = name or manifest.root.rstrip("/").rsplit("/", 1)[-1]
+    return MetaDataset(source, name=label, digest=manifest.digest, schema=schema)

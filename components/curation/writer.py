@@ -1,0 +1,227 @@
+"""Writing a curated dataset so that a crash never leaves one that looks complete.
+
+Protocol (the layout is ``components.curated``'s contract):
+
+1. ``begin``: delete ``_SUCCESS`` (then ``report.json``) of whatever was at ROOT, so from the first
+   byte written the dataset reads as incomplete and ``read_manifest`` refuses it.
+2. Ray Data write tasks (``CuratedDatasink``) each write their own shards,
+   ``{train,val}/part-<run>-<task>.parquet`` for kept rows and ``rejects/part-<run>-<task>.parquet``
+   (source, reason, detail) for dropped ones, and return small stats to the driver. A local file
+   is written under a temporary name and renamed; an S3 PUT is atomic per object.
+3. ``publish`` (driver): make sure val and train are non-empty (moving one row, chosen by hash,
+   if needed), delete every shard under ROOT that this run did not write (an older run's, or a
+   failed attempt's), write ``report.json``, and write ``_SUCCESS`` last.
+
+A crash at any point before step 3's last write leaves no ``_SUCCESS``; a rerun into the same
+ROOT goes through the same steps and replaces the old dataset cleanly. Readers use the file list
+in ``_SUCCESS``, never a glob.
+
+The digest is order-free: the sum (mod 2**256) of a SHA-256 per kept row over its split and every
+column (the image bytes by their own hash), so it names the data itself, not how Ray happened to
+shard it; the same inputs and config give the same digest on any cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from components import curated
+from components.curation.process import Outcome, split_of
+from components.curation.storage import Store, join, relative
+
+STAGE_SCHEMA = pa.schema(
+    list(curated.SCHEMA) + [("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+"""What the curation stage emits: one row per input (kept rows with SCHEMA filled, dropped rows
+with ``reason``), so the sink can count every input exactly once."""
+
+REJECTS = "rejects"
+MIN_KEPT_FOR_VAL = 5
+MAX_EXAMPLES = 5
+_BLANK = {"image": b"", "caption": "", "original_h": 0, "original_w": 0, "crop_top": 0, "crop_left": 0,
+          "target_h": 0, "target_w": 0, "bucket": "", "source": "", "sha256": ""}
+
+
+def outcomes_table(outcomes: list[Outcome], holdout_fraction: float) -> pa.Table:
+    rows = []
+    for o in outcomes:
+        if o.kept:
+            rows.append({**o.row, "split": split_of(o.row["sha256"], holdout_fraction), "reason": None, "detail": None})
+        else:
+            rows.append({**_BLANK, "source": o.source, "split": None, "reason": str(o.reason), "detail": o.detail})
+    return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+
+def _row_hash(split: str, row: dict) -> int:
+    values = [split] + [row[name] if name != "image" else hashlib.sha256(row[name]).hexdigest()
+                        for name in curated.SCHEMA.names]
+    return int(hashlib.sha256(json.dumps(values).encode()).hexdigest(), 16)
+
+
+def _file_info(split: str, rel: str, table: pa.Table) -> dict:
+    """Shard stats: rows, the digest sum, and the most "other-split-like" row by split score."""
+    rows = table.to_pylist()
+    scores = [int(r["sha256"][:16], 16) for r in rows]
+    pick = min if split == "train" else max  # train's lowest score is the nearest to val, and back
+    idx = scores.index(pick(scores))
+    total = sum(_row_hash(split, r) for r in rows) % 2**256
+    return {"split": split, "path": rel, "rows": len(rows), "sum": f"{total:064x}", "edge": [scores[idx], idx]}
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")  # JPEG bytes do not shrink; zstd keeps the rest small
+    return buf.getvalue()
+
+
+def write_shard(store: Store, root: str, name: str, table: pa.Table) -> dict:
+    """Write one bundle of stage rows (``STAGE_SCHEMA``) as shards; return its stats."""
+    reason = table["reason"]
+    kept = table.filter(pc.is_null(reason))
+    dropped = table.filter(pc.is_valid(reason))
+    result: dict = {"inputs": table.num_rows, "reasons": {}, "buckets": {}, "examples": {}, "files": [], "rejects": []}
+    for split in curated.SPLITS:
+        part = kept.filter(pc.equal(kept["split"], split)).select(curated.SCHEMA.names).cast(curated.SCHEMA)
+        if part.num_rows:
+            rel = f"{split}/part-{name}.parquet"
+            store.write(join(root, rel), _parquet_bytes(part))
+            result["files"].append(_file_info(split, rel, part))
+    result["buckets"] = dict(Counter(kept["bucket"].to_pylist()))
+    if dropped.num_rows:
+        rel = f"{REJECTS}/part-{name}.parquet"
+        store.write(join(root, rel), _parquet_bytes(dropped.select(["source", "reason", "detail"])))
+        result["rejects"].append(rel)
+        for row in dropped.select(["source", "reason", "detail"]).to_pylist():
+            result["reasons"][row["reason"]] = result["reasons"].get(row["reason"], 0) + 1
+            examples = result["examples"].setdefault(row["reason"], [])
+            if len(examples) < MAX_EXAMPLES:
+                examples.append({"source": row["source"], "detail": row["detail"]})
+    return result
+
+
+class CuratedDatasink(Datasink[dict]):
+    """Ray Data sink: each write task writes its shards directly (no pixels go through the driver)."""
+
+    def __init__(self, root: str, run_id: str, rows_per_shard: int, endpoint_url: str | None):
+        self.root = root
+        self.run_id = run_id
+        self.rows_per_shard = rows_per_shard
+        self.endpoint_url = endpoint_url
+        self.results: list[dict] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks: Iterable[Block], ctx) -> dict:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        table = pa.concat_tables(tables) if tables else STAGE_SCHEMA.empty_table()
+        return write_shard(Store(self.endpoint_url), self.root, f"{self.run_id}-{ctx.task_idx:05d}", table)
+
+    def on_write_complete(self, write_result: WriteResult[dict]) -> None:
+        self.results = list(write_result.write_returns)
+
+
+def aggregate(results: list[dict]) -> dict:
+    reasons: Counter = Counter()
+    buckets: Counter = Counter()
+    examples: dict[str, list] = {}
+    for r in results:
+        reasons.update(r["reasons"])
+        buckets.update(r["buckets"])
+        for reason, items in r["examples"].items():
+            examples.setdefault(reason, []).extend(items)
+    return {
+        "inputs": sum(r["inputs"] for r in results),
+        "reasons": dict(sorted(reasons.items())),
+        "buckets": dict(sorted(buckets.items())),
+        "examples": {k: v[:MAX_EXAMPLES] for k, v in sorted(examples.items())},
+        "files": [f for r in results for f in r["files"]],
+        "rejects": sorted(p for r in results for p in r["rejects"]),
+    }
+
+
+def begin(store: Store, root: str) -> None:
+    """Mark ROOT incomplete before anything is written there."""
+    store.delete(join(root, curated.SUCCESS))
+    store.delete(join(root, curated.REPORT))
+
+
+def _read_table(store: Store, root: str, rel: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(store.read(join(root, rel))))
+
+
+def _move_one(store: Store, root: str, run_id: str, files: list[dict], src: str, dst: str) -> list[dict]:
+    """Move the ``src`` row whose score lies nearest the split boundary into a new ``dst`` shard."""
+    pick = min if src == "train" else max
+    info = pick((f for f in files if f["split"] == src), key=lambda f: f["edge"][0])
+    table = _read_table(store, root, info["path"])
+    idx = info["edge"][1]
+    keep = pa.array([i != idx for i in range(table.num_rows)])
+    out = [f for f in files if f is not info]
+    moved_rel = f"{dst}/part-{run_id}-moved.parquet"
+    store.write(join(root, moved_rel), _parquet_bytes(table.slice(idx, 1)))
+    out.append(_file_info(dst, moved_rel, table.slice(idx, 1)))
+    rest = table.filter(keep)
+    if rest.num_rows:
+        rest_rel = f"{src}/part-{run_id}-rest.parquet"
+        store.write(join(root, rest_rel), _parquet_bytes(rest))
+        out.append(_file_info(src, rest_rel, rest))
+    store.delete(join(root, info["path"]))
+    return out
+
+
+def balance(store: Store, root: str, run_id: str, files: list[dict], holdout_fraction: float) -> list[dict]:
+    """Non-empty val once ``MIN_KEPT_FOR_VAL`` images are kept (with a non-zero holdout); train
+    never empty when anything is kept. The hash split alone can leave a small dataset without val."""
+    rows = Counter()
+    for f in files:
+        rows[f["split"]] += f["rows"]
+    total = sum(rows.values())
+    if holdout_fraction > 0 and total >= MIN_KEPT_FOR_VAL and rows["val"] == 0:
+        files = _move_one(store, root, run_id, files, "train", "val")
+    elif total and rows["train"] == 0:
+        files = _move_one(store, root, run_id, files, "val", "train")
+    return files
+
+
+def digest(files: list[dict]) -> str:
+    total = sum(int(f["sum"], 16) for f in files) % 2**256
+    return hashlib.sha256(f"{total:064x}".encode()).hexdigest()[:16]
+
+
+def cleanup(store: Store, root: str, keep: set[str]) -> int:
+    """Delete every shard (and stray temporary file) under ROOT that is not in ``keep``."""
+    removed = 0
+    for sub in (*curated.SPLITS, REJECTS):
+        for uri in list(store.list(join(root, sub))):
+            if relative(root, uri) not in keep:
+                store.delete(uri)
+                removed += 1
+    return removed
+
+
+def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: float, report: dict) -> dict:
+    """Steps 3 of the protocol; returns the report as written (with digest, files and rows)."""
+    files = balance(store, root, run_id, agg["files"], holdout_fraction)
+    by_split = {s: sorted(f["path"] for f in files if f["split"] == s) for s in curated.SPLITS}
+    rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in curated.SPLITS}
+    report = {**report, "digest": digest(files), "splits": rows}
+    cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
+    store.write(join(root, curated.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
+    store.write(
+        join(root, curated.SUCCESS),
+        curated.success_text(report["digest"], by_split, rows, run_id=run_id, rejects=agg["rejects"]).encode(),
+    )
+    return report
