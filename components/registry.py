@@ -157,4 +157,13 @@ def fetch_model(uri: str, cache_root: str | Path) -> ResolvedModel:
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         done.touch()
-    return ResolvedModel(name, str(version), target / "artifacts" / PIPELINE_ARTIFACT)
+    return ResolvedModel(name, str(version), _pipeline_dir(target))
+
+
+def _pipeline_dir(model_dir: Path) -> Path:
+    """Where the pipeline artifact landed: MLflow keeps the logged directory's own name
+    (``artifacts/<dirname>``), recorded in MLmodel under the artifact's key."""
+    import yaml
+
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+    return model_dir / meta["flavors"]["python_function"]["artifacts"][PIPELINE_ARTIFACT]["path"]
