@@ -65,6 +65,9 @@ def min_snr_weights(
     epsilon: the 0/0 limit is taken as 0, never NaN), ``terminus`` gives 1.0.
     ``gamma=None`` means no weighting (all ones).
     """
+    # Normalise first: a plain string (e.g. ``scheduler.config.prediction_type``) is not ``is`` the
+    # enum member, and an identity test would silently pick the epsilon branch and paper policy.
+    prediction, terminal = PredictionType(prediction), TerminalPolicy(terminal)
     if gamma is None:
         return torch.ones_like(snr_t)
     clipped = torch.clamp(snr_t, max=gamma)

@@ -162,6 +162,18 @@ def resolve_source(source: str, state_dir: str | Path) -> str:
     return source
 
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import) or at import time.
+
+    Offline, a hub id is looked up in the local cache only (``local_files_only``), so loading fails
+    at once with one line instead of a connection attempt and a logged warning.
+    """
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return now or bool(constants.HF_HUB_OFFLINE)
+
+
 def load_components(cfg: Config) -> Components:
     """The SDXL parts for ``cfg.model.source``, in fp32 (the precision policy casts later)."""
     source = cfg.model.source
@@ -171,14 +183,22 @@ def load_components(cfg: Config) -> Components:
     is_local = Path(location).is_dir()
     if not is_local and ("/" not in location or location.startswith((".", "/"))):
         raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id nor s3://")
+    offline = not is_local and _hub_offline()
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
             location, revision=cfg.model.revision, variant=cfg.model.variant, use_safetensors=True,
-            torch_dtype=torch.float32,
+            dtype=torch.float32, local_files_only=offline,
         )
-    except OSError as err:
-        where = "directory" if is_local else "hub id (is the hub reachable? set HF_HUB_OFFLINE=0)"
-        raise ModelLoadError(f"cannot load SDXL {where} {location!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:
+        if offline:
+            raise ModelLoadError(
+                f"model source {location!r} is a hub id, not in the local Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set: run where the hub is reachable with HF_HUB_OFFLINE unset, "
+                "or use a local directory or an s3:// prefix"
+            ) from None
+        where = "directory" if is_local else "hub id (is the hub reachable?)"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load SDXL {where} {location!r}: {first}") from None
     return Components(
         pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2
     )

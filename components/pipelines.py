@@ -26,15 +26,21 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_DEFAULTS = InferenceConfig()  # defaults live in the config tree only; read here, never repeated
+
+
 @dataclass
 class GenerationRequest:
+    """One generation. Unset settings take ``InferenceConfig``'s defaults; for a server's own
+    (possibly non-default) ``InferenceConfig`` build requests with ``ZTSNRPipelines.request``."""
+
     prompt: str
     negative_prompt: str | None = None
-    width: int = 1024
-    height: int = 1024
-    steps: int = 30
-    guidance_scale: float = 7.0
-    guidance_rescale: float = 0.7
+    width: int = _DEFAULTS.width
+    height: int = _DEFAULTS.height
+    steps: int = _DEFAULTS.steps
+    guidance_scale: float = _DEFAULTS.guidance_scale
+    guidance_rescale: float = _DEFAULTS.guidance_rescale
     seed: int | None = None
     n: int = 1
     image: Image.Image | None = None
@@ -60,6 +66,16 @@ class ZTSNRPipelines:
     @property
     def device(self) -> torch.device:
         return self.t2i.device
+
+    def request(self, prompt: str, **fields) -> GenerationRequest:
+        """A request whose settings not given in ``fields`` come from this holder's InferenceConfig
+        (so a preset's ``inference.guidance_rescale`` or ``steps`` actually reaches the pipeline)."""
+        d = self.defaults
+        settings = dict(
+            width=d.width, height=d.height, steps=d.steps, guidance_scale=d.guidance_scale,
+            guidance_rescale=d.guidance_rescale,
+        )
+        return GenerationRequest(prompt=prompt, **{**settings, **fields})
 
     def view(self, mode: str):
         if mode == "text2img":
@@ -116,7 +132,7 @@ def build_pipelines(
     if isinstance(source, Components):
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, **source.as_dict())
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(source, use_safetensors=True, torch_dtype=dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, use_safetensors=True, dtype=dtype)
         pipe.scheduler = scheduler
     pipe.set_progress_bar_config(disable=True)
     return ZTSNRPipelines(pipe.to(device), defaults)
