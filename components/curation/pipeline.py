@@ -16,6 +16,7 @@ works). Callable class with its setup in ``__init__`` as in Anyscale's Ray Data 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 
@@ -52,6 +53,23 @@ class CurateBatch:
         return outcomes_table([self.curator.process(r) for r in batch.to_pylist()], self.holdout)
 
 
+# boto3's standard settings. Forwarded to the curation workers when the driver has them, so a run
+# started with credentials in its environment (a Ray job, a test against a local S3) works on
+# workers started without them; on a cluster with instance roles nothing is set and nothing travels.
+AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def worker_args(cfg: CurateConfig, num_cpus: float) -> dict:
+    """``ray_remote_args`` for the curation actors and write tasks."""
+    args: dict = {"num_cpus": num_cpus}
+    if any(p.startswith("s3://") for p in (cfg.source, cfg.output, cfg.root or "")):
+        env = {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
+        if env:
+            args["runtime_env"] = {"env_vars": env}
+    return args
+
+
 def _blocks(records: pa.Table, num_actors: int) -> list[pa.Table]:
     """Input blocks: enough to keep every actor busy, at most 256 records each."""
     n = records.num_rows
@@ -73,12 +91,12 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
             compute=ray.data.ActorPoolStrategy(size=c.num_actors),
             batch_size=c.batch_size,
             batch_format="pyarrow",
-            num_cpus=1,
+            **worker_args(c, num_cpus=1),
         )
         sink = CuratedDatasink(c.output, run_id, c.rows_per_shard, c.s3_endpoint_url)
         # Write tasks only serialise parquet and upload: a fraction of a CPU, so they never wait
         # behind the actor pool for a whole core (the pool may hold every CPU of a small machine).
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.1})
+        ds.write_datasink(sink, ray_remote_args=worker_args(c, num_cpus=0.1))
         return sink.results
     finally:
         if dedupe is not None:
