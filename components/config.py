@@ -134,6 +134,10 @@ class BucketConfig(Strict):
     def _check(self) -> BucketConfig:
         if self.min_side % self.step or self.max_side % self.step:
             raise ValueError("bucket min_side and max_side must be multiples of step")
+        # The same rule as components.curation.buckets.make_buckets: some landscape bucket must exist.
+        if not any(self.min_side <= (self.area // w) // self.step * self.step <= w
+                   for w in range(self.min_side, self.max_side + 1, self.step)):
+            raise ValueError(f"no bucket of area <= {self.area} has both sides in [{self.min_side}, {self.max_side}]")
         return self
 
 

@@ -186,6 +186,21 @@ def from_listing(cfg: CurateConfig, store: Store) -> Inputs:
     return Inputs(pa.table(out, schema=RECORD_SCHEMA), ignored, f"listing of {cfg.source}")
 
 
+def check_output(store: Store, output: str) -> None:
+    """Fail before any work when the output cannot be written: a missing bucket, bad credentials."""
+    if is_s3(output):
+        bucket, _ = split_s3(output)
+        try:
+            store.client.head_bucket(Bucket=bucket)
+        except Exception as err:
+            raise SourceError(f"curate.output {output}: bucket {bucket!r} not usable ({type(err).__name__}: {err})") from None
+    else:
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as err:
+            raise SourceError(f"curate.output {output}: cannot create it ({err.strerror})") from None
+
+
 def load_inputs(cfg: CurateConfig, store: Store) -> Inputs:
     if cfg.source.lower().endswith(MANIFEST_EXTENSIONS):
         return from_manifest(cfg, store)

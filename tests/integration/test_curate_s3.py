@@ -66,3 +66,14 @@ def test_curate_s3_prefix_to_s3(ray_local, s3_env, tmp_path):
     assert "curated/demo/_SUCCESS" in keys and "curated/demo/report.json" in keys
     assert {k for k in keys if k.endswith(".parquet") and "/rejects/" not in k} == {
         "curated/demo/" + p for split in curated.SPLITS for p in m.files[split]}
+
+
+def test_missing_output_bucket_fails_before_any_work(s3_env, tmp_path):
+    import pytest
+
+    from components.curation.pipeline import curate
+    from components.curation.sources import SourceError
+
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.output=s3://no-such-bucket/x", "curate.track=false"])
+    with pytest.raises(SourceError, match="bucket 'no-such-bucket' not usable"):
+        curate(cfg)  # no Ray session needed: it stops before the pipeline

@@ -98,3 +98,10 @@ def test_random_crop_is_reproducible_from_its_seed(h, w, seed):
     a = plan(h, w, SDXL, CropMode.RANDOM, random.Random(seed))
     b = plan(h, w, SDXL, CropMode.RANDOM, random.Random(seed))
     assert a == b
+
+
+def test_bucket_config_without_any_bucket_is_refused_at_load():
+    from components.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="no bucket"):
+        load_config(None, ["curate.buckets.area=4096", "curate.buckets.min_side=128", "curate.buckets.max_side=256"])

@@ -1,0 +1,21 @@
+"""Smoke test of the benchmark harness (not a timing test): sane keys and identical outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_returns_sane_figures(ray_local, tmp_path):
+    from components.curation.bench import benchmark_curation
+
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.filters.require_exif=true"])
+    out = benchmark_curation(4, width=320, height=240, num_actors=1, cfg=cfg, workdir=str(tmp_path))
+    assert out["n_images"] == 4 and out["size"] == "320x240" and out["kept"] == 4
+    assert out["same_output"] is True  # the loop and the pipeline wrote the same dataset
+    assert out["loop_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
+    assert abs(out["speedup"] - out["pipeline_images_per_s"] / out["loop_images_per_s"]) < 0.01
+    assert not list(tmp_path.iterdir())  # generated images and both outputs cleaned up
