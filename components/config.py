@@ -11,7 +11,7 @@ import enum
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -165,6 +165,14 @@ class CurateConfig(Strict):
     s3_endpoint_url: str | None = None
     track: bool = True
     """Log the curation to MLflow (report, counts, and the dataset with its digest)."""
+    cache_latents: bool = False
+    """After curating, also cache VAE posteriors and text embeddings of ``model`` (issue 4 item 6)."""
+    cache_output: str | None = None
+    """Where the latent cache goes; None: ``<output>-latents``."""
+    cache_num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs per encoding actor: 0 encodes on CPU; 1 on a GPU cluster."""
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of cached tensors (float16 halves a 1 MP row to ~0.6 MB)."""
 
 
 class LRConfig(Strict):

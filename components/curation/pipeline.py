@@ -144,6 +144,11 @@ def curate(cfg: Config) -> dict:
         "num_actors": c.num_actors,
     }
     report = publish(store, c.output, run_id, agg, c.holdout_fraction, report)
+    if c.cache_latents:
+        from components.curation.latents import cache_latents
+
+        cache = cache_latents(cfg)
+        report["latents"] = {"output": cache["output"], "digest": cache["digest"], "rows": cache["splits"]}
     if c.track:
         from components.curation.lineage import log_curation
 

@@ -39,9 +39,12 @@ from components import curated
 from components.curation.process import Outcome, split_of
 from components.curation.storage import Store, join, relative
 
-STAGE_SCHEMA = pa.schema(
-    list(curated.SCHEMA) + [("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
-)
+
+def stage_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema(list(schema) + [("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+STAGE_SCHEMA = stage_schema(curated.SCHEMA)
 """What the curation stage emits: one row per input (kept rows with SCHEMA filled, dropped rows
 with ``reason``), so the sink can count every input exactly once."""
 
@@ -63,8 +66,8 @@ def outcomes_table(outcomes: list[Outcome], holdout_fraction: float) -> pa.Table
 
 
 def _row_hash(split: str, row: dict) -> int:
-    values = [split] + [row[name] if name != "image" else hashlib.sha256(row[name]).hexdigest()
-                        for name in curated.SCHEMA.names]
+    """SHA-256 over the split and every column in schema order (bytes columns by their own hash)."""
+    values = [split] + [hashlib.sha256(v).hexdigest() if isinstance(v, bytes) else v for v in row.values()]
     return int(hashlib.sha256(json.dumps(values).encode()).hexdigest(), 16)
 
 
@@ -84,19 +87,19 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(store: Store, root: str, name: str, table: pa.Table) -> dict:
-    """Write one bundle of stage rows (``STAGE_SCHEMA``) as shards; return its stats."""
+def write_shard(store: Store, root: str, name: str, table: pa.Table, schema: pa.Schema = curated.SCHEMA) -> dict:
+    """Write one bundle of stage rows (``schema`` + split, reason, detail) as shards; return its stats."""
     reason = table["reason"]
     kept = table.filter(pc.is_null(reason))
     dropped = table.filter(pc.is_valid(reason))
     result: dict = {"inputs": table.num_rows, "reasons": {}, "buckets": {}, "examples": {}, "files": [], "rejects": []}
     for split in curated.SPLITS:
-        part = kept.filter(pc.equal(kept["split"], split)).select(curated.SCHEMA.names).cast(curated.SCHEMA)
+        part = kept.filter(pc.equal(kept["split"], split)).select(schema.names).cast(schema)
         if part.num_rows:
             rel = f"{split}/part-{name}.parquet"
             store.write(join(root, rel), _parquet_bytes(part))
             result["files"].append(_file_info(split, rel, part))
-    result["buckets"] = dict(Counter(kept["bucket"].to_pylist()))
+    result["buckets"] = dict(Counter(kept["bucket"].to_pylist())) if "bucket" in schema.names else {}
     if dropped.num_rows:
         rel = f"{REJECTS}/part-{name}.parquet"
         store.write(join(root, rel), _parquet_bytes(dropped.select(["source", "reason", "detail"])))
@@ -112,8 +115,10 @@ def write_shard(store: Store, root: str, name: str, table: pa.Table) -> dict:
 class CuratedDatasink(Datasink[dict]):
     """Ray Data sink: each write task writes its shards directly (no pixels go through the driver)."""
 
-    def __init__(self, root: str, run_id: str, rows_per_shard: int, endpoint_url: str | None):
+    def __init__(self, root: str, run_id: str, rows_per_shard: int, endpoint_url: str | None,
+                 schema: pa.Schema = curated.SCHEMA):
         self.root = root
+        self.schema = schema
         self.run_id = run_id
         self.rows_per_shard = rows_per_shard
         self.endpoint_url = endpoint_url
@@ -126,8 +131,10 @@ class CuratedDatasink(Datasink[dict]):
     def write(self, blocks: Iterable[Block], ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
-        table = pa.concat_tables(tables) if tables else STAGE_SCHEMA.empty_table()
-        return write_shard(Store(self.endpoint_url), self.root, f"{self.run_id}-{ctx.task_idx:05d}", table)
+        if not tables:
+            return write_shard(Store(self.endpoint_url), self.root, "", stage_schema(self.schema).empty_table(), self.schema)
+        return write_shard(Store(self.endpoint_url), self.root, f"{self.run_id}-{ctx.task_idx:05d}",
+                           pa.concat_tables(tables), self.schema)
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
         self.results = list(write_result.write_returns)

@@ -1,0 +1,173 @@
+"""Optional stage (issue 4 item 6): cache VAE posteriors and text embeddings of a curated dataset.
+
+Reads a published curated dataset, encodes every row with an actor pool that loads the model once
+per actor (CPU here; ``num_gpus=1`` actors on a GPU cluster via ``curate.cache_num_gpus``), and
+writes a cached dataset in the same contract layout (train/val shards, report.json, ``_SUCCESS``
+last, same splits as its source) whose columns are ``LATENT_SCHEMA``.
+
+What is cached, and why it changes nothing in training:
+- ``latent_dist``: the VAE posterior's parameters (mean and log-variance, (2C, H/8, W/8)), not a
+  sample: training draws ``z = mean + std * eps`` from its own generator at every step, exactly as
+  ``components.step.encode_latents`` does from raw pixels (``latent_from_cache`` below).
+- ``prompt_embeds`` (77, D1 + D2) and ``pooled_embeds`` (P2): SDXL's penultimate hidden states of
+  both encoders and encoder 2's projected pooled output (``components.conditioning.encode_text``).
+  Caption dropout zeroes embeddings after encoding, so it applies to cached ones unchanged.
+Precision follows the platform policy (components/step.py): the VAE encodes in fp32; text
+encoders run in fp32 here; tensors are stored as ``curate.cache_dtype``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+
+from components import curated
+from components.config import Config
+
+LATENT_SCHEMA = pa.schema(
+    [f for f in curated.SCHEMA if f.name != "image"]
+    + [
+        ("latent_dist", pa.binary()),  # (2C, h, w): posterior mean then log-variance
+        ("latent_shape", pa.list_(pa.int32())),
+        ("prompt_embeds", pa.binary()),  # (77, D1 + D2)
+        ("embeds_shape", pa.list_(pa.int32())),
+        ("pooled_embeds", pa.binary()),  # (P2,)
+        ("dtype", pa.string()),
+    ]
+)
+
+
+class EncodeBatch:
+    """Ray Data callable class: curated rows in, cached rows out. Loads the model once per actor."""
+
+    def __init__(self, config: dict, device: str, dtype: str):
+        import torch
+
+        from components.models import load_components
+
+        cfg = Config.model_validate(config)
+        self.device = torch.device(device)
+        self.parts = load_components(cfg)
+        for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
+            module.to(self.device).eval().requires_grad_(False)
+        self.dtype = dtype
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from components.conditioning import encode_text
+        from components.train_data import decode_image
+
+        rows = batch.to_pylist()
+        out: list[dict | None] = [None] * len(rows)
+        by_bucket: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_bucket.setdefault(r["bucket"], []).append(i)  # one VAE call per image size
+        with torch.no_grad():
+            for idx in by_bucket.values():
+                pixels = torch.stack([decode_image(rows[i]["image"]) for i in idx]).to(self.device)  # (B, 3, H, W)
+                params = self.parts.vae.encode(pixels.float()).latent_dist.parameters  # (B, 2C, h, w)
+                embeds, pooled = encode_text(self.parts, [rows[i]["caption"] for i in idx], self.device)
+                for j, i in enumerate(idx):
+                    out[i] = self._row(rows[i], params[j], embeds[j], pooled[j])
+        return pa.Table.from_pylist(out, schema=latent_stage_schema())
+
+    def _row(self, row: dict, params, embeds, pooled) -> dict:
+        def raw(t) -> bytes:
+            return t.detach().float().cpu().numpy().astype(self.dtype).tobytes()
+
+        keep = {k: v for k, v in row.items() if k in LATENT_SCHEMA.names}
+        return {**keep, "latent_dist": raw(params), "latent_shape": list(params.shape), "prompt_embeds": raw(embeds),
+                "embeds_shape": list(embeds.shape), "pooled_embeds": raw(pooled), "dtype": self.dtype,
+                "split": row["split"], "reason": None, "detail": None}
+
+
+def latent_stage_schema() -> pa.Schema:
+    from components.curation.writer import stage_schema
+
+    return stage_schema(LATENT_SCHEMA)
+
+
+def cached_tensors(row: dict):
+    """One cached row -> (latent_dist (2C, h, w), prompt_embeds (77, D), pooled_embeds (P,)) float32 tensors."""
+    import torch
+
+    def arr(name: str, shape) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(row[name], dtype=row["dtype"]).reshape(shape).astype(np.float32))
+
+    pooled = np.frombuffer(row["pooled_embeds"], dtype=row["dtype"]).astype(np.float32)
+    return arr("latent_dist", row["latent_shape"]), arr("prompt_embeds", row["embeds_shape"]), torch.from_numpy(pooled)
+
+
+def latent_from_cache(latent_dist, generator, scaling_factor: float):
+    """A posterior sample times the VAE scaling factor, as ``components.step.encode_latents`` gives
+    from pixels. latent_dist: (B, 2C, h, w) -> (B, C, h, w)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(latent_dist).sample(generator) * scaling_factor
+
+
+def cache_latents(cfg: Config, source: str | None = None, output: str | None = None) -> dict:
+    """Encode the curated dataset at ``source`` (default ``curate.output``) into ``output``
+    (default ``curate.cache_output`` or ``<source>-latents``); returns the cache's report. Needs Ray."""
+    import ray
+
+    from components.curation.pipeline import worker_args
+    from components.curation.storage import Store
+    from components.curation.writer import CuratedDatasink, aggregate, begin, publish
+
+    c = cfg.curate
+    source = source or c.output
+    output = output or c.cache_output or source.rstrip("/") + "-latents"
+    manifest = curated.read_manifest(source, c.s3_endpoint_url)
+    store = Store(c.s3_endpoint_url)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    begin(store, output)
+    start = time.perf_counter()
+    datasets = []
+    for split in curated.SPLITS:
+        paths = manifest.paths(split)
+        if paths:
+            ds = ray.data.read_parquet(paths, filesystem=_filesystem(source, c.s3_endpoint_url))
+            datasets.append(ds.add_column("split", lambda t, s=split: pa.array([s] * t.num_rows), batch_format="pyarrow"))
+    results = []
+    if datasets:
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        device = "cuda" if c.cache_num_gpus > 0 else "cpu"
+        ds = ds.map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "device": device, "dtype": c.cache_dtype},
+            compute=ray.data.ActorPoolStrategy(size=c.num_actors),
+            batch_size=c.batch_size,
+            batch_format="pyarrow",
+            num_gpus=c.cache_num_gpus,
+            **worker_args(c, num_cpus=1),
+        )
+        sink = CuratedDatasink(output, run_id, c.rows_per_shard, c.s3_endpoint_url, schema=LATENT_SCHEMA)
+        ds.write_datasink(sink, ray_remote_args=worker_args(c, num_cpus=0.1))
+        results = sink.results
+    wall = time.perf_counter() - start
+    agg = aggregate(results)
+    report = {"kind": "latents", "run_id": run_id, "output": output, "source": source, "source_digest": manifest.digest,
+              "model": cfg.model.source, "dtype": c.cache_dtype, "inputs": agg["inputs"], "wall_s": round(wall, 3),
+              "images_per_s": round(agg["inputs"] / wall, 2) if wall > 0 else None}
+    # holdout 0: the splits are the source's (already balanced); publish must not move rows.
+    return publish(store, output, run_id, agg, 0.0, report)
+
+
+def _filesystem(root: str, endpoint_url: str | None):
+    """pyarrow's S3 filesystem with the same endpoint override as boto3; None for local paths."""
+    import os
+
+    if not root.startswith("s3://"):
+        return None
+    import pyarrow.fs
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if not endpoint:
+        return pyarrow.fs.S3FileSystem()
+    scheme, _, host = endpoint.partition("://")
+    return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
