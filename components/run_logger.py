@@ -1,10 +1,12 @@
 """Rank-0 MLflow logging for a training run, buffered up to each checkpoint.
 
-Per-step metrics and validation images are held in memory and written when a checkpoint is
-reported. A run resumed from checkpoint N therefore never logs a step twice (what came after N
-was never written) nor leaves a gap. If the tracking server is down at a flush, training goes on
-and the buffer is written at the next checkpoint (or at the end); at the end, anything still
-unwritten is kept on disk next to the Ray results and the run fails with one clear error line.
+Per-step metrics and validation images are held in memory and written just before a checkpoint
+is reported. A resumed run first reads how far the run's ``loss`` history goes and drops what it
+recomputes up to there, so the history has no duplicated step (work redone after a crash is not
+logged twice) and no gap (everything up to the checkpoint was written before it). If the tracking
+server is down at a flush, training goes on and the buffer is written at the next checkpoint (or
+at the end); at the end, anything still unwritten is kept on disk under the state directory and
+the run fails with one clear error line.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class RunLogger:
         self._metrics: list[Metric] = []
         self._images: list[tuple] = []
         self._records: list[tuple[str, dict]] = []
+        self.logged_through = self._last_logged_step()
         self._system = None
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -41,14 +44,26 @@ class RunLogger:
         except Exception as err:  # system metrics are a nicety: never fail training for them
             log.warning("system metrics off: %s", err)
 
+    def _last_logged_step(self) -> int:
+        try:
+            history = self.client.get_metric_history(self.run_id, "loss")
+        except Exception as err:
+            log.warning("cannot read the run's history (%s); logging every step", str(err).splitlines()[0][:200])
+            return 0
+        return max((m.step for m in history), default=0)
+
     def metrics(self, values: dict[str, float], step: int) -> None:
+        if step <= self.logged_through:
+            return  # already in MLflow from an attempt that crashed after logging it
         now = int(time.time() * 1000)
         self._metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
 
     def image(self, image, key: str, step: int) -> None:
-        self._images.append((image, key, step))
+        if step > self.logged_through:
+            self._images.append((image, key, step))
 
     def checkpoint(self, name: str, step: int, report: dict) -> None:
+        """Record a checkpoint that Ray has persisted (its storage URI, step and metrics)."""
         uri = f"{self.cfg.train.storage_path.rstrip('/')}/{self.cfg.train.run_name}/{name}"
         self._records.append((f"checkpoints/{name}.json", {"step": step, "metrics": report, "uri": uri}))
         self.flush()

@@ -18,7 +18,9 @@ import torch
 
 from components.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.config import Config, Precision
+from components.curated import read_manifest
 from components.diffusion import training_scheduler
+from components.evaluation import val_rows
 from components.models import load_components
 from components.optim import build_lr_scheduler, build_optimizer
 from components.run_logger import RunLogger
@@ -89,8 +91,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     validator = None
     if rank == 0:
-        val_rows = list(iter_rows(ray.train.get_dataset_shard("val").iter_batches(batch_format="numpy")))
-        validator = Validator(cfg, val_rows[: cfg.train.val_max_rows], device)
+        # The held-out split is small (val_max_rows): read it directly rather than through Ray Data.
+        held_out = val_rows(read_manifest(cfg.train.data), cfg.train.val_max_rows)
+        validator = Validator(cfg, held_out, device)
 
     accum = cfg.train.grad_accum
     micro, loss_sum, t0 = 0, 0.0, time.perf_counter()
@@ -170,6 +173,7 @@ def _checkpoint(cfg, unet, optimizer, lr_scheduler, ema, state, parts, logger, v
     logger.metrics({"val_loss": val_loss}, state.step)
     for key, image in validator.images(parts, unet).items():
         logger.image(image, key, state.step)
+    logger.flush()  # before the checkpoint exists: a resume from it never finds a gap in MLflow
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), unet, optimizer, lr_scheduler, state, ema)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)

@@ -93,7 +93,6 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
     train_ds = ray.data.read_parquet(manifest.paths("train"))
-    val_ds = ray.data.read_parquet(manifest.paths("val"))
     storage = cfg.train.storage_path
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -114,8 +113,7 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets={"train": train_ds},
     )
     return trainer.fit()
 

@@ -50,3 +50,15 @@ def emit(result: dict) -> None:
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def run_flow(script: str, *args: str) -> dict:
+    """Run another flow as its own process (as a user would) and return its last-line JSON."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO / "flows" / script), *args]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        fail(f"{script} exited with {proc.returncode}", code=proc.returncode)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])

@@ -1,0 +1,166 @@
+"""Training on a real local Ray cluster: the run, its MLflow record, faults, resume, job submission."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import requests
+
+from components.config import load_config
+from components.trainer import RUN_NAME_TAG, run_training
+from tests.conftest import REPO, free_port, wait_for_port
+from tests.synthetic import write_synthetic_curated
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "train.batch_size=2", "train.val_image_size=64", "train.val_steps=2", "train.val_timesteps=[500,999]",
+    "train.val_prompts=['a cat']", "train.lr.warmup_steps=1",
+]
+
+
+def small_cfg(tmp_path: Path, *extra: str):
+    data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
+    overrides = [
+        f"state_dir={tmp_path / 'state'}", f"train.data={data}", f"train.storage_path={tmp_path / 'ray'}", *SMALL,
+        *extra,
+    ]
+    return load_config(REPO / "flows/configs/tiny.yaml", overrides), overrides
+
+
+def history(cfg, run_id: str, key: str) -> list[int]:
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.state_dir}/mlflow.db")
+    return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def test_train_run_is_tracked_checkpointed_and_registered(tmp_path, ray_local):
+    cfg, _ = small_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.run_name=basic")
+    result = run_training(cfg)
+
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    assert [r.info.run_id for r in runs] == [result.run_id]  # exactly one run for the training run
+    run = client.get_run(result.run_id)
+    assert run.data.params["diffusion.prediction_type"] == "v_prediction"
+    assert run.data.params["train.batch_size"] == "2"
+    assert run.data.tags[RUN_NAME_TAG] == "basic"
+    assert run.inputs.dataset_inputs[0].dataset.digest
+    assert history(cfg, result.run_id, "loss") == [1, 2, 3, 4]
+    assert history(cfg, result.run_id, "val_loss") == [2, 4]
+    for key in ("lr", "grad_norm", "images_per_s", "samples_seen"):
+        assert history(cfg, result.run_id, key) == [1, 2, 3, 4]
+    records = sorted(a.path for a in client.list_artifacts(result.run_id, "checkpoints"))
+    assert records == ["checkpoints/checkpoint_00000002.json", "checkpoints/checkpoint_00000004.json"]
+    record = json.loads(Path(client.download_artifacts(result.run_id, records[-1], str(tmp_path))).read_text())
+    assert record["step"] == 4 and record["uri"].endswith("basic/checkpoint_00000004")
+    images = [a.path for a in client.list_artifacts(result.run_id, "images")]
+    assert any(p.startswith("images/val_0+step+2+") for p in images), images  # a step series per prompt
+    assert any(p.startswith("images/val_0+step+4+") for p in images), images
+
+    version = client.get_model_version(cfg.tracking.registered_model, result.version)
+    for tag in ("run_id", "dataset_digest", "base_model", "config_hash", "git_commit"):
+        assert version.tags[tag], tag
+    assert version.tags["run_id"] == result.run_id
+
+
+def _kill_one_worker_after(path: Path, killed: list, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.2)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(proc.pid)
+            return
+
+
+def test_two_ddp_workers_survive_a_killed_worker(tmp_path, ray_local):
+    steps = 6
+    cfg, _ = small_cfg(tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=2", "train.num_workers=2",
+                       "train.max_failures=2", "train.run_name=faulty")
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_one_worker_after, args=(tmp_path / "ray" / "faulty" / "checkpoint_00000002", killed)
+    )
+    killer.start()
+    result = run_training(cfg)
+    killer.join()
+
+    assert killed, "no training worker was found to kill"
+    assert history(cfg, result.run_id, "loss") == list(range(1, steps + 1))  # no gap, no duplicate
+    assert history(cfg, result.run_id, "val_loss") == [2, 4, 6]
+    assert result.checkpoint.endswith("checkpoint_00000006") or result.val_loss is not None
+    final = mlflow.MlflowClient().get_run(result.run_id).data.metrics
+    assert final["samples_seen"] == steps * 2 * 2  # batch 2 x 2 workers x steps: nothing counted twice
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    cfg, overrides = small_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.run_name=again")
+    cmd = [sys.executable, "flows/train.py", "--config", "flows/configs/tiny.yaml"]
+    for o in overrides:
+        cmd += ["--set", o]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    marker = tmp_path / "ray" / "again" / "checkpoint_00000002"
+    deadline = time.time() + 300
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    first.wait()
+    assert marker.exists()
+
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    out = json.loads(second.stdout.strip().splitlines()[-1])
+    assert history(cfg, out["run_id"], "loss") == [1, 2, 3, 4, 5, 6]
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    assert len(runs) == 1
+
+
+def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path):
+    cfg, overrides = small_cfg(tmp_path, "train.max_steps=2", "train.checkpoint_every=2")
+    gcs_port, dash_port = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2", "--disable-usage-stats",
+         "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for_port(dash_port, timeout=120, proc=head)
+        submit_env = dict(env, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash_port}")
+        sets = [x for o in overrides for x in ("--set", o)]
+        for _ in range(30):  # the dashboard answers before its job agent is ready
+            job = subprocess.run(
+                [ray_bin, "job", "submit", "--working-dir", ".", "--runtime-env", "deploy/job_runtime_env.yaml",
+                 "--", "python", "flows/train.py", "--config", "flows/configs/tiny.yaml", *sets],
+                cwd=REPO, env=submit_env, capture_output=True, text=True, timeout=600,
+            )
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout + job.stderr
+        anonymous = requests.get(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=30)
+        assert anonymous.status_code == 401  # token authentication stays on
+        mlflow.set_tracking_uri(f"sqlite:///{cfg.state_dir}/mlflow.db")
+        assert mlflow.MlflowClient().get_registered_model(cfg.tracking.registered_model).latest_versions
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
