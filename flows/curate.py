@@ -36,6 +36,7 @@ def main() -> None:
         "inputs": report["inputs"], "kept": report["kept"], "dropped": report["dropped"],
         "reasons": {k: v for k, v in report["reasons"].items() if v}, "splits": report["splits"],
         "images_per_s": report["images_per_s"], "mlflow_run_id": report.get("mlflow_run_id"),
+        "latents": report.get("latents"),
     })
 
 

@@ -115,7 +115,7 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
     (default ``curate.cache_output`` or ``<source>-latents``); returns the cache's report. Needs Ray."""
     import ray
 
-    from components.curation.pipeline import worker_args
+    from components.curation.pipeline import worker_args, write_to
     from components.curation.storage import Store
     from components.curation.writer import CuratedDatasink, aggregate, begin, publish
 
@@ -147,7 +147,7 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
             **worker_args(c, num_cpus=1),
         )
         sink = CuratedDatasink(output, run_id, c.rows_per_shard, c.s3_endpoint_url, schema=LATENT_SCHEMA)
-        ds.write_datasink(sink, ray_remote_args=worker_args(c, num_cpus=0.1))
+        write_to(ds, sink, c)
         results = sink.results
     wall = time.perf_counter() - start
     agg = aggregate(results)

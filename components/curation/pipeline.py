@@ -70,6 +70,14 @@ def worker_args(cfg: CurateConfig, num_cpus: float) -> dict:
     return args
 
 
+def write_to(ds, sink, cfg: CurateConfig) -> None:
+    """Run ``ds`` into ``sink``. Write tasks ask for no CPU, capped at one per actor instead: the
+    actor pool may hold every CPU of a small machine, and a write task that waited for a core
+    would stall the stream (outputs pile up, backpressure idles the actors, nothing frees a CPU).
+    They only serialise parquet and upload, so they do not oversubscribe the machine."""
+    ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0), concurrency=cfg.num_actors)
+
+
 def _blocks(records: pa.Table, num_actors: int) -> list[pa.Table]:
     """Input blocks: enough to keep every actor busy, at most 256 records each."""
     n = records.num_rows
@@ -96,9 +104,7 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
             **worker_args(c, num_cpus=1),
         )
         sink = CuratedDatasink(c.output, run_id, c.rows_per_shard, c.s3_endpoint_url)
-        # Write tasks only serialise parquet and upload: a fraction of a CPU, so they never wait
-        # behind the actor pool for a whole core (the pool may hold every CPU of a small machine).
-        ds.write_datasink(sink, ray_remote_args=worker_args(c, num_cpus=0.1))
+        write_to(ds, sink, c)
         return sink.results
     finally:
         if dedupe is not None:

@@ -63,15 +63,11 @@ class Store:
             return fh.read()
 
     def read_text_or_none(self, uri: str) -> str | None:
+        """A small text file (a sidecar caption), or None when it cannot be read for any reason."""
         try:
             return self.read(uri).decode("utf-8", errors="replace")
-        except (OSError, self._s3_missing()):
+        except Exception:  # missing, permission, S3 NoSuchKey/AccessDenied: the caption policy decides
             return None
-
-    def _s3_missing(self) -> type[Exception]:
-        from botocore.exceptions import ClientError
-
-        return ClientError
 
     def write(self, uri: str, data: bytes) -> None:
         if is_s3(uri):
