@@ -244,6 +244,16 @@ class ServeConfig(Strict):
     poll_alias_s: float = 2.0
     api_key_env: str | None = None
     """Name of an env var holding a bearer token; None leaves the endpoint open (loopback default)."""
+    min_side: int = 64
+    """Smallest image side a request may ask for (pixels)."""
+    max_upload_pixels: int = 4096 * 4096
+    """Decompression-bomb cap: an uploaded image whose header declares more pixels is refused undecoded."""
+    max_batch_size: int = Field(4, ge=1)
+    """``@serve.batch`` size (images of compatible requests run as one pipeline call); 1 turns batching off."""
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0)
+    """How long a batch waits to fill before it runs."""
+    retry_after_s: float = 1.0
+    """Retry-After (seconds) on a 503 when Serve's backpressure config names none."""
 
 
 class EvaluateConfig(Strict):

@@ -98,3 +98,35 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def registered_model(tmp_path_factory):
+    """A tiny pipeline registered once per session as version 1 @champion in a temporary SQLite MLflow.
+
+    The tracking URI goes into the returned config (``tracking.tracking_uri``), not into the process
+    environment, so other tests keep their own stores. ``overrides`` rebuild the same config
+    (e.g. for ``deploy.app.build_app``).
+    """
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from components.config import load_config
+    from components.models import build_tiny, save_pipeline
+    from components.registry import log_pipeline_model
+    from components.tracking import setup_tracking
+
+    state = tmp_path_factory.mktemp("registry")
+    overrides = [f"state_dir={state}", f"tracking.tracking_uri=sqlite:///{state}/mlflow.db"]
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", overrides)
+    experiment = setup_tracking(cfg)
+    pipeline_dir = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, state / "pipeline")
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_pipeline_model(pipeline_dir, cfg.tracking.registered_model)
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, "champion", version)
+    return SimpleNamespace(
+        cfg=cfg, overrides=overrides, name=cfg.tracking.registered_model, version=version,
+        pipeline_dir=pipeline_dir, experiment_id=experiment, tracking_uri=cfg.tracking.tracking_uri,
+    )

@@ -1,0 +1,277 @@
+"""The HTTP contract: OpenAI Images API request models, their validation, and the error format.
+
+Compatible with ``POST /v1/images/generations`` and ``POST /v1/images/edits`` of the OpenAI Images API
+(https://platform.openai.com/docs/api-reference/images): same field names, same response shape
+(``{"created", "data": [{"b64_json"}]}``), same error object (``{"error": {"message", "type",
+"param", "code"}}``). Extras accepted in the JSON body or form (``extra_body`` in the OpenAI client):
+negative_prompt, steps, guidance_scale, guidance_rescale, seed, strength.
+
+Every client mistake is an :class:`ApiError` with a 4xx status; nothing here touches Ray or a model,
+so the whole contract is unit-tested without a server.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import secrets
+from email import message_from_bytes
+from email.policy import HTTP
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from components.config import Config
+from components.pipelines import GenerationRequest
+
+SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what OpenAI's edits endpoint accepts
+MAX_SEED = 2**53 - 1  # exact in a JSON number (a double)
+MAX_GUIDANCE = 50.0
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status; ``type`` follows OpenAI (invalid_request_error, ...)."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:  # noqa: A002
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ImageParams(BaseModel):
+    """Fields of both endpoints. Unknown fields are refused (OpenAI does the same) rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    response_format: str | None = None
+    # OpenAI fields accepted for compatibility; they do not change what this model produces.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_format: str | None = None
+    # Extras (this server only).
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    seed: int | None = None
+    strength: float | None = None
+
+
+def parse_params(raw: Any) -> ImageParams:
+    """A JSON object or form fields -> ImageParams, or a 400 naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return ImageParams.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            raise ApiError(400, f"unknown parameter {field!r}", param=field) from None
+        if first["type"] == "missing":
+            raise ApiError(400, f"missing required parameter {field!r}", param=field) from None
+        raise ApiError(400, f"invalid {field}: {first['msg']}", param=field) from None
+
+
+def parse_size(size: str | None, cfg: Config) -> tuple[int, int] | None:
+    """``"WxH"`` -> (width, height) within the limits; None or ``"auto"`` -> None (caller's default)."""
+    if size is None or size == "auto":
+        return None
+    match = SIZE_RE.match(size)
+    if not match:
+        raise ApiError(400, f"size must look like '512x512' (WIDTHxHEIGHT), got {size!r}", param="size")
+    width, height = int(match[1]), int(match[2])
+    check_side_limits(width, height, cfg, what="size")
+    return width, height
+
+
+def check_side_limits(width: int, height: int, cfg: Config, what: str) -> None:
+    s = cfg.serve
+    if width % 8 or height % 8:
+        raise ApiError(400, f"{what} {width}x{height}: both sides must be multiples of 8 (the VAE's factor)",
+                       param="size")
+    if min(width, height) < s.min_side or max(width, height) > s.max_side:
+        raise ApiError(400, f"{what} {width}x{height}: each side must be between {s.min_side} and {s.max_side}",
+                       param="size")
+
+
+def check_text(value: str | None, field: str, cfg: Config) -> None:
+    if value is None:
+        return
+    limit = cfg.serve.max_prompt_chars
+    if len(value) > limit:
+        raise ApiError(400, f"{field} is {len(value)} characters; the limit is {limit} (long prompts are refused, "
+                       "never truncated)", param=field, code="prompt_too_long")
+
+
+def _in_range(value: float | None, field: str, lo: float, hi: float) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise ApiError(400, f"{field} must be between {lo} and {hi}, got {value}", param=field)
+
+
+def to_request(
+    p: ImageParams, cfg: Config, served_name: str, image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+) -> GenerationRequest:
+    """Validate the parameters against the limits and fill in defaults (one place for all of them)."""
+    s = cfg.serve
+    if p.model is not None and p.model != served_name:
+        raise ApiError(404, f"model {p.model!r} is not served here; GET /v1/models lists {served_name!r}",
+                       param="model", code="model_not_found")
+    if p.response_format not in (None, "b64_json"):
+        if p.response_format == "url":
+            raise ApiError(400, "response_format 'url' is not supported: images are returned inline; "
+                           "use response_format 'b64_json'", param="response_format")
+        raise ApiError(400, f"response_format must be 'b64_json', got {p.response_format!r}",
+                       param="response_format")
+    if p.output_format not in (None, "png"):
+        raise ApiError(400, f"output_format {p.output_format!r} is not supported; images are PNG",
+                       param="output_format")
+    if not p.prompt.strip():
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    check_text(p.prompt, "prompt", cfg)
+    check_text(p.negative_prompt, "negative_prompt", cfg)
+    _in_range(p.n, "n", 1, s.max_n)
+    _in_range(p.steps, "steps", 1, s.max_steps)
+    _in_range(p.guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE)
+    _in_range(p.guidance_rescale, "guidance_rescale", 0.0, 1.0)
+    _in_range(p.seed, "seed", 0, MAX_SEED - s.max_n)
+    if image is None and p.strength is not None:
+        raise ApiError(400, "strength applies to /v1/images/edits only", param="strength")
+    if p.strength is not None and not 0.0 < p.strength <= 1.0:
+        raise ApiError(400, f"strength must be in (0, 1], got {p.strength:g}", param="strength")
+
+    size = parse_size(p.size, cfg)
+    if image is not None:
+        image, mask = fit_edit_images(image, mask, size, cfg)
+        width, height = image.size
+    else:
+        width, height = size or (s.default_size, s.default_size)
+        check_side_limits(width, height, cfg, what="default size")
+    return GenerationRequest(
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        width=width,
+        height=height,
+        steps=p.steps if p.steps is not None else s.default_steps,
+        guidance_scale=p.guidance_scale if p.guidance_scale is not None else cfg.inference.guidance_scale,
+        guidance_rescale=p.guidance_rescale if p.guidance_rescale is not None else cfg.inference.guidance_rescale,
+        # A seed is always drawn here so that every response can report the seed that reproduces it.
+        seed=p.seed if p.seed is not None else secrets.randbelow(MAX_SEED - s.max_n),
+        n=p.n,
+        image=image,
+        mask=mask,
+        strength=p.strength if p.strength is not None else GenerationRequest.strength,
+    )
+
+
+# --- uploaded images -----------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, field: str, cfg: Config) -> Image.Image:
+    """Bytes -> a loaded PIL image; the pixel count is checked from the header before decoding."""
+    if not data:
+        raise ApiError(400, f"{field} is empty", param=field)
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        pixels = img.width * img.height
+        if pixels > cfg.serve.max_upload_pixels:
+            raise ApiError(400, f"{field} is {img.width}x{img.height}; at most {cfg.serve.max_upload_pixels} "
+                           "pixels are accepted", param=field)
+        img.load()
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        raise ApiError(400, f"{field} could not be decoded as PNG, JPEG or WebP ({type(err).__name__})",
+                       param=field) from None
+    return img
+
+
+def mask_to_l(mask: Image.Image) -> Image.Image:
+    """OpenAI's convention -> diffusers'.
+
+    OpenAI: the fully transparent pixels of the mask (alpha 0) are the area to edit. diffusers: white
+    (255) is repainted, black kept. A mask with an alpha channel is converted (255 - alpha); a mask
+    without one is read as diffusers reads it (white = repaint).
+    """
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = mask.convert("RGBA").getchannel("A")
+        return alpha.point(lambda a: 255 - a)
+    return mask.convert("L")
+
+
+def fit_edit_images(
+    image: Image.Image, mask: Image.Image | None, size: tuple[int, int] | None, cfg: Config
+) -> tuple[Image.Image, Image.Image | None]:
+    """Check the mask matches the image, then bring both to ``size`` (LANCZOS for the image).
+
+    Without ``size`` the output has the image's size, which must then meet the size rules.
+    """
+    if mask is not None and mask.size != image.size:
+        raise ApiError(400, f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}; "
+                       "they must match", param="mask")
+    rgb = image.convert("RGB")
+    l_mask = mask_to_l(mask) if mask is not None else None
+    if size is None:
+        check_side_limits(*rgb.size, cfg, what="image")
+        return rgb, l_mask
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+        l_mask = l_mask.resize(size, Image.Resampling.NEAREST) if l_mask is not None else None
+    return rgb, l_mask
+
+
+# --- multipart/form-data -------------------------------------------------------------------------
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
+    """``multipart/form-data`` -> (text fields, file fields), with the standard library's MIME parser.
+
+    RFC 7578 form data is MIME multipart, which ``email`` parses (the route PEP 594 names for code
+    that used ``cgi``). The body has already been size-capped by the caller.
+    """
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise ApiError(400, "this endpoint expects multipart/form-data with a boundary (image, mask, prompt, ...)")
+    msg = message_from_bytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body, policy=HTTP)
+    if not msg.is_multipart():
+        raise ApiError(400, "malformed multipart body")
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise ApiError(400, "a multipart part has no name")
+        payload = part.get_payload(decode=True) or b""
+        name = name[:-2] if name.endswith("[]") else name  # OpenAI's client sends image[] for lists
+        if name in fields or name in files:
+            raise ApiError(400, f"field {name!r} given more than once (one image and one mask per request)",
+                           param=name)
+        if part.get_filename() is not None or name in ("image", "mask"):
+            files[name] = payload
+        else:
+            try:
+                fields[name] = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, f"field {name!r} is not UTF-8 text", param=name) from None
+    return fields, files

@@ -1,0 +1,267 @@
+"""The Serve application: a FastAPI ingress speaking the OpenAI Images API, and a model deployment.
+
+    app = Ingress.bind(Model.bind(...))          (the Anyscale SDXL Serve template's shape)
+
+``Model`` loads ``models:/NAME@ALIAS`` (champion by default) through the registry loader training
+uses, follows the alias (hot swap, ``deploy/holder.py``), and runs compatible requests as one
+pipeline call (``@serve.batch``, ``deploy/batching.py``). ``Ingress`` owns the HTTP contract
+(``deploy/api.py``): validation, auth, errors, and the 503 + Retry-After of a full queue.
+
+Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
+image-to-image without one), GET /v1/models, GET /healthz (open, for probes). When
+``serve.api_key_env`` names an environment variable, every /v1 route requires
+``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run.
+
+Resources and scaling live in ``deploy/serve.yaml``; the decorator values below are the fallbacks
+for ``serve.run(build_app(...))`` from Python. Nothing runs at import.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI must see real annotations on the methods that
+# @serve.ingress rewrites (with string annotations it takes ``request: Request`` for a query parameter).
+import asyncio
+import base64
+import hmac
+import json
+import math
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from components.config import Config, load_config
+from components.pipelines import GenerationRequest
+from components.registry import parse_model_uri
+from components.tracking import state_path, tracking_uri
+from deploy.api import ApiError, decode_image, error_body, parse_multipart, parse_params, to_request
+from deploy.batching import Outcome, serve_batch
+from deploy.holder import ModelHolder, NotReady
+
+HEALTH_TIMEOUT_S = 2.0
+UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
+
+
+# --- model deployment ----------------------------------------------------------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8, max_queued_requests=32,
+                  health_check_period_s=5)
+class Model:
+    """One replica = one loaded pipeline version, swapped in place when the alias moves."""
+
+    def __init__(self, config: dict, model_uri: str, tracking: str, cache_dir: str):
+        import mlflow
+
+        self.cfg = Config.model_validate(config)
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(tracking)
+        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference)
+        # Loaded before the constructor returns: Serve runs check_health once right after it, and a
+        # replica receives traffic only once that passes.
+        self.holder.refresh()
+        self.holder.start_polling(self.cfg.serve.poll_alias_s)
+        self._batched.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if not self.holder.ready:
+            raise NotReady(f"{self.holder.uri} is not loaded")
+
+    def info(self) -> dict[str, Any]:
+        loaded = self.holder.current
+        return {"name": loaded.name, "version": loaded.version, "uri": self.holder.uri,
+                "loaded_at": loaded.loaded_at, "swaps": self.holder.swaps}
+
+    async def generate(self, req: GenerationRequest) -> Outcome:
+        return await self._batched(req)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def _batched(self, reqs: list[GenerationRequest]) -> list[Outcome]:
+        loaded = self.holder.current  # one version for the whole batch, reported with every result
+        return await asyncio.to_thread(serve_batch, loaded.name, loaded.version, loaded.pipelines, reqs)
+
+    def __del__(self):
+        holder = getattr(self, "holder", None)
+        if holder is not None:
+            holder.stop()
+
+
+# --- ingress -------------------------------------------------------------------------------------
+
+api = FastAPI(title="Terminus images API (OpenAI Images API compatible)")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (checked as it streams in, so a
+    missing or false Content-Length does not get around it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=128,
+                  health_check_period_s=10)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, model: DeploymentHandle, config: dict, served_name: str):
+        self.model = model
+        self.cfg = Config.model_validate(config)
+        self.served_name = served_name
+        self.token: bytes | None = None
+        env = self.cfg.serve.api_key_env
+        if env:
+            value = os.environ.get(env)
+            if not value:  # fail closed: a configured but missing key must not leave the endpoint open
+                raise RuntimeError(f"serve.api_key_env is {env!r} but that variable is empty in the ingress "
+                                   "replica; set it there (runtime_env env_vars, a Kubernetes Secret) or unset "
+                                   "serve.api_key_env")
+            self.token = value.encode()
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def _retry_after(self, seconds: float | None) -> dict[str, str]:
+        return {"Retry-After": str(math.ceil(seconds if seconds is not None else self.cfg.serve.retry_after_s))}
+
+    async def _info(self) -> dict[str, Any]:
+        return await self.model.info.remote()
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Ready only once a model replica has its version loaded (the probe for load balancers)."""
+        try:
+            info = await asyncio.wait_for(self._info(), timeout=HEALTH_TIMEOUT_S)
+        except Exception as err:  # any failure to answer means not ready, whatever its cause
+            return JSONResponse({"status": "loading", "reason": type(err).__name__}, status_code=503,
+                                headers=self._retry_after(None))
+        return JSONResponse({"status": "ready", "model": info["name"], "version": info["version"]})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        info = await self._call(self._info())
+        entry = {"id": info["name"], "object": "model", "created": int(info["loaded_at"]),
+                 "owned_by": "terminus-platform", "version": info["version"], "uri": info["uri"]}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    @api.post("/v1/images/generations")
+    async def generations(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        body = await read_body(request, self.cfg.serve.max_upload_bytes)
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "request body is not valid JSON") from None
+        req = to_request(parse_params(raw), self.cfg, self.served_name)
+        return await self._respond(req)
+
+    @api.post("/v1/images/edits")
+    async def edits(self, request: Request) -> JSONResponse:
+        """Inpainting when a mask is sent (its transparent pixels are repainted, as OpenAI's), else
+        image-to-image: the image is noised to ``strength`` (default 0.8) and denoised with the prompt."""
+        self._authorize(request)
+        body = await read_body(request, self.cfg.serve.max_upload_bytes)
+        fields, files = parse_multipart(request.headers.get("content-type", ""), body)
+        unknown = set(files) - {"image", "mask"}
+        if unknown:
+            raise ApiError(400, f"unexpected file field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+        if "image" not in files:
+            raise ApiError(400, "missing required file 'image'", param="image")
+        image = decode_image(files["image"], "image", self.cfg)
+        mask = decode_image(files["mask"], "mask", self.cfg) if "mask" in files else None
+        req = to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask)
+        return await self._respond(req)
+
+    async def _call(self, awaitable):
+        """Await a model call, mapping Serve's capacity and availability errors to 503 + Retry-After."""
+        try:
+            return await awaitable
+        except BackPressureError as err:
+            raise ApiError(503, "the server is at capacity (request queue full); retry after the delay in "
+                           "Retry-After", type="server_overloaded", headers=self._retry_after(err.retry_after_s)) from None
+        except UNAVAILABLE:
+            raise ApiError(503, "no model replica is available right now; retry shortly",
+                           type="service_unavailable", headers=self._retry_after(None)) from None
+
+    async def _respond(self, req: GenerationRequest) -> JSONResponse:
+        out: Outcome = await self._call(self.model.generate.remote(req))
+        if out.error:
+            raise ApiError(400, out.error, param=out.param, code="prompt_too_long")
+        body = {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
+                     for i, png in enumerate(out.images)],
+            "model": out.name,
+            "model_version": out.version,
+        }
+        headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
+        return JSONResponse(body, headers=headers)
+
+
+# --- application builder --------------------------------------------------------------------------
+
+
+class AppArgs(BaseModel):
+    """``args:`` of deploy/serve.yaml, or the dict given to :func:`build_app` from Python."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = None
+    """A preset (e.g. flows/configs/tiny.yaml); None: the config defaults."""
+    overrides: list[str] = []
+    """``key.path=value`` overrides, as the flows' ``--set``."""
+    model_uri: str | None = None
+    """Overrides serve.model_uri; None there too: ``models:/<tracking.registered_model>@champion``."""
+    model_options: dict[str, Any] = {}
+    ingress_options: dict[str, Any] = {}
+    """``.options(...)`` for Python callers without a Serve YAML (tests, benchmarks)."""
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``import_path: deploy.app:build_app`` and ``serve.run(build_app({...}))``.
+
+    The tracking URI is resolved here (config, then MLFLOW_TRACKING_URI, then the state dir's
+    SQLite) and handed to the replicas, which need not share the caller's environment.
+    """
+    a = AppArgs.model_validate(args)
+    cfg = load_config(a.config, a.overrides)
+    uri = a.model_uri or cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
+    name, _, _ = parse_model_uri(uri)
+    config = cfg.model_dump(mode="json")
+    model = Model.options(**a.model_options).bind(
+        config, uri, tracking_uri(cfg), str(state_path(cfg, "cache", "serve"))
+    )
+    return Ingress.options(**a.ingress_options).bind(model, config, name)
