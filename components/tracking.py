@@ -26,11 +26,17 @@ def state_path(cfg: Config, *parts: str) -> Path:
     return root.joinpath(*parts)
 
 
+_SET_HERE: set[str] = set()
+"""URIs this process gave ``mlflow.set_tracking_uri``, which also exports MLFLOW_TRACKING_URI:
+that export is not the user's choice and must not override the next config's state directory."""
+
+
 def tracking_uri(cfg: Config) -> str:
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _SET_HERE:
+        return env
     db = state_path(cfg, "mlflow.db")
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
@@ -43,6 +49,7 @@ def setup_tracking(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _SET_HERE.add(uri)
     existing = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if existing is not None:
         return existing.experiment_id
