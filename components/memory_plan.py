@@ -257,7 +257,7 @@ class MemoryPlan:
         row("  = before activations (UNet w + g + opt)", self.before_activations, "", "RECIPE.md: ~41 GB AdamW, ~26 GB 8-bit")
         row(f"step peak, traced (checkpointing {ck})", self.step.peak, note="activations, grads in flight, recompute")
         row("  of which autocast weight copies", self.step.weight_copies, note="cached until the autocast region ends")
-        row("VAE encode peak (fp32, no grad, whole batch)", self.vae_encode_peak, note="before the UNet step; max() of the two")
+        row("VAE encode peak (fp32, no grad, one image at a time)", self.vae_encode_peak, note="before the UNet step; max() of the two")
         row("= allocated peak", self.allocated_peak, note="compare torch.cuda.max_memory_allocated")
         row("CUDA context (assumed)", self.context)
         row(f"allocator slack (assumed {self.slack_fraction:.0%} of step peak)", int(self.slack_fraction * self.dynamic_peak))
@@ -304,6 +304,7 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
     latent_hw = (hw[0] // factor, hw[1] // factor)
     step = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, t.grad_checkpointing)
     other = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, not t.grad_checkpointing)
+    vae_one = trace_vae_encode(models["vae"], 1, hw)
     notes = []
     if cfg.model.source != "tiny":
         notes.append(f"shapes of SDXL-base (model.source {cfg.model.source!r} is assumed to share its layout)")
@@ -311,7 +312,8 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
         name=cfg.name, unet_params=count_params(models["unet"]), batch=t.batch_size, resolution=hw,
         precision=precision.value, optimizer=optimizer.value, grad_checkpointing=t.grad_checkpointing,
         persistent=persistent_rows(models, precision, optimizer, t.ema_decay is not None, t.ema_on_cpu),
-        step=step, step_other=other, vae_encode_peak=trace_vae_encode(models["vae"], t.batch_size, hw),
-        vae_encode_peak_one=trace_vae_encode(models["vae"], 1, hw),
+        # Training encodes one image at a time (AutoencoderKL slicing, components/step.py): the
+        # fp32 VAE on a whole 1 MP batch of 24 would peak at ~65 GB on its own.
+        step=step, step_other=other, vae_encode_peak=vae_one, vae_encode_peak_one=vae_one,
         capacity=capacity, notes=notes,
     )

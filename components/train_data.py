@@ -27,14 +27,19 @@ def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch
     def pair(a: str, b: str) -> torch.Tensor:
         return torch.tensor([[int(r[a]), int(r[b])] for r in rows], dtype=torch.float32, device=device)
 
-    pixels = torch.stack([decode_image(r["image"]) for r in rows]).to(device)  # (B, 3, H, W)
-    return Batch(
-        pixels=pixels,
+    sizes = dict(
         captions=[str(r["caption"]) for r in rows],
         original_size=pair("original_h", "original_w"),
         crop_top_left=pair("crop_top", "crop_left"),
         target_size=pair("target_h", "target_w"),
     )
+    if "latent_dist" in rows[0]:  # a latent cache written by components/curation/latents.py
+        from components.curation.latents import cached_tensors
+
+        dist, embeds, pooled = (torch.stack(t).to(device) for t in zip(*map(cached_tensors, rows), strict=True))
+        return Batch(pixels=None, latent_dist=dist, prompt_embeds=embeds, pooled_embeds=pooled, **sizes)
+    pixels = torch.stack([decode_image(r["image"]) for r in rows]).to(device)  # (B, 3, H, W)
+    return Batch(pixels=pixels, **sizes)
 
 
 def iter_rows(batches: Iterable[dict]) -> Iterator[dict]:

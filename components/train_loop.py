@@ -24,7 +24,7 @@ from components.evaluation import val_rows
 from components.models import load_components
 from components.optim import build_lr_scheduler, build_optimizer
 from components.run_logger import RunLogger
-from components.step import diffusion_loss
+from components.step import diffusion_loss, frozen_dtype
 from components.train_data import bucket_batches, iter_rows, rows_to_batch, skip
 from components.validation import Validator
 
@@ -61,8 +61,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     parts = load_components(cfg)
-    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-        frozen.requires_grad_(False).eval().to(device)
+    parts.vae.requires_grad_(False).eval().to(device)  # fp32: SDXL's VAE overflows in fp16
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        encoder.requires_grad_(False).eval().to(device, frozen_dtype(cfg.train.precision))
     unet = parts.unet.to(device)
     unet.train()
     if cfg.train.grad_checkpointing:

@@ -8,7 +8,7 @@ import torch
 from components.config import Config
 from components.models import Components
 from components.pipelines import GenerationRequest, build_pipelines
-from components.step import diffusion_loss
+from components.step import autocast, diffusion_loss
 from components.train_data import rows_to_batch
 
 VAL_NOISE_SEED = 1234
@@ -41,7 +41,7 @@ class Validator:
         for b_idx, batch in enumerate(self.batches):
             for t in self.cfg.train.val_timesteps:
                 gen = torch.Generator().manual_seed(VAL_NOISE_SEED + 7919 * b_idx + t)
-                timesteps = torch.full((batch.pixels.shape[0],), t, dtype=torch.long, device=self.device)
+                timesteps = torch.full((len(batch.captions),), t, dtype=torch.long, device=self.device)
                 loss = diffusion_loss(parts, unet, batch, scheduler, self.cfg.diffusion, self.cfg.train.precision,
                                       0.0, gen, timesteps=timesteps)
                 total += loss.item()
@@ -58,10 +58,12 @@ class Validator:
                                 dtype=torch.float32)
         size = self.cfg.train.val_image_size
         out = {}
-        for i, prompt in enumerate(self.cfg.train.val_prompts):
-            req = GenerationRequest(prompt=prompt, width=size, height=size, steps=self.cfg.train.val_steps,
-                                    guidance_scale=self.cfg.inference.guidance_scale,
-                                    guidance_rescale=self.cfg.inference.guidance_rescale, seed=i)
-            out[f"val_{i}"] = pipes.generate(req)[0]
+        # Under the training autocast: the frozen text encoders are stored in the compute dtype.
+        with autocast(self.cfg.train.precision, self.device):
+            for i, prompt in enumerate(self.cfg.train.val_prompts):
+                req = GenerationRequest(prompt=prompt, width=size, height=size, steps=self.cfg.train.val_steps,
+                                        guidance_scale=self.cfg.inference.guidance_scale,
+                                        guidance_rescale=self.cfg.inference.guidance_rescale, seed=i)
+                out[f"val_{i}"] = pipes.generate(req)[0]
         unet.train(was_training)
         return out

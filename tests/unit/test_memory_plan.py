@@ -161,6 +161,7 @@ def test_plan_command_on_the_terminus_preset(sdxl):
     assert abs(plan["before_activations"] / 1e9 - 26.0) <= 0.5
     assert plan["step"]["weight_copies"] == 2 * low_precision_params(sdxl["unet"])
     assert plan["step_other"]["peak"] > 5 * plan["step"]["peak"]  # checkpointing off costs > 5x
-    assert 23.5 <= plan["vae_encode_peak"] / plan["vae_encode_peak_one"] <= 24.5
+    assert plan["vae_encode_peak"] == plan["vae_encode_peak_one"]  # training encodes one image at a time
+    assert plan["fits"]  # the seed recipe fits one A100-80G (components/step.py slices the VAE encode)
     assert plan["total"] > plan["allocated_peak"] >= plan["allocated_peak_cached_latents"]
     assert plan["verdict"].startswith("FITS" if plan["fits"] else "DOES NOT FIT")
