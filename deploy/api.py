@@ -7,7 +7,8 @@ Compatible with ``POST /v1/images/generations`` and ``POST /v1/images/edits`` of
 negative_prompt, steps, guidance_scale, guidance_rescale, seed, strength.
 
 Every client mistake is an :class:`ApiError` with a 4xx status; nothing here touches Ray or a model,
-so the whole contract is unit-tested without a server.
+so the whole contract is unit-tested without a server. Nor does it import torch: the ingress replica
+that uses it stays light (it parses HTTP; the model replica imports the pipeline stack).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import secrets
+from dataclasses import dataclass
 from email import message_from_bytes
 from email.policy import HTTP
 from typing import Any
@@ -23,7 +25,6 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from components.config import Config
-from components.pipelines import GenerationRequest
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what OpenAI's edits endpoint accepts
@@ -130,11 +131,30 @@ def _in_range(value: float | None, field: str, lo: float, hi: float) -> None:
         raise ApiError(400, f"{field} must be between {lo} and {hi}, got {value}", param=field)
 
 
+@dataclass
+class Outcome:
+    """What the model deployment answers for one request: PNG images, or why it refused the request."""
+
+    name: str
+    version: str
+    seed: int
+    images: list[bytes]
+    error: str | None = None
+    """Set when the request is refused (a client mistake only the model can see, e.g. too many tokens)."""
+    param: str | None = None
+    batch_size: int = 1
+    """Requests that shared the pipeline call (observability; shows batching is happening)."""
+
+
 def to_request(
     p: ImageParams, cfg: Config, served_name: str, image: Image.Image | None = None,
     mask: Image.Image | None = None,
-) -> GenerationRequest:
-    """Validate the parameters against the limits and fill in defaults (one place for all of them)."""
+) -> dict[str, Any]:
+    """Validate the parameters against the limits and fill in the defaults of the config.
+
+    Returns the keyword arguments of :class:`components.pipelines.GenerationRequest` (a dict, so this
+    module needs no torch); fields left out (strength without a value) take that class's defaults.
+    """
     s = cfg.serve
     if p.model is not None and p.model != served_name:
         raise ApiError(404, f"model {p.model!r} is not served here; GET /v1/models lists {served_name!r}",
@@ -169,7 +189,7 @@ def to_request(
     else:
         width, height = size or (s.default_size, s.default_size)
         check_side_limits(width, height, cfg, what="default size")
-    return GenerationRequest(
+    spec = dict(
         prompt=p.prompt,
         negative_prompt=p.negative_prompt,
         width=width,
@@ -182,8 +202,10 @@ def to_request(
         n=p.n,
         image=image,
         mask=mask,
-        strength=p.strength if p.strength is not None else GenerationRequest.strength,
     )
+    if p.strength is not None:
+        spec["strength"] = p.strength
+    return spec
 
 
 # --- uploaded images -----------------------------------------------------------------------------
@@ -231,8 +253,11 @@ def fit_edit_images(
     if mask is not None and mask.size != image.size:
         raise ApiError(400, f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}; "
                        "they must match", param="mask")
-    rgb = image.convert("RGB")
-    l_mask = mask_to_l(mask) if mask is not None else None
+    try:
+        rgb = image.convert("RGB")
+        l_mask = mask_to_l(mask) if mask is not None else None
+    except (ValueError, OSError) as err:  # e.g. 16-bit or exotic modes PIL cannot convert
+        raise ApiError(400, f"image or mask has an unsupported pixel format ({err})", param="image") from None
     if size is None:
         check_side_limits(*rgb.size, cfg, what="image")
         return rgb, l_mask

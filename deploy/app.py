@@ -37,12 +37,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.config import Config, load_config
-from components.pipelines import GenerationRequest
-from components.registry import parse_model_uri
 from components.tracking import state_path, tracking_uri
-from deploy.api import ApiError, decode_image, error_body, parse_multipart, parse_params, to_request
-from deploy.batching import Outcome, serve_batch
-from deploy.holder import ModelHolder, NotReady
+from deploy.api import ApiError, Outcome, decode_image, error_body, parse_multipart, parse_params, to_request
+
+# Model-side modules (torch, diffusers, mlflow) are imported inside Model only: the Ingress replica
+# imports this module too, and stays light without them.
 
 HEALTH_TIMEOUT_S = 2.0
 UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
@@ -59,6 +58,8 @@ class Model:
     def __init__(self, config: dict, model_uri: str, tracking: str, cache_dir: str):
         import mlflow
 
+        from deploy.holder import ModelHolder
+
         self.cfg = Config.model_validate(config)
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
@@ -72,18 +73,23 @@ class Model:
 
     def check_health(self) -> None:
         if not self.holder.ready:
-            raise NotReady(f"{self.holder.uri} is not loaded")
+            raise RuntimeError(f"{self.holder.uri} is not loaded")
 
     def info(self) -> dict[str, Any]:
         loaded = self.holder.current
         return {"name": loaded.name, "version": loaded.version, "uri": self.holder.uri,
                 "loaded_at": loaded.loaded_at, "swaps": self.holder.swaps}
 
-    async def generate(self, req: GenerationRequest) -> Outcome:
-        return await self._batched(req)
+    async def generate(self, spec: dict[str, Any]) -> Outcome:
+        """One request (the keyword arguments of GenerationRequest, from deploy.api.to_request)."""
+        from components.pipelines import GenerationRequest
+
+        return await self._batched(GenerationRequest(**spec))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _batched(self, reqs: list[GenerationRequest]) -> list[Outcome]:
+    async def _batched(self, reqs: list) -> list[Outcome]:
+        from deploy.batching import serve_batch
+
         loaded = self.holder.current  # one version for the whole batch, reported with every result
         return await asyncio.to_thread(serve_batch, loaded.name, loaded.version, loaded.pipelines, reqs)
 
@@ -185,8 +191,7 @@ class Ingress:
             raw = json.loads(body)
         except (ValueError, RecursionError):
             raise ApiError(400, "request body is not valid JSON") from None
-        req = to_request(parse_params(raw), self.cfg, self.served_name)
-        return await self._respond(req)
+        return await self._respond(to_request(parse_params(raw), self.cfg, self.served_name))
 
     @api.post("/v1/images/edits")
     async def edits(self, request: Request) -> JSONResponse:
@@ -202,8 +207,7 @@ class Ingress:
             raise ApiError(400, "missing required file 'image'", param="image")
         image = decode_image(files["image"], "image", self.cfg)
         mask = decode_image(files["mask"], "mask", self.cfg) if "mask" in files else None
-        req = to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask)
-        return await self._respond(req)
+        return await self._respond(to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask))
 
     async def _call(self, awaitable):
         """Await a model call, mapping Serve's capacity and availability errors to 503 + Retry-After."""
@@ -216,10 +220,11 @@ class Ingress:
             raise ApiError(503, "no model replica is available right now; retry shortly",
                            type="service_unavailable", headers=self._retry_after(None)) from None
 
-    async def _respond(self, req: GenerationRequest) -> JSONResponse:
-        out: Outcome = await self._call(self.model.generate.remote(req))
+    async def _respond(self, spec: dict[str, Any]) -> JSONResponse:
+        out: Outcome = await self._call(self.model.generate.remote(spec))
         if out.error:
-            raise ApiError(400, out.error, param=out.param, code="prompt_too_long")
+            raise ApiError(400, out.error, param=out.param,
+                           code="prompt_too_long" if out.param in ("prompt", "negative_prompt") else None)
         body = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
@@ -251,17 +256,27 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``import_path: deploy.app:build_app`` and ``serve.run(build_app({...}))``.
+    """Application builder for ``import_path: deploy.app:build_app`` and ``serve.run(build_app({...}))``."""
+    a = AppArgs.model_validate(args)
+    cfg = load_config(a.config, a.overrides)
+    return compose(cfg, a.model_uri, a.model_options, a.ingress_options)
+
+
+def compose(
+    cfg: Config, model_uri: str | None = None, model_options: dict[str, Any] | None = None,
+    ingress_options: dict[str, Any] | None = None,
+) -> serve.Application:
+    """``Ingress.bind(Model.bind(...))`` for a config.
 
     The tracking URI is resolved here (config, then MLFLOW_TRACKING_URI, then the state dir's
     SQLite) and handed to the replicas, which need not share the caller's environment.
     """
-    a = AppArgs.model_validate(args)
-    cfg = load_config(a.config, a.overrides)
-    uri = a.model_uri or cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
+    from components.registry import parse_model_uri
+
+    uri = model_uri or cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
     name, _, _ = parse_model_uri(uri)
     config = cfg.model_dump(mode="json")
-    model = Model.options(**a.model_options).bind(
+    model = Model.options(**(model_options or {})).bind(
         config, uri, tracking_uri(cfg), str(state_path(cfg, "cache", "serve"))
     )
-    return Ingress.options(**a.ingress_options).bind(model, config, name)
+    return Ingress.options(**(ingress_options or {})).bind(model, config, name)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Hashable
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from components.pipelines import GenerationRequest, ZTSNRPipelines
+from deploy.api import Outcome
 
 
 def batch_key(req: GenerationRequest) -> Hashable:
@@ -70,21 +70,6 @@ def run_group(pipes: ZTSNRPipelines, group: list[GenerationRequest]) -> list[lis
     return result
 
 
-@dataclass
-class Outcome:
-    """What one request gets back from the model deployment (PNG bytes, or a reason it was refused)."""
-
-    name: str
-    version: str
-    seed: int
-    images: list[bytes]
-    error: str | None = None
-    """Set when the request is refused (a client mistake only the model can see, e.g. too many tokens)."""
-    param: str | None = None
-    batch_size: int = 1
-    """Requests that shared the pipeline call (observability; shows batching is happening)."""
-
-
 def encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -109,11 +94,9 @@ def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[Gener
     outcomes: list[Outcome | None] = [None] * len(reqs)
     accepted: list[int] = []
     for i, req in enumerate(reqs):
-        for field in ("prompt", "negative_prompt"):
-            why = token_overflow(pipes, getattr(req, field))
-            if why:
-                outcomes[i] = Outcome(name, version, req.seed, [], error=f"{field} {why}", param=field)
-                break
+        why = refusal(pipes, req)
+        if why:
+            outcomes[i] = Outcome(name, version, req.seed, [], error=why[1], param=why[0])
         else:
             accepted.append(i)
     batch = [reqs[i] for i in accepted]
@@ -121,6 +104,19 @@ def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[Gener
     for j, (i, images) in enumerate(zip(accepted, generate_batch(pipes, batch), strict=True)):
         outcomes[i] = Outcome(name, version, reqs[i].seed, [encode_png(im) for im in images], batch_size=sizes[j])
     return outcomes
+
+
+def refusal(pipes: ZTSNRPipelines, req: GenerationRequest) -> tuple[str, str] | None:
+    """(param, message) when the pipeline would refuse or silently alter this request, else None."""
+    for field in ("prompt", "negative_prompt"):
+        why = token_overflow(pipes, getattr(req, field))
+        if why:
+            return field, f"{field} {why}"
+    # img2img / inpaint run int(steps * strength) denoising steps (diffusers get_timesteps); zero is an error.
+    if req.mode != "text2img" and int(req.steps * req.strength) < 1:
+        return "strength", (f"steps x strength must give at least one denoising step; got {req.steps} x "
+                            f"{req.strength:g}: raise steps or strength")
+    return None
 
 
 def token_overflow(pipes: ZTSNRPipelines, text: str | None) -> str | None:

@@ -197,6 +197,8 @@ def test_more_client_mistakes_get_4xx_json(client):
                {"prompt": "a"}), 400),
         (_edit(client, {"mask": ("m.png", png(), "image/png")}, {"prompt": "a"}), 400),
         (_edit(client, {"image": ("a.png", png((100, 60)), "image/png")}, {"prompt": "a"}), 400),
+        (_edit(client, {"image": ("a.png", png(), "image/png")}, {"prompt": "a", "steps": "2", "strength": "0.2"}),
+         400),  # int(2 x 0.2) = 0 denoising steps: refused by the model replica, not a pipeline error
         (client.post("/v1/images/edits", json={"prompt": "a"}, headers=AUTH), 400),
         (client.get("/v1/images/generations", headers=AUTH), 405),
         (client.get("/v1/nothing", headers=AUTH), 404),

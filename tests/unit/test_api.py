@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from components.config import Config, load_config
+from components.pipelines import GenerationRequest
 from deploy.api import (
     ApiError,
     decode_image,
@@ -42,8 +43,12 @@ def refused(fn, *args, status=400, **kwargs) -> ApiError:
     return err.value
 
 
+def request(*args, **kwargs) -> GenerationRequest:
+    return GenerationRequest(**to_request(*args, **kwargs))
+
+
 def test_defaults_come_from_the_config():
-    req = to_request(parse_params({"prompt": "a cat"}), CFG, NAME)
+    req = request(parse_params({"prompt": "a cat"}), CFG, NAME)
     assert (req.width, req.height) == (CFG.serve.default_size, CFG.serve.default_size)
     assert req.steps == CFG.serve.default_steps
     assert req.guidance_rescale == 0.7  # Lin et al. eq. 16, the ZT-SNR default
@@ -56,7 +61,7 @@ def test_openai_fields_and_extras_are_accepted():
     raw = {"prompt": "a cat", "model": NAME, "n": 2, "size": "64x128", "response_format": "b64_json",
            "quality": "standard", "style": "vivid", "user": "u1", "output_format": "png",
            "negative_prompt": "blur", "steps": 3, "guidance_scale": 5.5, "guidance_rescale": 0.5, "seed": 9}
-    req = to_request(parse_params(raw), CFG, NAME)
+    req = request(parse_params(raw), CFG, NAME)
     assert (req.width, req.height, req.n, req.steps, req.seed) == (64, 128, 2, 3, 9)
     assert (req.guidance_scale, req.guidance_rescale, req.negative_prompt) == (5.5, 0.5, "blur")
 
@@ -133,7 +138,7 @@ fields = st.sampled_from(["prompt", "n", "size", "steps", "seed", "guidance_scal
 def test_any_json_body_is_accepted_or_refused_with_4xx(raw):
     """Property: whatever a client sends, the contract answers a request or an ApiError 4xx, nothing else."""
     try:
-        req = to_request(parse_params(raw), CFG, NAME)
+        req = request(parse_params(raw), CFG, NAME)
     except ApiError as err:
         assert 400 <= err.status < 500 and err.message
     else:
@@ -173,10 +178,10 @@ def test_edit_images_checks_mask_size_and_resizes():
     out, mask = fit_edit_images(image, Image.new("L", (64, 64)), (128, 128), CFG)
     assert out.size == mask.size == (128, 128)
     refused(fit_edit_images, Image.new("RGB", (100, 75)), None, None, CFG)  # not multiples of 8
-    req = to_request(parse_params({"prompt": "a", "strength": 0.4}), CFG, NAME, image=image)
+    req = request(parse_params({"prompt": "a", "strength": 0.4}), CFG, NAME, image=image)
     assert req.mode == "img2img" and req.strength == 0.4 and (req.width, req.height) == (64, 64)
-    req = to_request(parse_params({"prompt": "a"}), CFG, NAME, image=image, mask=Image.new("L", (64, 64)))
-    assert req.mode == "inpaint"
+    req = request(parse_params({"prompt": "a"}), CFG, NAME, image=image, mask=Image.new("L", (64, 64)))
+    assert req.mode == "inpaint" and req.strength == GenerationRequest.strength  # the factory's default
 
 
 # --- multipart -----------------------------------------------------------------------------------
@@ -205,3 +210,13 @@ def test_multipart_refusals():
     ctype, body = multipart([("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(), "image/png"))], {})
     err = refused(parse_multipart, ctype, body)
     assert "more than once" in err.message
+
+
+def test_ingress_side_imports_no_model_stack():
+    """The ingress replica imports deploy.app; torch, diffusers and mlflow belong to the model replica."""
+    import subprocess
+    import sys
+
+    code = "import sys, deploy.app; print(sorted(m for m in ('torch', 'diffusers', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

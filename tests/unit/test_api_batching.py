@@ -74,6 +74,12 @@ def test_too_many_tokens_refuses_only_that_request(pipes):
     assert Image.open(io.BytesIO(outcomes[0].images[0])).size == (64, 64)
 
 
+def test_zero_denoising_steps_is_refused_not_an_error(pipes):
+    image = Image.new("RGB", (64, 64))
+    (out,) = serve_batch("m", "1", pipes, [req("x", 1, image=image, strength=0.2)])  # int(2 * 0.2) = 0
+    assert out.param == "strength" and "at least one denoising step" in out.error and not out.images
+
+
 def test_img2img_and_inpaint_batch(pipes):
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     mask = Image.new("L", (64, 64), 0)
