@@ -167,11 +167,12 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """Ready only once a model replica has its version loaded (the probe for load balancers)."""
+        """Ready only once a model replica has its version loaded and answers (the probe for load
+        balancers); 503 while none is loaded, or while the model's queue is full."""
         try:
             info = await asyncio.wait_for(self._info(), timeout=HEALTH_TIMEOUT_S)
         except Exception as err:  # any failure to answer means not ready, whatever its cause
-            return JSONResponse({"status": "loading", "reason": type(err).__name__}, status_code=503,
+            return JSONResponse({"status": "unavailable", "reason": type(err).__name__}, status_code=503,
                                 headers=self._retry_after(None))
         return JSONResponse({"status": "ready", "model": info["name"], "version": info["version"]})
 

@@ -11,7 +11,8 @@ import httpx
 from tests.conftest import REPO, free_port
 
 APP = "autoscale"
-LOAD_BUDGET_S = 90  # the load stops by itself after this even if no scale-up was seen
+LOAD_BUDGET_S = 90  # the load stops by itself after this (or MAX_REQUESTS) even if no scale-up was seen
+MAX_REQUESTS = 1000
 DOWN_BUDGET_S = 60
 
 
@@ -49,7 +50,7 @@ def test_scales_up_under_load_and_back_down(ray_local, registered_model):
         timeline: list[tuple[float, int]] = []
 
         async def worker(client: httpx.AsyncClient, stop: asyncio.Event):
-            while not stop.is_set():
+            while not stop.is_set() and len(statuses) < MAX_REQUESTS:
                 r = await client.post("/v1/images/generations", json={"prompt": "load", "size": "64x64"})
                 statuses.append(r.status_code)
 

@@ -116,3 +116,36 @@ def test_alias_move_under_load_fails_no_request(ray_local, registered_model, sec
         assert np.abs(pixels[0] - pixels[1]).max() > 40  # new weights, same seed: a different image
     finally:
         serve.shutdown()
+
+
+def test_not_ready_until_loaded(registered_model, tmp_path):
+    """check_health fails and /healthz says 503 while no model is loaded; both turn ready once it is.
+
+    The deployments' own methods, called on stand-ins for the replica state (no Serve needed)."""
+    from types import SimpleNamespace
+
+    from deploy.app import Ingress, Model
+    from deploy.holder import ModelHolder
+
+    mlflow.set_tracking_uri(registered_model.tracking_uri)
+    mlflow.set_registry_uri(registered_model.tracking_uri)
+    replica = SimpleNamespace(holder=ModelHolder(
+        f"models:/{registered_model.name}@champion", tmp_path, registered_model.cfg.inference))
+    with pytest.raises(RuntimeError, match="not loaded"):
+        Model.func_or_class.check_health(replica)
+
+    async def unavailable():
+        raise TimeoutError  # what asyncio.wait_for raises while no model replica answers
+
+    async def info():
+        return Model.func_or_class.info(replica)
+
+    ingress = SimpleNamespace(_info=unavailable, _retry_after=lambda s: {"Retry-After": "1"})
+    r = asyncio.run(Ingress.func_or_class.healthz(ingress))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+    replica.holder.refresh()
+    Model.func_or_class.check_health(replica)
+    ingress._info = info
+    r = asyncio.run(Ingress.func_or_class.healthz(ingress))
+    assert r.status_code == 200 and b'"version":"%s"' % registered_model.version.encode() in r.body
