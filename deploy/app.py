@@ -115,6 +115,12 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
                         headers=getattr(err, "headers", None))
 
 
+@api.exception_handler(Exception)
+async def _server_error(_: Request, err: Exception) -> JSONResponse:
+    """A bug of ours (never a client's mistake: those are ApiError): the same error shape, status 500."""
+    return JSONResponse(error_body(f"internal server error ({type(err).__name__})", "server_error"), status_code=500)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (checked as it streams in, so a
     missing or false Content-Length does not get around it)."""
