@@ -19,6 +19,7 @@ PROMPT = "a photograph of an astronaut, high detail"
 def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_png) -> str:
     """Start the Serve app on loopback, wait until healthy, send one OpenAI-style request."""
     import requests
+    import yaml
     from ray import serve
 
     from components.cluster import ray_session
@@ -28,7 +29,12 @@ def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_
     with ray_session():
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         try:
-            serve.run(build_app({"config": config_path, "overrides": overrides}), name="terminus", route_prefix="/")
+            # The deployment options (autoscaling, queue limits, health checks) of deploy/serve.yaml.
+            spec = yaml.safe_load((REPO / "deploy/serve.yaml").read_text())["applications"][0]
+            options = {d.pop("name"): d for d in spec["deployments"]}
+            app = build_app({"config": config_path, "overrides": overrides,
+                             "model_options": options.get("Model", {}), "ingress_options": options.get("Ingress", {})})
+            serve.run(app, name="terminus", route_prefix="/")
             deadline = time.time() + 300
             while requests.get(f"{base}/healthz", timeout=10).status_code != 200:
                 if time.time() > deadline:

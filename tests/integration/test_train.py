@@ -18,7 +18,7 @@ import requests
 
 from components.config import load_config
 from components.trainer import RUN_NAME_TAG, run_training
-from tests.conftest import REPO, free_port, wait_for_port
+from tests.conftest import REPO, free_port, subprocess_env, wait_for_port
 from tests.synthetic import write_synthetic_curated
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     for o in overrides:
         cmd += ["--set", o]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+                             start_new_session=True, env=subprocess_env())
     marker = tmp_path / "ray" / "again" / "checkpoint_00000002"
     deadline = time.time() + 300
     while not marker.exists() and first.poll() is None and time.time() < deadline:
@@ -119,7 +119,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     first.wait()
     assert marker.exists()
 
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert second.returncode == 0, second.stderr[-2000:]
     out = json.loads(second.stdout.strip().splitlines()[-1])
     assert history(cfg, out["run_id"], "loss") == [1, 2, 3, 4, 5, 6]
@@ -129,12 +129,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path):
     cfg, overrides = small_cfg(tmp_path, "train.max_steps=2", "train.checkpoint_every=2")
-    gcs_port, dash_port = free_port(), free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
+    env = subprocess_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2", "--disable-usage-stats",
+         # another local cluster (the test session's) may hold the agent's default port 52365
+         f"--dashboard-agent-listen-port={agent_port}",
          "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -142,7 +144,7 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path):
         wait_for_port(dash_port, timeout=120, proc=head)
         submit_env = dict(env, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash_port}")
         sets = [x for o in overrides for x in ("--set", o)]
-        for _ in range(30):  # the dashboard answers before its job agent is ready
+        for _ in range(15):  # the dashboard answers before its job agent is ready
             job = subprocess.run(
                 [ray_bin, "job", "submit", "--working-dir", ".", "--runtime-env", "deploy/job_runtime_env.yaml",
                  "--", "python", "flows/train.py", "--config", "flows/configs/tiny.yaml", *sets],
