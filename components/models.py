@@ -8,9 +8,7 @@ trailing v-prediction settings, so vanilla ``StableDiffusionXLPipeline.from_pret
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,23 +56,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def write_tiny_tokenizer(directory: Path) -> None:
-    """A byte-level CLIP BPE vocabulary with no merges (character-level), built offline."""
-    directory.mkdir(parents=True, exist_ok=True)
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with no merges (one token per character), built offline.
+
+    transformers 5's CLIPTokenizer takes the vocabulary and merges themselves (``vocab=``,
+    ``merges=``); ``model_max_length=77`` as SDXL, without which padding to max length overflows.
+    """
     alphabet = list(_bytes_to_unicode().values())
-    vocab_tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-
-
-def build_tokenizer(directory: Path) -> CLIPTokenizer:
-    # model_max_length=77 as SDXL; without it padding to max length overflows (transformers 5).
-    return CLIPTokenizer(
-        vocab_file=str(directory / "vocab.json"),
-        merges_file=str(directory / "merges.txt"),
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 def build_tiny(cfg: TinyModelConfig) -> Components:
@@ -83,7 +73,7 @@ def build_tiny(cfg: TinyModelConfig) -> Components:
     torch.manual_seed(cfg.seed)
     text_cfg = dict(
         intermediate_size=37, num_attention_heads=4, num_hidden_layers=cfg.text_layers,
-        vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        vocab_size=1000, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
         hidden_act="gelu",
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=cfg.text_hidden_1, **text_cfg))
@@ -117,11 +107,7 @@ def build_tiny(cfg: TinyModelConfig) -> Components:
         norm_num_groups=8,
         sample_size=256,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(Path(tmp))
-        tokenizer = build_tokenizer(Path(tmp))
-        tokenizer_2 = build_tokenizer(Path(tmp))
-    return Components(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
+    return Components(unet, vae, text_encoder, text_encoder_2, tiny_tokenizer(), tiny_tokenizer())
 
 
 # --- loading ------------------------------------------------------------------------------------
