@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import inspect
 import json
 import os
 import signal
@@ -449,7 +450,11 @@ def build_tokenizer(directory: Path):
 
     alphabet = list(_bytes_to_unicode().values())
     vocab = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    ids = {t: i for i, t in enumerate(vocab)}
+    if "vocab_file" not in inspect.signature(CLIPTokenizer.__init__).parameters:
+        # transformers 5 takes the vocabulary itself (a vocab_file= argument would be ignored)
+        return CLIPTokenizer(vocab=ids, merges=[], model_max_length=77)
+    (directory / "vocab.json").write_text(json.dumps(ids))
     (directory / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"),
                          model_max_length=77, pad_token="<|endoftext|>")
