@@ -6,10 +6,16 @@
   bright-prompt samples and their range;
 - NaN and blank (near-constant) images;
 - a grid of the probe samples, logged as an image.
-Results go to an MLflow run and onto the model version as ``eval.*`` tags.
+Results go to an MLflow run and onto the model version as ``eval.*`` tags, with ``eval.protocol``:
+a hash of everything besides the weights that the numbers depend on, so promotion compares a
+candidate's loss with the champion's only when both were measured the same way.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -63,14 +69,43 @@ def grid(images: list[np.ndarray], cols: int) -> Image.Image:
     return canvas
 
 
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "zero_terminal_snr",
+                   "prediction_type")
+"""Taken from the saved pipeline (what the model was trained with); the loss weighting (min-SNR gamma,
+terminal policy) stays the config's, so every version is scored with the same weights."""
+
+
+def eval_protocol(cfg: Config, manifest: CuratedManifest) -> str:
+    """Hash of the evaluation settings and held-out data (not the weights, not the tolerance)."""
+    from components.validation import VAL_NOISE_SEED
+
+    settings = {
+        "dataset": manifest.digest, "val_timesteps": cfg.train.val_timesteps, "val_max_rows": cfg.train.val_max_rows,
+        "batch_size": cfg.train.batch_size, "precision": cfg.train.precision.value, "noise_seed": VAL_NOISE_SEED,
+        "min_snr_gamma": cfg.diffusion.min_snr_gamma, "terminal_policy": cfg.diffusion.terminal_policy.value,
+        "guidance": [cfg.inference.guidance_scale, cfg.inference.guidance_rescale],
+        "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"tolerance"}),
+    }
+    return "p" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _mean_luminance(images: list[np.ndarray]) -> float:
+    with warnings.catch_warnings():  # an all-NaN image has no luminance: NaN, counted by nan_images
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.mean([np.nanmean(a @ LUMA) for a in images]))
+
+
 def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest) -> tuple[dict, Image.Image]:
+    """Metrics and a probe grid for the diffusers directory ``pipeline_dir`` (deterministic: fixed
+    timesteps, noise and seeds)."""
     from components.models import load_components
     from components.pipelines import build_pipelines, pick_device
     from components.registry import diffusion_from_pipeline_dir
     from components.validation import Validator
 
     device = pick_device()
-    diffusion = diffusion_from_pipeline_dir(pipeline_dir)
+    saved = diffusion_from_pipeline_dir(pipeline_dir)
+    diffusion = cfg.diffusion.model_copy(update={k: getattr(saved, k) for k in SCHEDULE_FIELDS})
     local = cfg.model_copy(deep=True)
     local.model.source = str(pipeline_dir)
     local.diffusion = diffusion
@@ -82,13 +117,17 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest)
     dark = probe_images(cfg, pipes, cfg.evaluate.dark_prompts)
     bright = probe_images(cfg, pipes, cfg.evaluate.bright_prompts)
     everything = dark + bright
-    lum = lambda imgs: float(np.mean([np.nanmean(a @ LUMA) for a in imgs]))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanstd of an all-NaN image
+        # Blank = no spatial variation in any channel: a solid colour is blank too, although its
+        # values differ across channels (so the std of the whole (H, W, 3) array is not small).
+        blank = sum(float(np.nanmax(np.nanstd(a, axis=(0, 1)))) < cfg.evaluate.blank_std for a in everything)
     metrics = {
         "val_loss": val_loss,
-        "luminance_dark": lum(dark),
-        "luminance_bright": lum(bright),
+        "luminance_dark": _mean_luminance(dark),
+        "luminance_bright": _mean_luminance(bright),
         "nan_images": float(sum(bool(np.isnan(a).any()) for a in everything)),
-        "blank_images": float(sum(float(np.nanstd(a)) < cfg.evaluate.blank_std for a in everything)),
+        "blank_images": float(blank),
     }
     metrics["luminance_range"] = metrics["luminance_bright"] - metrics["luminance_dark"]
     return metrics, grid(everything, cols=len(cfg.evaluate.seeds) * 2)
@@ -105,13 +144,17 @@ def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> 
     experiment_id = setup_tracking(cfg)
     resolved = fetch_model(model_uri, state_path(cfg, "cache", "models"))
     metrics, sample_grid = evaluate_pipeline(cfg, str(resolved.pipeline_dir), manifest)
+    protocol = eval_protocol(cfg, manifest)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:
         mlflow.set_tags({"eval.model": resolved.name, "eval.version": resolved.version,
-                         "dataset_digest": manifest.digest})
+                         "dataset_digest": manifest.digest, "eval.protocol": protocol})
+        mlflow.log_params({f"evaluate.{k}": str(v)[:500] for k, v in cfg.evaluate.model_dump(mode="json").items()})
         mlflow.log_metrics(metrics)
-        mlflow.log_image(sample_grid, "probe_grid.png")
+        mlflow.log_image(sample_grid, artifact_file="probe_grid.png")
     client = mlflow.MlflowClient()
-    for key, value in metrics.items():
-        client.set_model_version_tag(resolved.name, resolved.version, f"{EVAL_PREFIX}{key}", f"{value:.6g}")
-    client.set_model_version_tag(resolved.name, resolved.version, "eval.run_id", run.info.run_id)
-    return {"model": resolved.name, "version": resolved.version, "run_id": run.info.run_id, **metrics}
+    tags = {**{k: f"{v:.6g}" for k, v in metrics.items()}, "run_id": run.info.run_id, "protocol": protocol,
+            "dataset_digest": manifest.digest}
+    for key, value in tags.items():
+        client.set_model_version_tag(resolved.name, resolved.version, f"{EVAL_PREFIX}{key}", value)
+    return {"model": resolved.name, "version": resolved.version, "run_id": run.info.run_id, "protocol": protocol,
+            **metrics}

@@ -1,7 +1,8 @@
 """The MLflow model: a pyfunc whose artifact is the diffusers pipeline directory (safetensors).
 
 ``mlflow.pyfunc.load_model("models:/NAME@champion")`` gives a model that generates images; the
-artifact directory ``artifacts/pipeline`` also loads with vanilla diffusers. Loading a pyfunc runs
+pipeline artifact (``artifacts/<logged directory name>``, path recorded in MLmodel) also loads with
+vanilla diffusers. Loading a pyfunc runs
 the code logged with it: load models only from registries you trust.
 """
 
@@ -12,6 +13,7 @@ import io
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from components.config import DiffusionConfig, InferenceConfig, PredictionType
 
 PIPELINE_ARTIFACT = "pipeline"
 MODEL_NAME_IN_RUN = "model"
+COMPLETE = ".complete"
 URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 SIGNATURE = ModelSignature(
@@ -133,31 +136,52 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["alias"], match["version"]
 
 
-def resolve_version(uri: str) -> tuple[str, str]:
-    """(name, version) that ``uri`` points at right now (an alias is looked up in the registry)."""
+def _model_version(uri: str):
     name, alias, version = parse_model_uri(uri)
     client = mlflow.MlflowClient()
     try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except mlflow.exceptions.MlflowException as err:
         raise ModelUriError(f"{uri}: not found in the registry ({err.error_code})") from None
-    return name, mv.version
+
+
+def resolve_version(uri: str) -> tuple[str, str]:
+    """(name, version) that ``uri`` points at right now (an alias is looked up in the registry)."""
+    mv = _model_version(uri)
+    return mv.name, str(mv.version)
 
 
 def fetch_model(uri: str, cache_root: str | Path) -> ResolvedModel:
-    """Download the pipeline of the version ``uri`` names into the cache (once per version)."""
-    name, version = resolve_version(uri)
-    target = Path(cache_root) / name / str(version)
-    done = target / ".complete"
-    if not done.exists():
-        partial = target.with_name(f"{version}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        done.touch()
-    return ResolvedModel(name, str(version), _pipeline_dir(target))
+    """Download the pipeline of the version ``uri`` names into the cache (once per version).
+
+    ``<cache>/<name>/<version>/.complete`` holds the version's registry source: a cache shared by two
+    registries (the embedded SQLite and a server both have a v3) re-downloads instead of serving the
+    other's files. Concurrent callers each download into their own temporary directory and the
+    first complete copy to be renamed into place wins.
+    """
+    mv = _model_version(uri)
+    name, version, source = mv.name, str(mv.version), str(mv.source)
+    target = Path(cache_root) / name / version
+    if not _cached(target, source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{version}.partial-", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
+            (partial / COMPLETE).write_text(source)
+            try:
+                partial.rename(target)
+            except OSError:  # a stale copy, or a concurrent caller finished first
+                if not _cached(target, source):
+                    shutil.rmtree(target, ignore_errors=True)
+                    partial.rename(target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return ResolvedModel(name, version, _pipeline_dir(target))
+
+
+def _cached(target: Path, source: str) -> bool:
+    marker = target / COMPLETE
+    return marker.is_file() and marker.read_text() == source
 
 
 def _pipeline_dir(model_dir: Path) -> Path:

@@ -47,9 +47,10 @@ def setup_tracking(cfg: Config) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
+    if uri != os.environ.get("MLFLOW_TRACKING_URI"):  # the user's own variable stays the user's choice
+        _SET_HERE.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    _SET_HERE.add(uri)
     existing = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if existing is not None:
         return existing.experiment_id

@@ -3,6 +3,8 @@
     python flows/promote.py --model terminus-tiny --version 3 [--alias champion]
     python flows/promote.py --model terminus-tiny --version 3 --force "hotfix approved by X"
     python flows/promote.py --model terminus-tiny --rollback
+
+Exit codes: 0 promoted / rolled back (last stdout line: JSON), 3 refused by a gate, 2 bad input.
 """
 
 from __future__ import annotations
@@ -17,26 +19,34 @@ def main() -> None:
     p.add_argument("--model", help="registered model name (default: tracking.registered_model)")
     p.add_argument("--version", help="version to promote")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--tolerance", type=float, default=0.05, help="allowed relative val_loss regression")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="allowed relative val_loss regression (default: evaluate.tolerance)")
     p.add_argument("--force", metavar="REASON", help="skip the gates; the reason is recorded on the version")
-    p.add_argument("--rollback", action="store_true", help="point the alias back at the 'previous' version")
+    p.add_argument("--rollback", action="store_true", help="point the alias back at its previous version")
     args = p.parse_args()
+    if args.rollback and (args.version or args.force):
+        fail("--rollback takes no --version or --force: it restores the alias's previous version")
+    if not args.rollback and args.version is None:
+        fail("--version is required unless --rollback is given")
     cfg = load(args)
     setup_logging()
+    import mlflow
+
     from components.promotion import PromotionRefused, promote, rollback
     from components.tracking import setup_tracking
 
-    setup_tracking(cfg)
+    tolerance = cfg.evaluate.tolerance if args.tolerance is None else args.tolerance
     name = args.model or cfg.tracking.registered_model
     try:
+        setup_tracking(cfg)
         if args.rollback:
             result = rollback(name, args.alias)
-        elif args.version is None:
-            fail("--version is required unless --rollback is given")
         else:
-            result = promote(name, args.version, args.alias, args.tolerance, args.force)
+            result = promote(name, args.version, args.alias, tolerance, args.force)
     except PromotionRefused as err:
         fail(f"promotion refused: {err}", code=3)
+    except mlflow.exceptions.MlflowException as err:
+        fail(f"registry error ({err.error_code}): {str(err.message).splitlines()[0]}")
     emit(asdict(result))
 
 

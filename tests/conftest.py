@@ -241,7 +241,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
     (``mlflow server`` runs uvicorn and a job runner as children): SIGTERM, then SIGKILL."""
     import signal
 
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -272,7 +272,8 @@ def mlflow_server(s3_server, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(creds, MLFLOW_S3_ENDPOINT_URL=s3_server)
+    # No GenAI job runner: seven huey consumer processes the registry does not use.
+    env.update(creds, MLFLOW_S3_ENDPOINT_URL=s3_server, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
