@@ -52,8 +52,10 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
     found = mlflow.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}'", output_format="list"
     )
+    client = mlflow.MlflowClient()
     if found:
         log.info("continuing MLflow run %s", found[0].info.run_id)
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name) as run:
         params = {k: redact(v) for k, v in flatten(cfg.model_dump(mode="json")).items()}
@@ -70,7 +72,10 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
         dataset = MetaDataset(source=resolve_dataset_source(manifest.root), name=Path(manifest.root).name,
                               digest=manifest.digest)
         mlflow.log_input(dataset, context="training")
-        return run.info.run_id
+    # RUNNING while Ray trains (the workers log into it; MLflow's system-metrics monitor stops
+    # at a finished run); the export marks it FINISHED, a failure FAILED.
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 def _storage_filesystem(storage_path: str):
@@ -158,9 +163,13 @@ def run_training(cfg: Config) -> TrainingResult:
     cfg = resolve_paths(cfg)
     manifest = read_manifest(cfg.train.data)
     run_id = open_run(cfg, manifest)
-    result = fit(cfg, manifest, run_id)
-    if result.error is not None:
-        raise result.error
+    try:
+        result = fit(cfg, manifest, run_id)
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise
     checkpoint, metrics = select_checkpoint(cfg, result)
     version = export_and_register(cfg, run_id, checkpoint, metrics, manifest)
     return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
