@@ -134,8 +134,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             micro, loss_sum = 0, 0.0
             if logger:
                 logger.metrics(metrics, state.step)
-            if state.step % cfg.train.checkpoint_every == 0 or state.step == steps:
-                _checkpoint(cfg, unet, optimizer, lr_scheduler, ema, state, parts, logger, validator, metrics)
+            at_checkpoint = state.step % cfg.train.checkpoint_every == 0 or state.step == steps
+            val_loss = None
+            if validator is not None and (at_checkpoint or state.step % cfg.train.val_every == 0):
+                val_loss = _validate(validator, parts, unet, state, logger)
+            if at_checkpoint:
+                _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_loss)
             t0 = time.perf_counter()  # images/s excludes validation and checkpointing
             if state.step >= steps:
                 break
@@ -160,20 +164,29 @@ class _null:
         return False
 
 
-def _checkpoint(cfg, unet, optimizer, lr_scheduler, ema, state, parts, logger, validator, metrics) -> None:
-    """Validate (rank 0), then report a checkpoint; every rank reaches ``report`` (it is a barrier)."""
-    report = {"step": state.step, "loss": metrics["loss"]}
-    name = f"checkpoint_{state.step:08d}"
-    if validator is None:
-        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
-        return
+def _validate(validator, parts, unet, state: TrainState, logger) -> float:
+    """Rank 0: held-out loss at fixed timesteps and noise, and the fixed-prompt sample images."""
     val_loss = validator.loss(parts, unet)
-    report["val_loss"] = val_loss
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss = val_loss
     logger.metrics({"val_loss": val_loss}, state.step)
     for key, image in validator.images(parts, unet).items():
         logger.image(image, key, state.step)
+    return val_loss
+
+
+def _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_loss) -> None:
+    """Report a checkpoint (rank 0 writes it); every rank reaches ``report``, a barrier.
+
+    Every checkpoint carries val_loss (validation runs at each one), which Ray's
+    CheckpointConfig ranks checkpoints by.
+    """
+    report = {"step": state.step, "loss": metrics["loss"]}
+    name = f"checkpoint_{state.step:08d}"
+    if logger is None:
+        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+        return
+    report["val_loss"] = val_loss
     logger.flush()  # before the checkpoint exists: a resume from it never finds a gap in MLflow
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), unet, optimizer, lr_scheduler, state, ema)
