@@ -14,6 +14,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = load(args)
     setup_logging()
+    import mlflow
+
     from components.curated import IncompleteDatasetError, read_manifest
     from components.evaluation import evaluate_version
     from components.registry import ModelUriError
@@ -22,6 +24,8 @@ def main() -> None:
         emit(evaluate_version(cfg, args.model_uri, read_manifest(cfg.train.data)))
     except (IncompleteDatasetError, ModelUriError) as err:
         fail(str(err))
+    except mlflow.exceptions.MlflowException as err:
+        fail(f"registry error ({err.error_code}): {str(err.message).splitlines()[0]}")
 
 
 if __name__ == "__main__":

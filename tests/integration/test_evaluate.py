@@ -1,12 +1,9 @@
-"""Evaluation of registered versions on the held-out split: what it records, what it catches,
-and that it is deterministic across processes (the flow, run as a user runs it)."""
+"""Evaluation of registered versions on the held-out split: what it records and what it catches.
+(The flow run in a fresh process reproducing these numbers: tests/integration/test_registry_promote.py.)"""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -17,7 +14,6 @@ from components.evaluation import eval_protocol, evaluate_pipeline, evaluate_ver
 from components.models import build_tiny, save_pipeline
 from components.registry import ModelUriError
 from components.tracking import setup_tracking
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 METRICS = ("val_loss", "luminance_dark", "luminance_bright", "luminance_range", "nan_images", "blank_images")
@@ -70,18 +66,3 @@ def test_unknown_version_is_a_one_line_error(evaluated_registry):
     r = evaluated_registry
     with pytest.raises(ModelUriError, match=f"models:/{r.name}/999: not found in the registry"):
         evaluate_version(r.cfg, f"models:/{r.name}/999", r.manifest)
-
-
-def test_the_flow_reproduces_the_metrics_in_a_fresh_process(evaluated_registry):
-    r = evaluated_registry
-    cmd = [sys.executable, "flows/evaluate.py", "--model-uri", f"models:/{r.name}/{r.versions['good']}"]
-    for item in r.overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    first = r.metrics["good"]
-    assert out["run_id"] != first["run_id"]
-    for key in METRICS:  # fixed timesteps, noise and seeds: the same numbers in another process
-        assert out[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
-    assert out["protocol"] == first["protocol"]
