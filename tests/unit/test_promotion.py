@@ -169,7 +169,7 @@ def test_unknown_version_is_refused(reg):
 # --- races --------------------------------------------------------------------------------------
 
 
-def _slow_reads(monkeypatch, delay: float = 0.4) -> None:
+def _slow_reads(monkeypatch, delay: float = 0.6) -> None:
     """Widen the read-then-write window: every alias read pauses before returning, so racing
     callers without a lock all read the same state before any of them writes."""
     real = promotion._alias_version
