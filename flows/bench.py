@@ -1,0 +1,47 @@
+"""CPU benchmarks (issue 8 item 1): every figure next to its target and anchor, as a table and JSON.
+
+    python flows/bench.py --config flows/configs/tiny.yaml [--only training,caching]
+
+Sections: curation, training, caching, serving, zt_repro (all by default; about 10-15 minutes on
+2 busy cores). The table goes to stdout, the full report to <state_dir>/bench/cpu-<timestamp>.json,
+and the last stdout line is a JSON summary. Exit status 0 even when a target is missed (a miss is a
+measurement, reported as such); 1 when a section failed to run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _common import banner, emit, fail, load, parser, setup_logging
+
+
+def main() -> None:
+    from components.bench_report import SECTIONS
+
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(SECTIONS), metavar="SECTION[,SECTION]",
+                   help=f"comma-separated sections to run, in this order (default: all of {', '.join(SECTIONS)})")
+    args = p.parse_args()
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        fail(f"--only: unknown section(s) {unknown or '(none given)'}; choose from {', '.join(SECTIONS)}")
+    cfg = load(args)
+    setup_logging()
+
+    from components.bench_report import run_benchmarks, table, write_report
+
+    banner(f"bench: {', '.join(sections)} ({cfg.name})")
+    report = run_benchmarks(cfg, sections, log=lambda line: print(line, file=sys.stderr, flush=True))
+    path = write_report(cfg, report)
+    print(table(report), flush=True)
+    print(f"\nreport: {path}", flush=True)
+    failed = [name for name, data in report["sections"].items() if "error" in data]
+    emit({"report": str(path), "missed": report["missed"], "failed": failed,
+          "total_s": round(report["meta"]["total_s"], 1)})
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
