@@ -1,8 +1,13 @@
 """Training checkpoints: UNet (and EMA) in safetensors, optimizer and LR scheduler, data position.
 
 Weights are safetensors; optimizer state is loaded with ``torch.load(weights_only=True)``, so nothing
-in a checkpoint can run code. A checkpoint is complete only when ``COMPLETE`` is present: it is
-written last, and loading refuses a directory without it.
+in a checkpoint can run code.
+
+A checkpoint is complete only when ``COMPLETE`` is present and every file it lists is there with its
+listed size. ``save_checkpoint`` writes it last, so a writer killed half-way leaves no marker; and
+because the marker names the sizes, a *copy* that was cut short is refused too, whatever order the
+copier (Ray's upload to ``storage_path``) took the files in. Loading refuses anything else
+(docs/reliability.md). A marker written before the size list (plain ``ok``) is trusted as before.
 """
 
 from __future__ import annotations
@@ -19,6 +24,27 @@ COMPLETE = "COMPLETE"
 
 class IncompleteCheckpointError(RuntimeError):
     pass
+
+
+def verify_complete(directory: Path) -> None:
+    """Raise ``IncompleteCheckpointError`` unless ``COMPLETE`` exists and its files are all whole."""
+    marker = Path(directory) / COMPLETE
+    if not marker.is_file():
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
+    text = marker.read_text()
+    if text.strip() == "ok":
+        return  # a marker from before the size list
+    try:
+        sizes = dict(json.loads(text)["files"])
+    except (ValueError, KeyError, TypeError):  # a marker cut short by an interrupted copy
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (unreadable {COMPLETE})") from None
+    for name, size in sizes.items():
+        path = Path(directory) / name
+        if not path.is_file() or path.stat().st_size != size:
+            found = path.stat().st_size if path.is_file() else "missing"
+            raise IncompleteCheckpointError(
+                f"checkpoint {directory} is incomplete: {name} is {found}, {COMPLETE} says {size} bytes"
+            )
 
 
 @dataclass
@@ -47,7 +73,8 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     (directory / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=str))
     (directory / "state.json").write_text(json.dumps(asdict(state)))
-    (directory / COMPLETE).write_text("ok\n")  # last: the checkpoint is whole
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
+    (directory / COMPLETE).write_text(json.dumps({"files": sizes}))  # last: the checkpoint is whole
     return directory
 
 
@@ -55,8 +82,7 @@ def load_checkpoint(
     directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None
 ) -> TrainState:
     directory = Path(directory)
-    if not (directory / COMPLETE).exists():
-        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
+    verify_complete(directory)
     unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
@@ -73,8 +99,7 @@ def load_checkpoint(
 def load_unet_weights(directory: Path, unet: torch.nn.Module, use_ema: bool = False) -> None:
     """Final weights for export: the EMA shadow where asked and present, else the raw UNet."""
     directory = Path(directory)
-    if not (directory / COMPLETE).exists():
-        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
+    verify_complete(directory)
     unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
     if use_ema and (directory / "ema.safetensors").exists():
         shadow = load_file(directory / "ema.safetensors")

@@ -22,12 +22,13 @@ def main() -> None:
     from components.curated import REPORT, join
     from components.curation.pipeline import curate
     from components.curation.sources import SourceError
+    from components.curation.storage import StorageUnavailable
 
     banner(f"curate: {cfg.curate.source} -> {cfg.curate.output}")
     try:
         with ray_session():
             report = curate(cfg)
-    except SourceError as err:
+    except (SourceError, StorageUnavailable) as err:
         fail(str(err))
     drops = ", ".join(f"{k} {v}" for k, v in report["reasons"].items() if v) or "none"
     print(f"kept {report['kept']} of {report['inputs']} (dropped: {drops})", file=sys.stderr)

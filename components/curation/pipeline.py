@@ -28,7 +28,7 @@ from components.curation.dedupe import DedupeIndex
 from components.curation.filters import Reason
 from components.curation.process import Curator
 from components.curation.sources import check_output, load_inputs
-from components.curation.storage import Store
+from components.curation.storage import StorageUnavailable, Store, original_unavailable
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,11 @@ def curate(cfg: Config) -> dict:
     log.info("curating %d records from %s into %s (run %s)", inputs.records.num_rows, inputs.description, c.output, run_id)
     begin(store, c.output)
     start = time.perf_counter()
-    results = run_pipeline(cfg, inputs.records, run_id) if inputs.records.num_rows else []
+    try:
+        results = run_pipeline(cfg, inputs.records, run_id) if inputs.records.num_rows else []
+    except StorageUnavailable as err:  # a worker's, wrapped by Ray: one line for people
+        first = str(original_unavailable(err) or err).strip().splitlines()[0]  # Ray Data appends advice
+        raise StorageUnavailable(f"{first}; curation stopped, {c.output} has no _SUCCESS: rerun when the store is back") from err
     wall = time.perf_counter() - start
     agg = aggregate(results)
     if agg["inputs"] != inputs.records.num_rows:  # one outcome per record is an invariant, not a hope

@@ -24,7 +24,7 @@ from components.curation import buckets as bk
 from components.curation import filters as flt
 from components.curation import transforms as tf
 from components.curation.filters import Reason
-from components.curation.storage import Store
+from components.curation.storage import StorageUnavailable, Store
 
 Claim = Callable[[str, str], bool]
 """claim(sha256, source) -> True if this source owns the content (first seen, or itself again)."""
@@ -92,7 +92,9 @@ class Curator:
             return Outcome(source, Reason.WATERMARK, f"pwatermark {mark:.3f} > {f.max_watermark}")
         try:
             data = self.store.read(source)
-        except Exception as err:  # missing file, permission, S3 NoSuchKey/AccessDenied, network
+        except StorageUnavailable:
+            raise  # the store is down, not this input: stop the run instead of dropping the rest
+        except Exception as err:  # missing file, permission, S3 NoSuchKey/AccessDenied
             return Outcome(source, Reason.UNREADABLE, f"{type(err).__name__}: {err}"[:300])
         if not data:
             return Outcome(source, Reason.EMPTY, "0 bytes")

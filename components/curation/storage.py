@@ -5,6 +5,12 @@ endpoint override for S3-compatible stores (MinIO, moto, R2): ``curate.s3_endpoi
 standard ``AWS_ENDPOINT_URL_S3`` variable. Local writes go to a temporary name and are renamed into
 place (``os.replace`` is atomic on POSIX), so a reader never sees half a file; an S3 PUT is atomic
 by itself (an object is visible whole or not at all).
+
+A failing *store* (endpoint unreachable, connection dropped, timeouts, 5xx left after boto3's own
+retries) raises ``StorageUnavailable``, one line naming the operation, the URI and the endpoint. It
+is kept apart from a failing *object* (missing, forbidden), which curation counts per input: an
+outage must stop the run (no ``_SUCCESS``), never turn every remaining input into "unreadable" and
+publish what is left as if it were the dataset.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def is_s3(uri: str) -> bool:
@@ -27,6 +34,37 @@ def split_s3(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri}")
     return bucket, key
+
+
+class StorageUnavailable(RuntimeError):
+    """The store itself failed (not one object): stop the run rather than drop or skip inputs."""
+
+
+def original_unavailable(err: BaseException) -> StorageUnavailable | None:
+    """The ``StorageUnavailable`` a worker raised, out of the wrappers around it (Ray's
+    ``RayTaskError`` keeps it as ``.cause``; Ray Data adds its own advice to the message)."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is StorageUnavailable:
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _unavailable(err: Exception) -> bool:
+    """Transport failures and server-side errors, as opposed to per-object answers (404, 403)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(err, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(err, ClientError):
+        return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+    return False
 
 
 def join(root: str, *parts: str) -> str:
@@ -55,24 +93,45 @@ class Store:
             self._client = s3_client(self.endpoint_url)
         return self._client
 
+    @contextmanager
+    def _s3(self, op: str, uri: str):
+        """Translate a failing store into ``StorageUnavailable``; per-object errors pass unchanged."""
+        try:
+            yield
+        except Exception as err:
+            if not _unavailable(err):
+                raise
+            endpoint = self.client.meta.endpoint_url if self._client is not None else self.endpoint_url
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            from components.tracking import redact
+
+            raise StorageUnavailable(redact(
+                f"S3 store unavailable: {op} {uri} via {endpoint} failed ({type(err).__name__}: {first})"
+            )) from err
+
     def read(self, uri: str) -> bytes:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            with self._s3("read", uri):
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         with open(uri, "rb") as fh:
             return fh.read()
 
     def read_text_or_none(self, uri: str) -> str | None:
-        """A small text file (a sidecar caption), or None when it cannot be read for any reason."""
+        """A small text file (a sidecar caption), or None when it cannot be read. A failing store
+        still raises ``StorageUnavailable``: an outage must not silently turn captions into file names."""
         try:
             return self.read(uri).decode("utf-8", errors="replace")
+        except StorageUnavailable:
+            raise
         except Exception:  # missing, permission, S3 NoSuchKey/AccessDenied: the caption policy decides
             return None
 
     def write(self, uri: str, data: bytes) -> None:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            with self._s3("write", uri):
+                self.client.put_object(Bucket=bucket, Key=key, Body=data)
             return
         directory = os.path.dirname(uri) or "."
         os.makedirs(directory, exist_ok=True)
@@ -89,7 +148,8 @@ class Store:
     def delete(self, uri: str) -> None:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            self.client.delete_object(Bucket=bucket, Key=key)
+            with self._s3("delete", uri):
+                self.client.delete_object(Bucket=bucket, Key=key)
         elif os.path.exists(uri):
             os.unlink(uri)
 
@@ -99,10 +159,11 @@ class Store:
             bucket, prefix = split_s3(root)
             prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/"):
-                        yield f"s3://{bucket}/{obj['Key']}"
+            with self._s3("list", root):  # pages are fetched lazily, inside the translation
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        if not obj["Key"].endswith("/"):
+                            yield f"s3://{bucket}/{obj['Key']}"
             return
         for directory, dirs, files in os.walk(root):
             dirs.sort()
@@ -115,7 +176,8 @@ class Store:
             from botocore.exceptions import ClientError
 
             try:
-                self.client.head_object(Bucket=bucket, Key=key)
+                with self._s3("head", uri):
+                    self.client.head_object(Bucket=bucket, Key=key)
                 return True
             except ClientError:
                 return False

@@ -38,6 +38,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 from components import curated
 from components.curation.process import Outcome, split_of
 from components.curation.storage import Store, join, relative
+from components.tracking import redact_tree
 
 
 def stage_schema(schema: pa.Schema) -> pa.Schema:
@@ -224,7 +225,8 @@ def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: f
     files = balance(store, root, run_id, agg["files"], holdout_fraction)
     by_split = {s: sorted(f["path"] for f in files if f["split"] == s) for s in curated.SPLITS}
     rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in curated.SPLITS}
-    report = {**report, "digest": digest(files), "splits": rows}
+    # The report quotes sources and error details: no credential that turned up there is published.
+    report = redact_tree({**report, "digest": digest(files), "splits": rows})
     cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
     store.write(join(root, curated.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
     store.write(

@@ -1,0 +1,247 @@
+"""Security guarantees (issue 9, docs/reliability.md): credentials are redacted from what we log,
+manifest paths cannot escape their root, weights never load through pickle, Ray keeps token auth.
+
+The integration counterpart (a planted credential searched for in a whole curation + training run)
+is ``tests/integration/test_faults_credentials.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from components.config import CurateConfig, load_config
+from components.curation.sources import load_inputs, resolve_path
+from components.curation.storage import Store
+from components.tracking import flatten, redact, redact_tree
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_KEY_ID = "AKIAQ7FAKEKEY0000042"  # AKIA + 16: the shape of an AWS access key id, not a real one
+FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKESECRET"  # 40 characters, as AWS secret keys are
+
+
+# --- redaction --------------------------------------------------------------------------------
+
+
+def test_redact_removes_planted_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    texts = [
+        f"key {FAKE_KEY_ID} in a sentence",
+        f"http://{FAKE_KEY_ID}:{FAKE_SECRET}@127.0.0.1:9000/bucket",
+        f"a pasted secret with no pattern: {FAKE_SECRET}",  # found because the environment holds it
+        "aws_secret_access_key = abc123def",
+        "Authorization: Bearer abcdef0123456789",
+        "ASIAQ7FAKEKEY0000042 is a temporary key id",
+        "hf_" + "x" * 34,
+    ]
+    for text in texts:
+        out = redact(text)
+        assert "<redacted>" in out, text
+        for secret in (FAKE_KEY_ID, FAKE_SECRET, "abc123def", "abcdef0123456789", "ASIAQ7FAKEKEY0000042", "x" * 34):
+            assert secret not in out, (text, out)
+
+
+def test_redact_leaves_ordinary_values_alone(monkeypatch):
+    monkeypatch.setenv("SOME_TOKEN_FLAG", "1")  # short secret-named values never blank ordinary text
+    cfg = load_config(REPO / "flows/configs/tiny.yaml")
+    params = flatten(cfg.model_dump(mode="json"))
+    assert not [k for k, v in params.items() if "<redacted>" in v]
+    assert params["diffusion.prediction_type"] == "v_prediction"
+    for text in ("a photograph of an astronaut", "s3://bucket/prefix/x.jpg", "sqlite:////tmp/s/mlflow.db",
+                 "http://127.0.0.1:5000"):
+        assert redact(text) == text
+
+
+def test_params_and_reports_are_redacted(monkeypatch):
+    """A credential pasted into a config value never reaches MLflow params (flatten is what every flow
+    logs) nor a report (redact_tree is what curation writes)."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    cfg = load_config(REPO / "flows/configs/tiny.yaml",
+                      [f"curate.s3_endpoint_url=http://{FAKE_KEY_ID}:{FAKE_SECRET}@127.0.0.1:9000"])
+    params = flatten(cfg.model_dump(mode="json"))
+    assert params["curate.s3_endpoint_url"] == "http://<redacted>@127.0.0.1:9000"
+    report = redact_tree({"examples": {"unreadable": [{"detail": f"EndpointConnectionError: {FAKE_SECRET}"}]},
+                          "inputs": 3})
+    assert FAKE_SECRET not in repr(report) and report["inputs"] == 3
+
+
+# --- manifest paths ----------------------------------------------------------------------------
+
+
+def test_manifest_paths_that_escape_their_root_are_refused(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "secret.jpg").write_bytes(b"outside")
+    (root / "inside.jpg").write_bytes(b"inside")
+    (root / "sub" / "link.jpg").symlink_to(tmp_path / "secret.jpg")  # a symlink out of the root
+    (root / "sub" / "ok_link.jpg").symlink_to(root / "inside.jpg")  # a symlink that stays inside
+    manifest = root / "manifest.jsonl"
+    paths = ["inside.jpg", "sub/../inside.jpg", "sub/ok_link.jpg", "../secret.jpg", "sub/../../secret.jpg",
+             str(tmp_path / "secret.jpg"), "sub/link.jpg", "s3://bucket/x.jpg", "/etc/passwd"]
+    manifest.write_text("".join(f'{{"path": "{p}", "caption": "c"}}\n' for p in paths))
+    records = load_inputs(CurateConfig(source=str(manifest)), Store()).records.to_pylist()
+    rejects = {r["source"]: r["reject"] for r in records}
+    kept = [r["source"] for r in records if r["reject"] is None]
+    assert kept == [str(root / "inside.jpg")] * 3
+    assert [rejects[p] for p in paths[3:]] == ["path_escape"] * 6
+    for r in records:
+        if r["reject"]:
+            assert "outside" in r["detail"], r
+
+
+@pytest.mark.parametrize("raw", ["../other/x.jpg", "a/../../other/x.jpg", "s3://other-bucket/data/x.jpg",
+                                 "s3://bucket/data2/x.jpg", "/abs/x.jpg", "s3://bucket/x.jpg", ""])
+def test_s3_manifest_paths_that_escape_their_prefix_are_refused(raw):
+    full, why = resolve_path("s3://bucket/data", raw)
+    assert full is None and why
+
+
+def test_an_escaping_path_is_never_read(tmp_path):
+    """Curation decides on a refused record before any I/O: the store is never asked for it."""
+    from components.curation.process import Curator
+
+    class NoReads(Store):
+        def read(self, uri):
+            raise AssertionError(f"read {uri}")
+
+    curator = Curator(CurateConfig(), seed=0)
+    curator.store = NoReads()
+    outcome = curator.process({"source": "../secret.jpg", "reject": "path_escape", "detail": "outside",
+                               "caption": "c", "sidecar": None, "pwatermark": None})
+    assert str(outcome.reason) == "path_escape"
+
+
+SEGMENTS = st.sampled_from(["..", ".", "a", "b", "sub", "", "link", "..."])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(SEGMENTS, min_size=1, max_size=6), absolute=st.booleans())
+def test_resolved_paths_always_stay_inside_the_root(tmp_path, parts, absolute):
+    """Property: whatever the manifest says, a path is refused or resolves (symlinks followed) inside."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    if not (root / "link").exists():
+        (root / "link").symlink_to(tmp_path)  # a directory symlink that leads out
+    raw = ("/" if absolute else "") + "/".join(parts)
+    full, why = resolve_path(str(root), raw)
+    base = os.path.realpath(root)
+    if full is None:
+        assert why
+    else:
+        assert os.path.commonpath([base, os.path.realpath(full)]) == base, (raw, full)
+
+
+# --- weights: safetensors only ------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
+    import torch
+
+    from components.models import build_tiny, save_pipeline
+
+    cfg = load_config(REPO / "flows/configs/tiny.yaml")
+    directory = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path / "pipe")
+    marker = tmp_path / "pickle-ran"
+    for weights in (directory / "unet").glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"weight": _Payload(marker)}, directory / "unet" / "diffusion_pytorch_model.bin")
+    return directory, marker
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(tmp_path):
+    from components.config import DiffusionConfig, InferenceConfig
+    from components.models import ModelLoadError, load_components
+    from components.pipelines import build_pipelines
+
+    directory, marker = _tiny_pipeline_with_pickled_unet(tmp_path)
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"model.source={directory}"])
+    with pytest.raises(ModelLoadError) as err:
+        load_components(cfg)  # training and export
+    message = str(err.value)
+    assert "\n" not in message and "safetensors" in message, message
+    with pytest.raises(OSError):
+        build_pipelines(str(directory), DiffusionConfig(), InferenceConfig())  # evaluation and Serve
+    assert not marker.exists(), "a pickle in the model directory was executed"
+
+
+def test_checkpoint_pickles_are_not_executed(tmp_path):
+    """Optimizer state goes through ``torch.load(weights_only=True)``: a crafted optimizer.pt (with a
+    COMPLETE marker that vouches for it) is refused without running; the same file does run when
+    loaded the unsafe way, so the payload is live."""
+    import json
+
+    import torch
+
+    from components.checkpointing import COMPLETE, TrainState, load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    directory = save_checkpoint(tmp_path / "ckpt", model, opt, sched, TrainState(step=1))
+    marker = tmp_path / "pickle-ran"
+    torch.save({"state": _Payload(marker)}, directory / "optimizer.pt")
+    sizes = json.loads((directory / COMPLETE).read_text())["files"]
+    sizes["optimizer.pt"] = (directory / "optimizer.pt").stat().st_size
+    (directory / COMPLETE).write_text(json.dumps({"files": sizes}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(directory, model, opt, sched)
+    assert not marker.exists()
+    torch.load(directory / "optimizer.pt", weights_only=False)  # the unsafe way, for contrast
+    assert marker.exists()
+
+
+# --- Ray token authentication -----------------------------------------------------------------
+
+
+def test_local_ray_cluster_keeps_token_auth(ray_local):
+    """The cluster ``components.cluster.ray_session`` starts (the session's ``ray_local``) answers no
+    gRPC call without the token, and answers with it."""
+    import grpc
+    import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    assert os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
+    assert is_token_auth_enabled()
+    loader = AuthenticationTokenLoader.instance()
+    assert loader.has_token()
+    channel = grpc.insecure_channel(ray.get_runtime_context().gcs_address)
+    stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+    request = gcs_service_pb2.GetClusterIdRequest()
+    for metadata in ((), (("authorization", "Bearer not-the-token"),)):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetClusterId(request, timeout=30, metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    token = tuple(loader.get_token_for_http_header().items())
+    assert stub.GetClusterId(request, timeout=30, metadata=token).cluster_id
+    channel.close()
+
+
+def test_no_code_turns_ray_auth_off():
+    """Nothing we ship sets RAY_AUTH_MODE=disabled (an env var, a runtime_env, a manifest)."""
+    offenders = []
+    for folder in ("components", "flows", "deploy"):
+        for path in (REPO / folder).rglob("*"):
+            if path.suffix in {".py", ".yaml", ".yml", ".json", ".sh"} and path.is_file():
+                text = path.read_text(errors="replace")
+                if re.search(r"RAY_AUTH_MODE\W{1,6}disabled", text) or re.search(r"mode:\s*disabled", text):
+                    offenders.append(str(path.relative_to(REPO)))
+    assert not offenders
