@@ -56,7 +56,7 @@ def test_batch_keeps_each_requests_prompt_and_seeds(pipes):
     # ... and the images really are different images (so the tolerance above is meaningful).
     assert diff(alone_a[0], alone_b[0]) > 40 and diff(alone_b[0], alone_b[1]) > 40
     # Same as the shared factory (components.pipelines) for a request alone: image i seeded seed + i.
-    assert diff(alone_b[1], pipes.generate(b)[1]) == 0
+    assert diff(alone_b[1], pipes.generate(b)[1]) <= TOLERANCE
 
 
 def test_mixed_batch_runs_each_group_with_its_own_settings(pipes):
