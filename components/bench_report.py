@@ -96,7 +96,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
 }
 NEEDS_RAY = {"curation", "training", "serving"}
 SIZES: dict[str, dict] = {
-    "curation": {"n_images": 24},
+    "curation": {"n_images": 128},  # 24 gave 0.23x: Ray Data's start-up (~6 s) outweighed the work
     "training": {"warmup": 3, "steps": 12},
     "caching": {"rows": 16, "warmup": 2, "steps": 8},
     "serving": {"requests": 24, "concurrency": 8, "size": 64, "steps": 4},
@@ -242,6 +242,8 @@ def _training_figures(d: dict) -> list[Figure]:
         f("Ray Train step (TorchTrainer, 1 worker, Ray Data shard)", d["ray_s_per_step"], "s/step"),
         f("Ray Train overhead per step", 100 * d["overhead"], "%", ("<=", 5.0), "plain loop, same steps"),
         f("Ray Train overhead per step (medians)", 100 * d["overhead_median"], "%"),
+        f("noise: plain loop after / before the Ray run", 100 * d["plain_drift"], "%", anchor="same work: ideally 0"),
+        f("Ray worker's wait for its next batch", d["ray"]["fetch_s"], "s/step", anchor="plain loop: in memory"),
         f("Ray Train start-up + tear-down (once per run)", d["ray_startup_s"], "s"),
     ] + ([f("new pass over the shard (once per epoch)", d["ray_epoch_start_s"], "s",
             anchor="Terminus: 1 per ~32k micro-batches")] if d["ray_epoch_start_s"] is not None else [])

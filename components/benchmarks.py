@@ -134,26 +134,29 @@ def cycle_epochs(epoch_batches: Callable[[int], Iterator[list[dict]]]) -> Iterat
         epoch += 1
 
 
-def timed_step(batches: Iterator[list[dict]], t: Trainee, step: int) -> tuple[float, float]:
-    """(seconds, loss) of one step, timed from fetching its batch (data iteration counts)."""
+def timed_step(batches: Iterator[list[dict]], t: Trainee, step: int) -> tuple[float, float, float]:
+    """(seconds, of which fetching the batch, loss) of one step, timed from fetching its batch."""
     start = time.perf_counter()
     rows = next(batches, None)
     if rows is None:
         raise RuntimeError("the benchmark ran out of batches: write more rows or lower train.batch_size")
+    fetched = time.perf_counter()
     loss = train_step(t, rows, step)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, fetched - start, loss
 
 
 def timed_steps(batches: Iterator[list[dict]], t: Trainee, warmup: int, steps: int) -> dict:
     warmup_s = sum(timed_step(batches, t, i)[0] for i in range(warmup))
-    times, losses = zip(*(timed_step(batches, t, warmup + i) for i in range(steps)), strict=True)
-    return {**step_stats(times, losses), "warmup_s": warmup_s}
+    times, fetch, losses = zip(*(timed_step(batches, t, warmup + i) for i in range(steps)), strict=True)
+    return {**step_stats(times, fetch, losses), "warmup_s": warmup_s}
 
 
-def step_stats(times, losses) -> dict:
+def step_stats(times, fetch, losses) -> dict:
+    """Mean, median and spread of the step times; ``fetch_s``: the mean share spent waiting for data."""
     return {"steps": len(times), "s_per_step": statistics.fmean(times), "median_s": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "times_s": [round(x, 4) for x in times],
-            "first_loss": losses[0], "last_loss": losses[-1], "finite": all(math.isfinite(x) for x in losses)}
+            "min_s": min(times), "max_s": max(times), "fetch_s": statistics.fmean(fetch),
+            "times_s": [round(x, 4) for x in times], "first_loss": losses[0], "last_loss": losses[-1],
+            "finite": all(math.isfinite(x) for x in losses)}
 
 
 @contextlib.contextmanager
@@ -181,8 +184,10 @@ def _ray_worker(loop_config: dict) -> None:
     trainee = build_trainee(cfg, ray.train.torch.get_device())
     shard = ray.train.get_dataset_shard("train")
     setup_s = time.perf_counter() - start
-    out = timed_steps(epoch_batches(shard, cfg, 0, 0), trainee, loop_config["warmup"], loop_config["steps"])
-    out.update(epoch_start_s=None, torch_threads=torch.get_num_threads(), setup_s=setup_s)
+    batches = epoch_batches(shard, cfg, 0, 0)
+    out = timed_steps(batches, trainee, loop_config["warmup"], loop_config["steps"])
+    out.update(leftover_batches=sum(1 for _ in batches), epoch_start_s=None,  # epoch 0 ends, as in training
+               torch_threads=torch.get_num_threads(), setup_s=setup_s)
     if loop_config["epoch_probe"]:  # each epoch is a new pass over the shard: its first batch waits for it
         start = time.perf_counter()
         next(epoch_batches(shard, cfg, 1, 0))
@@ -261,6 +266,7 @@ def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 15, epoch_p
         "plain_s_per_step": statistics.fmean(plain_times), "ray_s_per_step": ray_side["s_per_step"],
         "overhead": ray_side["s_per_step"] / statistics.fmean(plain_times) - 1,
         "overhead_median": ray_side["median_s"] / statistics.median(plain_times) - 1,
+        "plain_drift": after["s_per_step"] / before["s_per_step"] - 1,  # the machine's noise, same work
         "ray_startup_s": ray_side["startup_s"], "ray_epoch_start_s": ray_side["epoch_start_s"],
     }
 
@@ -296,16 +302,14 @@ def benchmark_caching(cfg: Config, *, rows: int = 16, warmup: int = 2, steps: in
     trainees = {name: build_trainee(cfg) for name in arms}
     batches = {name: cycle_epochs(lambda epoch, d=d: bucket_batches(d, cfg.train.batch_size))
                for name, d in arms.items()}
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    losses: dict[str, list[float]] = {name: [] for name in arms}
+    timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in arms}
     with torch_threads(threads):
         for i in range(warmup + steps):
             for name in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
-                dt, loss = timed_step(batches[name], trainees[name], i)
+                timing = timed_step(batches[name], trainees[name], i)
                 if i >= warmup:
-                    times[name].append(dt)
-                    losses[name].append(loss)
-    out = {name: step_stats(times[name], losses[name]) for name in arms}
+                    timings[name].append(timing)
+    out = {name: step_stats(*zip(*timings[name], strict=True)) for name in arms}
     cached_shape = arms["cached"][0]["latent_shape"]
     return {
         "rows": rows, "batch_size": cfg.train.batch_size, "image_side": bucket_side(cfg), "warmup": warmup,

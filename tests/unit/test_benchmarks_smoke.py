@@ -27,6 +27,7 @@ def _sane_steps(stats: dict, steps: int) -> None:
     assert all(t > 0 for t in stats["times_s"]) and stats["finite"]
     assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
     assert math.isclose(stats["s_per_step"], sum(stats["times_s"]) / steps, rel_tol=1e-3)
+    assert 0 <= stats["fetch_s"] < stats["s_per_step"]
 
 
 def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
@@ -34,6 +35,7 @@ def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
     assert out["rows"] == 2 * 3 and out["image_side"] == 128 and out["batch_size"] == 2
     for side in ("plain_before", "plain_after", "ray"):
         _sane_steps(out[side], 2)
+    assert out["ray"]["leftover_batches"] == 0  # exactly one epoch: every row was trained on
     assert out["threads_match"] and out["ray"]["torch_threads"] == small_cfg.train.cpus_per_worker
     plain = (sum(out["plain_before"]["times_s"]) + sum(out["plain_after"]["times_s"])) / 4
     assert math.isclose(out["plain_s_per_step"], plain, rel_tol=1e-3)
