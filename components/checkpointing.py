@@ -63,14 +63,20 @@ def save_checkpoint(
     lr_scheduler,
     state: TrainState,
     ema=None,
+    *,
+    unet_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
+    """``unet_state``/``optimizer_state``: full state dicts gathered beforehand (FSDP gathers them
+    collectively on every rank, components/parallel.py); by default read from the modules."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, directory / "unet.safetensors")
+    unet_state = unet.state_dict() if unet_state is None else unet_state
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, directory / "unet.safetensors")
     if ema is not None:
         shadow = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
         save_file(shadow, directory / "ema.safetensors")
         (directory / "ema.json").write_text(json.dumps({"optimization_step": ema.optimization_step}))
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
     (directory / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=str))
     (directory / "state.json").write_text(json.dumps(asdict(state)))
     sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
@@ -79,13 +85,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None
+    directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None, strategy=None
 ) -> TrainState:
+    """Restore a complete checkpoint; ``strategy`` (components/parallel.py) loads into sharded modules."""
     directory = Path(directory)
     verify_complete(directory)
-    unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
+    weights = load_file(directory / "unet.safetensors")
+    if strategy is not None:
+        strategy.load_model_state(unet, weights)
+    else:
+        unet.load_state_dict(weights, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        opt_state = torch.load(directory / "optimizer.pt", weights_only=True)
+        if strategy is not None:
+            strategy.load_optimizer_state(unet, optimizer, opt_state)
+        else:
+            optimizer.load_state_dict(opt_state)
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(json.loads((directory / "lr_scheduler.json").read_text()))
     if ema is not None and (directory / "ema.safetensors").exists():

@@ -49,6 +49,11 @@ class OptimizerName(enum.StrEnum):
     ADAFACTOR = "adafactor"
 
 
+class Parallel(enum.StrEnum):
+    DDP = "ddp"  # replicated weights, gradients all-reduced (Ray's prepare_model)
+    FSDP = "fsdp"  # weights, gradients and optimizer states sharded (torch FSDP2 fully_shard)
+
+
 class CropMode(enum.StrEnum):
     RANDOM = "random"
     CENTER = "center"
@@ -199,6 +204,8 @@ class TrainConfig(Strict):
     ema_on_cpu: bool = True
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     num_workers: int = 1
+    parallel: Parallel = Parallel.DDP
+    """How several workers share the UNet (one worker: neither). FSDP does not combine with EMA."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2
@@ -216,6 +223,13 @@ class TrainConfig(Strict):
     storage_path: str = ".state/ray_results"
     run_name: str | None = None
     """Same name, same Ray storage and MLflow run: running again resumes."""
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> TrainConfig:
+        if self.parallel is Parallel.FSDP and self.ema_decay is not None:
+            raise ValueError("train.ema_decay is not supported with train.parallel=fsdp (the EMA would need "
+                             "the full weights on every rank); use ddp or set ema_decay to null")
+        return self
 
     @property
     def effective_batch(self) -> int:

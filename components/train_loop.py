@@ -23,6 +23,7 @@ from components.diffusion import training_scheduler
 from components.evaluation import val_rows
 from components.models import load_components
 from components.optim import build_lr_scheduler, build_optimizer
+from components.parallel import Strategy
 from components.run_logger import RunLogger
 from components.step import diffusion_loss, frozen_dtype
 from components.train_data import bucket_batches, iter_rows, rows_to_batch, skip
@@ -68,6 +69,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     unet.train()
     if cfg.train.grad_checkpointing:
         unet.enable_gradient_checkpointing()
+    strategy = Strategy(cfg.train.parallel, world)
+    model = strategy.wrap(unet)  # before the optimizer: FSDP replaces parameters by shards
     optimizer = build_optimizer(unet.parameters(), cfg.train, device)
     steps = total_steps(cfg, loop_config["train_rows"])
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train.lr, steps)
@@ -82,16 +85,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(Path(ckpt_dir), unet, optimizer, lr_scheduler, ema)
+            state = load_checkpoint(Path(ckpt_dir), unet, optimizer, lr_scheduler, ema, strategy)
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch, state.batches_in_epoch)
 
-    model = ray.train.torch.prepare_model(unet) if world > 1 else unet
     scheduler = training_scheduler(cfg.diffusion)
     scaler = torch.amp.GradScaler(enabled=cfg.train.precision is Precision.FP16 and device.type == "cuda")
     logger = RunLogger(cfg, loop_config["mlflow_run_id"]) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     validator = None
-    if rank == 0:
+    if rank == 0 or strategy.sharded:  # sharded weights: every rank takes part in each forward
         # The held-out split is small (val_max_rows): read it directly rather than through Ray Data.
         held_out = val_rows(read_manifest(cfg.train.data), cfg.train.val_max_rows)
         validator = Validator(cfg, held_out, device)
@@ -104,9 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             produced = True
             batch = rows_to_batch(rows, device)
             gen = step_generator(cfg.seed, rank, state.step, micro)
-            sync = micro == accum - 1
-            ctx_mgr = model.no_sync() if (world > 1 and not sync) else _null()
-            with ctx_mgr:
+            with strategy.accumulating(model, sync=micro == accum - 1):
                 loss = diffusion_loss(parts, model, batch, scheduler, cfg.diffusion, cfg.train.precision,
                                       cfg.train.caption_dropout, gen)
                 scaler.scale(loss / accum).backward()
@@ -117,6 +117,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.clip_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -139,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if validator is not None and (at_checkpoint or state.step % cfg.train.val_every == 0):
                 val_loss = _validate(validator, parts, unet, state, logger)
             if at_checkpoint:
-                _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_loss)
+                _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_loss, strategy)
             t0 = time.perf_counter()  # images/s excludes validation and checkpointing
             if state.step >= steps:
                 break
@@ -156,26 +158,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.close()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _validate(validator, parts, unet, state: TrainState, logger) -> float:
-    """Rank 0: held-out loss at fixed timesteps and noise, and the fixed-prompt sample images."""
+    """Held-out loss at fixed timesteps and noise, and the fixed-prompt sample images; rank 0
+    (``logger``) records them. Under FSDP every rank runs this in lockstep."""
     val_loss = validator.loss(parts, unet)
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss = val_loss
-    logger.metrics({"val_loss": val_loss}, state.step)
-    for key, image in validator.images(parts, unet).items():
-        logger.image(image, key, state.step)
+    images = validator.images(parts, unet)
+    if logger is not None:
+        logger.metrics({"val_loss": val_loss}, state.step)
+        for key, image in images.items():
+            logger.image(image, key, state.step)
     return val_loss
 
 
-def _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_loss) -> None:
+def _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_loss, strategy) -> None:
     """Report a checkpoint (rank 0 writes it); every rank reaches ``report``, a barrier.
 
     Every checkpoint carries val_loss (validation runs at each one), which Ray's
@@ -183,12 +180,15 @@ def _checkpoint(unet, optimizer, lr_scheduler, ema, state, logger, metrics, val_
     """
     report = {"step": state.step, "loss": metrics["loss"]}
     name = f"checkpoint_{state.step:08d}"
+    full = {}
+    if strategy.sharded:  # gathering the full state is collective: every rank joins
+        full = {"unet_state": strategy.model_state(unet), "optimizer_state": strategy.optimizer_state(unet, optimizer)}
     if logger is None:
         ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
         return
     report["val_loss"] = val_loss
     logger.flush()  # before the checkpoint exists: a resume from it never finds a gap in MLflow
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), unet, optimizer, lr_scheduler, state, ema)
+        save_checkpoint(Path(tmp), unet, optimizer, lr_scheduler, state, ema, **full)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     logger.checkpoint(name, state.step, report)

@@ -100,6 +100,29 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     assert version.tags["run_id"] == result.run_id
 
 
+def test_fsdp_workers_train_checkpoint_and_resume(tmp_path, ray_local):
+    """Two FSDP2 workers (sharded weights, gradients and optimizer states): full checkpoints are
+    gathered from the shards, and a run continued by name loads them back into the shards."""
+    cfg, _ = small_cfg(tmp_path, "train.max_steps=2", "train.checkpoint_every=2", "train.num_workers=2",
+                       "train.parallel=fsdp", "train.run_name=sharded")
+    first = run_training(cfg)
+    longer = cfg.model_copy(deep=True)
+    longer.train.max_steps = 4
+    second = run_training(longer)
+    assert second.run_id == first.run_id
+    assert history(cfg, second.run_id, "loss") == [1, 2, 3, 4]
+    assert second.checkpoint.endswith("checkpoint_00000004") or second.val_loss is not None
+    ckpt = tmp_path / "ray" / "sharded" / "checkpoint_00000004"
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt / "unet.safetensors")  # full tensors, not shards
+    from components.models import build_tiny
+
+    reference = build_tiny(cfg.model.tiny).unet.state_dict()
+    assert weights.keys() == reference.keys()
+    assert all(weights[k].shape == reference[k].shape for k in reference)
+
+
 def test_resume_after_the_driver_is_killed(tmp_path):
     cfg, overrides = small_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.run_name=again")
     cmd = [sys.executable, "flows/train.py", "--config", "flows/configs/tiny.yaml"]
