@@ -97,6 +97,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_training_goes_on_through_a_tracking_server_outage(tmp_path, ray_local, mlflow_outage_server, capfd):
     server = mlflow_outage_server
     steps = 6

@@ -138,6 +138,7 @@ def _run_flow(monkeypatch, capsys, sets: list[str]):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_s3_outage_during_curation_publishes_nothing_and_a_rerun_completes(
         ray_local, moto_relay, monkeypatch, capsys, tmp_path):
     direct, relay = moto_relay
