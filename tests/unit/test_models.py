@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +93,23 @@ def test_load_components_tiny(parts):
 def test_load_components_from_s3(parts, saved, s3_env, tmp_path):
     import boto3
 
+    bucket = f"models-{uuid.uuid4().hex[:8]}"  # the moto server is shared by the whole session
     client = boto3.client("s3", endpoint_url=s3_env)
-    client.create_bucket(Bucket="models")
+    client.create_bucket(Bucket=bucket)
     for path in saved.rglob("*"):
         if path.is_file():
-            client.upload_file(str(path), "models", f"tiny/v1/{path.relative_to(saved).as_posix()}")
+            client.upload_file(str(path), bucket, f"tiny/v1/{path.relative_to(saved).as_posix()}")
 
     cfg = Config(state_dir=str(tmp_path / "state"))
-    cfg.model.source = "s3://models/tiny/v1"
+    cfg.model.source = f"s3://{bucket}/tiny/v1"
     loaded = load_components(cfg)
     assert_same_weights(parts, loaded)
-    cached = tmp_path / "state" / "cache" / "s3" / "models" / "tiny" / "v1"
+    cached = tmp_path / "state" / "cache" / "s3" / bucket / "tiny" / "v1"
     assert (cached / "model_index.json").is_file()
     assert not list(cached.rglob("*.partial"))
 
-    cfg.model.source = "s3://models/absent"
-    with pytest.raises(ModelLoadError, match="no objects under s3://models/absent"):
+    cfg.model.source = f"s3://{bucket}/absent"
+    with pytest.raises(ModelLoadError, match=f"no objects under s3://{bucket}/absent"):
         load_components(cfg)
 
 
