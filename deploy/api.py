@@ -127,6 +127,11 @@ def check_side_limits(width: int, height: int, cfg: Config, what: str) -> None:
 def check_text(value: str | None, field: str, cfg: Config) -> None:
     if value is None:
         return
+    try:  # JSON can carry lone UTF-16 surrogates ("\ud800"); the tokenizers raise on them, failing the batch
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{field} is not valid Unicode text (it contains a lone surrogate such as \\ud800)",
+                       param=field) from None
     limit = cfg.serve.max_prompt_chars
     if len(value) > limit:
         raise ApiError(400, f"{field} is {len(value)} characters; the limit is {limit} (long prompts are refused, "
