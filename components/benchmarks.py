@@ -152,7 +152,7 @@ def timed_steps(batches: Iterator[list[dict]], t: Trainee, warmup: int, steps: i
 
 
 def step_stats(times, fetch, losses) -> dict:
-    """Mean, median and spread of the step times; ``fetch_s``: the mean share spent waiting for data."""
+    """Mean, median and spread of the step times; ``fetch_s``: mean seconds of a step spent waiting for data."""
     return {"steps": len(times), "s_per_step": statistics.fmean(times), "median_s": statistics.median(times),
             "min_s": min(times), "max_s": max(times), "fetch_s": statistics.fmean(fetch),
             "times_s": [round(x, 4) for x in times], "first_loss": losses[0], "last_loss": losses[-1],
@@ -232,7 +232,7 @@ def _ray_train(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, 
     return out
 
 
-def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 15, epoch_probe: bool = True,
+def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_probe: bool = True,
                        workdir: str | None = None) -> dict:
     """Per-step seconds of the Ray Train step and of a plain PyTorch loop; ``overhead`` = ray / plain - 1.
 
@@ -285,7 +285,7 @@ def encode_cache(cfg: Config, manifest: CuratedManifest) -> tuple[list[dict], fl
     return cached.to_pylist(), time.perf_counter() - start
 
 
-def benchmark_caching(cfg: Config, *, rows: int = 16, warmup: int = 2, steps: int = 10,
+def benchmark_caching(cfg: Config, *, rows: int = 16, warmup: int = 2, steps: int = 8,
                       workdir: str | None = None) -> dict:
     """Per-step seconds on pixels (VAE + text encoders every step) and on the latent cache; no Ray.
 
