@@ -37,8 +37,8 @@ def test_demo_chain_end_to_end(tmp_path):
     for stage in ("1/5 curate", "2/5 train", "3/5 evaluate", "4/5 promote", "5/5 serve"):
         assert stage in proc.stderr  # a banner per stage
 
-    mlflow.set_tracking_uri(f"sqlite:///{state}/mlflow.db")
-    client = mlflow.MlflowClient()
+    store = f"sqlite:///{state}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's globals
     champion = client.get_model_version_by_alias(last["model"], "champion")
     assert str(champion.version) == last["version"]
     run_id = champion.tags["run_id"]

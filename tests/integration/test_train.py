@@ -176,8 +176,9 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path):
         assert "succeeded" in job.stdout + job.stderr
         anonymous = requests.get(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=30)
         assert anonymous.status_code == 401  # token authentication stays on
-        mlflow.set_tracking_uri(f"sqlite:///{cfg.state_dir}/mlflow.db")
-        assert mlflow.MlflowClient().get_registered_model(cfg.tracking.registered_model).latest_versions
+        store = f"sqlite:///{cfg.state_dir}/mlflow.db"  # the job's own store, not this process's globals
+        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+        assert client.get_registered_model(cfg.tracking.registered_model).latest_versions
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
