@@ -47,6 +47,24 @@ def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_for_mlflow(url: str, proc: subprocess.Popen, timeout: float, log_tail) -> None:
+    """Until ``url``/health answers 200; a clear error (with the server's log tail) if it dies or stalls."""
+    import requests
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}: {log_tail()}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"mlflow server not healthy after {timeout} s: {log_tail()}")
+        time.sleep(0.3)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -264,7 +282,6 @@ def mlflow_server(s3_server, tmp_path_factory):
     from types import SimpleNamespace
 
     import boto3
-    import requests
 
     root = tmp_path_factory.mktemp("mlflow-server")
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -284,19 +301,7 @@ def mlflow_server(s3_server, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
     )
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
-                                   f"{(root / 'server.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"mlflow server not healthy after 180 s: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_for_mlflow(url, proc, 180, lambda: (root / "server.log").read_text()[-2000:])
         yield SimpleNamespace(url=url, bucket=bucket, s3_endpoint=s3_server, pid=proc.pid, log=root / "server.log")
     finally:
         _stop_group(proc)

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 
 from components.config import load_config
 from components.run_logger import PROBE_TIMEOUT_S, RunLogger, server_reachable
 from components.trainer import run_training
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_for_mlflow
 from tests.integration.test_train import small_cfg
 
 
@@ -52,18 +51,7 @@ class MlflowServer:
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True,
         )
         log.close()
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"mlflow server not healthy after {timeout} s: {self.log_tail()}")
-            time.sleep(0.3)
+        wait_for_mlflow(self.url, self.proc, timeout, self.log_tail)
 
     def kill(self) -> None:
         if self.proc is None:
