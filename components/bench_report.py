@@ -263,15 +263,17 @@ def _caching_figures(d: dict) -> list[Figure]:
 
 def _serving_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("serving", *a, **k)  # noqa: E731
-    direct, serial = d["direct"], d["serve_serial"]
+    direct, serial, lone = d["direct"], d["serial_unbatched"], d["serial_batched"]
     shape = f"{d['size']}px, {d['steps']} steps"
     return [
-        f(f"direct pipeline call p50 ({shape})", _ms(direct["p50_s"]), "ms"),
-        f("direct pipeline call p99", _ms(direct["p99_s"]), "ms"),
-        f("Serve HTTP p50 (one request at a time)", _ms(serial["p50_s"]), "ms"),
-        f("Serve HTTP p99 (one request at a time)", _ms(serial["p99_s"]), "ms"),
+        f(f"direct call of the replica's work p50 ({shape}, PNG)", _ms(direct["p50_s"]), "ms"),
+        f("direct call p99", _ms(direct["p99_s"]), "ms"),
+        f("Serve HTTP p50 (one request at a time, unbatched)", _ms(serial["p50_s"]), "ms"),
+        f("Serve HTTP p99 (one request at a time, unbatched)", _ms(serial["p99_s"]), "ms"),
         f("Serve overhead per request (p50 - direct p50)", _ms(d["serve_overhead_p50_s"]), "ms", ("<=", 10.0),
           "Ray docs: 1-2 ms"),
+        f(f"lone request on the batched deployment p50 (waits up to {_ms(d['batch_wait_timeout_s']):g} ms)",
+          _ms(lone["p50_s"]), "ms"),
         f(f"unbatched throughput, concurrency {d['concurrency']}", d["unbatched"]["throughput_rps"], "req/s"),
         f(f"batched throughput (max_batch_size {d['batched']['max_batch_size']}, mean "
           f"{d['batched']['mean_batch_size']:.1f})", d["batched"]["throughput_rps"], "req/s"),

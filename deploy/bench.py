@@ -3,9 +3,11 @@
 ``benchmark_serving(cfg)`` needs a registered model (``serve.model_uri``, else
 ``models:/<tracking.registered_model>@champion``) and no Serve instance running: it starts Serve on
 loopback, deploys the app twice (``serve.max_batch_size`` = 1, then the configured size) with one
-model replica, drives each with ``requests`` identical-shape requests at ``concurrency``, and shuts
-Serve down. The direct reference runs the same pipeline factory in a Ray task with the replica's
-resources (so both see the same CPU threads or GPU). Not a test: figures depend on the machine.
+model replica, drives each one request at a time and then with ``requests`` identical-shape requests
+at ``concurrency``, and shuts Serve down. The direct reference runs what a replica runs for one
+request (same loader, ``deploy.batching.serve_batch``) in a Ray task with the replica's resources (so
+both see the same CPU threads or GPU); Serve's overhead is the unbatched deployment's serial p50 minus
+the direct p50 (HTTP proxy, the ingress, the hop to the model replica). Not a test: figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 
 from components.config import Config
 
+WARMUP = 8  # requests before timing: a new replica's first pipeline calls are slower
+
 
 def _stats(latencies: list[float]) -> dict[str, float]:
     arr = np.asarray(latencies)
@@ -27,10 +31,12 @@ def _stats(latencies: list[float]) -> dict[str, float]:
 
 def _direct_latencies(config: dict, uri: str, tracking: str, cache_dir: str, size: int, steps: int,
                       count: int) -> dict[str, Any]:
-    """Runs inside a Ray task: load through the same holder the replica uses, time pipelines.generate."""
+    """Runs inside a Ray task: load through the same holder the replica uses and time what a replica
+    runs for one request (``deploy.batching.serve_batch``: token check, pipeline, PNG encoding)."""
     import mlflow
 
     from components.pipelines import GenerationRequest
+    from deploy.batching import serve_batch
     from deploy.holder import ModelHolder
 
     cfg = Config.model_validate(config)
@@ -38,17 +44,18 @@ def _direct_latencies(config: dict, uri: str, tracking: str, cache_dir: str, siz
     mlflow.set_registry_uri(tracking)
     holder = ModelHolder(uri, cache_dir, cfg.inference)
     holder.refresh()
-    pipes = holder.current.pipelines
+    loaded = holder.current
     req = GenerationRequest(prompt="benchmark", width=size, height=size, steps=steps, seed=0,
                             guidance_rescale=cfg.inference.guidance_rescale)
-    pipes.generate(req)  # warm-up
+    for _ in range(WARMUP):
+        serve_batch(loaded.name, loaded.version, loaded.pipelines, [req])
     latencies = []
     for i in range(count):
         req.seed = i
         start = time.perf_counter()
-        pipes.generate(req)
+        serve_batch(loaded.name, loaded.version, loaded.pipelines, [req])
         latencies.append(time.perf_counter() - start)
-    return {**_stats(latencies), "version": holder.current.version, "device": str(pipes.device)}
+    return {**_stats(latencies), "count": count, "version": loaded.version, "device": str(loaded.pipelines.device)}
 
 
 async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[str, Any]:
@@ -75,7 +82,7 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
         start = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return {"throughput_rps": count / wall, "wall_s": wall, "errors": errors,
+    return {"count": count, "throughput_rps": count / wall, "wall_s": wall, "errors": errors,
             "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0, **_stats(latencies)}
 
 
@@ -101,7 +108,7 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
         direct = ray.remote(_direct_latencies).options(**resources)
         out["direct"] = ray.get(direct.remote(
             cfg.model_dump(mode="json"), uri, tracking_uri(cfg), str(state_path(cfg, "cache", "serve")),
-            size, steps, max(requests // 2, 4),
+            size, steps, requests,
         ))
         serve.start(http_options={"host": cfg.serve.host, "port": port})
         try:
@@ -113,13 +120,15 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
                 options = {"num_replicas": 1, "max_ongoing_requests": max(concurrency, batch),
                            "max_queued_requests": -1, "ray_actor_options": resources}
                 serve.run(compose(variant, uri, model_options=options), name="bench", route_prefix="/")
-                asyncio.run(_drive(base, body, 2, 1))  # warm-up
+                asyncio.run(_drive(base, body, WARMUP, 1))
+                # One request at a time: Serve end to end against the direct call. Unbatched, that
+                # difference is Serve's own cost; batched, a lone request also waits batch_wait_timeout_s.
+                out[f"serial_{label}"] = asyncio.run(_drive(base, body, requests, 1))
                 out[label] = asyncio.run(_drive(base, body, requests, concurrency))
                 out[label]["max_batch_size"] = batch
-                if label == "batched":  # Serve end to end, one request at a time (its overhead vs direct)
-                    out["serve_serial"] = asyncio.run(_drive(base, body, max(requests // 2, 4), 1))
         finally:
             serve.shutdown()
     out["batching_speedup"] = out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"]
-    out["serve_overhead_p50_s"] = out["serve_serial"]["p50_s"] - out["direct"]["p50_s"]
+    out["serve_overhead_p50_s"] = out["serial_unbatched"]["p50_s"] - out["direct"]["p50_s"]
+    out["batch_wait_timeout_s"] = cfg.serve.batch_wait_timeout_s
     return out
