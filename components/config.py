@@ -161,10 +161,12 @@ class CurateConfig(Strict):
     buckets: BucketConfig = BucketConfig()
     crop: CropMode = CropMode.RANDOM
     jpeg_quality: int = 95
-    num_actors: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1)
+    """Curation tasks running at once (one CPU each)."""
     batch_size: int = Field(8, ge=1)
-    """Records per call of a curation actor; small, because each image is decoded whole."""
+    """Records per call of a latent-encoding actor."""
     rows_per_shard: int = Field(256, ge=1)
+    """At most this many records per curation task, each writing its own shards."""
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of kept images (chosen by content hash, so stable) set aside for validation."""
     s3_endpoint_url: str | None = None
@@ -174,6 +176,8 @@ class CurateConfig(Strict):
     """After curating, also cache VAE posteriors and text embeddings of ``model`` (issue 4 item 6)."""
     cache_output: str | None = None
     """Where the latent cache goes; None: ``<output>-latents``."""
+    cache_workers: int = Field(1, ge=1)
+    """Latent-encoding actors, each holding the VAE and both text encoders."""
     cache_num_gpus: float = Field(0.0, ge=0.0)
     """GPUs per encoding actor: 0 encodes on CPU; 1 on a GPU cluster."""
     cache_dtype: Literal["float16", "float32"] = "float16"

@@ -32,7 +32,7 @@ class Reason(enum.StrEnum):
     TRUNCATED = "truncated"  # the pixel data ends early
     CORRUPT = "corrupt"  # the pixel data does not decode
     TOO_BRIGHT = "too_bright"  # mean luma above ``max_luminance``
-    DUPLICATE = "duplicate"  # same bytes as a record already kept
+    DUPLICATE = "duplicate"  # same bytes as a kept record with a smaller source URI
 
 
 # EXIF tag ids (EXIF 2.32, CIPA DC-008, tables 4-8); looked up by id, not by name, so a reader's

@@ -140,13 +140,14 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
         ds = ds.map_batches(
             EncodeBatch,
             fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "device": device, "dtype": c.cache_dtype},
-            compute=ray.data.ActorPoolStrategy(size=c.num_actors),
+            compute=ray.data.ActorPoolStrategy(size=c.cache_workers),
             batch_size=c.batch_size,
             batch_format="pyarrow",
             num_gpus=c.cache_num_gpus,
             **worker_args(c, num_cpus=1),
         )
-        sink = CuratedDatasink(output, run_id, c.rows_per_shard, c.s3_endpoint_url, schema=LATENT_SCHEMA)
+        sink = CuratedDatasink(output, run_id, c.s3_endpoint_url, min_rows_per_write=c.rows_per_shard,
+                               schema=LATENT_SCHEMA)
         write_to(ds, sink, c)
         results = sink.results
     wall = time.perf_counter() - start

@@ -1,16 +1,22 @@
-"""The curation pipeline on Ray Data: records -> curate (actor pool) -> shards (sink) -> publish.
+"""The curation pipeline on Ray Data: records -> curate -> shards (sink) -> publish.
 
     ray.data.from_blocks(records)                one small row per input, no pixels
-      .map_batches(CurateBatch, compute=ActorPoolStrategy(size=num_actors))
+      .map_batches(curate_block, compute=TaskPoolStrategy(size=workers))
                                                  fetch, filter, orient, convert, resize, crop, JPEG
-      .write_datasink(CuratedDatasink)           shards written by the tasks, stats to the driver
+      .write_datasink(CuratedDatasink)           shards written where they were made, stats to the driver
     publish()                                    balance splits, clean stale shards, report, _SUCCESS
 
-Streaming and memory-bounded: Ray Data's streaming executor runs the stages concurrently with
-backpressure on the object store, a curation call holds ``batch_size`` records and decodes one image
-at a time, and only per-shard stats return to the driver. Nothing here assumes one node: workers
-read sources and write shards themselves (local paths must then be on shared storage; S3 always
-works). Callable class with its setup in ``__init__`` as in Anyscale's Ray Data examples.
+Ray Data fuses the map and the write into one task per block (``MapBatches(curate_block)->Write``):
+the curated JPEGs never cross the object store, and no second pool of workers has to start. Tasks
+rather than an actor pool, because the per-block set-up is cheap (no model) and only tasks fuse
+with the write (see docs/benchmarks.md for what each layout measured).
+
+Streaming and memory-bounded: a task holds one block (at most ``rows_per_shard`` records, small
+strings) and decodes one image at a time; only per-shard stats return to the driver. A retried task
+rewrites the same shard names, so a worker lost mid-block costs time, not data. Exact duplicates
+are removed over the whole dataset once the shards are written (``dedupe.remove_duplicates``), so
+tasks never wait on each other. Nothing here assumes one node: tasks read sources and write shards
+themselves (local paths must then be on shared storage; S3 always works).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pyarrow as pa
 
 from components.config import Config, CurateConfig
 from components.curation.buckets import make_buckets
-from components.curation.dedupe import DedupeIndex
+from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
 from components.curation.process import Curator
 from components.curation.sources import check_output, load_inputs
@@ -35,22 +41,10 @@ log = logging.getLogger(__name__)
 LUMA = "BT.709 luma of gamma-encoded sRGB: 0.2126 R' + 0.7152 G' + 0.0722 B' (0..1)"
 
 
-class CurateBatch:
-    """Ray Data callable class: a batch of records in, one stage row per record out."""
-
-    def __init__(self, cfg: CurateConfig, seed: int, dedupe=None):
-        import ray
-
-        claim = None
-        if dedupe is not None:
-            def claim(sha: str, source: str) -> bool:
-                return ray.get(dedupe.claim.remote(sha, source))
-
-        self.curator = Curator(cfg, seed, claim)
-        self.holdout = cfg.holdout_fraction
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return outcomes_table([self.curator.process(r) for r in batch.to_pylist()], self.holdout)
+def curate_block(block: pa.Table, cfg: CurateConfig, seed: int) -> pa.Table:
+    """Ray Data task function: a block of records in, one stage row per record out."""
+    curator = Curator(cfg, seed)
+    return outcomes_table([curator.process(r) for r in block.to_pylist()], cfg.holdout_fraction)
 
 
 # boto3's standard settings. Forwarded to the curation workers when the driver has them, so a run
@@ -61,7 +55,7 @@ AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS
 
 
 def worker_args(cfg: CurateConfig, num_cpus: float) -> dict:
-    """``ray_remote_args`` for the curation actors and write tasks."""
+    """``ray_remote_args`` for the curation tasks, encoding actors and write tasks."""
     args: dict = {"num_cpus": num_cpus}
     if any(p.startswith("s3://") for p in (cfg.source, cfg.output, cfg.root or "")):
         env = {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
@@ -71,17 +65,18 @@ def worker_args(cfg: CurateConfig, num_cpus: float) -> dict:
 
 
 def write_to(ds, sink, cfg: CurateConfig) -> None:
-    """Run ``ds`` into ``sink``. Write tasks ask for no CPU, capped at one per actor instead: the
-    actor pool may hold every CPU of a small machine, and a write task that waited for a core
-    would stall the stream (outputs pile up, backpressure idles the actors, nothing frees a CPU).
-    They only serialise parquet and upload, so they do not oversubscribe the machine."""
-    ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0), concurrency=cfg.num_actors)
+    """Run an actor pool's output ``ds`` into ``sink`` (the latent cache). Write tasks ask for no
+    CPU, capped at one per actor instead: the actor pool may hold every CPU of a small machine, and
+    a write task that waited for a core would stall the stream (outputs pile up, backpressure idles
+    the actors, nothing frees a CPU). They only serialise parquet and upload."""
+    ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0), concurrency=cfg.cache_workers)
 
 
-def _blocks(records: pa.Table, num_actors: int) -> list[pa.Table]:
-    """Input blocks: enough to keep every actor busy, at most 256 records each."""
+def blocks(records: pa.Table, workers: int, rows_per_shard: int) -> list[pa.Table]:
+    """Input blocks, each one curation task: about 8 per worker, so the last round of tasks is
+    short and the workers finish together, and at most ``rows_per_shard`` records each."""
     n = records.num_rows
-    size = max(1, min(256, -(-n // (num_actors * 4))))
+    size = max(1, min(rows_per_shard, -(-n // (workers * 8))))
     return [records.slice(i, size) for i in range(0, n, size)] or [records]
 
 
@@ -90,25 +85,16 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
     import ray
 
     c = cfg.curate
-    dedupe = ray.remote(DedupeIndex).options(num_cpus=0).remote() if c.filters.dedupe else None
-    try:
-        # from_blocks keeps our block boundaries and computes their metadata here; from_arrow would
-        # launch one remote task per block just to read row counts (seconds of worker start-up).
-        ds = ray.data.from_blocks(_blocks(records, c.num_actors))
-        ds = ds.map_batches(
-            CurateBatch,
-            fn_constructor_kwargs={"cfg": c, "seed": cfg.seed, "dedupe": dedupe},
-            compute=ray.data.ActorPoolStrategy(size=c.num_actors),
-            batch_size=c.batch_size,
-            batch_format="pyarrow",
-            **worker_args(c, num_cpus=1),
-        )
-        sink = CuratedDatasink(c.output, run_id, c.rows_per_shard, c.s3_endpoint_url)
-        write_to(ds, sink, c)
-        return sink.results
-    finally:
-        if dedupe is not None:
-            ray.kill(dedupe)
+    # from_blocks keeps our block boundaries and computes their metadata here; from_arrow would
+    # launch one remote task per block just to read row counts (seconds of worker start-up).
+    ds = ray.data.from_blocks(blocks(records, c.workers, c.rows_per_shard))
+    args = worker_args(c, num_cpus=1)  # the same for the map and the write, so that they fuse
+    ds = ds.map_batches(curate_block, fn_kwargs={"cfg": c, "seed": cfg.seed},
+                        compute=ray.data.TaskPoolStrategy(size=c.workers), batch_size=None,
+                        batch_format="pyarrow", **args)
+    sink = CuratedDatasink(c.output, run_id, c.s3_endpoint_url, min_rows_per_write=None)
+    ds.write_datasink(sink, ray_remote_args=args, concurrency=c.workers)
+    return sink.results
 
 
 def curate(cfg: Config) -> dict:
@@ -131,8 +117,10 @@ def curate(cfg: Config) -> dict:
     except StorageUnavailable as err:  # a worker's, wrapped by Ray: one line for people
         first = str(original_unavailable(err) or err).strip().splitlines()[0]  # Ray Data appends advice
         raise StorageUnavailable(f"{first}; curation stopped, {c.output} has no _SUCCESS: rerun when the store is back") from err
-    wall = time.perf_counter() - start
     agg = aggregate(results)
+    if c.filters.dedupe:
+        agg = remove_duplicates(store, c.output, run_id, agg)
+    wall = time.perf_counter() - start
     if agg["inputs"] != inputs.records.num_rows:  # one outcome per record is an invariant, not a hope
         raise RuntimeError(f"curation lost records: {inputs.records.num_rows} in, {agg['inputs']} accounted for")
     dropped = sum(agg["reasons"].values())
@@ -151,7 +139,7 @@ def curate(cfg: Config) -> dict:
         "wall_s": round(wall, 3),
         "images_per_s": round(agg["inputs"] / wall, 2) if wall > 0 else None,
         "luma": LUMA,
-        "num_actors": c.num_actors,
+        "workers": c.workers,
     }
     report = publish(store, c.output, run_id, agg, c.holdout_fraction, report)
     if c.cache_latents:

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
@@ -25,9 +24,6 @@ from components.curation import filters as flt
 from components.curation import transforms as tf
 from components.curation.filters import Reason
 from components.curation.storage import StorageUnavailable, Store
-
-Claim = Callable[[str, str], bool]
-"""claim(sha256, source) -> True if this source owns the content (first seen, or itself again)."""
 
 
 @dataclass
@@ -54,14 +50,13 @@ def caption_from_filename(source: str) -> str:
 
 
 class Curator:
-    """Holds the per-worker setup (buckets, S3 client, dedupe claim) and processes records."""
+    """Holds the per-worker setup (buckets, S3 client) and processes records."""
 
-    def __init__(self, cfg: CurateConfig, seed: int, claim: Claim | None = None):
+    def __init__(self, cfg: CurateConfig, seed: int):
         self.cfg = cfg
         self.seed = seed
         self.buckets = bk.make_buckets(cfg.buckets)
         self.store = Store(cfg.s3_endpoint_url)
-        self.claim = claim
 
     # -- metadata (before any download) ------------------------------------------------------
     def _caption(self, record: dict) -> str | None:
@@ -159,8 +154,6 @@ class Curator:
             luma = flt.mean_luma(rgb)
             if luma > f.max_luminance:
                 return Outcome(source, Reason.TOO_BRIGHT, f"mean BT.709 luma {luma:.3f} > {f.max_luminance}")
-        if self.claim is not None and not self.claim(sha, source):
-            return Outcome(source, Reason.DUPLICATE, f"sha256 {sha[:16]}... already kept")
         crop = tf.resize_and_crop(rgb, plan)
         row = {
             "image": tf.encode_jpeg(crop, self.cfg.jpeg_quality),

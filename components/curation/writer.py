@@ -73,13 +73,15 @@ def _row_hash(split: str, row: dict) -> int:
 
 
 def _file_info(split: str, rel: str, table: pa.Table) -> dict:
-    """Shard stats: rows, the digest sum, and the most "other-split-like" row by split score."""
+    """Shard stats: rows, the digest sum, the most "other-split-like" row by split score, and each
+    row's (sha256, source) for ``dedupe.remove_duplicates``."""
     rows = table.to_pylist()
     scores = [int(r["sha256"][:16], 16) for r in rows]
     pick = min if split == "train" else max  # train's lowest score is the nearest to val, and back
     idx = scores.index(pick(scores))
     total = sum(_row_hash(split, r) for r in rows) % 2**256
-    return {"split": split, "path": rel, "rows": len(rows), "sum": f"{total:064x}", "edge": [scores[idx], idx]}
+    return {"split": split, "path": rel, "rows": len(rows), "sum": f"{total:064x}", "edge": [scores[idx], idx],
+            "keys": [(r["sha256"], r["source"]) for r in rows]}
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -116,18 +118,20 @@ def write_shard(store: Store, root: str, name: str, table: pa.Table, schema: pa.
 class CuratedDatasink(Datasink[dict]):
     """Ray Data sink: each write task writes its shards directly (no pixels go through the driver)."""
 
-    def __init__(self, root: str, run_id: str, rows_per_shard: int, endpoint_url: str | None,
+    def __init__(self, root: str, run_id: str, endpoint_url: str | None, *, min_rows_per_write: int | None,
                  schema: pa.Schema = curated.SCHEMA):
         self.root = root
         self.schema = schema
         self.run_id = run_id
-        self.rows_per_shard = rows_per_shard
+        self._min_rows = min_rows_per_write
         self.endpoint_url = endpoint_url
         self.results: list[dict] = []
 
     @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
+    def min_rows_per_write(self) -> int | None:
+        """Rows Ray Data gathers before a write task (None: each block as it comes, the curation
+        stage's fused map-and-write, whose blocks are already sized)."""
+        return self._min_rows
 
     def write(self, blocks: Iterable[Block], ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]

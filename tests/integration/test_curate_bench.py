@@ -13,9 +13,10 @@ def test_benchmark_returns_sane_figures(ray_local, tmp_path):
     from components.curation.bench import benchmark_curation
 
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.filters.require_exif=true"])
-    out = benchmark_curation(4, width=320, height=240, num_actors=1, cfg=cfg, workdir=str(tmp_path))
+    out = benchmark_curation(4, width=320, height=240, workers=1, cfg=cfg, workdir=str(tmp_path))
     assert out["n_images"] == 4 and out["size"] == "320x240" and out["kept"] == 4
     assert out["same_output"] is True  # the loop and the pipeline wrote the same dataset
+    assert out["first_run_images"] == 4 and out["first_run_s"] > 0  # the warm-up run, reported apart
     assert out["loop_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
     assert abs(out["speedup"] - out["pipeline_images_per_s"] / out["loop_images_per_s"]) < 0.01
     assert not list(tmp_path.iterdir())  # generated images and both outputs cleaned up

@@ -43,7 +43,7 @@ def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
     from components.models import load_components
     from components.train_data import decode_image
 
-    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.num_actors=1", "curate.cache_dtype=float32",
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.workers=1", "curate.cache_dtype=float32",
                                                          f"state_dir={tmp_path / 'state'}"])
     source = small_curated_dataset(cfg, tmp_path)
     report = cache_latents(cfg, source=source)

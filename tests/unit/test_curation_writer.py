@@ -89,3 +89,55 @@ def test_digest_is_independent_of_sharding_and_sensitive_to_content(tmp_path):
     assert one == three
     changed = rows[:-1] + [kept(11, caption="another caption")]
     assert run(store, str(tmp_path / "c"), "r", [changed])["digest"] != one
+
+
+def dup(i: int, source: str, sha: str) -> Outcome:
+    """Row ``i``'s pixels and crop, from ``source``, with content hash ``sha``."""
+    o = kept(i, sha)
+    o.row["source"] = o.source = source
+    return o
+
+
+def dedupe_run(store, root, run_id, groups):
+    from components.curation.dedupe import remove_duplicates
+
+    begin(store, root)
+    results = [write_shard(store, root, f"{run_id}-{n:05d}", outcomes_table(g, HOLDOUT)) for n, g in enumerate(groups)]
+    agg = remove_duplicates(store, root, run_id, aggregate(results))
+    return agg, publish(store, root, run_id, agg, HOLDOUT, {"inputs": agg["inputs"]})
+
+
+def test_duplicates_keep_the_smallest_source_whatever_the_sharding(tmp_path):
+    """Byte-identical images across shards (and one listed twice): one row stays, the one with the
+    smallest source URI; every other copy is a ``duplicate`` reject naming it; shard layout and
+    order do not change the dataset's digest."""
+    a, b = train_sha(1), train_sha(2)
+    rows = [dup(0, "/in/z.jpg", a), dup(1, "/in/b.jpg", a), kept(2), dup(3, "/in/m.jpg", b),
+            dup(4, "/in/a.jpg", a), dup(3, "/in/m.jpg", b), kept(6)]  # m listed twice: the same row
+    digests = set()
+    for n, groups in enumerate([[rows[:3], rows[3:]], [rows[::-1]], [[r] for r in rows[2:]] + [rows[:2]]]):
+        store, root = Store(), str(tmp_path / f"ds{n}")
+        agg, report = dedupe_run(store, root, f"r{n}", groups)
+        digests.add(report["digest"])
+        m = curated.read_manifest(root)
+        table = pq.read_table(m.paths("train") + m.paths("val"))
+        assert sorted(table["source"].to_pylist()) == ["/in/2.jpg", "/in/6.jpg", "/in/a.jpg", "/in/m.jpg"]
+        assert agg["reasons"] == {str(Reason.DUPLICATE): 3} and agg["inputs"] == len(rows)
+        assert sum(f["rows"] for f in agg["files"]) == 4 == sum(m.rows.values())
+        rejects = pq.read_table([f"{root}/{p}" for p in json.loads((tmp_path / f"ds{n}" / curated.SUCCESS).read_text())["rejects"]])
+        got = sorted((r["source"], r["detail"].rsplit(" ", 1)[-1]) for r in rejects.to_pylist())
+        assert got == [("/in/b.jpg", "/in/a.jpg"), ("/in/m.jpg", "/in/m.jpg"), ("/in/z.jpg", "/in/a.jpg")]
+        assert set(rejects["reason"].to_pylist()) == {str(Reason.DUPLICATE)}
+        listed = {p for s in curated.SPLITS for p in m.files[s]}
+        on_disk = {str(p.relative_to(root)) for s in curated.SPLITS for p in (tmp_path / f"ds{n}" / s).glob("*")}
+        assert on_disk == listed  # the shards that lost rows were replaced, not left beside their copies
+    assert len(digests) == 1
+
+
+def test_no_duplicates_leaves_the_shards_alone(tmp_path):
+    from components.curation.dedupe import find_duplicates, remove_duplicates
+
+    store, root = Store(), str(tmp_path / "ds")
+    results = [write_shard(store, root, "r-00000", outcomes_table([kept(i) for i in range(4)], HOLDOUT))]
+    agg = aggregate(results)
+    assert find_duplicates(agg["files"]) == {} and remove_duplicates(store, root, "r", agg) is agg
