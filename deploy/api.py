@@ -154,8 +154,20 @@ class Outcome:
     error: str | None = None
     """Set when the request is refused (a client mistake only the model can see, e.g. too many tokens)."""
     param: str | None = None
+    failure: str | None = None
+    """Set when the pipeline failed on this request alone (the exception's type): a server error."""
     batch_size: int = 1
     """Requests that shared the pipeline call (observability; shows batching is happening)."""
+
+
+def raise_for_outcome(out: Outcome) -> None:
+    """The model's answer as an HTTP error, if it is one: a refusal is the client's (400), a failure
+    of the pipeline on this request is ours (500, the same shape as any server error)."""
+    if out.failure:
+        raise ApiError(500, f"the model failed on this request ({out.failure})", type="server_error")
+    if out.error:
+        raise ApiError(400, out.error, param=out.param,
+                       code="prompt_too_long" if out.param in ("prompt", "negative_prompt") else None)
 
 
 def to_request(

@@ -38,7 +38,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.config import Config, load_config
 from components.tracking import state_path, tracking_uri
-from deploy.api import ApiError, Outcome, decode_image, error_body, parse_multipart, parse_params, to_request
+from deploy.api import (
+    ApiError,
+    Outcome,
+    decode_image,
+    error_body,
+    parse_multipart,
+    parse_params,
+    raise_for_outcome,
+    to_request,
+)
 
 # Model-side modules (torch, diffusers, mlflow) are imported inside Model only: the Ingress replica
 # imports this module too, and stays light without them.
@@ -229,9 +238,7 @@ class Ingress:
 
     async def _respond(self, spec: dict[str, Any]) -> JSONResponse:
         out: Outcome = await self._call(self.model.generate.remote(spec))
-        if out.error:
-            raise ApiError(400, out.error, param=out.param,
-                           code="prompt_too_long" if out.param in ("prompt", "negative_prompt") else None)
+        raise_for_outcome(out)
         body = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}

@@ -7,11 +7,16 @@ prompts, negative prompts, input images, masks and one ``torch.Generator`` per i
 ``seed + i``, exactly as :meth:`components.pipelines.ZTSNRPipelines.generate` seeds image ``i``.
 diffusers draws each image's initial latents from its own generator (``randn_tensor`` with a list),
 and DDIM with eta = 0 adds no noise after that, so an image does not depend on its batch mates.
+
+A failure stays with its own request: when a shared call raises (out of memory for the batch, a
+request the pipeline cannot take), its requests run again one at a time, so only the request that
+fails alone gets the error (a 500 for that client) and its batch mates get their images.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Hashable
 
 import torch
@@ -19,6 +24,8 @@ from PIL import Image
 
 from components.pipelines import GenerationRequest, ZTSNRPipelines
 from deploy.api import Outcome
+
+log = logging.getLogger(__name__)
 
 
 def batch_key(req: GenerationRequest) -> Hashable:
@@ -76,11 +83,27 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def generate_batch(pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list[list[Image.Image]]:
-    """Images for every request of a dynamic batch, grouped by compatibility; one result per request."""
-    results: list[list[Image.Image]] = [[] for _ in reqs]
+def run_isolated(pipes: ZTSNRPipelines, group: list[GenerationRequest]) -> list[list[Image.Image] | Exception]:
+    """``run_group``, except that a failing shared call is retried one request at a time: each
+    request gets its images, or the exception it raises alone."""
+    try:
+        return run_group(pipes, group)
+    except Exception as err:
+        if len(group) == 1:
+            return [err]
+        log.warning("a batch of %d requests failed (%s: %s); running them one at a time",
+                    len(group), type(err).__name__, str(err)[:200])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory batch leaves cached blocks behind
+        return [run_isolated(pipes, [r])[0] for r in group]
+
+
+def generate_batch(pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list[list[Image.Image] | Exception]:
+    """Images for every request of a dynamic batch, grouped by compatibility; one result per
+    request (the exception it raised on its own when it failed)."""
+    results: list[list[Image.Image] | Exception] = [[] for _ in reqs]
     for idx in group_compatible(reqs):
-        for i, images in zip(idx, run_group(pipes, [reqs[i] for i in idx]), strict=True):
+        for i, images in zip(idx, run_isolated(pipes, [reqs[i] for i in idx]), strict=True):
             results[i] = images
     return results
 
@@ -102,7 +125,11 @@ def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[Gener
     batch = [reqs[i] for i in accepted]
     sizes = {i: len(g) for g in group_compatible(batch) for i in g}
     for j, (i, images) in enumerate(zip(accepted, generate_batch(pipes, batch), strict=True)):
-        outcomes[i] = Outcome(name, version, reqs[i].seed, [encode_png(im) for im in images], batch_size=sizes[j])
+        if isinstance(images, Exception):
+            log.error("request failed on its own: %s: %s", type(images).__name__, str(images)[:500])
+            outcomes[i] = Outcome(name, version, reqs[i].seed, [], failure=type(images).__name__, batch_size=1)
+        else:
+            outcomes[i] = Outcome(name, version, reqs[i].seed, [encode_png(im) for im in images], batch_size=sizes[j])
     return outcomes
 
 

@@ -91,3 +91,39 @@ def test_img2img_and_inpaint_batch(pipes):
         for r, images in zip(pair, together, strict=True):
             assert images[0].size == (64, 64)
             assert diff(images[0], generate_batch(pipes, [r])[0][0]) <= TOLERANCE
+
+
+def test_a_failing_request_fails_alone_and_its_batch_mates_get_their_images(pipes, monkeypatch):
+    """A shared call that raises is retried request by request: only the request that fails on its
+    own gets ``failure``; the others get exactly the images they get alone."""
+    import deploy.batching as batching
+
+    real, calls = batching.run_group, []
+
+    def flaky(p, group):
+        calls.append([r.prompt for r in group])
+        if any(r.prompt == "boom" for r in group):
+            raise RuntimeError("out of memory (simulated)")
+        return real(p, group)
+
+    ok1, bad, ok2 = req("a red cat", 1), req("boom", 2), req("a blue dog", 3)
+    alone = [generate_batch(pipes, [r])[0][0] for r in (ok1, ok2)]
+    monkeypatch.setattr(batching, "run_group", flaky)
+    out = serve_batch("m", "1", pipes, [ok1, bad, ok2])
+    assert calls == [["a red cat", "boom", "a blue dog"], ["a red cat"], ["boom"], ["a blue dog"]]
+    assert out[1].failure == "RuntimeError" and out[1].images == [] and out[1].error is None
+    for o, image in zip((out[0], out[2]), alone, strict=True):
+        assert o.failure is None and len(o.images) == 1
+        assert diff(Image.open(io.BytesIO(o.images[0])), image) == 0  # run alone, so bit-identical
+
+
+def test_a_failure_is_a_500_and_a_refusal_a_400():
+    from deploy.api import ApiError, Outcome, raise_for_outcome
+
+    with pytest.raises(ApiError) as err:
+        raise_for_outcome(Outcome("m", "1", 0, [], failure="RuntimeError"))
+    assert err.value.status == 500 and err.value.type == "server_error" and "RuntimeError" in err.value.message
+    with pytest.raises(ApiError) as err:
+        raise_for_outcome(Outcome("m", "1", 0, [], error="prompt is 90 tokens", param="prompt"))
+    assert err.value.status == 400 and err.value.code == "prompt_too_long"
+    raise_for_outcome(Outcome("m", "1", 0, [b"png"]))  # images: no error
