@@ -239,7 +239,7 @@ def _curation_figures(d: dict) -> list[Figure]:
 def _training_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("training", *a, **k)  # noqa: E731
     return [
-        f(f"plain PyTorch loop (batch {d['batch_size']}, {d['image_side']}px, {d['plain_threads']} thread)",
+        f(f"plain PyTorch loop (own process, batch {d['batch_size']}, {d['image_side']}px, {d['plain_threads']} thread)",
           d["plain_s_per_step"], "s/step"),
         f("Ray Train step (TorchTrainer, 1 worker, Ray Data shard)", d["ray_s_per_step"], "s/step"),
         f("Ray Train overhead per step", 100 * d["overhead"], "%", ("<=", 5.0), "plain loop, same steps"),

@@ -8,8 +8,11 @@ the same data and the same thread count, is not (much). Here:
   ``components.step.diffusion_loss`` on the same rows. Both are timed per step after a warm-up,
   from fetching the batch to ``optimizer.step``; the Ray side is timed inside the training function,
   so the Ray figure is the per-step cost a training run pays, and Ray Train's start-up is reported
-  apart. The plain loop runs before and after the Ray run (A-B-A) to expose drift in the machine's
-  load, with the worker's thread count (Ray gives a 1-CPU worker one torch thread).
+  apart. The plain loop runs in a fresh Python process of its own (as ``python train.py`` would),
+  before and after the Ray run (A-B-A) to expose drift in the machine's load, with the worker's
+  thread count (Ray gives a 1-CPU worker one torch thread). Both sides run with glibc's malloc
+  thresholds pinned (``PINNED_MALLOC``): with its default dynamic mmap threshold, the same loop ran
+  0.28-0.44 s per step depending on the process it ran in, which swamped what Ray adds.
 - ``benchmark_caching``: steps on curation's latent cache (posterior parameters and both text
   encoders' embeddings, encoded by ``components.curation.latents.EncodeBatch`` itself) against
   steps that encode pixels on the fly, same model, batch and thread count, alternating step by step.
@@ -24,7 +27,10 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -187,7 +193,8 @@ def _ray_worker(loop_config: dict) -> None:
     batches = epoch_batches(shard, cfg, 0, 0)
     out = timed_steps(batches, trainee, loop_config["warmup"], loop_config["steps"])
     out.update(leftover_batches=sum(1 for _ in batches), epoch_start_s=None,  # epoch 0 ends, as in training
-               torch_threads=torch.get_num_threads(), setup_s=setup_s)
+               torch_threads=torch.get_num_threads(), setup_s=setup_s,
+               mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     if loop_config["epoch_probe"]:  # each epoch is a new pass over the shard: its first batch waits for it
         start = time.perf_counter()
         next(epoch_batches(shard, cfg, 1, 0))
@@ -195,6 +202,36 @@ def _ray_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # metrics without a checkpoint are not kept (Ray Train V2)
         Path(tmp, "timings.json").write_text(json.dumps(out))
         ray.train.report({"s_per_step": out["s_per_step"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+"""glibc reads these at process start: step-sized buffers stay on the heap instead of being mmapped
+and unmapped every step, the same in every process (see the module docstring)."""
+
+
+def plain_loop(spec: dict) -> dict:
+    """The baseline's body: the curated rows in memory, ``timed_steps`` on one trainee."""
+    from components.curated import read_manifest
+    from components.train_data import bucket_batches
+
+    cfg = Config.model_validate(spec["config"])
+    data = read_rows(read_manifest(spec["root"]))
+    with torch_threads(spec["threads"]):
+        out = timed_steps(bucket_batches(data, cfg.train.batch_size), build_trainee(cfg), spec["warmup"], spec["steps"])
+    return {**out, "torch_threads": torch.get_num_threads(), "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+
+
+def _plain_process(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, threads: int) -> dict:
+    """``plain_loop`` in a fresh interpreter with ``PINNED_MALLOC``; its JSON is the last stdout line."""
+    spec = {"config": cfg.model_dump(mode="json"), "root": manifest.root, "warmup": warmup, "steps": steps,
+            "threads": threads}
+    code = "import json, sys; from components.benchmarks import plain_loop; print(json.dumps(plain_loop(json.load(sys.stdin))))"
+    env = {**os.environ, **PINNED_MALLOC, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
+                          env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the plain loop failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _ray_train(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, epoch_probe: bool,
@@ -215,7 +252,8 @@ def _ray_train(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, 
             scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
                                                    resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
             run_config=ray.train.RunConfig(name="bench-train", storage_path=storage,
-                                           failure_config=ray.train.FailureConfig(max_failures=0)),
+                                           failure_config=ray.train.FailureConfig(max_failures=0),
+                                           worker_runtime_env={"env_vars": PINNED_MALLOC}),
             datasets={"train": ray.data.read_parquet(manifest.paths("train"))},
         )
         result = trainer.fit()
@@ -242,26 +280,19 @@ def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_p
     weigh on a handful of steps as it never does on a real epoch (Terminus v2: ~32,000 micro-batches
     of 24); it is measured and reported apart, as is Ray Train's start-up.
     """
-    from components.train_data import bucket_batches
-
     threads = cfg.train.cpus_per_worker
     rows = cfg.train.batch_size * (warmup + steps)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         manifest = write_bench_dataset(Path(tmp, "data"), rows, bucket_side(cfg), cfg.seed)
-        data = read_rows(manifest)
-
-        def plain() -> dict:
-            with torch_threads(threads):
-                return timed_steps(bucket_batches(data, cfg.train.batch_size), build_trainee(cfg), warmup, steps)
-
-        before = plain()
+        before = _plain_process(cfg, manifest, warmup, steps, threads)
         ray_side = _ray_train(cfg, manifest, warmup, steps, epoch_probe, str(Path(tmp, "ray")))
-        after = plain()
+        after = _plain_process(cfg, manifest, warmup, steps, threads)
     plain_times = before["times_s"] + after["times_s"]
     return {
         "rows": rows, "batch_size": cfg.train.batch_size, "image_side": bucket_side(cfg), "warmup": warmup,
         "steps": steps, "precision": str(cfg.train.precision), "plain_threads": threads,
-        "threads_match": ray_side["torch_threads"] == threads,
+        "threads_match": ray_side["torch_threads"] == before["torch_threads"] == threads,
+        "malloc_pinned": ray_side["mmap_threshold"] == before["mmap_threshold"] == PINNED_MALLOC["MALLOC_MMAP_THRESHOLD_"],
         "plain_before": before, "plain_after": after, "ray": ray_side,
         "plain_s_per_step": statistics.fmean(plain_times), "ray_s_per_step": ray_side["s_per_step"],
         "overhead": ray_side["s_per_step"] / statistics.fmean(plain_times) - 1,

@@ -37,6 +37,7 @@ def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
         _sane_steps(out[side], 2)
     assert out["ray"]["leftover_batches"] == 0  # exactly one epoch: every row was trained on
     assert out["threads_match"] and out["ray"]["torch_threads"] == small_cfg.train.cpus_per_worker
+    assert out["malloc_pinned"]  # both sides ran with the same glibc thresholds
     plain = (sum(out["plain_before"]["times_s"]) + sum(out["plain_after"]["times_s"])) / 4
     assert math.isclose(out["plain_s_per_step"], plain, rel_tol=1e-3)
     assert math.isclose(out["overhead"], out["ray_s_per_step"] / out["plain_s_per_step"] - 1, rel_tol=1e-6)
