@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from components.benchmarks import benchmark_caching, benchmark_training, torch_threads
+from components.cluster import PINNED_MALLOC
 from components.config import Config
 
 SECTIONS = ("curation", "training", "caching", "serving", "zt_repro")
@@ -119,7 +120,8 @@ def machine() -> dict:
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpu": cpu,
             "cores": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "diffusers": diffusers.__version__, "git_commit": git_commit()}
+            "diffusers": diffusers.__version__, "git_commit": git_commit(),
+            "malloc": {k: os.environ.get(k) for k in PINNED_MALLOC}}
 
 
 def _read_lines(path: str) -> list[str]:

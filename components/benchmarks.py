@@ -11,8 +11,8 @@ the same data and the same thread count, is not (much). Here:
   apart. The plain loop runs in a fresh Python process of its own (as ``python train.py`` would),
   before and after the Ray run (A-B-A) to expose drift in the machine's load, with the worker's
   thread count (Ray gives a 1-CPU worker one torch thread). Both sides run with glibc's malloc
-  thresholds pinned (``PINNED_MALLOC``): with its default dynamic mmap threshold, the same loop ran
-  0.28-0.44 s per step depending on the process it ran in, which swamped what Ray adds.
+  thresholds pinned (``components.cluster.PINNED_MALLOC``): with its default dynamic mmap threshold,
+  the same loop ran 0.28-0.44 s per step depending on the process it ran in, which swamped what Ray adds.
 - ``benchmark_caching``: steps on curation's latent cache (posterior parameters and both text
   encoders' embeddings, encoded by ``components.curation.latents.EncodeBatch`` itself) against
   steps that encode pixels on the fly, same model, batch and thread count, alternating step by step.
@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from components.cluster import PINNED_MALLOC
 from components.config import Config
 from components.curated import CuratedManifest, read_manifest
 
@@ -202,11 +203,6 @@ def _ray_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # metrics without a checkpoint are not kept (Ray Train V2)
         Path(tmp, "timings.json").write_text(json.dumps(out))
         ray.train.report({"s_per_step": out["s_per_step"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-"""glibc reads these at process start: step-sized buffers stay on the heap instead of being mmapped
-and unmapped every step, the same in every process (see the module docstring)."""
 
 
 def plain_loop(spec: dict) -> dict:
