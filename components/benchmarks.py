@@ -44,6 +44,7 @@ import torch
 from components.cluster import PINNED_MALLOC
 from components.config import Config
 from components.curated import CuratedManifest, read_manifest
+from components.environment import snapshot as environ_snapshot
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -222,7 +223,7 @@ def _plain_process(cfg: Config, manifest: CuratedManifest, warmup: int, steps: i
     spec = {"config": cfg.model_dump(mode="json"), "root": manifest.root, "warmup": warmup, "steps": steps,
             "threads": threads}
     code = "import json, sys; from components.benchmarks import plain_loop; print(json.dumps(plain_loop(json.load(sys.stdin))))"
-    env = {**os.environ, **PINNED_MALLOC, "OMP_NUM_THREADS": str(threads)}
+    env = {**environ_snapshot(), **PINNED_MALLOC, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
                           env=env, timeout=1800)
     if proc.returncode != 0:

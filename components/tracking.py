@@ -9,22 +9,11 @@ Nothing here runs at import.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
 from components.config import Config
-
-SECRET_PATTERNS = [
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids (long-term and temporary)
-    re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),  # Hugging Face tokens
-    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),  # Authorization header values
-    re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in a URL
-    re.compile(r"(?i)(secret|token|password|passwd|api_key|apikey)[^=:\s]*\s*[=:]\s*\S+"),
-]
-SECRET_ENV = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY)")
-"""Environment variables whose values are secrets wherever they turn up (AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD, HF_TOKEN, RAY_AUTH_TOKEN, ...), with or without a pattern."""
+from components.redact import Redactor
 
 
 def state_path(cfg: Config, *parts: str) -> Path:
@@ -83,42 +72,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+def flatten(tree: dict, prefix: str = "", redactor: Redactor | None = None) -> dict[str, str]:
     """Nested config -> MLflow params (``train.lr.max`` = ...), every value passed through ``redact``."""
+    redactor = redactor or Redactor()
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
+            flat.update(flatten(value, name + ".", redactor))
         else:
-            flat[name] = redact(str(value))[:6000]
+            flat[name] = redactor(str(value))[:6000]
     return flat
-
-
-def _secret_env_values() -> list[str]:
-    """Values of secret-named environment variables, longest first (8+ characters, so that a short
-    value such as ``1`` or ``true`` never blanks ordinary text)."""
-    values = {v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8}
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """``text`` with credentials replaced by ``<redacted>``: the values of secret-named environment
-    variables, then AWS key ids, tokens, ``key=value`` secrets and URL passwords by pattern.
-    Applied to everything this platform writes to MLflow params, tags and reports."""
-    for value in _secret_env_values():
-        text = text.replace(value, "<redacted>")
-    for pattern in SECRET_PATTERNS:
-        text = pattern.sub("<redacted>", text)
-    return text
-
-
-def redact_tree(obj):
-    """``redact`` applied to every string in a JSON-like tree (a report), keeping its structure."""
-    if isinstance(obj, str):
-        return redact(obj)
-    if isinstance(obj, dict):
-        return {k: redact_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact_tree(v) for v in obj]
-    return obj

@@ -16,7 +16,7 @@ import mlflow
 
 from components.config import Config
 from components.curated import CuratedManifest, read_manifest
-from components.tracking import flatten, git_commit, redact, setup_tracking, state_path, tracking_uri
+from components.tracking import flatten, git_commit, setup_tracking, state_path, tracking_uri
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "terminus.run_name"
@@ -58,7 +58,7 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name) as run:
-        params = {k: redact(v) for k, v in flatten(cfg.model_dump(mode="json")).items()}
+        params = flatten(cfg.model_dump(mode="json"))
         items = list(params.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))

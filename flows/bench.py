@@ -21,9 +21,10 @@ def pin_malloc() -> None:
     """Run this process again with ``PINNED_MALLOC`` (glibc reads it at start), so the driver, the
     local Ray cluster it starts and every subprocess share one allocator behaviour."""
     from components.cluster import PINNED_MALLOC
+    from components.environment import snapshot
 
     if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**snapshot(), **PINNED_MALLOC})
 
 
 def main() -> None:

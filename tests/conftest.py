@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from components.environment import snapshot
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -23,7 +25,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     ``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI into this process, so a child would
     otherwise inherit the store of whichever test set it last.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+    env = {k: v for k, v in snapshot().items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                            "RAY_ADDRESS")}
     env.update(extra)
     return env
@@ -107,7 +109,7 @@ def tiny_cfg(tmp_path):
 def s3_server():
     """moto's standalone S3 server on loopback. Yields the endpoint URL; credentials are dummies."""
     port = free_port()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    env = dict(snapshot(), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -288,7 +290,7 @@ def mlflow_server(s3_server, tmp_path_factory):
     bucket = "mlflow"
     boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in snapshot().items() if not k.startswith("MLFLOW_")}
     # No GenAI job runner: seven huey consumer processes the registry does not use.
     env.update(creds, MLFLOW_S3_ENDPOINT_URL=s3_server, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     port = free_port()

@@ -103,7 +103,7 @@ class Store:
                 raise
             endpoint = self.client.meta.endpoint_url if self._client is not None else self.endpoint_url
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            from components.tracking import redact
+            from components.redact import redact
 
             raise StorageUnavailable(redact(
                 f"S3 store unavailable: {op} {uri} via {endpoint} failed ({type(err).__name__}: {first})"

@@ -38,7 +38,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 from components import curated
 from components.curation.process import Outcome, split_of
 from components.curation.storage import Store, join, relative
-from components.tracking import redact_tree
+from components.redact import redact_tree
 
 
 def stage_schema(schema: pa.Schema) -> pa.Schema:

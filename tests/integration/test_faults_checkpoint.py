@@ -37,6 +37,7 @@ from components.checkpointing import (
     save_checkpoint,
     verify_complete,
 )
+from components.environment import snapshot as environ_snapshot
 from components.trainer import run_training
 from tests.conftest import REPO
 from tests.integration.test_train import history, small_cfg
@@ -128,7 +129,7 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(tmp_path, ray_l
 
     cmd = [sys.executable, "flows/train.py", "--config", "flows/configs/tiny.yaml",
            *[x for o in overrides for x in ("--set", o)]]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env = {k: v for k, v in environ_snapshot().items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     log = tmp_path / "first_run.log"
     with log.open("wb") as out:
         first = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,

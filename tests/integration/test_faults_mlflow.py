@@ -25,6 +25,7 @@ import mlflow
 import pytest
 
 from components.config import load_config
+from components.environment import snapshot
 from components.run_logger import PROBE_TIMEOUT_S, RunLogger, server_reachable
 from components.trainer import run_training
 from tests.conftest import REPO, free_port, wait_for_mlflow
@@ -41,7 +42,7 @@ class MlflowServer:
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self, timeout: float = 180.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env = {k: v for k, v in snapshot().items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner processes: faster, lighter
         log = (self.root / "server.log").open("ab")
         self.proc = subprocess.Popen(

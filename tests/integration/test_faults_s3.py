@@ -13,7 +13,6 @@ test can inspect the partial output. The rerun goes through the same relay, reop
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import select
 import socket
@@ -31,6 +30,7 @@ from components import curated
 from components.config import CurateConfig
 from components.curation.process import Curator
 from components.curation.storage import StorageUnavailable, Store
+from components.environment import snapshot
 from tests.conftest import REPO, free_port, stop, wait_for_port
 
 N_IMAGES = 24
@@ -115,7 +115,7 @@ def moto_relay(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **creds))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(snapshot(), **creds))
     try:
         wait_for_port(port, proc=proc)
         direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")

@@ -10,7 +10,6 @@ follows the alias; two promotions started together leave champion and previous a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import mlflow
 import pytest
 
 from components.config import InferenceConfig
+from components.environment import snapshot
 from components.promotion import LOCK_SUFFIX, PromotionRefused, promote
 from components.tracking import setup_tracking
 from deploy.holder import ModelHolder
@@ -48,7 +48,7 @@ class Done:
 
 def flows(r, *commands: tuple[str, ...]) -> list[Done]:
     """Run flow commands concurrently (each its own process) and wait for all."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # config alone says where
+    env = {k: v for k, v in snapshot().items() if not k.startswith("MLFLOW_")}  # config alone says where
     procs = []
     for script, *args in commands:
         cmd = [sys.executable, f"flows/{script}", *args]

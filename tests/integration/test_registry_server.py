@@ -17,6 +17,7 @@ import pytest
 
 from components.config import load_config
 from components.curated import read_manifest
+from components.environment import snapshot
 from components.evaluation import evaluate_version
 from components.promotion import promote
 from tests.conftest import EVAL_SMALL, REPO, register_trained, unet_checkpoint
@@ -55,7 +56,7 @@ print(json.dumps({
 @pytest.fixture
 def server_only_env(mlflow_server, monkeypatch):
     """Only MLFLOW_TRACKING_URI says where tracking goes: no other MLflow or AWS setting in the client."""
-    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))]:
+    for key in [k for k in snapshot() if k.startswith(("MLFLOW_", "AWS_"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     yield mlflow_server

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from components.environment import snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tests/bench/gpu_bench.py"
@@ -24,7 +25,7 @@ def load_bench():
 
 @pytest.fixture(scope="module")
 def smoke() -> dict:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the bare-machine path; never touches a GPU here
+    env = {**snapshot(), "CUDA_VISIBLE_DEVICES": ""}  # the bare-machine path; never touches a GPU here
     proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--peak-tflops", "1.0"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from components.config import CurateConfig, load_config
 from components.curation.sources import load_inputs, resolve_path
 from components.curation.storage import Store
-from components.tracking import flatten, redact, redact_tree
+from components.redact import redact, redact_tree
+from components.tracking import flatten
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY_ID = "AKIAQ7FAKEKEY0000042"  # AKIA + 16: the shape of an AWS access key id, not a real one
