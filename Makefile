@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) flows/demo.py --config flows/configs/tiny.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/bench/test_benchmarks.py
+	$(PY) -m pytest -q tests 
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check components deploy flows tests

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +51,7 @@ class OptimizerName(enum.StrEnum):
 
 
 class Parallel(enum.StrEnum):
-    DDP = "ddp"  # replicated weights, gradients all-reduced (Ray's prepare_model)
+    DDP = "ddp"  # replicated weights, gradients all-reduced (torch DistributedDataParallel)
     FSDP = "fsdp"  # weights, gradients and optimizer states sharded (torch FSDP2 fully_shard)
 
 
@@ -109,6 +110,8 @@ class InferenceConfig(Strict):
     """Lin et al. eq. 16; 0.7 keeps a ZT-SNR model's contrast."""
     height: int = 1024
     width: int = 1024
+    strength: float = Field(0.8, gt=0.0, le=1.0)
+    """img2img / inpainting: how far the input image is noised before denoising."""
 
 
 class FilterConfig(Strict):
@@ -298,6 +301,11 @@ class Config(Strict):
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    def state_path(self, *parts: str) -> Path:
+        """An absolute path under the state directory (``TERMINUS_STATE_DIR`` overrides ``state_dir``)."""
+        root = Path(os.environ.get("TERMINUS_STATE_DIR", self.state_dir)).expanduser().resolve()
+        return root.joinpath(*parts)
 
     def digest(self) -> str:
         """Stable hash of the resolved config (recorded as lineage)."""

@@ -18,30 +18,20 @@ import json
 import warnings
 
 import numpy as np
-import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from components.config import Config
-from components.curated import CuratedManifest
+from components.dataset import CuratedManifest, val_rows
+from components.diffusion.pipelines import build_pipelines, pick_device
+from components.diffusion.request import GenerationRequest
+from components.diffusion.schedule import inference_scheduler
+from components.diffusion.sdxl import load_parts
+from components.registry.model import diffusion_from_pipeline_dir, fetch_model
+from components.registry.promotion import EVAL_PREFIX
+from components.registry.tracking import setup_tracking
+from components.training.validation import VAL_NOISE_SEED, Validator
 
 LUMA = np.array([0.2126, 0.7152, 0.0722])  # Rec. 709 luma weights on the sRGB values
-
-
-def val_rows(manifest: CuratedManifest, limit: int) -> list[dict]:
-    rows: list[dict] = []
-    for path in manifest.paths("val"):
-        if path.startswith("s3://"):
-            import pyarrow.fs
-
-            fs, key = pyarrow.fs.FileSystem.from_uri(path)
-            table = pq.read_table(key, filesystem=fs)
-        else:
-            table = pq.read_table(path)
-        rows += table.to_pylist()
-        if len(rows) >= limit:
-            break
-    return rows[:limit]
 
 
 def probe_images(cfg: Config, pipes, prompts: list[str]) -> list[np.ndarray]:
@@ -50,12 +40,8 @@ def probe_images(cfg: Config, pipes, prompts: list[str]) -> list[np.ndarray]:
     out = []
     for prompt in prompts:
         for seed in ev.seeds:
-            images = pipes.t2i(
-                prompt=prompt, num_inference_steps=ev.steps, width=ev.image_size, height=ev.image_size,
-                guidance_scale=cfg.inference.guidance_scale, guidance_rescale=cfg.inference.guidance_rescale,
-                generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-            ).images
-            out.append(np.asarray(images[0], dtype=np.float32))
+            req = GenerationRequest(prompt, width=ev.image_size, height=ev.image_size, steps=ev.steps, seed=seed)
+            out.append(np.asarray(pipes.generate(req, output_type="np")[0], dtype=np.float32))
     return out
 
 
@@ -77,8 +63,6 @@ terminal policy) stays the config's, so every version is scored with the same we
 
 def eval_protocol(cfg: Config, manifest: CuratedManifest) -> str:
     """Hash of the evaluation settings and held-out data (not the weights, not the tolerance)."""
-    from components.validation import VAL_NOISE_SEED
-
     settings = {
         "dataset": manifest.digest, "val_timesteps": cfg.train.val_timesteps, "val_max_rows": cfg.train.val_max_rows,
         "batch_size": cfg.train.batch_size, "precision": cfg.train.precision.value, "noise_seed": VAL_NOISE_SEED,
@@ -98,22 +82,15 @@ def _mean_luminance(images: list[np.ndarray]) -> float:
 def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest) -> tuple[dict, Image.Image]:
     """Metrics and a probe grid for the diffusers directory ``pipeline_dir`` (deterministic: fixed
     timesteps, noise and seeds)."""
-    from components.models import load_components
-    from components.pipelines import build_pipelines, pick_device
-    from components.registry import diffusion_from_pipeline_dir
-    from components.validation import Validator
-
     device = pick_device()
     saved = diffusion_from_pipeline_dir(pipeline_dir)
     diffusion = cfg.diffusion.model_copy(update={k: getattr(saved, k) for k in SCHEDULE_FIELDS})
-    local = cfg.model_copy(deep=True)
-    local.model.source = str(pipeline_dir)
-    local.diffusion = diffusion
-    parts = load_components(local)
+    scored = cfg.model_copy(update={"diffusion": diffusion})  # the model's schedule, the config's weighting
+    parts = load_parts(cfg.model, cfg.state_path("cache"), source=str(pipeline_dir))
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device).eval()
-    val_loss = Validator(local, val_rows(manifest, cfg.train.val_max_rows), device).loss(parts, parts.unet)
-    pipes = build_pipelines(parts, diffusion, cfg.inference, device=device)
+    val_loss = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).loss(parts, parts.unet)
+    pipes = build_pipelines(parts, inference_scheduler(diffusion), cfg.inference.model_dump(), device=device)
     dark = probe_images(cfg, pipes, cfg.evaluate.dark_prompts)
     bright = probe_images(cfg, pipes, cfg.evaluate.bright_prompts)
     everything = dark + bright
@@ -137,12 +114,9 @@ def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> 
     """Evaluate the version ``model_uri`` names; record the run and the version's ``eval.*`` tags."""
     import mlflow
 
-    from components.promotion import EVAL_PREFIX
-    from components.registry import fetch_model
-    from components.tracking import setup_tracking, state_path
 
     experiment_id = setup_tracking(cfg)
-    resolved = fetch_model(model_uri, state_path(cfg, "cache", "models"))
+    resolved = fetch_model(model_uri, cfg.state_path("cache", "models"))
     metrics, sample_grid = evaluate_pipeline(cfg, str(resolved.pipeline_dir), manifest)
     protocol = eval_protocol(cfg, manifest)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:

@@ -14,8 +14,9 @@ endpoint takes them), never as base64 strings; /v1/images/edits without a mask i
 Prompts longer than the text encoders read (77 tokens for SDXL) are refused, never truncated.
 
 Every client mistake is an :class:`ApiError` with a 4xx status; nothing here touches Ray or a model,
-so the whole contract is unit-tested without a server. Nor does it import torch: the ingress replica
-that uses it stays light (it parses HTTP; the model replica imports the pipeline stack).
+so the whole contract is unit-tested without a server. Nor does it import torch: the request and result
+types (``components/diffusion/request.py``) are plain data, so the ingress replica stays light (it
+parses HTTP; the model replica imports the pipeline stack).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import io
 import re
 import secrets
-from dataclasses import dataclass
 from email import message_from_bytes
 from email.policy import HTTP
 from typing import Any
@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from components.config import Config
+from components.diffusion.request import GenerationRequest, GenerationResult
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what OpenAI's edits endpoint accepts
@@ -143,24 +144,7 @@ def _in_range(value: float | None, field: str, lo: float, hi: float) -> None:
         raise ApiError(400, f"{field} must be between {lo} and {hi}, got {value}", param=field)
 
 
-@dataclass
-class Outcome:
-    """What the model deployment answers for one request: PNG images, or why it refused the request."""
-
-    name: str
-    version: str
-    seed: int
-    images: list[bytes]
-    error: str | None = None
-    """Set when the request is refused (a client mistake only the model can see, e.g. too many tokens)."""
-    param: str | None = None
-    failure: str | None = None
-    """Set when the pipeline failed on this request alone (the exception's type): a server error."""
-    batch_size: int = 1
-    """Requests that shared the pipeline call (observability; shows batching is happening)."""
-
-
-def raise_for_outcome(out: Outcome) -> None:
+def raise_for_result(out: GenerationResult) -> None:
     """The model's answer as an HTTP error, if it is one: a refusal is the client's (400), a failure
     of the pipeline on this request is ours (500, the same shape as any server error)."""
     if out.failure:
@@ -173,11 +157,11 @@ def raise_for_outcome(out: Outcome) -> None:
 def to_request(
     p: ImageParams, cfg: Config, served_name: str, image: Image.Image | None = None,
     mask: Image.Image | None = None,
-) -> dict[str, Any]:
-    """Validate the parameters against the limits and fill in the defaults of the config.
+) -> GenerationRequest:
+    """Validate the parameters against the limits and fill in the serving defaults of the config.
 
-    Returns the keyword arguments of :class:`components.pipelines.GenerationRequest` (a dict, so this
-    module needs no torch); fields left out (strength without a value) take that class's defaults.
+    Settings left unset (strength without a value) take the model's defaults (the preset's
+    ``inference`` section) on the model replica.
     """
     s = cfg.serve
     if p.model is not None and p.model != served_name:
@@ -213,29 +197,27 @@ def to_request(
     else:
         width, height = size or (s.default_size, s.default_size)
         check_side_limits(width, height, cfg, what="default size")
-    spec = dict(
+    return GenerationRequest(
         prompt=p.prompt,
         negative_prompt=p.negative_prompt,
         width=width,
         height=height,
         steps=p.steps if p.steps is not None else s.default_steps,
-        guidance_scale=p.guidance_scale if p.guidance_scale is not None else cfg.inference.guidance_scale,
-        guidance_rescale=p.guidance_rescale if p.guidance_rescale is not None else cfg.inference.guidance_rescale,
+        guidance_scale=p.guidance_scale,
+        guidance_rescale=p.guidance_rescale,
         # A seed is always drawn here so that every response can report the seed that reproduces it.
         seed=p.seed if p.seed is not None else secrets.randbelow(MAX_SEED - s.max_n),
         n=p.n,
         image=image,
         mask=mask,
+        strength=p.strength,
     )
-    if p.strength is not None:
-        spec["strength"] = p.strength
-    return spec
 
 
 # --- uploaded images -----------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, field: str, cfg: Config) -> Image.Image:
+def decode_upload(data: bytes, field: str, cfg: Config) -> Image.Image:
     """Bytes -> a loaded PIL image; the pixel count is checked from the header before decoding."""
     if not data:
         raise ApiError(400, f"{field} is empty", param=field)

@@ -37,15 +37,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.config import Config, load_config
-from components.tracking import state_path, tracking_uri
+from components.diffusion.request import GenerationRequest, GenerationResult
+from components.registry.tracking import tracking_uri
 from deploy.api import (
     ApiError,
-    Outcome,
-    decode_image,
+    decode_upload,
     error_body,
     parse_multipart,
     parse_params,
-    raise_for_outcome,
+    raise_for_result,
     to_request,
 )
 
@@ -89,14 +89,12 @@ class Model:
         return {"name": loaded.name, "version": loaded.version, "uri": self.holder.uri,
                 "loaded_at": loaded.loaded_at, "swaps": self.holder.swaps}
 
-    async def generate(self, spec: dict[str, Any]) -> Outcome:
-        """One request (the keyword arguments of GenerationRequest, from deploy.api.to_request)."""
-        from components.pipelines import GenerationRequest
-
-        return await self._batched(GenerationRequest(**spec))
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One request, as deploy.api.to_request built it."""
+        return await self._batched(request)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _batched(self, reqs: list) -> list[Outcome]:
+    async def _batched(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         from deploy.batching import serve_batch
 
         loaded = self.holder.current  # one version for the whole batch, reported with every result
@@ -221,8 +219,8 @@ class Ingress:
             raise ApiError(400, f"unexpected file field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
         if "image" not in files:
             raise ApiError(400, "missing required file 'image'", param="image")
-        image = decode_image(files["image"], "image", self.cfg)
-        mask = decode_image(files["mask"], "mask", self.cfg) if "mask" in files else None
+        image = decode_upload(files["image"], "image", self.cfg)
+        mask = decode_upload(files["mask"], "mask", self.cfg) if "mask" in files else None
         return await self._respond(to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask))
 
     async def _call(self, awaitable):
@@ -236,9 +234,9 @@ class Ingress:
             raise ApiError(503, "no model replica is available right now; retry shortly",
                            type="service_unavailable", headers=self._retry_after(None)) from None
 
-    async def _respond(self, spec: dict[str, Any]) -> JSONResponse:
-        out: Outcome = await self._call(self.model.generate.remote(spec))
-        raise_for_outcome(out)
+    async def _respond(self, request: GenerationRequest) -> JSONResponse:
+        out: GenerationResult = await self._call(self.model.generate.remote(request))
+        raise_for_result(out)
         body = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
@@ -285,12 +283,12 @@ def compose(
     The tracking URI is resolved here (config, then MLFLOW_TRACKING_URI, then the state dir's
     SQLite) and handed to the replicas, which need not share the caller's environment.
     """
-    from components.registry import parse_model_uri
+    from components.registry.model import parse_model_uri
 
     uri = model_uri or cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
     name, _, _ = parse_model_uri(uri)
     config = cfg.model_dump(mode="json")
     model = Model.options(**(model_options or {})).bind(
-        config, uri, tracking_uri(cfg), str(state_path(cfg, "cache", "serve"))
+        config, uri, tracking_uri(cfg), str(cfg.state_path("cache", "serve"))
     )
     return Ingress.options(**(ingress_options or {})).bind(model, config, name)

@@ -1,12 +1,10 @@
-"""Batched generation: compatible requests run as one pipeline call, each keeping its own prompt and seeds.
+"""A dynamic batch of requests on one model replica: grouped into pipeline calls, failures kept apart.
 
-Requests are compatible when everything the pipeline takes as a scalar is equal (mode, size, steps,
-guidance, CFG rescale, strength, and whether a negative prompt is given, since ``None`` means zero
-embeddings in SDXL while ``""`` is an encoded empty prompt). Everything per image is a list:
-prompts, negative prompts, input images, masks and one ``torch.Generator`` per image seeded
-``seed + i``, exactly as :meth:`components.pipelines.ZTSNRPipelines.generate` seeds image ``i``.
-diffusers draws each image's initial latents from its own generator (``randn_tensor`` with a list),
-and DDIM with eta = 0 adds no noise after that, so an image does not depend on its batch mates.
+Requests are compatible when everything the pipeline takes as a scalar is equal
+(:meth:`GenerationRequest.batch_key`: mode, size, steps, guidance, CFG rescale, strength, and whether
+a negative prompt is given, since ``None`` means zero embeddings in SDXL while ``""`` is an encoded
+empty prompt); each compatible group is one call of :meth:`ZTSNRPipelines.generate_group`, the same
+path every other caller takes, so a batched image equals the image of the same request alone.
 
 A failure stays with its own request: when a shared call raises (out of memory for the batch, a
 request the pipeline cannot take), its requests run again one at a time, so only the request that
@@ -15,79 +13,31 @@ fails alone gets the error (a 500 for that client) and its batch mates get their
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Hashable
 
 import torch
 from PIL import Image
 
-from components.pipelines import GenerationRequest, ZTSNRPipelines
-from deploy.api import Outcome
+from components.diffusion.pipelines import ZTSNRPipelines
+from components.diffusion.request import GenerationRequest, GenerationResult, encode_png
 
 log = logging.getLogger(__name__)
 
 
-def batch_key(req: GenerationRequest) -> Hashable:
-    """Requests with equal keys can share one pipeline call."""
-    strength = None if req.mode == "text2img" else req.strength
-    return (req.mode, req.width, req.height, req.steps, req.guidance_scale, req.guidance_rescale, strength,
-            req.negative_prompt is None)
-
-
 def group_compatible(reqs: list[GenerationRequest]) -> list[list[int]]:
-    """Indices of ``reqs`` grouped by :func:`batch_key`, groups in order of first appearance."""
+    """Indices of (completed) ``reqs`` grouped by their batch key, groups in order of first appearance."""
     groups: dict[Hashable, list[int]] = {}
     for i, req in enumerate(reqs):
-        groups.setdefault(batch_key(req), []).append(i)
+        groups.setdefault(req.batch_key(), []).append(i)
     return list(groups.values())
 
 
-def run_group(pipes: ZTSNRPipelines, group: list[GenerationRequest]) -> list[list[Image.Image]]:
-    """One pipeline call for a compatible group; returns each request's n images, in order."""
-    first = group[0]
-    # Flatten to one entry per image: request r contributes r.n entries, image i seeded r.seed + i.
-    per_image = [(r, i) for r in group for i in range(r.n)]
-    kwargs = dict(
-        prompt=[r.prompt for r, _ in per_image],
-        negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r, _ in per_image],
-        num_inference_steps=first.steps,
-        guidance_scale=first.guidance_scale,
-        guidance_rescale=first.guidance_rescale,
-        num_images_per_prompt=1,
-        generator=[torch.Generator("cpu").manual_seed(r.seed + i) for r, i in per_image],
-    )
-    mode = first.mode
-    pipe = pipes.view(mode)
-    pipe.set_progress_bar_config(disable=True)  # img2img / inpaint views are made without the factory's setting
-    if mode == "text2img":
-        out = pipe(width=first.width, height=first.height, **kwargs)
-    elif mode == "img2img":
-        out = pipe(image=[r.image for r, _ in per_image], strength=first.strength, **kwargs)
-    else:
-        out = pipe(
-            image=[r.image for r, _ in per_image], mask_image=[r.mask for r, _ in per_image],
-            strength=first.strength, width=first.width, height=first.height, **kwargs,
-        )
-    images = list(out.images)
-    result, start = [], 0
-    for r in group:
-        result.append(images[start:start + r.n])
-        start += r.n
-    return result
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def run_isolated(pipes: ZTSNRPipelines, group: list[GenerationRequest]) -> list[list[Image.Image] | Exception]:
-    """``run_group``, except that a failing shared call is retried one request at a time: each
+    """``generate_group``, except that a failing shared call is retried one request at a time: each
     request gets its images, or the exception it raises alone."""
     try:
-        return run_group(pipes, group)
+        return pipes.generate_group(group)
     except Exception as err:
         if len(group) == 1:
             return [err]
@@ -101,6 +51,7 @@ def run_isolated(pipes: ZTSNRPipelines, group: list[GenerationRequest]) -> list[
 def generate_batch(pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list[list[Image.Image] | Exception]:
     """Images for every request of a dynamic batch, grouped by compatibility; one result per
     request (the exception it raised on its own when it failed)."""
+    reqs = [pipes.complete(r) for r in reqs]
     results: list[list[Image.Image] | Exception] = [[] for _ in reqs]
     for idx in group_compatible(reqs):
         for i, images in zip(idx, run_isolated(pipes, [reqs[i] for i in idx]), strict=True):
@@ -108,18 +59,19 @@ def generate_batch(pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list
     return results
 
 
-def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list[Outcome]:
-    """A dynamic batch -> one Outcome per request: refused ones (too many tokens) and PNG images.
+def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+    """A dynamic batch -> one GenerationResult per request: refused ones (too many tokens) and PNG images.
 
     The token check runs here, on the thread that runs the pipeline, because tokenizers are not
     safe to share between threads (a fast tokenizer's truncation setting is global to it).
     """
-    outcomes: list[Outcome | None] = [None] * len(reqs)
+    reqs = [pipes.complete(r) for r in reqs]
+    results: list[GenerationResult | None] = [None] * len(reqs)
     accepted: list[int] = []
     for i, req in enumerate(reqs):
         why = refusal(pipes, req)
         if why:
-            outcomes[i] = Outcome(name, version, req.seed, [], error=why[1], param=why[0])
+            results[i] = GenerationResult(name, version, req.seed, [], error=why[1], param=why[0])
         else:
             accepted.append(i)
     batch = [reqs[i] for i in accepted]
@@ -127,18 +79,28 @@ def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[Gener
     for j, (i, images) in enumerate(zip(accepted, generate_batch(pipes, batch), strict=True)):
         if isinstance(images, Exception):
             log.error("request failed on its own: %s: %s", type(images).__name__, str(images)[:500])
-            outcomes[i] = Outcome(name, version, reqs[i].seed, [], failure=type(images).__name__, batch_size=1)
-        else:
-            outcomes[i] = Outcome(name, version, reqs[i].seed, [encode_png(im) for im in images], batch_size=sizes[j])
-    return outcomes
+            results[i] = GenerationResult(name, version, reqs[i].seed, [], failure=type(images).__name__)
+            continue
+        try:
+            pngs = [encode_png(im) for im in images]
+        except Exception as err:  # an image that cannot be encoded fails its own request only
+            log.error("encoding a result failed: %s: %s", type(err).__name__, str(err)[:500])
+            results[i] = GenerationResult(name, version, reqs[i].seed, [], failure=type(err).__name__)
+            continue
+        results[i] = GenerationResult(name, version, reqs[i].seed, pngs, batch_size=sizes[j])
+    return results
 
 
 def refusal(pipes: ZTSNRPipelines, req: GenerationRequest) -> tuple[str, str] | None:
-    """(param, message) when the pipeline would refuse or silently alter this request, else None."""
-    for field in ("prompt", "negative_prompt"):
-        why = token_overflow(pipes, getattr(req, field))
-        if why:
-            return field, f"{field} {why}"
+    """(param, message) when the pipeline would refuse or silently alter this (completed) request.
+    A check that itself fails refuses the request alone, never its batch."""
+    try:
+        for field in ("prompt", "negative_prompt"):
+            why = token_overflow(pipes, getattr(req, field))
+            if why:
+                return field, f"{field} {why}"
+    except Exception as err:
+        return "prompt", f"prompt could not be tokenized ({type(err).__name__})"
     # img2img / inpaint run int(steps * strength) denoising steps (diffusers get_timesteps); zero is an error.
     if req.mode != "text2img" and int(req.steps * req.strength) < 1:
         return "strength", (f"steps x strength must give at least one denoising step; got {req.steps} x "

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.config import InferenceConfig
-from components.pipelines import ZTSNRPipelines, build_pipelines
-from components.registry import diffusion_from_pipeline_dir, fetch_model, parse_model_uri, resolve_version
+from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines
+from components.diffusion.schedule import inference_scheduler
+from components.registry.model import diffusion_from_pipeline_dir, fetch_model, parse_model_uri, resolve_version
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,8 @@ class ModelHolder:
     def load(self, name: str, version: str) -> Loaded:
         with _file_lock(self.cache_dir / ".fetch.lock"):
             resolved = fetch_model(f"models:/{name}/{version}", self.cache_dir)
-        pipes = build_pipelines(
-            str(resolved.pipeline_dir), diffusion_from_pipeline_dir(resolved.pipeline_dir), self.defaults
-        )
+        scheduler = inference_scheduler(diffusion_from_pipeline_dir(resolved.pipeline_dir))
+        pipes = build_pipelines(str(resolved.pipeline_dir), scheduler, self.defaults.model_dump())
         return Loaded(resolved.name, resolved.version, pipes)
 
     def refresh(self) -> bool:

@@ -5,31 +5,22 @@
 Sections: curation, training, caching, serving, zt_repro (all by default; about 10-15 minutes on
 2 busy cores). The table goes to stdout, the full report to <state_dir>/bench/cpu-<timestamp>.json,
 and the last stdout line is a JSON summary. Every process runs with glibc's malloc thresholds pinned
-(``components.cluster.PINNED_MALLOC``; the flow restarts itself with them). Exit status 0 even when
+(``bench.process.PINNED_MALLOC``; the flow restarts itself with them). Exit status 0 even when
 a target is missed (a miss is a measurement, reported as such); 1 when a section failed to run.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from _common import banner, emit, fail, load, parser, setup_logging
 
 
-def pin_malloc() -> None:
-    """Run this process again with ``PINNED_MALLOC`` (glibc reads it at start), so the driver, the
-    local Ray cluster it starts and every subprocess share one allocator behaviour."""
-    from components.cluster import PINNED_MALLOC
-    from components.environment import snapshot
-
-    if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**snapshot(), **PINNED_MALLOC})
-
-
 def main() -> None:
+    from bench.process import pin_malloc
+
     pin_malloc()
-    from components.bench_report import SECTIONS
+    from bench.report import SECTIONS
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(SECTIONS), metavar="SECTION[,SECTION]",
@@ -42,7 +33,7 @@ def main() -> None:
     cfg = load(args)
     setup_logging()
 
-    from components.bench_report import run_benchmarks, table, write_report
+    from bench.report import run_benchmarks, table, write_report
 
     banner(f"bench: {', '.join(sections)} ({cfg.name})")
     report = run_benchmarks(cfg, sections, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -19,10 +19,10 @@ def main() -> None:
     setup_logging()
 
     from components.cluster import ray_session
-    from components.curated import REPORT, join
     from components.curation.pipeline import curate
     from components.curation.sources import SourceError
-    from components.curation.storage import StorageUnavailable
+    from components.dataset import REPORT, join
+    from components.storage import StorageUnavailable
 
     banner(f"curate: {cfg.curate.source} -> {cfg.curate.output}")
     try:

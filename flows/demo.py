@@ -72,9 +72,8 @@ def main() -> None:
     banner(f"4/5 promote {uri} to @champion")
     promoted = run_flow("promote.py", *common, "--model", model, "--version", version)
     banner(f"5/5 serve models:/{model}@champion on Ray Serve and call it")
-    from components.tracking import state_path
 
-    out_png = state_path(cfg, "demo", f"{model}-v{version}.png")
+    out_png = cfg.state_path("demo", f"{model}-v{version}.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     endpoint = serve_and_call(cfg, str(REPO / args.config), args.overrides, model, out_png)
     emit({"model": model, "version": version, "alias": promoted["alias"], "image": str(out_png),

@@ -16,9 +16,9 @@ def main() -> None:
     setup_logging()
     import mlflow
 
-    from components.curated import IncompleteDatasetError, read_manifest
+    from components.dataset import IncompleteDatasetError, read_manifest
     from components.evaluation import evaluate_version
-    from components.registry import ModelUriError
+    from components.registry.model import ModelUriError
 
     try:
         emit(evaluate_version(cfg, args.model_uri, read_manifest(cfg.train.data)))

@@ -19,7 +19,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load(args)
 
-    from components.memory_plan import plan_for
+    from components.training.memory.plan import plan_for
 
     try:
         plan = plan_for(cfg, capacity=int(args.capacity_gib * 2**30))

@@ -32,8 +32,8 @@ def main() -> None:
     setup_logging()
     import mlflow
 
-    from components.promotion import PromotionRefused, promote, rollback
-    from components.tracking import setup_tracking
+    from components.registry.promotion import PromotionRefused, promote, rollback
+    from components.registry.tracking import setup_tracking
 
     tolerance = cfg.evaluate.tolerance if args.tolerance is None else args.tolerance
     name = args.model or cfg.tracking.registered_model

@@ -20,15 +20,15 @@ def main() -> None:
     cfg = load(args)  # validated before any cluster work
     setup_logging()
     if args.dry_run:
-        from components.memory_plan import plan_for
+        from components.training.memory.plan import plan_for
 
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         print(plan_for(cfg).table())
         return
 
     from components.cluster import ray_session
-    from components.curated import IncompleteDatasetError
-    from components.trainer import run_training
+    from components.dataset import IncompleteDatasetError
+    from components.training.driver import run_training
 
     banner(f"train: {cfg.name} on {cfg.train.data}")
     try:

@@ -1,4 +1,4 @@
-"""A small curated dataset written straight to the contract in components/curated.py, so the
+"""A small curated dataset written straight to the contract in components/dataset.py, so the
 training tests do not depend on the curation pipeline (which has tests of its own)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components.curated import REPORT, SCHEMA, SUCCESS
+from components.dataset import REPORT, SCHEMA, SUCCESS
 
 CAPTIONS = ["a dark room at night", "a bright snowy field", "a red apple", "a blue sky", "a green forest"]
 

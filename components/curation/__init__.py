@@ -1,5 +1,5 @@
 """Image curation on Ray Data (issue 4): sources, the Terminus filters, LANCZOS-without-upsampling
-into SDXL aspect buckets with crop coordinates, crash-safe shards in the ``components.curated`` layout.
+into SDXL aspect buckets with crop coordinates, crash-safe shards in the ``components.dataset`` layout.
 
 Modules: ``sources`` (directory, s3:// prefix, manifest), ``filters`` (reasons and checks),
 ``buckets`` (bucket and crop math), ``transforms`` (pixels), ``process`` (one record -> one outcome),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from components.curation.filters import Reason
-from components.curation.storage import Store, join
+from components.storage import Store, join
 
 
 def find_duplicates(files: list[dict]) -> dict[str, dict[int, tuple[str, str]]]:

@@ -3,16 +3,16 @@
 Reads a published curated dataset, encodes every row with an actor pool that loads the model once
 per actor (CPU here; ``num_gpus=1`` actors on a GPU cluster via ``curate.cache_num_gpus``), and
 writes a cached dataset in the same contract layout (train/val shards, report.json, ``_SUCCESS``
-last, same splits as its source) whose columns are ``LATENT_SCHEMA``.
+last, same splits as its source) whose columns are ``dataset.LATENT_SCHEMA``.
 
 What is cached, and why it changes nothing in training:
 - ``latent_dist``: the VAE posterior's parameters (mean and log-variance, (2C, H/8, W/8)), not a
   sample: training draws ``z = mean + std * eps`` from its own generator at every step, exactly as
-  ``components.step.encode_latents`` does from raw pixels (``latent_from_cache`` below).
+  ``components.diffusion.loss.encode_latents`` does from raw pixels (``components.diffusion.loss.sample_latents``).
 - ``prompt_embeds`` (77, D1 + D2) and ``pooled_embeds`` (P2): SDXL's penultimate hidden states of
-  both encoders and encoder 2's projected pooled output (``components.conditioning.encode_text``).
+  both encoders and encoder 2's projected pooled output (``components.diffusion.conditioning.encode_text``).
   Caption dropout zeroes embeddings after encoding, so it applies to cached ones unchanged.
-Precision follows the platform policy (components/step.py): the VAE encodes in fp32; text
+Precision follows the platform policy (components/diffusion/loss.py): the VAE encodes in fp32; text
 encoders run in fp32 here; tensors are stored as ``curate.cache_dtype``.
 """
 
@@ -21,23 +21,10 @@ from __future__ import annotations
 import time
 import uuid
 
-import numpy as np
 import pyarrow as pa
 
-from components import curated
+from components import dataset
 from components.config import Config
-
-LATENT_SCHEMA = pa.schema(
-    [f for f in curated.SCHEMA if f.name != "image"]
-    + [
-        ("latent_dist", pa.binary()),  # (2C, h, w): posterior mean then log-variance
-        ("latent_shape", pa.list_(pa.int32())),
-        ("prompt_embeds", pa.binary()),  # (77, D1 + D2)
-        ("embeds_shape", pa.list_(pa.int32())),
-        ("pooled_embeds", pa.binary()),  # (P2,)
-        ("dtype", pa.string()),
-    ]
-)
 
 
 class EncodeBatch:
@@ -46,11 +33,11 @@ class EncodeBatch:
     def __init__(self, config: dict, device: str, dtype: str):
         import torch
 
-        from components.models import load_components
+        from components.diffusion.sdxl import load_parts
 
         cfg = Config.model_validate(config)
         self.device = torch.device(device)
-        self.parts = load_components(cfg)
+        self.parts = load_parts(cfg.model, cfg.state_path("cache"))
         for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             module.to(self.device).eval().requires_grad_(False)
         self.dtype = dtype
@@ -58,8 +45,8 @@ class EncodeBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from components.conditioning import encode_text
-        from components.train_data import decode_image
+        from components.dataset import decode_image
+        from components.diffusion.conditioning import encode_text
 
         rows = batch.to_pylist()
         out: list[dict | None] = [None] * len(rows)
@@ -79,7 +66,7 @@ class EncodeBatch:
         def raw(t) -> bytes:
             return t.detach().float().cpu().numpy().astype(self.dtype).tobytes()
 
-        keep = {k: v for k, v in row.items() if k in LATENT_SCHEMA.names}
+        keep = {k: v for k, v in row.items() if k in dataset.LATENT_SCHEMA.names}
         return {**keep, "latent_dist": raw(params), "latent_shape": list(params.shape), "prompt_embeds": raw(embeds),
                 "embeds_shape": list(embeds.shape), "pooled_embeds": raw(pooled), "dtype": self.dtype,
                 "split": row["split"], "reason": None, "detail": None}
@@ -88,26 +75,7 @@ class EncodeBatch:
 def latent_stage_schema() -> pa.Schema:
     from components.curation.writer import stage_schema
 
-    return stage_schema(LATENT_SCHEMA)
-
-
-def cached_tensors(row: dict):
-    """One cached row -> (latent_dist (2C, h, w), prompt_embeds (77, D), pooled_embeds (P,)) float32 tensors."""
-    import torch
-
-    def arr(name: str, shape) -> torch.Tensor:
-        return torch.from_numpy(np.frombuffer(row[name], dtype=row["dtype"]).reshape(shape).astype(np.float32))
-
-    pooled = np.frombuffer(row["pooled_embeds"], dtype=row["dtype"]).astype(np.float32)
-    return arr("latent_dist", row["latent_shape"]), arr("prompt_embeds", row["embeds_shape"]), torch.from_numpy(pooled)
-
-
-def latent_from_cache(latent_dist, generator, scaling_factor: float):
-    """A posterior sample times the VAE scaling factor, as ``components.step.encode_latents`` gives
-    from pixels. latent_dist: (B, 2C, h, w) -> (B, C, h, w)."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    return DiagonalGaussianDistribution(latent_dist).sample(generator) * scaling_factor
+    return stage_schema(dataset.LATENT_SCHEMA)
 
 
 def cache_latents(cfg: Config, source: str | None = None, output: str | None = None) -> dict:
@@ -115,23 +83,23 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
     (default ``curate.cache_output`` or ``<source>-latents``); returns the cache's report. Needs Ray."""
     import ray
 
-    from components.curation.pipeline import worker_args, write_to
-    from components.curation.storage import Store
+    from components.curation.remote import worker_args, write_to
     from components.curation.writer import CuratedDatasink, aggregate, begin, publish
+    from components.storage import Store, arrow_filesystem
 
     c = cfg.curate
     source = source or c.output
     output = output or c.cache_output or source.rstrip("/") + "-latents"
-    manifest = curated.read_manifest(source, c.s3_endpoint_url)
+    manifest = dataset.read_manifest(source, c.s3_endpoint_url)
     store = Store(c.s3_endpoint_url)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     begin(store, output)
     start = time.perf_counter()
     datasets = []
-    for split in curated.SPLITS:
+    for split in dataset.SPLITS:
         paths = manifest.paths(split)
         if paths:
-            ds = ray.data.read_parquet(paths, filesystem=_filesystem(source, c.s3_endpoint_url))
+            ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(source, c.s3_endpoint_url))
             datasets.append(ds.add_column("split", lambda t, s=split: pa.array([s] * t.num_rows), batch_format="pyarrow"))
     results = []
     if datasets:
@@ -147,7 +115,7 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
             **worker_args(c, num_cpus=1),
         )
         sink = CuratedDatasink(output, run_id, c.s3_endpoint_url, min_rows_per_write=c.rows_per_shard,
-                               schema=LATENT_SCHEMA)
+                               schema=dataset.LATENT_SCHEMA)
         write_to(ds, sink, c)
         results = sink.results
     wall = time.perf_counter() - start
@@ -157,18 +125,3 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
               "images_per_s": round(agg["inputs"] / wall, 2) if wall > 0 else None}
     # holdout 0: the splits are the source's (already balanced); publish must not move rows.
     return publish(store, output, run_id, agg, 0.0, report)
-
-
-def _filesystem(root: str, endpoint_url: str | None):
-    """pyarrow's S3 filesystem with the same endpoint override as boto3; None for local paths."""
-    import os
-
-    if not root.startswith("s3://"):
-        return None
-    import pyarrow.fs
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if not endpoint:
-        return pyarrow.fs.S3FileSystem()
-    scheme, _, host = endpoint.partition("://")
-    return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)

@@ -22,7 +22,6 @@ themselves (local paths must then be on shared storage; S3 always works).
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 
@@ -33,9 +32,10 @@ from components.curation.buckets import make_buckets
 from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
 from components.curation.process import Curator
+from components.curation.remote import worker_args
 from components.curation.sources import check_output, load_inputs
-from components.curation.storage import StorageUnavailable, Store, original_unavailable
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
+from components.storage import StorageUnavailable, Store, original_unavailable
 
 log = logging.getLogger(__name__)
 LUMA = "BT.709 luma of gamma-encoded sRGB: 0.2126 R' + 0.7152 G' + 0.0722 B' (0..1)"
@@ -45,31 +45,6 @@ def curate_block(block: pa.Table, cfg: CurateConfig, seed: int) -> pa.Table:
     """Ray Data task function: a block of records in, one stage row per record out."""
     curator = Curator(cfg, seed)
     return outcomes_table([curator.process(r) for r in block.to_pylist()], cfg.holdout_fraction)
-
-
-# boto3's standard settings. Forwarded to the curation workers when the driver has them, so a run
-# started with credentials in its environment (a Ray job, a test against a local S3) works on
-# workers started without them; on a cluster with instance roles nothing is set and nothing travels.
-AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-def worker_args(cfg: CurateConfig, num_cpus: float) -> dict:
-    """``ray_remote_args`` for the curation tasks, encoding actors and write tasks."""
-    args: dict = {"num_cpus": num_cpus}
-    if any(p.startswith("s3://") for p in (cfg.source, cfg.output, cfg.root or "")):
-        env = {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
-        if env:
-            args["runtime_env"] = {"env_vars": env}
-    return args
-
-
-def write_to(ds, sink, cfg: CurateConfig) -> None:
-    """Run an actor pool's output ``ds`` into ``sink`` (the latent cache). Write tasks ask for no
-    CPU, capped at one per actor instead: the actor pool may hold every CPU of a small machine, and
-    a write task that waited for a core would stall the stream (outputs pile up, backpressure idles
-    the actors, nothing frees a CPU). They only serialise parquet and upload."""
-    ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0), concurrency=cfg.cache_workers)
 
 
 def blocks(records: pa.Table, workers: int, rows_per_shard: int) -> list[pa.Table]:

@@ -23,7 +23,7 @@ from components.curation import buckets as bk
 from components.curation import filters as flt
 from components.curation import transforms as tf
 from components.curation.filters import Reason
-from components.curation.storage import StorageUnavailable, Store
+from components.storage import StorageUnavailable, Store
 
 
 @dataclass

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from components.config import CurateConfig
 from components.curation.filters import Reason
-from components.curation.storage import Store, is_s3, split_s3
+from components.storage import Store, is_s3, split_s3
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm"}

@@ -1,6 +1,6 @@
 """Writing a curated dataset so that a crash never leaves one that looks complete.
 
-Protocol (the layout is ``components.curated``'s contract):
+Protocol (the layout is ``components.dataset``'s contract):
 
 1. ``begin``: delete ``_SUCCESS`` (then ``report.json``) of whatever was at ROOT, so from the first
    byte written the dataset reads as incomplete and ``read_manifest`` refuses it.
@@ -35,26 +35,23 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from components import curated
+from components import dataset
 from components.curation.process import Outcome, split_of
-from components.curation.storage import Store, join, relative
 from components.redact import redact_tree
+from components.storage import Store, join, relative
 
 
 def stage_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(schema) + [("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 
 
-STAGE_SCHEMA = stage_schema(curated.SCHEMA)
+STAGE_SCHEMA = stage_schema(dataset.SCHEMA)
 """What the curation stage emits: one row per input (kept rows with SCHEMA filled, dropped rows
 with ``reason``), so the sink can count every input exactly once."""
 
 REJECTS = "rejects"
 MIN_KEPT_FOR_VAL = 5
 MAX_EXAMPLES = 5
-_BLANK = {"image": b"", "caption": "", "original_h": 0, "original_w": 0, "crop_top": 0, "crop_left": 0,
-          "target_h": 0, "target_w": 0, "bucket": "", "source": "", "sha256": ""}
-
 
 def outcomes_table(outcomes: list[Outcome], holdout_fraction: float) -> pa.Table:
     rows = []
@@ -62,7 +59,7 @@ def outcomes_table(outcomes: list[Outcome], holdout_fraction: float) -> pa.Table
         if o.kept:
             rows.append({**o.row, "split": split_of(o.row["sha256"], holdout_fraction), "reason": None, "detail": None})
         else:
-            rows.append({**_BLANK, "source": o.source, "split": None, "reason": str(o.reason), "detail": o.detail})
+            rows.append({**dataset.blank_row(), "source": o.source, "split": None, "reason": str(o.reason), "detail": o.detail})
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
@@ -90,13 +87,13 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(store: Store, root: str, name: str, table: pa.Table, schema: pa.Schema = curated.SCHEMA) -> dict:
+def write_shard(store: Store, root: str, name: str, table: pa.Table, schema: pa.Schema = dataset.SCHEMA) -> dict:
     """Write one bundle of stage rows (``schema`` + split, reason, detail) as shards; return its stats."""
     reason = table["reason"]
     kept = table.filter(pc.is_null(reason))
     dropped = table.filter(pc.is_valid(reason))
     result: dict = {"inputs": table.num_rows, "reasons": {}, "buckets": {}, "examples": {}, "files": [], "rejects": []}
-    for split in curated.SPLITS:
+    for split in dataset.SPLITS:
         part = kept.filter(pc.equal(kept["split"], split)).select(schema.names).cast(schema)
         if part.num_rows:
             rel = f"{split}/part-{name}.parquet"
@@ -119,7 +116,7 @@ class CuratedDatasink(Datasink[dict]):
     """Ray Data sink: each write task writes its shards directly (no pixels go through the driver)."""
 
     def __init__(self, root: str, run_id: str, endpoint_url: str | None, *, min_rows_per_write: int | None,
-                 schema: pa.Schema = curated.SCHEMA):
+                 schema: pa.Schema = dataset.SCHEMA):
         self.root = root
         self.schema = schema
         self.run_id = run_id
@@ -166,8 +163,8 @@ def aggregate(results: list[dict]) -> dict:
 
 def begin(store: Store, root: str) -> None:
     """Mark ROOT incomplete before anything is written there."""
-    store.delete(join(root, curated.SUCCESS))
-    store.delete(join(root, curated.REPORT))
+    store.delete(join(root, dataset.SUCCESS))
+    store.delete(join(root, dataset.REPORT))
 
 
 def _read_table(store: Store, root: str, rel: str) -> pa.Table:
@@ -216,7 +213,7 @@ def digest(files: list[dict]) -> str:
 def cleanup(store: Store, root: str, keep: set[str]) -> int:
     """Delete every shard (and stray temporary file) under ROOT that is not in ``keep``."""
     removed = 0
-    for sub in (*curated.SPLITS, REJECTS):
+    for sub in (*dataset.SPLITS, REJECTS):
         for uri in list(store.list(join(root, sub))):
             if relative(root, uri) not in keep:
                 store.delete(uri)
@@ -227,14 +224,14 @@ def cleanup(store: Store, root: str, keep: set[str]) -> int:
 def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: float, report: dict) -> dict:
     """Steps 3 of the protocol; returns the report as written (with digest, files and rows)."""
     files = balance(store, root, run_id, agg["files"], holdout_fraction)
-    by_split = {s: sorted(f["path"] for f in files if f["split"] == s) for s in curated.SPLITS}
-    rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in curated.SPLITS}
+    by_split = {s: sorted(f["path"] for f in files if f["split"] == s) for s in dataset.SPLITS}
+    rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dataset.SPLITS}
     # The report quotes sources and error details: no credential that turned up there is published.
     report = redact_tree({**report, "digest": digest(files), "splits": rows})
     cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
-    store.write(join(root, curated.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
+    store.write(join(root, dataset.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
     store.write(
-        join(root, curated.SUCCESS),
-        curated.success_text(report["digest"], by_split, rows, run_id=run_id, rejects=agg["rejects"]).encode(),
+        join(root, dataset.SUCCESS),
+        dataset.success_text(report["digest"], by_split, rows, run_id=run_id, rejects=agg["rejects"]).encode(),
     )
     return report

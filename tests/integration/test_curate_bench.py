@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_returns_sane_figures(ray_local, tmp_path):
-    from components.curation.bench import benchmark_curation
+    from bench.curation import benchmark_curation
 
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.filters.require_exif=true"])
     out = benchmark_curation(4, width=320, height=240, workers=1, cfg=cfg, workdir=str(tmp_path))

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components import curated
+from components import dataset
 from components.config import load_config
 from components.curation.filters import Reason
 from components.curation.process import Curator
 from components.curation.sources import load_inputs
-from components.curation.storage import Store
+from components.storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
 W, H = 1152, 896  # exactly SDXL's 1152x896 bucket, so good images fit the Terminus preset
@@ -180,16 +180,16 @@ def test_terminus_preset_on_the_corpus(ray_local, corpus, tmp_path):
     assert report["kept"] + report["dropped"] == report["inputs"] == sum(report["reasons"].values()) + report["kept"]
     assert report["reasons"] == {str(r): bad.count(str(r)) for r in Reason}
 
-    m = curated.read_manifest(str(out))
+    m = dataset.read_manifest(str(out))
     assert m.digest == report["digest"] and m.rows == report["splits"]
     assert m.rows["train"] >= 1 and m.rows["val"] >= 1  # 7 kept: val is non-empty
     kept = pq.read_table(m.paths("train") + m.paths("val"))
-    assert kept.schema.equals(curated.SCHEMA) and kept.num_rows == report["kept"]
+    assert kept.schema.equals(dataset.SCHEMA) and kept.num_rows == report["kept"]
     rows = {Path(r["source"]).name: r for r in kept.to_pylist()}
     # The original and its byte copy: the smaller source URI stays, whichever worker saw it first.
     assert set(rows) == GOOD
 
-    rejects = pq.read_table([str(out / p) for p in json.loads((out / curated.SUCCESS).read_text())["rejects"]])
+    rejects = pq.read_table([str(out / p) for p in json.loads((out / dataset.SUCCESS).read_text())["rejects"]])
     by_source = {_key(r["source"], root): r["reason"] for r in rejects.to_pylist()}
     assert by_source == {k: v for k, v in expect.items() if v is not None}
 

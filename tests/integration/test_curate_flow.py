@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components import curated
+from components import dataset
 from components.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,10 +40,10 @@ def test_curate_flow_on_the_demo_then_rerun(ray_local, monkeypatch, capsys, tmp_
     small = {Path(e["source"]).name for e in report["examples"]["too_small"]}
     assert {"chessboard_RGB.png", "microaneurysms.png", "no_time_for_that_tiny.gif"} <= small
 
-    m = curated.read_manifest(str(out))
+    m = dataset.read_manifest(str(out))
     assert m.digest == result["digest"] and m.rows["val"] >= 1 and m.rows["train"] >= 1
     table = pq.read_table(m.paths("train") + m.paths("val"))
-    assert table.schema.equals(curated.SCHEMA) and table.num_rows == result["kept"]
+    assert table.schema.equals(dataset.SCHEMA) and table.num_rows == result["kept"]
     captions = {Path(r["source"]).name: r["caption"] for r in table.to_pylist()}
     assert captions["chelsea.png"] == "close-up of a tabby cat looking at the camera"
     for r in table.to_pylist():
@@ -61,8 +61,8 @@ def test_curate_flow_on_the_demo_then_rerun(ray_local, monkeypatch, capsys, tmp_
 
     cfg = load_config(REPO / "flows/configs/tiny.yaml", sets + ["curate.track=false"])
     again = curate(cfg)
-    m2 = curated.read_manifest(str(out))
+    m2 = dataset.read_manifest(str(out))
     assert again["digest"] == m2.digest == result["digest"] and again["run_id"] != report["run_id"]
-    listed = {p for split in curated.SPLITS for p in m2.files[split]}
-    on_disk = {str(p.relative_to(out)) for split in curated.SPLITS for p in (out / split).glob("*")}
+    listed = {p for split in dataset.SPLITS for p in m2.files[split]}
+    on_disk = {str(p.relative_to(out)) for split in dataset.SPLITS for p in (out / split).glob("*")}
     assert on_disk == listed

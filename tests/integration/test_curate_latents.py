@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from components import curated
+from components import dataset
 from components.config import load_config
 from components.curation.process import Curator
-from components.curation.storage import Store
 from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
+from components.storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,19 +38,20 @@ def small_curated_dataset(cfg, tmp_path: Path) -> str:
 
 @pytest.mark.slow  # loads torch/diffusers in a Ray actor: ~10 s of imports on 2 cores
 def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
-    from components.conditioning import encode_text
-    from components.curation.latents import LATENT_SCHEMA, cache_latents, cached_tensors, latent_from_cache
-    from components.models import load_components
-    from components.train_data import decode_image
+    from components.curation.latents import cache_latents
+    from components.dataset import LATENT_SCHEMA, cached_tensors, decode_image
+    from components.diffusion.conditioning import encode_text
+    from components.diffusion.loss import sample_latents
+    from components.diffusion.sdxl import load_parts
 
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.workers=1", "curate.cache_dtype=float32",
                                                          f"state_dir={tmp_path / 'state'}"])
     source = small_curated_dataset(cfg, tmp_path)
     report = cache_latents(cfg, source=source)
-    src, cache = curated.read_manifest(source), curated.read_manifest(report["output"])
+    src, cache = dataset.read_manifest(source), dataset.read_manifest(report["output"])
     assert cache.rows == src.rows and report["source_digest"] == src.digest
 
-    parts = load_components(cfg)
+    parts = load_parts(cfg.model, cfg.state_path("cache"))
     originals = {r["sha256"]: r for r in pq.read_table(src.paths("train") + src.paths("val")).to_pylist()}
     cached = pq.read_table(cache.paths("train") + cache.paths("val"))
     assert cached.schema.equals(LATENT_SCHEMA) and cached.num_rows == 6
@@ -67,8 +68,8 @@ def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
         assert (row["original_h"], row["crop_top"], row["bucket"]) == (orig["original_h"], orig["crop_top"], orig["bucket"])
     # A sample from the cached posterior is what step.encode_latents draws from the pixels.
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    z = latent_from_cache(dist[None], gen_a, parts.vae.config.scaling_factor)
-    from components.step import encode_latents
+    z = sample_latents(dist[None], gen_a, parts.vae.config.scaling_factor)
+    from components.diffusion.loss import encode_latents
 
     z_ref = encode_latents(parts, decode_image(orig["image"])[None], gen_b)
     torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)

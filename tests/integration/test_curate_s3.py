@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components import curated
+from components import dataset
 from components.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def test_curate_s3_prefix_to_s3(ray_local, s3_env, tmp_path):
     assert report["kept"] == 2 and report["kept"] + report["dropped"] == report["inputs"]
     assert {k: v for k, v in report["reasons"].items() if v} == {"duplicate": 1, "too_small": 1, "not_an_image": 1}
 
-    m = curated.read_manifest(out)  # endpoint from AWS_ENDPOINT_URL_S3
+    m = dataset.read_manifest(out)  # endpoint from AWS_ENDPOINT_URL_S3
     assert m.rows["train"] + m.rows["val"] == 2 and m.rows["train"] >= 1
     tables = []
     for uri in m.paths("train") + m.paths("val"):
@@ -65,7 +65,7 @@ def test_curate_s3_prefix_to_s3(ray_local, s3_env, tmp_path):
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix="curated/demo/")["Contents"]}
     assert "curated/demo/_SUCCESS" in keys and "curated/demo/report.json" in keys
     assert {k for k in keys if k.endswith(".parquet") and "/rejects/" not in k} == {
-        "curated/demo/" + p for split in curated.SPLITS for p in m.files[split]}
+        "curated/demo/" + p for split in dataset.SPLITS for p in m.files[split]}
 
 
 def test_missing_output_bucket_fails_before_any_work(s3_env, tmp_path):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from components.diffusion.sdxl import build_tiny, save_pipeline
 from components.evaluation import eval_protocol, evaluate_pipeline, evaluate_version
-from components.models import build_tiny, save_pipeline
-from components.registry import ModelUriError
-from components.tracking import setup_tracking
+from components.registry.model import ModelUriError
+from components.registry.tracking import setup_tracking
 
 pytestmark = pytest.mark.slow
 METRICS = ("val_loss", "luminance_dark", "luminance_bright", "luminance_range", "nan_images", "blank_images")

@@ -29,7 +29,8 @@ import psutil
 import pytest
 import torch
 
-from components.checkpointing import (
+from components.environment import snapshot as environ_snapshot
+from components.training.checkpointing import (
     COMPLETE,
     IncompleteCheckpointError,
     TrainState,
@@ -37,8 +38,7 @@ from components.checkpointing import (
     save_checkpoint,
     verify_complete,
 )
-from components.environment import snapshot as environ_snapshot
-from components.trainer import run_training
+from components.training.driver import run_training
 from tests.conftest import REPO
 from tests.integration.test_train import history, small_cfg
 

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import curated
+from components import dataset
 from components.config import CurateConfig
 from components.curation.process import Curator
-from components.curation.storage import StorageUnavailable, Store
 from components.environment import snapshot
+from components.storage import StorageUnavailable, Store
 from tests.conftest import REPO, free_port, stop, wait_for_port
 
 N_IMAGES = 24
@@ -177,15 +177,15 @@ def test_s3_outage_during_curation_publishes_nothing_and_a_rerun_completes(
     left = _keys(direct, "ds/")
     assert any(k.endswith(".parquet") for k in left)  # shards were written before the outage...
     assert "ds/_SUCCESS" not in left and "ds/report.json" not in left  # ...yet nothing looks complete
-    with pytest.raises(curated.IncompleteDatasetError):  # a reader, straight at the bucket, refuses it
-        curated.read_manifest("s3://lake/ds", direct.meta.endpoint_url)
+    with pytest.raises(dataset.IncompleteDatasetError):  # a reader, straight at the bucket, refuses it
+        dataset.read_manifest("s3://lake/ds", direct.meta.endpoint_url)
 
     relay.open()  # the endpoint is back, on the same address
     result = _run_flow(monkeypatch, capsys, sets)
     assert result["inputs"] == N_IMAGES and result["kept"] == N_IMAGES  # no input lost to the outage
-    manifest = curated.read_manifest("s3://lake/ds", f"http://127.0.0.1:{relay.port}")
+    manifest = dataset.read_manifest("s3://lake/ds", f"http://127.0.0.1:{relay.port}")
     assert manifest.rows["train"] + manifest.rows["val"] == N_IMAGES
-    listed = {f"ds/{p}" for split in curated.SPLITS for p in manifest.files[split]}
+    listed = {f"ds/{p}" for split in dataset.SPLITS for p in manifest.files[split]}
     shards = {k for k in _keys(direct, "ds/") if k.endswith(".parquet")}
     assert shards == listed  # the failed run's shards are gone
 

@@ -8,8 +8,8 @@ import re
 import mlflow
 import pytest
 
-from components.registry import SIGNATURE
-from components.tracking import git_commit, setup_tracking
+from components.registry.model import SIGNATURE
+from components.registry.tracking import git_commit, setup_tracking
 
 pytestmark = pytest.mark.slow
 

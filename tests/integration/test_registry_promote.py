@@ -19,8 +19,8 @@ import pytest
 
 from components.config import InferenceConfig
 from components.environment import snapshot
-from components.promotion import LOCK_SUFFIX, PromotionRefused, promote
-from components.tracking import setup_tracking
+from components.registry.promotion import LOCK_SUFFIX, PromotionRefused, promote
+from components.registry.tracking import setup_tracking
 from deploy.holder import ModelHolder
 from tests.conftest import REPO
 

@@ -16,10 +16,10 @@ import mlflow
 import pytest
 
 from components.config import load_config
-from components.curated import read_manifest
+from components.dataset import read_manifest
 from components.environment import snapshot
 from components.evaluation import evaluate_version
-from components.promotion import promote
+from components.registry.promotion import promote
 from tests.conftest import EVAL_SMALL, REPO, register_trained, unet_checkpoint
 from tests.synthetic import write_synthetic_curated
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.registry import ModelUriError, log_pipeline_model
+from components.config import InferenceConfig
+from components.registry.model import ModelUriError, log_pipeline_model
 from tests.conftest import REPO, free_port
 
 NAME = "terminus-swap"
@@ -25,7 +26,7 @@ PROBE = {"prompt": "a probe", "size": "64x64", "seed": 11, "steps": 2}
 
 def register(pipeline_dir, experiment_id) -> str:
     with mlflow.start_run(experiment_id=experiment_id):
-        version = str(log_pipeline_model(pipeline_dir, NAME).registered_model_version)
+        version = str(log_pipeline_model(pipeline_dir, NAME, InferenceConfig()).registered_model_version)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version)
     return version
 
@@ -33,7 +34,7 @@ def register(pipeline_dir, experiment_id) -> str:
 @pytest.fixture(scope="module")
 def second_pipeline(registered_model, tmp_path_factory):
     """Same architecture, different weights (another seed), so a swap shows in the pixels."""
-    from components.models import build_tiny, save_pipeline
+    from components.diffusion.sdxl import build_tiny, save_pipeline
 
     cfg = registered_model.cfg
     tiny = cfg.model.tiny.model_copy(update={"seed": cfg.model.tiny.seed + 1})

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from components.config import load_config
-from components.trainer import RUN_NAME_TAG, run_training
+from components.training.driver import RUN_NAME_TAG, run_training
 from tests.conftest import REPO, free_port, subprocess_env, wait_for_port
 from tests.synthetic import write_synthetic_curated
 
@@ -116,7 +116,7 @@ def test_fsdp_workers_train_checkpoint_and_resume(tmp_path, ray_local):
     from safetensors.torch import load_file
 
     weights = load_file(ckpt / "unet.safetensors")  # full tensors, not shards
-    from components.models import build_tiny
+    from components.diffusion.sdxl import build_tiny
 
     reference = build_tiny(cfg.model.tiny).unet.state_dict()
     assert weights.keys() == reference.keys()

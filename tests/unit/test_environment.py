@@ -22,7 +22,7 @@ import pytest
 
 from components.environment import TEST_MARKERS, snapshot, without
 from components.redact import Redactor, redact, redact_tree
-from components.tracking import flatten
+from components.registry.tracking import flatten
 
 CHURN = "_TERMINUS_CHURN_TOKEN"
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from components.config import CurateConfig, load_config
 from components.curation.sources import load_inputs, resolve_path
-from components.curation.storage import Store
 from components.redact import redact, redact_tree
-from components.tracking import flatten
+from components.registry.tracking import flatten
+from components.storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY_ID = "AKIAQ7FAKEKEY0000042"  # AKIA + 16: the shape of an AWS access key id, not a real one
@@ -155,7 +155,7 @@ class _Payload:
 def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
     import torch
 
-    from components.models import build_tiny, save_pipeline
+    from components.diffusion.sdxl import build_tiny, save_pipeline
 
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
     directory = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path / "pipe")
@@ -168,13 +168,13 @@ def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_pickle_weights_are_refused_and_never_unpickled(tmp_path):
     from components.config import DiffusionConfig, InferenceConfig
-    from components.models import ModelLoadError, load_components
-    from components.pipelines import build_pipelines
+    from components.diffusion.pipelines import build_pipelines
+    from components.diffusion.sdxl import ModelLoadError, load_parts
 
     directory, marker = _tiny_pipeline_with_pickled_unet(tmp_path)
     cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"model.source={directory}"])
     with pytest.raises(ModelLoadError) as err:
-        load_components(cfg)  # training and export
+        load_parts(cfg.model, cfg.state_path("cache"))  # training and export
     message = str(err.value)
     assert "\n" not in message and "safetensors" in message, message
     with pytest.raises(OSError):
@@ -190,7 +190,7 @@ def test_checkpoint_pickles_are_not_executed(tmp_path):
 
     import torch
 
-    from components.checkpointing import COMPLETE, TrainState, load_checkpoint, save_checkpoint
+    from components.training.checkpointing import COMPLETE, TrainState, load_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())

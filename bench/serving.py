@@ -1,0 +1,134 @@
+"""Serving benchmark for the harness: batched vs unbatched throughput, and Serve latency vs a direct call.
+
+``benchmark_serving(cfg)`` needs a registered model (``serve.model_uri``, else
+``models:/<tracking.registered_model>@champion``) and no Serve instance running: it starts Serve on
+loopback, deploys the app twice (``serve.max_batch_size`` = 1, then the configured size) with one
+model replica, drives each one request at a time and then with ``requests`` identical-shape requests
+at ``concurrency``, and shuts Serve down. The direct reference runs what a replica runs for one
+request (same loader, ``deploy.batching.serve_batch``) in a Ray task with the replica's resources (so
+both see the same CPU threads or GPU); Serve's overhead is the unbatched deployment's serial p50 minus
+the direct p50 (HTTP proxy, the ingress, the hop to the model replica). Not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from components.config import Config
+
+WARMUP = 8  # requests before timing: a new replica's first pipeline calls are slower
+
+
+def _stats(latencies: list[float]) -> dict[str, float]:
+    arr = np.asarray(latencies)
+    return {"p50_s": float(np.percentile(arr, 50)), "p99_s": float(np.percentile(arr, 99)),
+            "mean_s": float(arr.mean())}
+
+
+def _direct_latencies(config: dict, uri: str, tracking: str, cache_dir: str, size: int, steps: int,
+                      count: int) -> dict[str, Any]:
+    """Runs inside a Ray task: load through the same holder the replica uses and time what a replica
+    runs for one request (``deploy.batching.serve_batch``: token check, pipeline, PNG encoding)."""
+    from dataclasses import replace
+
+    import mlflow
+
+    from components.diffusion.request import GenerationRequest
+    from deploy.batching import serve_batch
+    from deploy.holder import ModelHolder
+
+    cfg = Config.model_validate(config)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    holder = ModelHolder(uri, cache_dir, cfg.inference)
+    holder.refresh()
+    loaded = holder.current
+    req = GenerationRequest(prompt="benchmark", width=size, height=size, steps=steps, seed=0)
+    for _ in range(WARMUP):
+        serve_batch(loaded.name, loaded.version, loaded.pipelines, [req])
+    latencies = []
+    for i in range(count):
+        start = time.perf_counter()
+        serve_batch(loaded.name, loaded.version, loaded.pipelines, [replace(req, seed=i)])
+        latencies.append(time.perf_counter() - start)
+    return {**_stats(latencies), "count": count, "version": loaded.version, "device": str(loaded.pipelines.device)}
+
+
+async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[str, Any]:
+    """``count`` requests from ``concurrency`` closed-loop clients; throughput, latency, batch sizes."""
+    import httpx
+
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    errors = 0
+    remaining = iter(range(count))
+
+    async def client(c: httpx.AsyncClient):
+        nonlocal errors
+        for i in remaining:
+            start = time.perf_counter()
+            r = await c.post("/v1/images/generations", json={**body, "seed": i})
+            latencies.append(time.perf_counter() - start)
+            if r.status_code != 200:
+                errors += 1
+            else:
+                batch_sizes.append(int(r.headers.get("x-batch-size", 1)))
+
+    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"count": count, "throughput_rps": count / wall, "wall_s": wall, "errors": errors,
+            "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0, **_stats(latencies)}
+
+
+def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, size: int = 64, steps: int = 4,
+                      port: int | None = None) -> dict[str, Any]:
+    """Measure serving on this machine; returns a flat-ish dict of figures (seconds, requests/s)."""
+    import ray
+    import torch
+    from ray import serve
+
+    from components.cluster import ray_session
+    from components.registry.tracking import tracking_uri
+    from deploy.app import compose
+
+    uri = cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
+    resources = {"num_cpus": 1, "num_gpus": 1 if torch.cuda.is_available() else 0}
+    port = port or cfg.serve.port
+    base = f"http://{cfg.serve.host}:{port}"
+    body = {"prompt": "benchmark", "size": f"{size}x{size}", "steps": steps}
+    out: dict[str, Any] = {"model_uri": uri, "size": size, "steps": steps, "requests": requests,
+                           "concurrency": concurrency, "resources": resources}
+    with ray_session():
+        direct = ray.remote(_direct_latencies).options(**resources)
+        out["direct"] = ray.get(direct.remote(
+            cfg.model_dump(mode="json"), uri, tracking_uri(cfg), str(cfg.state_path("cache", "serve")),
+            size, steps, requests,
+        ))
+        serve.start(http_options={"host": cfg.serve.host, "port": port})
+        try:
+            for label, batch in (("unbatched", 1), ("batched", cfg.serve.max_batch_size)):
+                variant = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
+                    "max_batch_size": batch, "max_steps": max(cfg.serve.max_steps, steps), "api_key_env": None,
+                    "max_side": max(cfg.serve.max_side, size), "min_side": min(cfg.serve.min_side, size),
+                })})
+                options = {"num_replicas": 1, "max_ongoing_requests": max(concurrency, batch),
+                           "max_queued_requests": -1, "ray_actor_options": resources}
+                serve.run(compose(variant, uri, model_options=options), name="bench", route_prefix="/")
+                asyncio.run(_drive(base, body, WARMUP, 1))
+                # One request at a time: Serve end to end against the direct call. Unbatched, that
+                # difference is Serve's own cost; batched, a lone request also waits batch_wait_timeout_s.
+                out[f"serial_{label}"] = asyncio.run(_drive(base, body, requests, 1))
+                out[label] = asyncio.run(_drive(base, body, requests, concurrency))
+                out[label]["max_batch_size"] = batch
+        finally:
+            serve.shutdown()
+    out["batching_speedup"] = out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"]
+    out["serve_overhead_p50_s"] = out["serial_unbatched"]["p50_s"] - out["direct"]["p50_s"]
+    out["batch_wait_timeout_s"] = cfg.serve.batch_wait_timeout_s
+    return out

@@ -1,0 +1,127 @@
+"""The curated-dataset contract between curation (the writer) and training and evaluation (the readers).
+
+Layout of a curated dataset at ``ROOT`` (a local directory or ``s3://bucket/prefix``):
+
+    ROOT/train/part-*.parquet   ROOT/val/part-*.parquet   ROOT/report.json   ROOT/_SUCCESS
+
+``_SUCCESS`` is written last (a JSON manifest with the shard list and the digest); a dataset
+without it is incomplete and is refused, so a crashed curation never looks complete.
+
+Two row layouts share it: ``SCHEMA`` (a curated JPEG per row) and ``LATENT_SCHEMA`` (the latent cache:
+the same metadata, the VAE posterior and text embeddings instead of the JPEG). Both are defined here
+once; everything else derives from them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from components.storage import Store, join, read_parquet
+
+SUCCESS = "_SUCCESS"
+REPORT = "report.json"
+SPLITS = ("train", "val")
+
+METADATA = [
+    ("caption", pa.string()),
+    ("original_h", pa.int32()),  # true pre-resize size (SDXL micro-conditioning)
+    ("original_w", pa.int32()),
+    ("crop_top", pa.int32()),  # crop top-left in the resized image
+    ("crop_left", pa.int32()),
+    ("target_h", pa.int32()),
+    ("target_w", pa.int32()),
+    ("bucket", pa.string()),  # "WxH"
+    ("source", pa.string()),
+    ("sha256", pa.string()),  # of the source file's bytes
+]
+SCHEMA = pa.schema([("image", pa.binary()), *METADATA])  # image: JPEG of the crop, exactly target size
+LATENT_SCHEMA = pa.schema(
+    [
+        *METADATA,
+        ("latent_dist", pa.binary()),  # (2C, h, w): posterior mean then log-variance
+        ("latent_shape", pa.list_(pa.int32())),
+        ("prompt_embeds", pa.binary()),  # (77, D1 + D2)
+        ("embeds_shape", pa.list_(pa.int32())),
+        ("pooled_embeds", pa.binary()),  # (P2,)
+        ("dtype", pa.string()),
+    ]
+)
+
+
+def blank_row(schema: pa.Schema = SCHEMA) -> dict:
+    """A row of ``schema``'s columns with empty values (the placeholder for a dropped record)."""
+    empty = {pa.binary(): b"", pa.string(): "", pa.int32(): 0}
+    return {f.name: empty.get(f.type) for f in schema}
+
+
+class IncompleteDatasetError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CuratedManifest:
+    root: str
+    digest: str
+    files: dict[str, list[str]]  # split -> shard paths relative to root
+    rows: dict[str, int]
+    endpoint_url: str | None = None
+
+    def paths(self, split: str) -> list[str]:
+        return [join(self.root, f) for f in self.files.get(split, [])]
+
+
+def read_manifest(root: str, endpoint_url: str | None = None) -> CuratedManifest:
+    """The manifest of a finished curation at ``root``; ``IncompleteDatasetError`` otherwise."""
+    blob = Store(endpoint_url).read_if_exists(join(root, SUCCESS))
+    if blob is None:
+        raise IncompleteDatasetError(
+            f"{root} has no {SUCCESS} marker: curation did not finish there; run flows/curate.py first"
+        )
+    data = json.loads(blob)
+    return CuratedManifest(root=root, digest=data["digest"], files=data["files"], rows=data["rows"],
+                           endpoint_url=endpoint_url)
+
+
+def success_text(digest: str, files: dict[str, list[str]], rows: dict[str, int], **extra) -> str:
+    """The body of ``_SUCCESS`` that ``read_manifest`` parses (extra keys are informational)."""
+    return json.dumps({"digest": digest, "files": files, "rows": rows, **extra}, indent=2, sort_keys=True)
+
+
+def val_rows(manifest: CuratedManifest, limit: int) -> list[dict]:
+    """The first ``limit`` held-out rows, in shard order (small: read directly, not through Ray Data)."""
+    rows: list[dict] = []
+    for path in manifest.paths("val"):
+        rows += read_parquet(path, manifest.endpoint_url).to_pylist()
+        if len(rows) >= limit:
+            break
+    return rows[:limit]
+
+
+# --- reading rows ----------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes):
+    """A curated JPEG -> (3, H, W) float32 tensor in [-1, 1]."""
+    import torch
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def cached_tensors(row: dict):
+    """One latent-cache row -> (latent_dist (2C, h, w), prompt_embeds (77, D), pooled_embeds (P,)),
+    float32 tensors."""
+    import torch
+
+    def arr(name: str, shape=None) -> torch.Tensor:
+        values = np.frombuffer(row[name], dtype=row["dtype"]).astype(np.float32)
+        return torch.from_numpy(values.reshape(shape) if shape is not None else values)
+
+    return arr("latent_dist", row["latent_shape"]), arr("prompt_embeds", row["embeds_shape"]), arr("pooled_embeds")

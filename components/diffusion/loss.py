@@ -1,0 +1,120 @@
+"""The training loss of the Terminus recipe on one batch, independent of Ray.
+
+Precision policy (stated once, here):
+- UNet: fp32 master weights, forward/backward under bf16 autocast (``Precision.BF16``), fp16 autocast
+  with a grad scaler only where asked, or plain fp32.
+- VAE: always encodes in fp32 -- SDXL's VAE overflows in fp16.
+- Text encoders: frozen, stored in the compute dtype (bf16/fp16; fp32 under FP32) and run without
+  gradients (``frozen_dtype``).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from components.config import DiffusionConfig, Precision
+from components.diffusion.conditioning import drop_captions, encode_text, time_ids
+from components.diffusion.schedule import sample_timesteps, training_target, weighted_loss
+from components.diffusion.sdxl import SDXLParts
+
+
+def autocast(precision: Precision, device: torch.device):
+    if precision is Precision.FP32:
+        return nullcontext()
+    dtype = torch.bfloat16 if precision is Precision.BF16 else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def frozen_dtype(precision: Precision) -> torch.dtype:
+    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision, torch.float32)
+
+
+@dataclass
+class Batch:
+    """A batch from one aspect bucket; sizes are (B, 2) each.
+
+    Raw input: pixels (B, 3, H, W) in [-1, 1]. Cached input (curation's latent cache):
+    latent_dist (B, 2C, H/8, W/8) posterior mean and log-variance, prompt_embeds (B, 77, D1 + D2),
+    pooled_embeds (B, P2); then pixels is None and the frozen encoders are not run.
+    """
+
+    pixels: torch.Tensor | None
+    captions: list[str]
+    original_size: torch.Tensor
+    crop_top_left: torch.Tensor
+    target_size: torch.Tensor
+    latent_dist: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return (self.pixels if self.pixels is not None else self.latent_dist).device
+
+
+@torch.no_grad()
+def encode_latents(parts: SDXLParts, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """VAE posterior sample times the scaling factor, in fp32. (B,3,H,W) -> (B,4,H/8,W/8).
+
+    One image at a time (slicing): the fp32 SDXL VAE on a 1 MP batch of 24 alone peaks at ~65 GB
+    (components/training/memory/plan.py), one image at ~2.7 GB; the latents are identical either way.
+    """
+    parts.vae.enable_slicing()
+    dist = parts.vae.encode(pixels.float()).latent_dist
+    return dist.sample(generator) * parts.vae.config.scaling_factor
+
+
+def sample_latents(latent_dist: torch.Tensor, generator: torch.Generator | None, scaling_factor: float) -> torch.Tensor:
+    """A posterior sample from cached posterior parameters, times the VAE scaling factor: what
+    ``encode_latents`` gives from pixels. latent_dist: (B, 2C, h, w) mean then log-variance -> (B, C, h, w)."""
+    return DiagonalGaussianDistribution(latent_dist).sample(generator) * scaling_factor
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What stays fixed for a run: the training schedule, the recipe's loss settings, the precision."""
+
+    scheduler: DDPMScheduler
+    diffusion: DiffusionConfig
+    precision: Precision = Precision.FP32
+    caption_dropout: float = 0.0
+
+
+@dataclass
+class NoiseDraw:
+    """Where one call's randomness comes from: a generator (one stream per rank and micro-batch), or,
+    for a deterministic loss (validation), fixed ``timesteps`` (B,) and/or ``noise`` (B, C, h, w)."""
+
+    generator: torch.Generator
+    timesteps: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+
+def diffusion_loss(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec, draw: NoiseDraw) -> torch.Tensor:
+    """The min-SNR weighted loss of ``unet`` on ``batch`` (a scalar). ``unet`` may be DDP-wrapped."""
+    device, gen = batch.device, draw.generator
+    if batch.latent_dist is not None:  # the latent cache: a posterior sample drawn here
+        latents = sample_latents(batch.latent_dist, gen, parts.vae.config.scaling_factor)
+        embeds, pooled = batch.prompt_embeds, batch.pooled_embeds
+    else:
+        latents = encode_latents(parts, batch.pixels, gen)
+        with autocast(spec.precision, device):
+            embeds, pooled = encode_text(parts, batch.captions, device)
+    embeds, pooled = embeds.float(), pooled.float()
+    if spec.caption_dropout > 0:
+        embeds, pooled, _ = drop_captions(embeds, pooled, spec.caption_dropout, gen)
+    noise = draw.noise if draw.noise is not None else torch.randn(latents.shape, generator=gen).to(device)
+    timesteps = draw.timesteps
+    if timesteps is None:
+        timesteps = sample_timesteps(latents.shape[0], spec.diffusion.num_train_timesteps, gen, device)
+    noisy = spec.scheduler.add_noise(latents, noise, timesteps)
+    added = {"text_embeds": pooled, "time_ids": time_ids(batch.original_size, batch.crop_top_left, batch.target_size).to(device)}
+    with autocast(spec.precision, device):
+        pred = unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+    target = training_target(spec.scheduler, latents, noise, timesteps)
+    return weighted_loss(pred, target, timesteps, spec.scheduler, spec.diffusion)

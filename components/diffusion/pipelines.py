@@ -1,0 +1,134 @@
+"""The one generation path, shared by validation, evaluation, the registered pyfunc and Serve.
+
+Text-to-image, image-to-image and inpainting share one set of weights (diffusers ``from_pipe``). The
+caller chooses the scheduler: the ZT-SNR one (``schedule.inference_scheduler``: trailing spacing,
+v-prediction, rescaled betas) for any directory whose schedule comes from a config, or the scheduler a
+platform-saved model carries (which is that one). Unset request settings come from ``defaults`` (the
+preset's ``inference`` section; CFG rescale 0.7, Lin et al. 2023, eq. 16).
+
+Imports nothing of the platform outside ``components.diffusion`` at run time, so a registered model
+loads with this package alone (``components/diffusion/pyfunc.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from components.diffusion.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from components.diffusion.sdxl import SDXLParts
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ZTSNRPipelines:
+    """Holds the text-to-image pipeline and lazily derived img2img / inpaint views of it."""
+
+    def __init__(self, t2i: StableDiffusionXLPipeline, defaults: Mapping[str, Any]):
+        self.t2i = t2i
+        self.defaults = dict(defaults)
+        self._views: dict[str, StableDiffusionXLPipeline] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.t2i.device
+
+    def complete(self, req: GenerationRequest) -> GenerationRequest:
+        return req.complete(self.defaults)
+
+    def view(self, mode: str):
+        if mode == "text2img":
+            return self.t2i
+        if mode not in self._views:
+            cls = StableDiffusionXLImg2ImgPipeline if mode == "img2img" else StableDiffusionXLInpaintPipeline
+            view = cls.from_pipe(self.t2i)
+            view.set_progress_bar_config(disable=True)
+            self._views[mode] = view
+        return self._views[mode]
+
+    def generate_group(self, reqs: list[GenerationRequest], output_type: str = "pil") -> list[list]:
+        """One pipeline call for requests that share a ``batch_key`` once completed; returns each
+        request's ``n`` images, in order.
+
+        Image ``i`` of a request is drawn from a generator seeded ``seed + i``: diffusers draws each
+        image's initial latents from its own generator (``randn_tensor`` with a list) and DDIM with
+        eta = 0 adds no noise after that, so an image does not depend on its batch mates.
+        ``output_type="np"`` gives float arrays (H, W, 3) in [0, 1] with any NaN kept.
+        """
+        reqs = [self.complete(r) for r in reqs]
+        first = reqs[0]
+        if any(r.batch_key() != first.batch_key() for r in reqs):
+            raise ValueError("generate_group takes requests with one batch_key only")
+        per_image = [(r, i) for r in reqs for i in range(r.n)]  # one entry per image
+
+        def generator(seed: int | None, i: int) -> torch.Generator:
+            gen = torch.Generator("cpu")
+            return gen.manual_seed(seed + i) if seed is not None else gen.manual_seed(gen.seed())
+
+        kwargs = dict(
+            prompt=[r.prompt for r, _ in per_image],
+            negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r, _ in per_image],
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            guidance_rescale=first.guidance_rescale,
+            num_images_per_prompt=1,
+            generator=[generator(r.seed, i) for r, i in per_image],
+            output_type=output_type,
+        )
+        pipe = self.view(first.mode)
+        if first.mode == "text2img":
+            out = pipe(width=first.width, height=first.height, **kwargs)
+        elif first.mode == "img2img":
+            out = pipe(image=[r.image.convert("RGB") for r, _ in per_image], strength=first.strength, **kwargs)
+        else:
+            out = pipe(
+                image=[r.image.convert("RGB") for r, _ in per_image],
+                mask_image=[r.mask.convert("L") for r, _ in per_image],
+                strength=first.strength, width=first.width, height=first.height, **kwargs,
+            )
+        images = list(out.images)
+        result, start = [], 0
+        for r in reqs:
+            result.append(images[start:start + r.n])
+            start += r.n
+        return result
+
+    def generate(self, req: GenerationRequest, output_type: str = "pil") -> list:
+        """The ``n`` images of one request. Seeds are honoured: the same request gives the same images."""
+        return self.generate_group([req], output_type)[0]
+
+
+def build_pipelines(
+    source: SDXLParts | str | Path,
+    scheduler,
+    defaults: Mapping[str, Any],
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> ZTSNRPipelines:
+    """From in-memory parts (validation, evaluation) or a saved diffusers directory (Serve, the pyfunc).
+
+    On CUDA a loaded directory runs in bf16 with PyTorch SDPA attention (diffusers' default processor);
+    the VAE is upcast by the pipeline where its config asks for it.
+    """
+    device = device or pick_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(source, str | Path):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(source), use_safetensors=True, dtype=dtype)
+        pipe.scheduler = scheduler
+    else:
+        pipe = StableDiffusionXLPipeline(scheduler=scheduler, **source.as_dict())
+    pipe.set_progress_bar_config(disable=True)
+    return ZTSNRPipelines(pipe.to(device), defaults)

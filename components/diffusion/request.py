@@ -1,0 +1,78 @@
+"""What a generation asks for and what it gives back: plain data, no torch, no diffusers.
+
+The HTTP ingress builds :class:`GenerationRequest` from a client's JSON, the model replica runs it and
+answers a :class:`GenerationResult`; both cross Ray's handle as they are. Settings left ``None`` take
+the defaults of the pipelines that run the request (the preset's ``inference`` section), filled in one
+place: :meth:`GenerationRequest.complete`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from PIL import Image
+
+SETTINGS = ("width", "height", "steps", "guidance_scale", "guidance_rescale", "strength")
+"""The request fields a preset's ``inference`` section gives defaults for."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    """CFG rescale phi (Lin et al. 2023, eq. 16); 0.7 keeps a ZT-SNR model's contrast."""
+    strength: float | None = None
+    """img2img / inpaint: how far the input is noised (1.0: from pure noise, t = 999)."""
+    seed: int | None = None
+    """Image ``i`` is drawn from a generator seeded ``seed + i``; None: a fresh random seed."""
+    n: int = 1
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.image is None:
+            return "text2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def complete(self, defaults: Mapping[str, Any]) -> GenerationRequest:
+        """This request with every unset setting taken from ``defaults`` (an ``InferenceConfig`` dump)."""
+        missing = {k: defaults[k] for k in SETTINGS if getattr(self, k) is None and k in defaults}
+        return replace(self, **missing) if missing else self
+
+    def batch_key(self) -> Hashable:
+        """Completed requests with equal keys can share one pipeline call."""
+        strength = None if self.mode == "text2img" else self.strength
+        return (self.mode, self.width, self.height, self.steps, self.guidance_scale, self.guidance_rescale,
+                strength, self.negative_prompt is None)
+
+
+@dataclass
+class GenerationResult:
+    """What the model deployment answers for one request: PNG images, or why there are none."""
+
+    name: str
+    version: str
+    seed: int | None
+    images: list[bytes]
+    error: str | None = None
+    """Set when the request is refused (a client mistake only the model can see, e.g. too many tokens)."""
+    param: str | None = None
+    failure: str | None = None
+    """Set when the pipeline failed on this request alone (the exception's type): a server error."""
+    batch_size: int = 1
+    """Requests that shared the pipeline call (observability; shows batching is happening)."""
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,170 @@
+"""Registered models: logging a pipeline as a pyfunc version, resolving ``models:/`` URIs, and a
+local cache of downloaded versions.
+
+A version is a pyfunc (``components/diffusion/pyfunc.py``) whose artifact is the diffusers pipeline
+directory (safetensors).
+
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` gives a model that generates images; the
+pipeline artifact (``artifacts/<logged directory name>``, path recorded in MLmodel) also loads with
+vanilla diffusers. Loading a pyfunc runs
+the code logged with it: load models only from registries you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from components.config import DiffusionConfig, InferenceConfig, PredictionType
+from components.diffusion.pyfunc import INFERENCE_KEY, PIPELINE_ARTIFACT, TerminusPipelineModel
+
+MODEL_NAME_IN_RUN = "model"
+COMPLETE = ".complete"
+URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("string", "negative_prompt", required=False),
+            ColSpec("long", "steps", required=False),
+            ColSpec("double", "guidance_scale", required=False),
+            ColSpec("double", "guidance_rescale", required=False),
+            ColSpec("long", "seed", required=False),
+            ColSpec("long", "width", required=False),
+            ColSpec("long", "height", required=False),
+        ]
+    ),
+    outputs=Schema([ColSpec("string", "image_png_b64")]),
+)
+
+PIP_REQUIREMENTS = [
+    "torch", "diffusers>=0.42,<0.43", "transformers>=5,<6", "accelerate", "safetensors", "pillow",
+    "pandas",
+]
+
+
+class ModelUriError(ValueError):
+    pass
+
+
+def diffusion_from_pipeline_dir(pipeline_dir: str | Path) -> DiffusionConfig:
+    """The schedule a saved pipeline was trained with, read from its scheduler config."""
+    sched = json.loads((Path(pipeline_dir) / "scheduler" / "scheduler_config.json").read_text())
+    return DiffusionConfig(
+        num_train_timesteps=sched["num_train_timesteps"],
+        beta_start=sched["beta_start"],
+        beta_end=sched["beta_end"],
+        beta_schedule=sched["beta_schedule"],
+        zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
+        prediction_type=PredictionType(sched.get("prediction_type", "epsilon")),
+    )
+
+
+def log_pipeline_model(pipeline_dir: str | Path, registered_model: str | None,
+                       inference: InferenceConfig) -> mlflow.models.model.ModelInfo:
+    """Log the pipeline as a pyfunc in the active run, and register it as a new version if asked.
+
+    The model's code is the diffusion package alone (``components/diffusion``, staged with the
+    ``components`` package marker so its absolute imports resolve); ``inference`` (the preset's
+    request defaults) travels as its ``model_config``.
+    """
+    package = Path(__file__).resolve().parents[1]  # components/
+    with tempfile.TemporaryDirectory() as stage:
+        shipped = Path(stage) / "components"
+        shutil.copytree(package / "diffusion", shipped / "diffusion",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (shipped / "__init__.py").write_text('"""The diffusion package of the Terminus platform, as shipped with a model."""\n')
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=TerminusPipelineModel(),
+            artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)},
+            model_config={INFERENCE_KEY: inference.model_dump(mode="json")},
+            signature=SIGNATURE,
+            code_paths=[str(shipped)],
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_model,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    version: str
+    pipeline_dir: Path
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    match = URI_RE.match(uri)
+    if not match:
+        raise ModelUriError(f"model URI must be models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    return match["name"], match["alias"], match["version"]
+
+
+def _model_version(uri: str):
+    name, alias, version = parse_model_uri(uri)
+    client = mlflow.MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelUriError(f"{uri}: not found in the registry ({err.error_code})") from None
+
+
+def resolve_version(uri: str) -> tuple[str, str]:
+    """(name, version) that ``uri`` points at right now (an alias is looked up in the registry)."""
+    mv = _model_version(uri)
+    return mv.name, str(mv.version)
+
+
+def fetch_model(uri: str, cache_root: str | Path) -> ResolvedModel:
+    """Download the pipeline of the version ``uri`` names into the cache (once per version).
+
+    ``<cache>/<name>/<version>/.complete`` holds the version's registry source: a cache shared by two
+    registries (the embedded SQLite and a server both have a v3) re-downloads instead of serving the
+    other's files. Concurrent callers each download into their own temporary directory and the
+    first complete copy to be renamed into place wins.
+    """
+    mv = _model_version(uri)
+    name, version, source = mv.name, str(mv.version), str(mv.source)
+    target = Path(cache_root) / name / version
+    if not _cached(target, source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{version}.partial-", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
+            (partial / COMPLETE).write_text(source)
+            try:
+                partial.rename(target)
+            except OSError:  # a stale copy, or a concurrent caller finished first
+                if not _cached(target, source):
+                    shutil.rmtree(target, ignore_errors=True)
+                    partial.rename(target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return ResolvedModel(name, version, _pipeline_dir(target))
+
+
+def _cached(target: Path, source: str) -> bool:
+    marker = target / COMPLETE
+    return marker.is_file() and marker.read_text() == source
+
+
+def _pipeline_dir(model_dir: Path) -> Path:
+    """Where the pipeline artifact landed: MLflow keeps the logged directory's own name
+    (``artifacts/<dirname>``), recorded in MLmodel under the artifact's key."""
+    import yaml
+
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+    return model_dir / meta["flavors"]["python_function"]["artifacts"][PIPELINE_ARTIFACT]["path"]

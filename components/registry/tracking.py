@@ -1,0 +1,100 @@
+"""MLflow wiring: where tracking goes, and the experiment every flow logs into.
+
+Embedded default: SQLite at ``<state_dir>/mlflow.db`` with artifacts under ``<state_dir>/mlartifacts``.
+A server (``mlflow server``) is used when ``tracking.tracking_uri`` or ``MLFLOW_TRACKING_URI`` says so;
+S3 artifact stores are configured by MLflow's usual variables (``MLFLOW_S3_ENDPOINT_URL``, AWS_*).
+Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from components.config import Config
+from components.dataset import SCHEMA, CuratedManifest
+from components.redact import Redactor
+
+_SET_HERE: set[str] = set()
+"""URIs this process gave ``mlflow.set_tracking_uri``, which also exports MLFLOW_TRACKING_URI:
+that export is not the user's choice and must not override the next config's state directory."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _SET_HERE:
+        return env
+    db = cfg.state_path("mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def setup_tracking(cfg: Config) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists. Returns its id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri != os.environ.get("MLFLOW_TRACKING_URI"):  # the user's own variable stays the user's choice
+        _SET_HERE.add(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    existing = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if existing is not None:
+        return existing.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:"):
+        artifact_location = cfg.state_path("mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created by a racing process
+        return mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (``unknown`` outside a checkout, e.g. a Ray job's working dir)."""
+    if os.environ.get("TERMINUS_GIT_COMMIT"):
+        return os.environ["TERMINUS_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: dict, prefix: str = "", redactor: Redactor | None = None) -> dict[str, str]:
+    """Nested config -> MLflow params (``train.lr.max`` = ...), every value passed through ``redact``."""
+    redactor = redactor or Redactor()
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + ".", redactor))
+        else:
+            flat[name] = redactor(str(value))[:6000]
+    return flat
+
+
+def mlflow_dataset(manifest: CuratedManifest, name: str | None = None):
+    """The curated dataset as an MLflow dataset (source = ROOT, digest = the curation digest), for
+    ``mlflow.log_input(mlflow_dataset(read_manifest(root)), context="training")`` so a run records
+    exactly which curated data it used."""
+    import warnings
+
+    import pyarrow as pa
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    kinds = {pa.binary(): DataType.binary, pa.string(): DataType.string, pa.int32(): DataType.integer}
+    schema = Schema([ColSpec(kinds[field.type], field.name) for field in SCHEMA])
+    with warnings.catch_warnings():  # a local path matches two equivalent "local" source classes
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(manifest.root)
+    label = name or manifest.root.rstrip("/").rsplit("/", 1)[-1]
+    return MetaDataset(source, name=label, digest=manifest.digest, schema=schema)

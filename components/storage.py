@@ -1,0 +1,296 @@
+"""The one storage layer: byte-level I/O on a local path or an ``s3://bucket/key`` URI, prefix
+downloads into a local cache, and pyarrow filesystems for Ray Data and Ray Train. Nothing else in the
+platform builds a boto3 client or a pyarrow S3 filesystem.
+
+S3 goes through boto3 (its usual credential chain: env, profile, instance role) with an optional
+endpoint override for S3-compatible stores (MinIO, moto, R2): ``curate.s3_endpoint_url``, else the
+standard ``AWS_ENDPOINT_URL_S3`` variable. Local writes go to a temporary name and are renamed into
+place (``os.replace`` is atomic on POSIX), so a reader never sees half a file; an S3 PUT is atomic
+by itself (an object is visible whole or not at all).
+
+A failing *store* (endpoint unreachable, connection dropped, timeouts, 5xx left after boto3's own
+retries) raises ``StorageUnavailable``, one line naming the operation, the URI and the endpoint. It
+is kept apart from a failing *object* (missing, forbidden), which curation counts per input: an
+outage must stop the run (no ``_SUCCESS``), never turn every remaining input into "unreadable" and
+publish what is left as if it were the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri}")
+    return bucket, key
+
+
+class StorageUnavailable(RuntimeError):
+    """The store itself failed (not one object): stop the run rather than drop or skip inputs."""
+
+
+def original_unavailable(err: BaseException) -> StorageUnavailable | None:
+    """The ``StorageUnavailable`` a worker raised, out of the wrappers around it (Ray's
+    ``RayTaskError`` keeps it as ``.cause``; Ray Data adds its own advice to the message)."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is StorageUnavailable:
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _unavailable(err: Exception) -> bool:
+    """Transport failures and server-side errors, as opposed to per-object answers (404, 403)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(err, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(err, ClientError):
+        return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+    return False
+
+
+def join(root: str, *parts: str) -> str:
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(root, *parts)
+
+
+def endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint override: ``endpoint_url`` (a config value), else ``AWS_ENDPOINT_URL_S3``, else None
+    (AWS itself)."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None
+
+
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client (boto3's credential chain: environment, profile, instance role)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint(endpoint_url))
+
+
+def arrow_filesystem(uri: str, endpoint_url: str | None = None):
+    """pyarrow's S3 filesystem with the same endpoint as boto3, for ``uri`` on S3; None for local paths
+    (pyarrow and Ray then use the local filesystem)."""
+    if not is_s3(uri):
+        return None
+    import pyarrow.fs
+
+    url = endpoint(endpoint_url)
+    if not url:
+        return pyarrow.fs.S3FileSystem()
+    scheme, _, host = url.partition("://")
+    return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
+
+
+def read_parquet(uri: str, endpoint_url: str | None = None):
+    """One parquet file (local or s3://) as an Arrow table."""
+    import pyarrow.parquet as pq
+
+    fs = arrow_filesystem(uri, endpoint_url)
+    if fs is None:
+        return pq.read_table(uri)
+    return pq.read_table(uri[len("s3://"):], filesystem=fs)
+
+
+def safe_relative(key: str, prefix: str) -> str:
+    """``key`` (under ``prefix``) as a normalised relative path; ``ValueError`` when it would leave it
+    (``..`` segments, an absolute part), so a hostile object name cannot write outside a cache."""
+    rel = key[len(prefix):]
+    norm = posixpath.normpath(rel)
+    if not key.startswith(prefix) or not rel or norm.startswith(("../", "/")) or norm in ("..", "."):
+        raise ValueError(f"object key {key!r} escapes its prefix {prefix!r}")
+    return norm
+
+
+class Store:
+    """Reads, writes, lists and deletes on local paths and s3:// URIs with one lazily made client."""
+
+    def __init__(self, endpoint_url: str | None = None):
+        self.endpoint_url = endpoint_url
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client(self.endpoint_url)
+        return self._client
+
+    @contextmanager
+    def _s3(self, op: str, uri: str):
+        """Translate a failing store into ``StorageUnavailable``; per-object errors pass unchanged."""
+        try:
+            yield
+        except Exception as err:
+            if not _unavailable(err):
+                raise
+            endpoint = self.client.meta.endpoint_url if self._client is not None else self.endpoint_url
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            from components.redact import redact
+
+            raise StorageUnavailable(redact(
+                f"S3 store unavailable: {op} {uri} via {endpoint} failed ({type(err).__name__}: {first})"
+            )) from err
+
+    def read(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3("read", uri):
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with open(uri, "rb") as fh:
+            return fh.read()
+
+    def read_if_exists(self, uri: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object (other failures raise)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3("read", uri):
+                try:
+                    return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                except self.client.exceptions.NoSuchKey:
+                    return None
+        try:
+            with open(uri, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def read_text_or_none(self, uri: str) -> str | None:
+        """A small text file (a sidecar caption), or None when it cannot be read. A failing store
+        still raises ``StorageUnavailable``: an outage must not silently turn captions into file names."""
+        try:
+            return self.read(uri).decode("utf-8", errors="replace")
+        except StorageUnavailable:
+            raise
+        except Exception:  # missing, permission, S3 NoSuchKey/AccessDenied: the caption policy decides
+            return None
+
+    def write(self, uri: str, data: bytes) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3("write", uri):
+                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        directory = os.path.dirname(uri) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, uri)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def delete(self, uri: str) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with self._s3("delete", uri):
+                self.client.delete_object(Bucket=bucket, Key=key)
+        elif os.path.exists(uri):
+            os.unlink(uri)
+
+    def list(self, root: str) -> Iterator[str]:
+        """Every file under ``root`` (recursive), as full URIs/paths, in sorted order per directory."""
+        if is_s3(root):
+            bucket, prefix = split_s3(root)
+            prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            with self._s3("list", root):  # pages are fetched lazily, inside the translation
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        if not obj["Key"].endswith("/"):
+                            yield f"s3://{bucket}/{obj['Key']}"
+            return
+        for directory, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                yield os.path.join(directory, name)
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            from botocore.exceptions import ClientError
+
+            try:
+                with self._s3("head", uri):
+                    self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError:
+                return False
+        return os.path.exists(uri)
+
+
+def relative(root: str, uri: str) -> str:
+    """``uri`` relative to ``root`` with ``/`` separators (the form ``_SUCCESS`` records)."""
+    if is_s3(root):
+        return uri[len(root.rstrip("/")) + 1:]
+    return posixpath.join(*os.path.relpath(uri, root).split(os.sep))
+
+
+ETAGS = ".etags.json"
+"""In a fetched prefix's cache directory: relative path -> the object's ETag when it was downloaded."""
+
+
+def fetch_prefix(uri: str, cache_root: str | Path, endpoint_url: str | None = None) -> Path:
+    """Download ``s3://bucket/prefix`` into ``cache_root/bucket/prefix``; returns that directory.
+
+    A cached file is reused only when the object's ETag is the one it was downloaded with (same-size
+    retrained weights are new content). Every key is normalised and must stay under the prefix. A file
+    appears in the cache only once complete (downloaded to ``.partial``, then renamed).
+    """
+    store = Store(endpoint_url)
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    target = Path(cache_root) / bucket / prefix.strip("/")
+    etags_path = target / ETAGS
+    try:
+        etags = json.loads(etags_path.read_text())
+    except (OSError, ValueError):
+        etags = {}
+    found = False
+    with store._s3("list", uri):
+        pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue
+                found = True
+                rel = safe_relative(obj["Key"], prefix)
+                dest = target / rel
+                if dest.is_file() and etags.get(rel) == obj["ETag"]:
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                partial = dest.with_name(dest.name + ".partial")
+                store.client.download_file(bucket, obj["Key"], str(partial))
+                partial.replace(dest)
+                etags[rel] = obj["ETag"]
+                target.mkdir(parents=True, exist_ok=True)
+                tmp = etags_path.with_name(ETAGS + ".tmp")
+                tmp.write_text(json.dumps(etags, sort_keys=True))
+                tmp.replace(etags_path)
+    if not found:
+        raise FileNotFoundError(f"no objects under {uri}")
+    return target

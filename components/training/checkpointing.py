@@ -1,0 +1,122 @@
+"""Training checkpoints: UNet (and EMA) in safetensors, optimizer and LR scheduler, data position.
+
+Weights are safetensors; optimizer state is loaded with ``torch.load(weights_only=True)``, so nothing
+in a checkpoint can run code.
+
+A checkpoint is complete only when ``COMPLETE`` is present and every file it lists is there with its
+listed size. ``save_checkpoint`` writes it last, so a writer killed half-way leaves no marker; and
+because the marker names the sizes, a *copy* that was cut short is refused too, whatever order the
+copier (Ray's upload to ``storage_path``) took the files in. Loading refuses anything else
+(docs/reliability.md). A marker written before the size list (plain ``ok``) is trusted as before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+
+
+class IncompleteCheckpointError(RuntimeError):
+    pass
+
+
+def verify_complete(directory: Path) -> None:
+    """Raise ``IncompleteCheckpointError`` unless ``COMPLETE`` exists and its files are all whole."""
+    marker = Path(directory) / COMPLETE
+    if not marker.is_file():
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
+    text = marker.read_text()
+    if text.strip() == "ok":
+        return  # a marker from before the size list
+    try:
+        sizes = dict(json.loads(text)["files"])
+    except (ValueError, KeyError, TypeError):  # a marker cut short by an interrupted copy
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (unreadable {COMPLETE})") from None
+    for name, size in sizes.items():
+        path = Path(directory) / name
+        if not path.is_file() or path.stat().st_size != size:
+            found = path.stat().st_size if path.is_file() else "missing"
+            raise IncompleteCheckpointError(
+                f"checkpoint {directory} is incomplete: {name} is {found}, {COMPLETE} says {size} bytes"
+            )
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    samples_seen: int = 0
+    best_val_loss: float | None = None
+
+
+def save_checkpoint(
+    directory: Path,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    state: TrainState,
+    ema=None,
+    *,
+    unet_state: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
+    """``unet_state``/``optimizer_state``: full state dicts gathered beforehand (FSDP gathers them
+    collectively on every rank, components/training/parallel.py); by default read from the modules."""
+    directory.mkdir(parents=True, exist_ok=True)
+    unet_state = unet.state_dict() if unet_state is None else unet_state
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, directory / "unet.safetensors")
+    if ema is not None:
+        shadow = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
+        save_file(shadow, directory / "ema.safetensors")
+        (directory / "ema.json").write_text(json.dumps({"optimization_step": ema.optimization_step}))
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
+    (directory / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=str))
+    (directory / "state.json").write_text(json.dumps(asdict(state)))
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
+    (directory / COMPLETE).write_text(json.dumps({"files": sizes}))  # last: the checkpoint is whole
+    return directory
+
+
+def load_checkpoint(
+    directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None, strategy=None
+) -> TrainState:
+    """Restore a complete checkpoint; ``strategy`` (components/training/parallel.py) loads into sharded modules."""
+    directory = Path(directory)
+    verify_complete(directory)
+    weights = load_file(directory / "unet.safetensors")
+    if strategy is not None:
+        strategy.load_model_state(unet, weights)
+    else:
+        unet.load_state_dict(weights, strict=True)
+    if optimizer is not None:
+        opt_state = torch.load(directory / "optimizer.pt", weights_only=True)
+        if strategy is not None:
+            strategy.load_optimizer_state(unet, optimizer, opt_state)
+        else:
+            optimizer.load_state_dict(opt_state)
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(json.loads((directory / "lr_scheduler.json").read_text()))
+    if ema is not None and (directory / "ema.safetensors").exists():
+        shadow = load_file(directory / "ema.safetensors")
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(shadow[f"p{i}"])
+        ema.optimization_step = json.loads((directory / "ema.json").read_text())["optimization_step"]
+    return TrainState(**json.loads((directory / "state.json").read_text()))
+
+
+def load_unet_weights(directory: Path, unet: torch.nn.Module, use_ema: bool = False) -> None:
+    """Final weights for export: the EMA shadow where asked and present, else the raw UNet."""
+    directory = Path(directory)
+    verify_complete(directory)
+    unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
+    if use_ema and (directory / "ema.safetensors").exists():
+        shadow = load_file(directory / "ema.safetensors")
+        for i, p in enumerate(p for p in unet.parameters() if p.requires_grad):
+            p.data.copy_(shadow[f"p{i}"])

@@ -1,0 +1,161 @@
+"""Driver side of a training run: one MLflow run, a Ray Train TorchTrainer, then the export.
+
+Resume is by name: the same ``train.run_name`` reuses the Ray Train storage (Ray V2 restarts from
+the latest checkpoint) and the same MLflow run (found by its ``terminus.run_name`` tag).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from components.config import Config
+from components.dataset import CuratedManifest, read_manifest
+from components.registry.tracking import flatten, git_commit, mlflow_dataset, setup_tracking, tracking_uri
+from components.storage import arrow_filesystem
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG = "terminus.run_name"
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    run_name: str
+    model_name: str
+    version: str
+    checkpoint: str
+    val_loss: float | None
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths and a run name, so every Ray worker sees the same locations."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.state_dir = str(cfg.state_path())
+    cfg.tracking.tracking_uri = tracking_uri(cfg)
+    if not cfg.train.storage_path.startswith("s3://"):
+        cfg.train.storage_path = str(Path(cfg.train.storage_path).expanduser().resolve())
+    if not cfg.train.data.startswith("s3://"):
+        cfg.train.data = str(Path(cfg.train.data).expanduser().resolve())
+    if cfg.train.run_name is None:
+        cfg.train.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def open_run(cfg: Config, manifest: CuratedManifest) -> str:
+    """The MLflow run of this training run: found by name (resume) or created with its params."""
+    experiment_id = setup_tracking(cfg)
+    found = mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}'", output_format="list"
+    )
+    client = mlflow.MlflowClient()
+    if found:
+        log.info("continuing MLflow run %s", found[0].info.run_id)
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name) as run:
+        params = flatten(cfg.model_dump(mode="json"))
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.set_tags({
+            RUN_NAME_TAG: cfg.train.run_name, "git_commit": git_commit(), "config_hash": cfg.digest(),
+            "base_model": cfg.model.source, "dataset_digest": manifest.digest,
+        })
+        mlflow.log_input(mlflow_dataset(manifest), context="training")
+    # RUNNING while Ray trains (the workers log into it; MLflow's system-metrics monitor stops
+    # at a finished run); the export marks it FINISHED, a failure FAILED.
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from components.training.loop import train_loop_per_worker
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
+    train_ds = ray.data.read_parquet(manifest.paths("train"), filesystem=arrow_filesystem(manifest.root))
+    storage = cfg.train.storage_path
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "train_rows": manifest.rows["train"],
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage,
+            storage_filesystem=arrow_filesystem(storage),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": train_ds},
+    )
+    return trainer.fit()
+
+
+def select_checkpoint(cfg: Config, result):
+    """(checkpoint, metrics): lowest val_loss among those kept, or the last one."""
+    if cfg.train.select == "last" or not result.best_checkpoints:
+        return result.checkpoint, result.metrics
+    return min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))
+
+
+def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
+    """Checkpoint -> diffusers directory -> pyfunc model in the run -> new registered version."""
+    from components.diffusion.sdxl import load_parts, save_pipeline
+    from components.registry.model import log_pipeline_model
+    from components.training.checkpointing import load_unet_weights
+
+    parts = load_parts(cfg.model, cfg.state_path("cache"))
+    with checkpoint.as_directory() as ckpt_dir:
+        load_unet_weights(Path(ckpt_dir), parts.unet, use_ema=cfg.train.ema_decay is not None)
+    export_dir = cfg.state_path("exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")
+    save_pipeline(parts, cfg.diffusion, export_dir)
+    setup_tracking(cfg)
+    with mlflow.start_run(run_id=run_id):
+        final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        mlflow.log_metrics(final)
+        info = log_pipeline_model(export_dir, cfg.tracking.registered_model, cfg.inference)
+        version = str(info.registered_model_version)
+        mlflow.set_tag("registered_version", version)
+    client = mlflow.MlflowClient()
+    tags = {
+        "run_id": run_id, "dataset_digest": manifest.digest, "base_model": cfg.model.source,
+        "config_hash": cfg.digest(), "git_commit": git_commit(), "checkpoint": checkpoint.path,
+        **{k: str(v) for k, v in final.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
+    return version
+
+
+def run_training(cfg: Config) -> TrainingResult:
+    cfg = resolve_paths(cfg)
+    manifest = read_manifest(cfg.train.data)
+    run_id = open_run(cfg, manifest)
+    try:
+        result = fit(cfg, manifest, run_id)
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise
+    checkpoint, metrics = select_checkpoint(cfg, result)
+    version = export_and_register(cfg, run_id, checkpoint, metrics, manifest)
+    return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
+                          metrics.get("val_loss"))

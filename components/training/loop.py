@@ -1,0 +1,221 @@
+"""The Ray Train worker loop: stream bucketed batches, min-SNR v-prediction steps, checkpoints.
+
+Ray appears only at the edges (dataset shard, report, checkpoint); the step itself is
+``components.diffusion.loss.diffusion_loss``. Rank 0 alone talks to MLflow (``RunLogger``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from components.config import Config, Precision
+from components.dataset import read_manifest, val_rows
+from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss, frozen_dtype
+from components.diffusion.schedule import training_scheduler
+from components.diffusion.sdxl import SDXLParts, load_parts
+from components.training.batches import bucket_batches, iter_rows, rows_to_batch, skip
+from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from components.training.optim import build_lr_scheduler, build_optimizer
+from components.training.parallel import Strategy
+from components.training.run_logger import RunLogger
+from components.training.validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """A noise stream per (rank, step, micro-batch): distinct across ranks, reproducible on resume."""
+    return torch.Generator().manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def epoch_batches(shard, cfg: Config, epoch: int, skip_batches: int):
+    """Micro-batch row lists of one epoch, bucket-pure, deterministic for (seed, epoch)."""
+    raw = shard.iter_batches(
+        batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
+        local_shuffle_seed=cfg.seed * 1000 + epoch,
+    )
+    batches = bucket_batches(iter_rows(raw), cfg.train.batch_size)
+    return skip(batches, skip_batches)
+
+
+def total_steps(cfg: Config, train_rows: int) -> int:
+    if cfg.train.epochs is None:
+        return cfg.train.max_steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    return max(1, math.ceil(cfg.train.epochs * train_rows / per_step))
+
+
+@dataclass
+class Trainee:
+    """Everything a worker trains and checkpoints. ``unet`` owns the parameters; ``model`` is what the
+    step calls (``unet`` itself, or its DDP/FSDP wrapping)."""
+
+    parts: SDXLParts
+    unet: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: Any
+    strategy: Strategy
+    scaler: torch.amp.GradScaler
+    state: TrainState
+
+
+def build_trainee(cfg: Config, device: torch.device, world: int, steps: int) -> Trainee:
+    """The SDXL parts placed by the precision policy (components/diffusion/loss.py), the UNet wrapped
+    for its parallel strategy, then its optimizer, LR schedule and EMA."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    parts = load_parts(cfg.model, cfg.state_path("cache"))
+    parts.vae.requires_grad_(False).eval().to(device)  # fp32: SDXL's VAE overflows in fp16
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        encoder.requires_grad_(False).eval().to(device, frozen_dtype(cfg.train.precision))
+    unet = parts.unet.to(device)
+    unet.train()
+    if cfg.train.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    strategy = Strategy(cfg.train.parallel, world)
+    model = strategy.wrap(unet, device)  # before the optimizer: FSDP replaces parameters by shards
+    optimizer = build_optimizer(unet.parameters(), cfg.train, device)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay)
+        ema.to("cpu" if cfg.train.ema_on_cpu else device)
+    scaler = torch.amp.GradScaler(enabled=cfg.train.precision is Precision.FP16 and device.type == "cuda")
+    return Trainee(parts, unet, model, optimizer, build_lr_scheduler(optimizer, cfg.train.lr, steps), ema,
+                   strategy, scaler, TrainState())
+
+
+def optimizer_step(t: Trainee, clip_grad_norm: float) -> float:
+    """Unscale, clip, step, schedule, EMA; returns the gradient norm before clipping."""
+    t.scaler.unscale_(t.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.unet.parameters(), clip_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.lr_scheduler.step()
+    if t.ema is not None:
+        t.ema.step(t.unet.parameters())
+    return float(grad_norm)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    steps = total_steps(cfg, loop_config["train_rows"])
+    t = build_trainee(cfg, device, world, steps)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            t.state = load_checkpoint(Path(ckpt_dir), t.unet, t.optimizer, t.lr_scheduler, t.ema, t.strategy)
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, t.state.step, t.state.epoch,
+                 t.state.batches_in_epoch)
+
+    spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, cfg.train.precision, cfg.train.caption_dropout)
+    logger = RunLogger(cfg, loop_config["mlflow_run_id"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    validator = None
+    if rank == 0 or t.strategy.sharded:  # sharded weights: every rank takes part in each forward
+        # The held-out split is small (val_max_rows): read it directly rather than through Ray Data.
+        held_out = val_rows(read_manifest(cfg.train.data), cfg.train.val_max_rows)
+        validator = Validator(cfg, held_out, device)
+
+    state, accum = t.state, cfg.train.grad_accum
+    micro, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    while state.step < steps:
+        produced = False
+        for rows in epoch_batches(shard, cfg, state.epoch, state.batches_in_epoch):
+            produced = True
+            batch = rows_to_batch(rows, device)
+            draw = NoiseDraw(step_generator(cfg.seed, rank, state.step, micro))
+            with t.strategy.accumulating(t.model, sync=micro == accum - 1):
+                loss = diffusion_loss(t.parts, t.model, batch, spec, draw)
+                t.scaler.scale(loss / accum).backward()
+            loss_sum += loss.item()
+            state.batches_in_epoch += 1
+            micro += 1
+            if micro < accum:
+                continue
+            grad_norm = optimizer_step(t, cfg.train.clip_grad_norm)
+            state.step += 1
+            state.samples_seen += cfg.train.effective_batch
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "loss": loss_sum / accum, "lr": t.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "images_per_s": cfg.train.effective_batch / max(elapsed, 1e-9), "samples_seen": state.samples_seen,
+                "epoch": state.epoch,
+            }
+            micro, loss_sum = 0, 0.0
+            if logger:
+                logger.metrics(metrics, state.step)
+            at_checkpoint = state.step % cfg.train.checkpoint_every == 0 or state.step == steps
+            val_loss = None
+            if validator is not None and (at_checkpoint or state.step % cfg.train.val_every == 0):
+                val_loss = _validate(validator, t, logger)
+            if at_checkpoint:
+                _checkpoint(t, logger, {"step": state.step, "loss": metrics["loss"], "val_loss": val_loss})
+            t0 = time.perf_counter()  # images/s excludes validation and checkpointing
+            if state.step >= steps:
+                break
+        if state.step >= steps:
+            break
+        if not produced and state.batches_in_epoch == 0:
+            raise RuntimeError(
+                f"worker {rank} got no full batch of {cfg.train.batch_size} from any bucket: "
+                "lower train.batch_size or curate more images"
+            )
+        state.epoch += 1
+        state.batches_in_epoch = 0
+    if logger:
+        logger.close()
+
+
+def _validate(validator: Validator, t: Trainee, logger: RunLogger | None) -> float:
+    """Held-out loss at fixed timesteps and noise, and the fixed-prompt sample images; rank 0
+    (``logger``) records them. Under FSDP every rank runs this in lockstep."""
+    val_loss = validator.loss(t.parts, t.unet)
+    if t.state.best_val_loss is None or val_loss < t.state.best_val_loss:
+        t.state.best_val_loss = val_loss
+    images = validator.images(t.parts, t.unet)
+    if logger is not None:
+        logger.metrics({"val_loss": val_loss}, t.state.step)
+        for key, image in images.items():
+            logger.image(image, key, t.state.step)
+    return val_loss
+
+
+def _checkpoint(t: Trainee, logger: RunLogger | None, report: dict) -> None:
+    """Report a checkpoint (rank 0 writes it); every rank reaches ``report``, a barrier.
+
+    Every checkpoint carries val_loss (validation runs at each one), which Ray's
+    CheckpointConfig ranks checkpoints by.
+    """
+    name = f"checkpoint_{t.state.step:08d}"
+    full = {}
+    if t.strategy.sharded:  # gathering the full state is collective: every rank joins
+        full = {"unet_state": t.strategy.model_state(t.unet),
+                "optimizer_state": t.strategy.optimizer_state(t.unet, t.optimizer)}
+    if logger is None:
+        ray.train.report({k: v for k, v in report.items() if k != "val_loss"}, checkpoint=None,
+                         checkpoint_dir_name=name)
+        return
+    logger.flush()  # before the checkpoint exists: a resume from it never finds a gap in MLflow
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), t.unet, t.optimizer, t.lr_scheduler, t.state, t.ema, **full)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    logger.checkpoint(name, t.state.step, report)

@@ -1,0 +1,319 @@
+"""The single-GPU memory plan: will this preset's fine-tune fit one A100-80G, and with how much room?
+
+Persistent memory is counted exactly from parameter shapes: the real SDXL UNet (2.567 B parameters),
+both CLIP text encoders and the VAE, built from SDXL-base's published configs on the meta device
+(accelerate's ``init_empty_weights``: shapes, no storage), times the bytes per element that the
+precision policy and the optimizer give (``persistent_rows``, ``optimizer_state_bytes``).
+
+The dynamic part -- activations, autocast's weight copies, gradients in flight, recomputation under
+gradient checkpointing, and the VAE encoding the batch -- is traced at the configured batch and
+resolution by components/training/memory/trace.py (one micro-step of the full-size model on meta tensors, CUDA
+autocast emulated; no GPU needed). It is not an analytic guess and not a scaled-down measurement.
+
+Added as stated assumptions, because no trace sees them: the CUDA context (``CUDA_CONTEXT_BYTES``)
+and caching-allocator fragmentation plus kernel workspaces (``ALLOCATOR_SLACK`` of the traced peak).
+Expected error of the planned peak: about +-10 %, most of it in those two assumptions. The GPU
+benchmark (bench/gpu_bench.py) records ``max_memory_allocated`` and ``max_memory_reserved`` to
+check the traced figure and calibrate the slack (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from components.config import Config, OptimizerName, Precision
+from components.training.memory.trace import StepTrace, trace_unet_step, trace_vae_encode
+
+GB = 1e9  # decimal, as RECIPE.md's anchors ("about 41 GB") are
+A100_80G_BYTES = 80 * 2**30  # nvidia-smi: 81920 MiB
+CUDA_CONTEXT_BYTES = 600 * 2**20
+"""Assumption: CUDA context + cuBLAS/cuDNN handles, outside PyTorch's allocator (typically 0.4-0.8 GiB)."""
+ALLOCATOR_SLACK = 0.10
+"""Assumption: caching-allocator fragmentation and kernel workspaces, as a fraction of the traced peak."""
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers 0.19 layout; keys left at
+# their diffusers default are omitted). SDXL paper, Podell et al. 2023, Table 1: 2.6 B parameters.
+SDXL_UNET_CONFIG: dict = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 (pooled text_encoder_2) + 6 * 256 (time ids)
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+SDXL_UNET_PARAMS = 2_567_463_684
+# Same repository: text_encoder/config.json (OpenAI CLIP ViT-L/14 text tower, 123,060,480 params),
+# text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower + projection, 694,659,840 params),
+# vae/config.json (83,653,863 params).
+SDXL_TEXT_ENCODER_CONFIG = dict(
+    hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    projection_dim=768, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    hidden_act="gelu", hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+    projection_dim=1280, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SDXL_VAE_CONFIG = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
+                       down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                       latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
+                       scaling_factor=0.13025, force_upcast=True)
+
+
+# --- models on the meta device ------------------------------------------------------------------
+
+
+def sdxl_models(cfg: Config | None = None) -> dict[str, torch.nn.Module]:
+    """UNet, VAE and both text encoders with SDXL's shapes (the tiny model's for ``model.source: tiny``)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if cfg is not None and cfg.model.source == "tiny":
+        from components.diffusion.sdxl import build_tiny
+
+        parts = build_tiny(cfg.model.tiny)  # small enough to build for real, then drop the storage
+        return {k: getattr(parts, k).to("meta") for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    with init_empty_weights(include_buffers=True):
+        return {
+            "unet": UNet2DConditionModel(**SDXL_UNET_CONFIG),
+            "vae": AutoencoderKL(**SDXL_VAE_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
+        }
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- persistent memory --------------------------------------------------------------------------
+
+
+def optimizer_state_bytes(shapes: list[torch.Size], optimizer: OptimizerName) -> int:
+    """Bytes of optimizer state for parameters of these shapes (fp32 master weights).
+
+    - adamw: two fp32 moments, 8 B/param (torch.optim.AdamW, fused or not).
+    - adamw8bit: bitsandbytes ``Optimizer2State.init_state``: tensors with >= 4096 elements
+      (``min_8bit_size``) keep both moments in uint8 plus one fp32 absmax per 256-element block each
+      (blocksize 256 since bitsandbytes 0.44; 2048 before, a 0.1 % difference); smaller ones keep fp32.
+    - adafactor: transformers' ``Adafactor`` with beta1=None (no first moment) and a factored second
+      moment for tensors of rank >= 2: fp32 row (shape[:-1]) and column (shape[:-2] + shape[-1:])
+      statistics; rank-1 tensors keep a full fp32 second moment.
+    """
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if optimizer is OptimizerName.ADAMW:
+            total += 8 * n
+        elif optimizer is OptimizerName.ADAMW_8BIT:
+            total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n
+        elif optimizer is OptimizerName.ADAFACTOR:
+            if len(shape) >= 2:
+                total += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+            else:
+                total += 4 * n
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+    return total
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    bytes: int
+    where: str = "gpu"
+    note: str = ""
+    trained: bool = False
+    """UNet weights, gradients or optimizer state: RECIPE.md's "before activations" figure."""
+
+
+def persistent_rows(models: dict[str, torch.nn.Module], precision: Precision, optimizer: OptimizerName,
+                    ema: bool, ema_on_cpu: bool) -> list[Row]:
+    """What lives for the whole run. Precision policy (components/diffusion/loss.py): fp32 master weights and
+    fp32 gradients for every precision (autocast computes in bf16/fp16, stores fp32); frozen text
+    encoders in the compute dtype; the VAE in fp32 (SDXL's VAE overflows in fp16)."""
+    unet = models["unet"]
+    n = count_params(unet)
+    compute_bytes = 4 if precision is Precision.FP32 else 2
+    text = count_params(models["text_encoder"]) + count_params(models["text_encoder_2"])
+    rows = [
+        Row("UNet weights (fp32 master)", 4 * n, note=f"{n / 1e9:.3f} B params x 4 B", trained=True),
+        Row("UNet gradients (fp32)", 4 * n, note="4 B/param", trained=True),
+        Row(f"optimizer state ({optimizer.value})",
+            optimizer_state_bytes([p.shape for p in unet.parameters()], optimizer),
+            note={"adamw": "2 fp32 moments", "adamw8bit": "2 uint8 moments + block absmax",
+                  "adafactor": "factored fp32 2nd moment"}[optimizer.value], trained=True),
+    ]
+    if ema:
+        rows.append(Row("EMA weights (fp32)", 4 * n, "cpu" if ema_on_cpu else "gpu", "diffusers EMAModel shadow"))
+    rows += [
+        Row(f"frozen text encoders ({precision.value if compute_bytes == 2 else 'fp32'})", compute_bytes * text,
+            note=f"two CLIP text towers, {text / 1e6:.1f} M params"),
+        Row("frozen VAE (fp32)", 4 * count_params(models["vae"]), note=f"{count_params(models['vae']) / 1e6:.1f} M params"),
+    ]
+    return rows
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryPlan:
+    name: str
+    unet_params: int
+    batch: int
+    resolution: tuple[int, int]
+    precision: str
+    optimizer: str
+    grad_checkpointing: bool
+    persistent: list[Row]
+    step: StepTrace
+    """The trace for the configured checkpointing setting."""
+    step_other: StepTrace
+    """The trace with checkpointing flipped, for comparison."""
+    vae_encode_peak: int
+    """Encoding the whole batch at once, as components/diffusion/loss.py does."""
+    vae_encode_peak_one: int
+    """Encoding one image at a time (``AutoencoderKL.enable_slicing()``)."""
+    capacity: int = A100_80G_BYTES
+    context: int = CUDA_CONTEXT_BYTES
+    slack_fraction: float = ALLOCATOR_SLACK
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def before_activations(self) -> int:
+        """UNet weights + gradients + optimizer state: RECIPE.md's "about 41 GB / 26 GB" figure."""
+        return sum(r.bytes for r in self.persistent if r.trained)
+
+    @property
+    def persistent_gpu(self) -> int:
+        return sum(r.bytes for r in self.persistent if r.where == "gpu")
+
+    @property
+    def dynamic_peak(self) -> int:
+        """The step's peak: VAE encoding comes before the UNet forward, so the larger of the two."""
+        return max(self.step.peak, self.vae_encode_peak)
+
+    @property
+    def allocated_peak(self) -> int:
+        """Comparable with ``torch.cuda.max_memory_allocated()``."""
+        return self.persistent_gpu + self.dynamic_peak
+
+    @property
+    def allocated_peak_cached_latents(self) -> int:
+        """The same without VAE encoding (latents cached, or random as in bench/gpu_bench.py)."""
+        return self.persistent_gpu + self.step.peak
+
+    def _planned(self, step_peak: int, vae_peak: int | None = None) -> int:
+        dynamic = max(step_peak, self.vae_encode_peak if vae_peak is None else vae_peak)
+        return self.persistent_gpu + dynamic + self.context + int(self.slack_fraction * dynamic)
+
+    @property
+    def total(self) -> int:
+        """The planned peak on the device: allocated peak + context + allocator slack."""
+        return self._planned(self.step.peak)
+
+    @property
+    def headroom(self) -> int:
+        return self.capacity - self.total
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    def verdict(self) -> str:
+        word = "FITS" if self.fits else "DOES NOT FIT"
+        return (f"{word} one A100-80G ({self.capacity / GB:.1f} GB): planned peak {self.total / GB:.1f} GB, "
+                f"headroom {self.headroom / GB:+.1f} GB")
+
+    def table(self) -> str:
+        h, w = self.resolution
+        ck = "on" if self.grad_checkpointing else "off"
+        lines = [f"memory plan: {self.name} -- UNet {self.unet_params / 1e9:.3f} B params, batch {self.batch} at "
+                 f"{w}x{h}, {self.precision}, {self.optimizer}, gradient checkpointing {ck}",
+                 f"{'component':<46}{'GB':>8}  where  note"]
+        row = lambda name, b, where="gpu", note="": lines.append(f"{name:<46}{b / GB:>8.2f}  {where:<5}  {note}")  # noqa: E731
+        for r in self.persistent:
+            row(r.name, r.bytes, r.where, r.note)
+        row("  = before activations (UNet w + g + opt)", self.before_activations, "", "RECIPE.md: ~41 GB AdamW, ~26 GB 8-bit")
+        row(f"step peak, traced (checkpointing {ck})", self.step.peak, note="activations, grads in flight, recompute")
+        row("  of which autocast weight copies", self.step.weight_copies, note="cached until the autocast region ends")
+        row("VAE encode peak (fp32, no grad, one image at a time)", self.vae_encode_peak, note="before the UNet step; max() of the two")
+        row("= allocated peak", self.allocated_peak, note="compare torch.cuda.max_memory_allocated")
+        row("CUDA context (assumed)", self.context)
+        row(f"allocator slack (assumed {self.slack_fraction:.0%} of step peak)", int(self.slack_fraction * self.dynamic_peak))
+        row("= planned peak", self.total)
+        other = "off" if self.grad_checkpointing else "on"
+        lines.append(f"(with gradient checkpointing {other}: step peak {self.step_other.peak / GB:.2f} GB, "
+                     f"planned peak {self._planned(self.step_other.peak) / GB:.1f} GB)")
+        if self.vae_encode_peak > self.step.peak:
+            sliced = self._planned(self.step.peak, self.vae_encode_peak_one)
+            lines.append(f"note: encoding the whole batch with the VAE sets the peak; one image at a time "
+                         f"(AutoencoderKL.enable_slicing(): {self.vae_encode_peak_one / GB:.2f} GB) or cached "
+                         f"latents would make the planned peak {sliced / GB:.1f} GB "
+                         f"({'fits' if sliced <= self.capacity else 'still does not fit'})")
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(before_activations=self.before_activations, persistent_gpu=self.persistent_gpu,
+                 dynamic_peak=self.dynamic_peak, allocated_peak=self.allocated_peak,
+                 allocated_peak_cached_latents=self.allocated_peak_cached_latents, total=self.total,
+                 headroom=self.headroom, fits=self.fits, verdict=self.verdict())
+        return d
+
+
+def resolution_of(cfg: Config) -> tuple[int, int]:
+    """The square side of the training buckets' pixel area (every bucket has about this area),
+    rounded down to the bucket step so it stays a valid SDXL size (a multiple of 8 at least)."""
+    b = cfg.curate.buckets
+    side = max(b.step, int(math.isqrt(b.area)) // b.step * b.step)
+    return side, side
+
+
+def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
+    """The memory plan for ``cfg.train`` on one GPU (SDXL shapes unless ``model.source`` is ``tiny``)."""
+    t = cfg.train
+    if t.batch_size < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {t.batch_size}")
+    precision, optimizer = Precision(t.precision), OptimizerName(t.optimizer)
+    models = sdxl_models(cfg)
+    hw = resolution_of(cfg)
+    factor = 2 ** (len(models["vae"].config.block_out_channels) - 1)
+    latent_hw = (hw[0] // factor, hw[1] // factor)
+    step = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, t.grad_checkpointing)
+    other = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, not t.grad_checkpointing)
+    vae_one = trace_vae_encode(models["vae"], 1, hw)
+    notes = []
+    if cfg.model.source != "tiny":
+        notes.append(f"shapes of SDXL-base (model.source {cfg.model.source!r} is assumed to share its layout)")
+    return MemoryPlan(
+        name=cfg.name, unet_params=count_params(models["unet"]), batch=t.batch_size, resolution=hw,
+        precision=precision.value, optimizer=optimizer.value, grad_checkpointing=t.grad_checkpointing,
+        persistent=persistent_rows(models, precision, optimizer, t.ema_decay is not None, t.ema_on_cpu),
+        # Training encodes one image at a time (AutoencoderKL slicing, components/diffusion/loss.py): the
+        # fp32 VAE on a whole 1 MP batch of 24 would peak at ~65 GB on its own.
+        step=step, step_other=other, vae_encode_peak=vae_one, vae_encode_peak_one=vae_one,
+        capacity=capacity, notes=notes,
+    )

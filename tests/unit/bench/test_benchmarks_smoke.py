@@ -1,0 +1,83 @@
+"""The training and caching benchmarks at trivially small sizes, and the report's verdicts (not timed)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import Figure, figures, table
+from bench.training import benchmark_caching, benchmark_training
+from components.config import load_config
+
+REPO = Path(__file__).resolve().parents[3]
+SMALL = ["curate.buckets.area=16384", "train.batch_size=2"]  # 128 x 128 images, 2 per step
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+    return load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path / 'state'}", *SMALL])
+
+
+def _sane_steps(stats: dict, steps: int) -> None:
+    assert stats["steps"] == steps and len(stats["times_s"]) == steps
+    assert all(t > 0 for t in stats["times_s"]) and stats["finite"]
+    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    assert math.isclose(stats["s_per_step"], sum(stats["times_s"]) / steps, rel_tol=1e-3)
+    assert 0 <= stats["fetch_s"] < stats["s_per_step"]
+
+
+def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
+    out = benchmark_training(small_cfg, warmup=1, steps=2, epoch_probe=False, workdir=str(tmp_path))
+    assert out["rows"] == 2 * 3 and out["image_side"] == 128 and out["batch_size"] == 2
+    for side in ("plain_before", "plain_after", "ray"):
+        _sane_steps(out[side], 2)
+    assert out["ray"]["leftover_batches"] == 0  # exactly one epoch: every row was trained on
+    assert out["threads_match"] and out["ray"]["torch_threads"] == small_cfg.train.cpus_per_worker
+    assert out["malloc_pinned"]  # both sides ran with the same glibc thresholds
+    plain = (sum(out["plain_before"]["times_s"]) + sum(out["plain_after"]["times_s"])) / 4
+    assert math.isclose(out["plain_s_per_step"], plain, rel_tol=1e-3)
+    assert math.isclose(out["overhead"], out["ray_s_per_step"] / out["plain_s_per_step"] - 1, rel_tol=1e-6)
+    assert out["ray_startup_s"] > 0 and out["ray_epoch_start_s"] is None  # the probe is off here
+    assert not list(tmp_path.iterdir())  # data and Ray Train storage cleaned up
+    rows = {f.name: f for f in figures({"training": out})}
+    overhead = rows["Ray Train overhead per step"]
+    assert overhead.target == ("<=", 5.0) and overhead.status == ("PASS" if out["overhead"] <= 0.05 else "MISS")
+
+
+def test_caching_benchmark_smoke(small_cfg, tmp_path):
+    out = benchmark_caching(small_cfg, rows=4, warmup=1, steps=2, workdir=str(tmp_path))
+    _sane_steps(out["pixels"], 2)
+    _sane_steps(out["cached"], 2)
+    assert out["latent_dist_shape"] == [8, 16, 16]  # posterior mean + log-variance of 128 px images
+    assert math.isclose(out["speedup"], out["pixels_s_per_step"] / out["cached_s_per_step"], rel_tol=1e-6)
+    assert out["cache_encode_s_per_image"] > 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_verdicts_and_table():
+    assert Figure("s", "overhead", 6.2, "%", ("<=", 5.0)).status == "MISS"
+    assert Figure("s", "overhead", 4.9, "%", ("<=", 5.0)).status == "PASS"
+    assert Figure("s", "speed-up", 1.69, "x", (">=", 1.7)).status == "MISS"
+    assert Figure("s", "ratio", 0.9, "x", (">", 1.0), claim=True).status == "NOT SEEN"
+    assert Figure("s", "ratio", 1.8, "x", (">", 1.0), claim=True).status == "HOLDS"
+    assert Figure("s", "plain", 0.4, "s/step").status == "-"
+    assert Figure("s", "broken", None).status == "ERROR"
+    sections = {"caching": {"error": "RuntimeError: boom", "wall_s": 1.0, "load_before": [3.0], "load_after": [4.0]}}
+    figs = [f.as_dict() for f in figures(sections)] + [Figure("serving", "overhead", 12.5, "ms", ("<=", 10.0)).as_dict()]
+    report = {"meta": {"date": "today", "host": "h", "cpu": "c", "cores": 2, "load_start": [1, 2, 3],
+                       "load_end": [2, 2, 3], "total_s": 5}, "sections": sections, "figures": figs}
+    text = table(report)
+    assert "ERROR" in text and "boom" in text
+    miss = next(line for line in text.splitlines() if line.startswith("serving"))
+    assert "12.5 ms" in miss and "<= 10 ms" in miss and miss.endswith("MISS")
+    assert "load average" in text and "caching 3.0->4.0" in text
+
+
+def test_flow_rejects_unknown_section():
+    proc = subprocess.run([sys.executable, str(REPO / "flows/bench.py"), "--only", "training,nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown section(s) ['nope']" in proc.stderr

@@ -1,0 +1,223 @@
+"""The HTTP contract without a server: validation, defaults, limits, images, masks, multipart."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from components.config import Config, load_config
+from components.diffusion.request import GenerationRequest
+from deploy.api import (
+    ApiError,
+    decode_upload,
+    fit_edit_images,
+    mask_to_l,
+    parse_multipart,
+    parse_params,
+    parse_size,
+    to_request,
+)
+
+CFG = Config()
+NAME = "terminus-tiny"
+
+
+def png(size=(64, 64), mode="RGB", color=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def refused(fn, *args, status=400, **kwargs) -> ApiError:
+    with pytest.raises(ApiError) as err:
+        fn(*args, **kwargs)
+    assert err.value.status == status, err.value.message
+    assert err.value.message
+    return err.value
+
+
+def request(*args, **kwargs) -> GenerationRequest:
+    """What the model replica runs: the ingress's request completed with the preset's inference defaults."""
+    return to_request(*args, **kwargs).complete(CFG.inference.model_dump())
+
+
+def test_defaults_come_from_the_config():
+    req = request(parse_params({"prompt": "a cat"}), CFG, NAME)
+    assert (req.width, req.height) == (CFG.serve.default_size, CFG.serve.default_size)
+    assert req.steps == CFG.serve.default_steps
+    assert req.guidance_rescale == 0.7  # Lin et al. eq. 16, the ZT-SNR default
+    assert req.guidance_scale == CFG.inference.guidance_scale
+    assert req.n == 1 and req.mode == "text2img"
+    assert isinstance(req.seed, int) and req.seed >= 0  # drawn, so the response can report it
+
+
+def test_openai_fields_and_extras_are_accepted():
+    raw = {"prompt": "a cat", "model": NAME, "n": 2, "size": "64x128", "response_format": "b64_json",
+           "quality": "standard", "style": "vivid", "user": "u1", "output_format": "png",
+           "negative_prompt": "blur", "steps": 3, "guidance_scale": 5.5, "guidance_rescale": 0.5, "seed": 9}
+    req = request(parse_params(raw), CFG, NAME)
+    assert (req.width, req.height, req.n, req.steps, req.seed) == (64, 128, 2, 3, 9)
+    assert (req.guidance_scale, req.guidance_rescale, req.negative_prompt) == (5.5, 0.5, "blur")
+
+
+@pytest.mark.parametrize("size", ["64x64", "1024x1024", "64x1024", "auto", None])
+def test_sizes_in_limits(size):
+    parsed = parse_size(size, CFG)
+    assert parsed is None or (parsed[0] % 8 == 0 and parsed[1] % 8 == 0)
+
+
+@pytest.mark.parametrize("size", ["65x64", "64x60", "2048x2048", "1032x64", "32x32", "64", "64*64", "-64x64",
+                                  "x", "64x64x64", "99999999x8"])
+def test_sizes_refused(size):
+    err = refused(parse_size, size, CFG)
+    assert err.param == "size"
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ({"prompt": "a", "n": 0}, "n"),
+        ({"prompt": "a", "n": CFG.serve.max_n + 1}, "n"),
+        ({"prompt": "a", "steps": CFG.serve.max_steps + 1}, "steps"),
+        ({"prompt": "a", "steps": 0}, "steps"),
+        ({"prompt": "x" * (CFG.serve.max_prompt_chars + 1)}, "prompt"),
+        ({"prompt": "a", "negative_prompt": "x" * (CFG.serve.max_prompt_chars + 1)}, "negative_prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "a", "guidance_rescale": 1.5}, "guidance_rescale"),
+        ({"prompt": "a", "seed": -1}, "seed"),
+        ({"prompt": "a", "seed": 2**64}, "seed"),
+        ({"prompt": "a", "strength": 0.5}, "strength"),  # text-to-image has no input image
+        ({"prompt": "a", "response_format": "jpeg"}, "response_format"),
+        ({"prompt": "a", "output_format": "webp"}, "output_format"),
+    ],
+)
+def test_limits_refused_with_the_field_named(raw, param):
+    err = refused(lambda: to_request(parse_params(raw), CFG, NAME))
+    assert err.param == param
+
+
+def test_url_response_format_says_why():
+    err = refused(lambda: to_request(parse_params({"prompt": "a", "response_format": "url"}), CFG, NAME))
+    assert "b64_json" in err.message and "not supported" in err.message
+
+
+def test_long_prompt_is_refused_not_truncated():
+    err = refused(lambda: to_request(parse_params({"prompt": "y" * 5000}), CFG, NAME))
+    assert "never truncated" in err.message and err.code == "prompt_too_long"
+
+
+def test_unknown_model_is_404_and_unknown_field_400():
+    err = refused(lambda: to_request(parse_params({"prompt": "a", "model": "dall-e-3"}), CFG, NAME), status=404)
+    assert err.code == "model_not_found"
+    err = refused(parse_params, {"prompt": "a", "sampler": "euler"})
+    assert err.param == "sampler"
+    refused(parse_params, {"n": 1})  # prompt missing
+    refused(parse_params, ["not", "an", "object"])
+    refused(parse_params, {"prompt": "a", "guidance_scale": math.nan})
+    refused(parse_params, {"prompt": 12})
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+fields = st.sampled_from(["prompt", "n", "size", "steps", "seed", "guidance_scale", "guidance_rescale", "model",
+                          "response_format", "negative_prompt", "strength", "quality", "extra"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(fields, json_values | st.sampled_from(["64x64", "a cat", "b64_json", "8x8"]), max_size=6))
+def test_any_json_body_is_accepted_or_refused_with_4xx(raw):
+    """Property: whatever a client sends, the contract answers a request or an ApiError 4xx, nothing else."""
+    try:
+        req = request(parse_params(raw), CFG, NAME)
+    except ApiError as err:
+        assert 400 <= err.status < 500 and err.message
+    else:
+        assert 1 <= req.n <= CFG.serve.max_n and 1 <= req.steps <= CFG.serve.max_steps
+        assert req.width % 8 == 0 and req.width <= CFG.serve.max_side
+
+
+# --- images and masks ----------------------------------------------------------------------------
+
+
+def test_decode_upload_refuses_garbage_truncation_and_bombs():
+    assert decode_upload(png(), "image", CFG).size == (64, 64)
+    refused(decode_upload, b"", "image", CFG)
+    refused(decode_upload, b"not an image at all", "image", CFG)
+    refused(decode_upload, png()[:60], "image", CFG)  # truncated PNG
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    refused(decode_upload, gif.getvalue(), "image", CFG)  # not a format the API accepts
+    small = load_config(None, ["serve.max_upload_pixels=4096"])
+    err = refused(decode_upload, png((128, 128)), "image", small)  # refused from the header, undecoded
+    assert "pixels" in err.message
+
+
+def test_openai_mask_alpha_becomes_diffusers_white():
+    mask = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (4, 4, 12, 12))  # transparent square = the area to edit (OpenAI)
+    out = np.asarray(mask_to_l(mask))
+    assert out[8, 8] == 255 and out[0, 0] == 0  # diffusers: white is repainted
+    grey = Image.new("L", (16, 16), 255)
+    assert np.asarray(mask_to_l(grey)).min() == 255  # no alpha: read as diffusers reads it
+
+
+def test_edit_images_checks_mask_size_and_resizes():
+    image = Image.new("RGB", (64, 64))
+    err = refused(fit_edit_images, image, Image.new("L", (32, 32)), None, CFG)
+    assert err.param == "mask" and "32x32" in err.message
+    out, mask = fit_edit_images(image, Image.new("L", (64, 64)), (128, 128), CFG)
+    assert out.size == mask.size == (128, 128)
+    refused(fit_edit_images, Image.new("RGB", (100, 75)), None, None, CFG)  # not multiples of 8
+    req = request(parse_params({"prompt": "a", "strength": 0.4}), CFG, NAME, image=image)
+    assert req.mode == "img2img" and req.strength == 0.4 and (req.width, req.height) == (64, 64)
+    req = request(parse_params({"prompt": "a"}), CFG, NAME, image=image, mask=Image.new("L", (64, 64)))
+    assert req.mode == "inpaint" and req.strength == CFG.inference.strength  # the preset's default
+
+
+# --- multipart -----------------------------------------------------------------------------------
+
+
+def multipart(files, data):
+    request = httpx.Request("POST", "http://x/v1/images/edits", files=files, data=data)
+    return request.headers["content-type"], request.read()
+
+
+def test_multipart_round_trips_binary_files_exactly():
+    # Bytes that a line-oriented parser could mangle: CR, LF, CRLF, and a fake boundary prefix.
+    tricky = png() + b"\r\n--\r\n\n\r" + bytes(range(256))
+    ctype, body = multipart({"image": ("a.png", tricky, "image/png"), "mask": ("m.png", b"\x00\r\n", "image/png")},
+                            {"prompt": "a caf\u00e9", "n": "2"})
+    fields, files = parse_multipart(ctype, body)
+    assert files["image"] == tricky and files["mask"] == b"\x00\r\n"
+    assert fields == {"prompt": "a caf\u00e9", "n": "2"}
+    params = parse_params(fields)
+    assert params.n == 2
+
+
+def test_multipart_refusals():
+    refused(parse_multipart, "application/json", b"{}")
+    refused(parse_multipart, "multipart/form-data", b"no boundary")
+    ctype, body = multipart([("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(), "image/png"))], {})
+    err = refused(parse_multipart, ctype, body)
+    assert "more than once" in err.message
+
+
+def test_ingress_side_imports_no_model_stack():
+    """The ingress replica imports deploy.app; torch, diffusers and mlflow belong to the model replica."""
+    import subprocess
+    import sys
+
+    code = "import sys, deploy.app; print(sorted(m for m in ('torch', 'diffusers', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

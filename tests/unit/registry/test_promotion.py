@@ -1,0 +1,247 @@
+"""The promotion gates, the aliases they move, and the lock that keeps racing promotions consistent.
+
+The registry is a real MLflow (SQLite) store; versions point at an empty source and carry the
+``eval.*`` tags evaluation would write, so each gate is exercised on exactly the numbers it reads.
+(End-to-end paths with genuinely evaluated models: tests/integration/test_registry_promote.py.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from contextlib import nullcontext
+
+import mlflow
+import pytest
+
+from components.registry import promotion
+from components.registry.promotion import PromotionRefused, alias_lock, check_candidate, promote, rollback
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite MLflow for this module, via the environment as a user would set it; restored after."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('promotion')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield uri
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+class Registry:
+    """One registered model per test, with helpers to add versions and their evaluation tags."""
+
+    def __init__(self, source: str):
+        self.client = mlflow.MlflowClient()
+        self.name = f"model-{next(_names)}"
+        self.source = source
+        self.client.create_registered_model(self.name)
+
+    def version(self, val_loss: float | None = 0.1, nan: int = 0, blank: int = 0, protocol: str = "p1") -> str:
+        v = self.client.create_model_version(self.name, self.source).version
+        if val_loss is not None:
+            tags = {"val_loss": val_loss, "nan_images": nan, "blank_images": blank, "protocol": protocol}
+            for key, value in tags.items():
+                self.client.set_model_version_tag(self.name, v, f"eval.{key}", str(value))
+        return str(v)
+
+    def alias(self, alias: str) -> str | None:
+        return promotion._alias_version(self.client, self.name, alias)
+
+    def tags(self, version: str) -> dict[str, str]:
+        return self.client.get_model_version(self.name, version).tags
+
+
+@pytest.fixture
+def reg(store, tmp_path):
+    (tmp_path / "model").mkdir()
+    return Registry((tmp_path / "model").as_uri())
+
+
+def test_candidate_without_metrics_is_refused(reg):
+    v = reg.version(val_loss=None)
+    with pytest.raises(PromotionRefused, match=rf"v{v} has no evaluation metrics: run flows/evaluate.py"):
+        promote(reg.name, v)
+    assert reg.alias("champion") is None
+
+
+@pytest.mark.parametrize(("nan", "blank"), [(1, 0), (0, 2)])
+def test_candidate_with_nan_or_blank_images_is_refused(reg, nan, blank):
+    v = reg.version(nan=nan, blank=blank)
+    with pytest.raises(PromotionRefused, match=f"produced {nan} NaN and {blank} blank images"):
+        promote(reg.name, v)
+    assert reg.alias("champion") is None
+
+
+def test_non_finite_loss_is_refused_even_without_bad_images(reg):
+    v = reg.version(val_loss=float("nan"))
+    with pytest.raises(PromotionRefused, match="non-finite held-out loss"):
+        check_candidate(reg.name, v, None, 0.05)
+
+
+def test_tolerance_is_relative_to_the_champion(reg):
+    champ, within, beyond = reg.version(0.100), reg.version(0.104), reg.version(0.106)
+    promote(reg.name, champ)
+    with pytest.raises(PromotionRefused, match=rf"v{beyond} val_loss 0.10600 is worse than champion v{champ} "
+                                               r"0.10000 beyond the 5% tolerance"):
+        promote(reg.name, beyond, tolerance=0.05)
+    assert reg.alias("champion") == champ and reg.alias("previous") is None  # a refusal moves nothing
+    result = promote(reg.name, within, tolerance=0.05)
+    assert (result.version, result.previous, result.forced) == (within, champ, False)
+    assert (reg.alias("champion"), reg.alias("previous")) == (within, champ)
+    assert reg.tags(within)["promoted_alias"] == "champion"
+
+
+def test_promoting_the_champion_again_keeps_previous_distinct(reg):
+    v1, v2 = reg.version(), reg.version()
+    promote(reg.name, v1)
+    promote(reg.name, v2)
+    result = promote(reg.name, v2)
+    assert result.previous is None
+    assert (reg.alias("champion"), reg.alias("previous")) == (v2, v1)
+
+
+def test_losses_from_different_protocols_are_not_compared(reg):
+    champ, cand = reg.version(0.2, protocol="p1"), reg.version(0.1, protocol="p2")
+    promote(reg.name, champ)
+    with pytest.raises(PromotionRefused, match=f"different protocols .* re-evaluate v{champ}"):
+        promote(reg.name, cand)
+
+
+def test_force_records_the_reason_and_what_it_overrode(reg):
+    champ, bad = reg.version(0.1), reg.version(0.1, nan=3)
+    promote(reg.name, champ)
+    with pytest.raises(PromotionRefused, match="needs a reason"):
+        promote(reg.name, bad, force_reason="  ")
+    result = promote(reg.name, bad, force_reason="incident 42: known-good on prod prompts")
+    assert result.forced and result.previous == champ
+    tags = reg.tags(bad)
+    assert tags["forced_promotion_reason"] == "incident 42: known-good on prod prompts"
+    assert "produced 3 NaN and 0 blank images" in tags["forced_over"]
+    assert (reg.alias("champion"), reg.alias("previous")) == (bad, champ)
+
+
+def test_rollback_swaps_champion_and_previous(reg):
+    v1, v2 = reg.version(0.1), reg.version(0.1)
+    with pytest.raises(PromotionRefused, match="no 'previous' alias to roll back to"):
+        rollback(reg.name)
+    promote(reg.name, v1)
+    promote(reg.name, v2)
+    result = rollback(reg.name)
+    assert (result.version, result.previous) == (v1, v2)
+    assert (reg.alias("champion"), reg.alias("previous")) == (v1, v2)
+    assert "rolled_back_at" in reg.tags(v1)
+    rollback(reg.name)  # a second rollback undoes the first
+    assert (reg.alias("champion"), reg.alias("previous")) == (v2, v1)
+
+
+def test_rollback_repairs_previous_equal_to_champion(reg):
+    v1 = reg.version()
+    reg.client.set_registered_model_alias(reg.name, "champion", v1)
+    reg.client.set_registered_model_alias(reg.name, "previous", v1)  # what an unlocked race can leave
+    with pytest.raises(PromotionRefused, match="nothing to roll back to"):
+        rollback(reg.name)
+    assert (reg.alias("champion"), reg.alias("previous")) == (v1, None)
+
+
+def test_other_aliases_keep_their_own_previous(reg):
+    v1, v2, v3 = reg.version(), reg.version(), reg.version()
+    promote(reg.name, v1)
+    promote(reg.name, v2, alias="staging")
+    promote(reg.name, v3, alias="staging")
+    assert (reg.alias("staging"), reg.alias("staging-previous")) == (v3, v2)
+    assert (reg.alias("champion"), reg.alias("previous")) == (v1, None)
+    rollback(reg.name, alias="staging")
+    assert (reg.alias("staging"), reg.alias("champion")) == (v2, v1)
+
+
+def test_unknown_version_is_refused(reg):
+    with pytest.raises(PromotionRefused, match=f"{reg.name} has no version '99'"):
+        promote(reg.name, "99")
+
+
+# --- races --------------------------------------------------------------------------------------
+
+
+def _slow_reads(monkeypatch, delay: float = 0.6) -> None:
+    """Widen the read-then-write window: every alias read pauses before returning, so racing
+    callers without a lock all read the same state before any of them writes."""
+    real = promotion._alias_version
+
+    def slow(client, name, alias):
+        value = real(client, name, alias)
+        time.sleep(delay)
+        return value
+
+    monkeypatch.setattr(promotion, "_alias_version", slow)
+
+
+def _race(*calls) -> list[BaseException]:
+    barrier = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def run(call):
+        barrier.wait()
+        try:
+            call()
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors
+
+
+def test_racing_promotions_leave_a_consistent_history(reg, monkeypatch):
+    v0, a, b = reg.version(0.1), reg.version(0.1), reg.version(0.1)
+    promote(reg.name, v0)
+    _slow_reads(monkeypatch)
+    assert _race(lambda: promote(reg.name, a), lambda: promote(reg.name, b)) == []
+    champion, previous = reg.alias("champion"), reg.alias("previous")
+    # Serialised: the second promotion saw the first as champion, so previous is the other candidate.
+    assert {champion, previous} == {a, b}
+    assert reg.client.search_registered_models(f"name = '{reg.name}{promotion.LOCK_SUFFIX}'") == []
+
+
+def test_racing_rollbacks_never_leave_previous_equal_to_champion(reg, monkeypatch):
+    v1, v2 = reg.version(), reg.version()
+    promote(reg.name, v1)
+    promote(reg.name, v2)
+    _slow_reads(monkeypatch)
+    errors = _race(lambda: rollback(reg.name), lambda: rollback(reg.name))
+    assert errors == []
+    assert (reg.alias("champion"), reg.alias("previous")) == (v2, v1)  # two rollbacks, one after the other
+
+
+def test_the_race_is_real_without_the_lock(reg, monkeypatch):
+    """The two race tests above can fail: with the lock disabled the same schedule loses updates
+    (previous is still the old champion; two rollbacks act as one)."""
+    v0, a, b = reg.version(0.1), reg.version(0.1), reg.version(0.1)
+    promote(reg.name, v0)
+    _slow_reads(monkeypatch)
+    monkeypatch.setattr(promotion, "alias_lock", lambda name: nullcontext())
+    _race(lambda: promote(reg.name, a), lambda: promote(reg.name, b))
+    champion = reg.alias("champion")
+    assert champion in {a, b} and reg.alias("previous") == v0
+    _race(lambda: rollback(reg.name), lambda: rollback(reg.name))
+    assert (reg.alias("champion"), reg.alias("previous")) == (v0, champion)
+
+
+def test_a_held_lock_times_out_with_a_clear_message_and_a_stale_one_is_broken(reg):
+    lock = f"{reg.name}{promotion.LOCK_SUFFIX}"
+    reg.client.create_registered_model(lock, description="a promotion that died")
+    with pytest.raises(PromotionRefused, match=f"another promotion holds registered model '{lock}'.*delete"):
+        with alias_lock(reg.name, timeout_s=0.3):
+            pass
+    with alias_lock(reg.name, stale_after_s=0.0):  # older than 0 s: taken over
+        assert reg.client.get_registered_model(lock).description.startswith(f"promotion of {reg.name}")
+    assert reg.client.search_registered_models(f"name = '{lock}'") == []
