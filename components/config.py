@@ -1,8 +1,14 @@
 """The one typed configuration tree shared by every flow.
 
 Presets are YAML files under ``flows/configs/`` validated on load; unknown keys are rejected
-everywhere, so a YAML that names a parameter which no longer exists fails at once.
-Every default lives here and nowhere else; derived values are properties, never repeated.
+everywhere, so a YAML that names a parameter which no longer exists fails at once. Every field is
+documented below (``--print-config`` on any flow lists them with their defaults). Every default lives
+here and nowhere else; derived values (state locations) are computed from ``state_dir``, never repeated.
+
+Paths: a relative path in a preset is resolved against the repository when the preset lives in it, or
+against the preset's own folder otherwise; a relative path given with ``--set`` against the working
+directory. A flow therefore finds ``data/demo/manifest.jsonl`` from any folder. Inside a Ray job, whose
+working directory is Ray's temporary copy of the code, a relative *state* path is refused.
 """
 
 from __future__ import annotations
@@ -10,16 +16,20 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
+                              use_attribute_docstrings=True)
 
 
 class PredictionType(enum.StrEnum):
@@ -70,76 +80,119 @@ class TinyModelConfig(Strict):
     """Sizes of the offline SDXL-layout model (same wiring as SDXL, a few thousand times smaller)."""
 
     seed: int = 0
+    """Seed of the random initialisation (the same seed gives the same weights everywhere)."""
     unet_channels: tuple[int, int] = (32, 64)
-    text_hidden_1: int = 32
+    """Channels of the UNet's two down blocks; SDXL: (320, 640, 1280)."""
+    text_hidden_1: int = Field(32, gt=0)
     """Hidden size of text encoder 1 (CLIPTextModel); SDXL: 768."""
-    text_hidden_2: int = 32
+    text_hidden_2: int = Field(32, gt=0)
     """Hidden size of text encoder 2 (CLIPTextModelWithProjection); SDXL: 1280."""
-    text_layers: int = 3
-    addition_time_embed_dim: int = 8
+    text_layers: int = Field(3, gt=0)
+    """Transformer layers of each text encoder; SDXL: 12 and 32."""
+    addition_time_embed_dim: int = Field(8, gt=0)
     """SDXL: 256. The UNet's added embedding takes pooled_dim + 6 * this."""
     vae_channels: tuple[int, ...] = (16, 32, 32, 32)
     """Four blocks, so the VAE downsamples by 8 as SDXL's does."""
 
 
 class ModelConfig(Strict):
+    """The SDXL model a run starts from."""
+
     source: str = "tiny"
-    """``tiny`` (built offline), a local diffusers directory, a hub id, or an ``s3://`` prefix."""
+    """``tiny`` (built offline), a local diffusers directory, a Hugging Face hub id, or an ``s3://`` prefix."""
     revision: str | None = None
+    """Hub revision (a branch, tag or commit) of a hub id; None: the default branch."""
     variant: str | None = None
+    """diffusers weight variant to load (e.g. ``fp16``); None: the full-precision weights."""
     tiny: TinyModelConfig = TinyModelConfig()
+    """Sizes of the ``tiny`` model."""
 
 
 class DiffusionConfig(Strict):
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    """The noise schedule and the loss, shared by training, validation and inference."""
+
+    num_train_timesteps: int = Field(1000, gt=1)
+    """T, the number of diffusion steps of the training schedule."""
+    beta_start: float = Field(0.00085, gt=0)
+    """SDXL's scaled-linear schedule starts here ..."""
+    beta_end: float = Field(0.012, gt=0)
+    """... and ends here (before the ZT-SNR rescale)."""
     beta_schedule: str = "scaled_linear"
+    """diffusers ``beta_schedule`` name."""
     zero_terminal_snr: bool = True
     """Lin et al. 2023, Algorithm 1 (diffusers ``rescale_betas_zero_snr``)."""
     prediction_type: PredictionType = PredictionType.V
-    min_snr_gamma: float | None = 5.0
+    """What the UNet predicts: ``v_prediction`` (the recipe) or ``epsilon``."""
+    min_snr_gamma: float | None = Field(5.0, gt=0)
     """Hang et al. 2023; None turns min-SNR weighting off (plain MSE)."""
     terminal_policy: TerminalPolicy = TerminalPolicy.TERMINUS
+    """Loss weight at SNR = 0: ``terminus`` (1.0) or ``paper`` (0); see TerminalPolicy."""
 
 
 class InferenceConfig(Strict):
+    """Defaults of every generation (validation images, evaluation, the registered model, Serve)."""
+
     steps: int = Field(30, ge=1, le=200)
-    guidance_scale: float = 7.0
-    guidance_rescale: float = 0.7
+    """Denoising steps (trailing spacing, so the first is t = 999)."""
+    guidance_scale: float = Field(7.0, ge=0)
+    """Classifier-free guidance scale."""
+    guidance_rescale: float = Field(0.7, ge=0, le=1)
     """Lin et al. eq. 16; 0.7 keeps a ZT-SNR model's contrast."""
-    height: int = 1024
-    width: int = 1024
+    height: int = Field(1024, gt=0, multiple_of=8)
+    """Image height in pixels."""
+    width: int = Field(1024, gt=0, multiple_of=8)
+    """Image width in pixels."""
     strength: float = Field(0.8, gt=0.0, le=1.0)
     """img2img / inpainting: how far the input image is noised before denoising."""
 
 
 class FilterConfig(Strict):
-    max_pixels: int = 40_000_000
+    """The curation filters; each dropped image is counted under its reason."""
+
+    max_pixels: int = Field(40_000_000, gt=0)
     """Decompression-bomb cap on the decoded pixel count."""
     require_exif: bool = False
+    """Keep only images whose EXIF names a camera (Make, Model, DateTimeOriginal, LensModel or GPS)."""
     drop_edited: bool = False
+    """Drop images whose EXIF Software names an editor in ``edited_software``."""
     edited_software: list[str] = ["photoshop", "gimp", "lightroom", "snapseed", "picsart", "facetune"]
-    max_watermark: float | None = None
+    """Editors ``drop_edited`` looks for (case-insensitive substrings)."""
+    max_watermark: float | None = Field(None, ge=0, le=1)
     """Keep rows whose manifest ``pwatermark`` is <= this; rows without the column pass."""
     watermark_column: str = "pwatermark"
     """Manifest column with the watermark probability (LAION's name)."""
-    max_luminance: float | None = None
+    max_luminance: float | None = Field(None, ge=0, le=1)
     """Mean Rec. 709 relative luminance (0..1) of the sRGB pixel values, at most this."""
-    min_aspect: float = 0.25
-    max_aspect: float = 4.0
+    min_aspect: float = Field(0.25, gt=0)
+    """Smallest width / height kept."""
+    max_aspect: float = Field(4.0, gt=0)
+    """Largest width / height kept."""
     dedupe: bool = True
+    """Drop byte-identical images (the one with the smallest source URI stays)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FilterConfig:
+        if self.min_aspect > self.max_aspect:
+            raise ValueError(f"min_aspect {self.min_aspect} is above max_aspect {self.max_aspect}")
+        return self
 
 
 class BucketConfig(Strict):
-    area: int = 1024 * 1024
+    """SDXL aspect buckets: every curated image is downsampled (never up) and cropped to one."""
+
+    area: int = Field(1024 * 1024, gt=0)
     """Target pixel area of every bucket (~1 MP for SDXL)."""
-    step: int = 64
-    min_side: int = 512
-    max_side: int = 2048
+    step: int = Field(64, gt=0)
+    """Bucket sides are multiples of this."""
+    min_side: int = Field(512, gt=0)
+    """Shortest bucket side."""
+    max_side: int = Field(2048, gt=0)
+    """Longest bucket side."""
 
     @model_validator(mode="after")
     def _check(self) -> BucketConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
         if self.min_side % self.step or self.max_side % self.step:
             raise ValueError("bucket min_side and max_side must be multiples of step")
         # The same rule as components.curation.buckets.make_buckets: some landscape bucket must exist.
@@ -150,20 +203,31 @@ class BucketConfig(Strict):
 
 
 class CurateConfig(Strict):
+    """Curation on Ray Data: where images come from, how they are filtered, where shards go."""
+
     source: str = "data/demo/manifest.jsonl"
     """A directory, an ``s3://bucket/prefix``, or a manifest (.jsonl, .csv, .parquet)."""
     root: str | None = None
     """What manifest paths are relative to: a directory, an ``s3://`` prefix, or ``pkg:<package>/<dir>``
     (a directory inside an installed package, e.g. ``pkg:skimage/data``); None: the manifest's directory.
     Paths that resolve outside it are dropped as ``path_escape``."""
-    output: str = ".state/datasets/demo"
+    output: str | None = None
+    """Where the curated dataset is written (a directory or ``s3://`` prefix); None:
+    ``<state_dir>/datasets/<name>``."""
     path_column: str = "path"
+    """Manifest column with each image's path."""
     caption_column: str = "caption"
+    """Manifest column with each image's caption."""
     missing_caption: MissingCaption = MissingCaption.FILENAME
+    """What to do with an image that has no caption (no column value, no sidecar ``.txt``)."""
     filters: FilterConfig = FilterConfig()
+    """The filters."""
     buckets: BucketConfig = BucketConfig()
+    """The aspect buckets."""
     crop: CropMode = CropMode.RANDOM
-    jpeg_quality: int = 95
+    """Where the bucket's crop is taken (its top-left is recorded as SDXL's crop coordinates)."""
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    """Quality of the curated JPEGs."""
     workers: int = Field(2, ge=1)
     """Curation tasks running at once (one CPU each)."""
     batch_size: int = Field(8, ge=1)
@@ -173,10 +237,11 @@ class CurateConfig(Strict):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of kept images (chosen by content hash, so stable) set aside for validation."""
     s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, R2, a local server); None: ``AWS_ENDPOINT_URL_S3``, else AWS."""
     track: bool = True
     """Log the curation to MLflow (report, counts, and the dataset with its digest)."""
     cache_latents: bool = False
-    """After curating, also cache VAE posteriors and text embeddings of ``model`` (issue 4 item 6)."""
+    """After curating, also cache VAE posteriors and text embeddings of ``model``."""
     cache_output: str | None = None
     """Where the latent cache goes; None: ``<output>-latents``."""
     cache_workers: int = Field(1, ge=1)
@@ -188,48 +253,95 @@ class CurateConfig(Strict):
 
 
 class LRConfig(Strict):
-    max: float = 8e-7
-    min: float = 4e-7
-    warmup_steps: int = 0
+    """The learning-rate schedule: linear warmup, then cosine from ``max`` down to ``min``."""
+
+    max: float = Field(8e-7, gt=0)
+    """Peak learning rate (the card: 8e-7)."""
+    min: float = Field(4e-7, gt=0)
+    """Floor the cosine reaches at the last step (the card: 4e-7)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup before the cosine."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LRConfig:
+        if self.min > self.max:
+            raise ValueError(f"lr.min {self.min} is above lr.max {self.max}")
+        return self
 
 
 class TrainConfig(Strict):
-    data: str = ".state/datasets/demo"
-    batch_size: int = 24
-    grad_accum: int = 15
-    max_steps: int = 100
+    """The fine-tune on Ray Train."""
+
+    data: str | None = None
+    """The curated dataset to train on (a directory or ``s3://`` prefix); None: ``curate.output``."""
+    batch_size: int = Field(24, gt=0)
+    """Images per micro-batch on each worker (the card: 24)."""
+    grad_accum: int = Field(15, gt=0)
+    """Micro-batches accumulated per optimizer step (the card: 15)."""
+    max_steps: int = Field(100, gt=0)
     """Optimizer steps (each is batch_size * grad_accum * num_workers samples)."""
-    epochs: int | None = None
+    epochs: int | None = Field(None, gt=0)
     """If set, overrides max_steps from the dataset size."""
     lr: LRConfig = LRConfig()
+    """The learning-rate schedule."""
     optimizer: OptimizerName = OptimizerName.ADAMW
-    weight_decay: float = 1e-2
-    clip_grad_norm: float = 1.0
+    """``adamw``, ``adamw8bit`` (CUDA and bitsandbytes) or ``adafactor``."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """Decoupled weight decay."""
+    clip_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global norm."""
     precision: Precision = Precision.BF16
+    """Compute precision of the UNet step: ``bf16`` (the recipe), ``fp16`` or ``fp32``. bf16 runs only where
+    the device computes it natively; elsewhere the run falls back to fp32, says so in one line and
+    records the precision it used (``components.diffusion.loss.effective_precision``)."""
     grad_checkpointing: bool = False
-    ema_decay: float | None = None
+    """Recompute activations in backward (the card's batch 24 at 1 MP needs it on 80 GB)."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """EMA of the UNet weights with this decay (diffusers EMAModel); None: no EMA."""
     ema_on_cpu: bool = True
+    """Keep the EMA copy in host memory."""
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    num_workers: int = 1
+    """Probability that a sample's caption conditioning is zeroed (trains the CFG branch)."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one per GPU on a GPU cluster)."""
     parallel: Parallel = Parallel.DDP
     """How several workers share the UNet (one worker: neither). FSDP does not combine with EMA."""
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 2
-    checkpoint_every: int = 50
-    num_to_keep: int = 2
-    val_every: int = 50
+    """Each worker takes one GPU."""
+    cpus_per_worker: float = Field(1, gt=0)
+    """CPUs each worker reserves."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts Ray Train makes after a failure that may not recur (a lost node); errors
+    that would recur every time (a bad config or dataset) fail at once."""
+    checkpoint_every: int = Field(50, gt=0)
+    """Optimizer steps between checkpoints (validation runs at each one too)."""
+    num_to_keep: int = Field(2, gt=0)
+    """Checkpoints Ray keeps (the best by val_loss)."""
+    val_every: int = Field(50, gt=0)
+    """Optimizer steps between validation rounds."""
     val_timesteps: list[int] = [100, 300, 500, 700, 900, 999]
-    val_max_rows: int = 64
+    """Fixed timesteps of the held-out loss."""
+    val_max_rows: int = Field(64, gt=0)
     """Held-out rows used for the validation loss (the val split may be larger)."""
     val_prompts: list[str] = ["a photograph of an astronaut", "a cat on a sofa"]
-    val_image_size: int = 256
-    val_steps: int = 10
-    select: str = "best"
+    """Prompts of the validation images logged at each validation round."""
+    val_image_size: int = Field(256, gt=0, multiple_of=8)
+    """Side of the validation images."""
+    val_steps: int = Field(10, gt=0)
+    """Denoising steps of the validation images."""
+    log_every: int = Field(1, gt=0)
+    """Optimizer steps between progress lines on the console (rank 0)."""
+    log_every_s: float = Field(30.0, gt=0)
+    """... or at least this often, whichever comes first."""
+    select: Literal["best", "last"] = "best"
     """``best`` (lowest validation loss) or ``last`` checkpoint becomes the registered model."""
-    storage_path: str = ".state/ray_results"
+    export_memory_gb: float | None = Field(None, gt=0)
+    """Memory the export task reserves (loading the base model in fp32 plus the checkpoint, then writing
+    the pipeline; ``flows/plan.py`` states the figure); None: no reservation (a single machine)."""
+    storage_path: str | None = None
+    """Ray Train's storage for checkpoints (a directory or ``s3://`` prefix); None: ``<state_dir>/ray_results``."""
     run_name: str | None = None
-    """Same name, same Ray storage and MLflow run: running again resumes."""
+    """Same name, same Ray storage and MLflow run: running again resumes. None: ``<name>-<timestamp>``."""
 
     @model_validator(mode="after")
     def _check_parallel(self) -> TrainConfig:
@@ -244,68 +356,128 @@ class TrainConfig(Strict):
 
 
 class TrackingConfig(Strict):
+    """MLflow: where runs and the registry live."""
+
     tracking_uri: str | None = None
     """None: ``MLFLOW_TRACKING_URI`` if set, else SQLite under the state directory."""
     experiment: str = "terminus"
+    """MLflow experiment of every run."""
     registered_model: str = "terminus-tiny"
+    """Registered model that training adds versions to."""
 
 
 class ServeConfig(Strict):
+    """The Ray Serve endpoint (OpenAI Images API)."""
+
     model_uri: str | None = None
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; None: the registered model @champion."""
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_n: int = 4
-    max_steps: int = 50
-    max_side: int = 1024
-    max_prompt_chars: int = 1000
-    max_upload_bytes: int = 8 * 1024 * 1024
-    default_size: int = 256
-    default_steps: int = 20
-    poll_alias_s: float = 2.0
+    """Address the HTTP proxy binds (loopback by default)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port the HTTP proxy binds."""
+    max_n: int = Field(4, ge=1)
+    """Most images one request may ask for."""
+    max_steps: int = Field(50, ge=1)
+    """Most denoising steps one request may ask for."""
+    max_side: int = Field(1024, gt=0)
+    """Longest image side a request may ask for (pixels)."""
+    max_prompt_chars: int = Field(1000, gt=0)
+    """Longest prompt accepted, in characters."""
+    max_upload_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Largest request body accepted."""
+    default_size: int = Field(256, gt=0)
+    """Image side when a request gives no size."""
+    default_steps: int = Field(20, gt=0)
+    """Denoising steps when a request gives none."""
+    poll_alias_s: float = Field(2.0, ge=0)
+    """How often a replica checks whether its alias moved (0: never; a pinned version never moves)."""
     api_key_env: str | None = None
     """Name of an env var holding a bearer token; None leaves the endpoint open (loopback default)."""
-    min_side: int = 64
+    min_side: int = Field(64, gt=0)
     """Smallest image side a request may ask for (pixels)."""
-    max_upload_pixels: int = 4096 * 4096
+    max_upload_pixels: int = Field(4096 * 4096, gt=0)
     """Decompression-bomb cap: an uploaded image whose header declares more pixels is refused undecoded."""
     max_batch_size: int = Field(4, ge=1)
     """``@serve.batch`` size (images of compatible requests run as one pipeline call); 1 turns batching off."""
     batch_wait_timeout_s: float = Field(0.02, ge=0.0)
     """How long a batch waits to fill before it runs."""
-    retry_after_s: float = 1.0
+    retry_after_s: float = Field(1.0, ge=0)
     """Retry-After (seconds) on a 503 when Serve's backpressure config names none."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
+        return self
 
 
 class EvaluateConfig(Strict):
+    """Evaluation of a registered version: the numbers promotion is gated on."""
+
     dark_prompts: list[str] = ["a black cat in a dark room at night", "a starless night sky over a dark lake"]
+    """Prompts of very dark scenes (the ZT-SNR dynamic-range probe)."""
     bright_prompts: list[str] = ["a white snowy field under a bright overcast sky", "a white sheet of paper"]
+    """Prompts of very bright scenes."""
     seeds: list[int] = [0, 1]
-    image_size: int = 256
-    steps: int = 10
-    blank_std: float = 0.01
+    """Seeds of each probe prompt."""
+    image_size: int = Field(256, gt=0, multiple_of=8)
+    """Side of the probe images."""
+    steps: int = Field(10, gt=0)
+    """Denoising steps of the probe images."""
+    blank_std: float = Field(0.01, ge=0)
     """An image whose pixel std (0..1 scale) is below this counts as blank."""
-    tolerance: float = 0.05
+    tolerance: float = Field(0.05, ge=0)
     """Relative val_loss regression allowed against the champion at promotion."""
 
 
 class Config(Strict):
+    """Everything a flow needs, in one tree."""
+
     name: str = "tiny"
+    """Name of the preset (names the default dataset and run names)."""
     seed: int = 0
+    """Seed of data order, crops and training noise."""
     state_dir: str = ".state"
+    """Where this platform keeps its state (the MLflow store, datasets, checkpoints, exports, caches);
+    every state location below defaults to a place under it."""
     model: ModelConfig = ModelConfig()
+    """The base model."""
     diffusion: DiffusionConfig = DiffusionConfig()
+    """The schedule and the loss."""
     inference: InferenceConfig = InferenceConfig()
+    """Generation defaults."""
     curate: CurateConfig = CurateConfig()
+    """Curation."""
     train: TrainConfig = TrainConfig()
+    """Training."""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow."""
     serve: ServeConfig = ServeConfig()
+    """Serving."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """Evaluation and the promotion gate."""
+
+    @model_validator(mode="after")
+    def _derive(self) -> Config:
+        """Cross-section checks, then the state locations left unset, derived from ``state_dir``."""
+        last = self.diffusion.num_train_timesteps - 1
+        bad = [t for t in self.train.val_timesteps if not 0 <= t <= last]
+        if bad:
+            raise ValueError(f"train.val_timesteps {bad} outside 0..{last}")
+        if not self.serve.min_side <= self.serve.default_size <= self.serve.max_side:
+            raise ValueError(f"serve.default_size {self.serve.default_size} outside "
+                             f"[serve.min_side, serve.max_side] = [{self.serve.min_side}, {self.serve.max_side}]")
+        if self.curate.output is None:
+            self.curate.output = join(self.state_dir, "datasets", self.name)
+        if self.train.data is None:
+            self.train.data = self.curate.output
+        if self.train.storage_path is None:
+            self.train.storage_path = join(self.state_dir, "ray_results")
+        return self
 
     def state_path(self, *parts: str) -> Path:
-        """An absolute path under the state directory (``TERMINUS_STATE_DIR`` overrides ``state_dir``)."""
-        root = Path(os.environ.get("TERMINUS_STATE_DIR", self.state_dir)).expanduser().resolve()
-        return root.joinpath(*parts)
+        """An absolute path under the state directory."""
+        return Path(self.state_dir).expanduser().resolve().joinpath(*parts)
 
     def digest(self) -> str:
         """Stable hash of the resolved config (recorded as lineage)."""
@@ -313,38 +485,202 @@ class Config(Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def join(root: str, *parts: str) -> str:
+    """``root/parts`` for a local path or an ``s3://`` prefix."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
 class ConfigError(ValueError):
     pass
 
 
-def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+class RecurringError(RuntimeError):
+    """An error that would happen again on every attempt (a config, a dataset, a model or an optimizer
+    that cannot work here): reported at once in one line, never retried by the training driver."""
+
+
+STATE_PATHS = ("state_dir", "curate.output", "curate.cache_output", "train.data", "train.storage_path")
+"""Where the platform writes (or reads what it wrote): refused when relative inside a Ray job."""
+INPUT_PATHS = ("curate.source", "curate.root", "model.source")
+"""Inputs that may be local paths (or s3://, pkg:, a hub id, ``tiny``: left as they are)."""
+
+
+def _is_local_path(value: str, key: str) -> bool:
+    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://")) or value == "tiny":
+        return False
+    if key == "model.source":  # a hub id ("org/name") looks like a relative path: only ./ and ../ are paths
+        return value.startswith(("./", "../", "/", "~"))
+    return True
+
+
+def in_ray_package_copy(path: Path = REPO) -> bool:
+    """True when ``path`` is inside the working-directory copy Ray makes for a submitted job
+    (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>/``), which Ray deletes with the job."""
+    return any(part.startswith("_ray_pkg_") for part in Path(path).parts)
+
+
+def _field_annotation(dotted: list[str]):
+    """The annotation of the field at ``dotted`` in Config, or None for an unknown key."""
+    model: type[BaseModel] = Config
+    annotation = None
+    for i, key in enumerate(dotted):
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if i < len(dotted) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                return None
+            model = annotation
+    return annotation
+
+
+def _takes_text(annotation) -> tuple[bool, bool]:
+    """(the field takes text as it is, None is allowed)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)]
+    textual = bool(kinds) and all(
+        a is str or (isinstance(a, type) and issubclass(a, enum.StrEnum)) or typing.get_origin(a) is Literal
+        for a in kinds
+    )
+    return textual, optional
+
+
+def coerce_override(dotted: str, raw: str):
+    """An override's value, typed by the field it sets: text fields take the text as written
+    (``train.run_name=20241130`` stays a string, ``tracking.experiment=off`` is not False), ``null``
+    clears an optional one; everything else is parsed as YAML (numbers, booleans, lists)."""
+    textual, optional = _takes_text(_field_annotation(dotted.split(".")))
+    if textual:
+        if optional and raw.strip() in ("null", "~", "None", ""):
+            return None
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {dotted}: not a YAML value ({str(err).splitlines()[0]})") from None
+
+
+def _get(tree: dict, dotted: str):
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set(tree: dict[str, Any], dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = value
+
+
+def _resolve_paths(tree: dict, base: Path, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = _get(tree, key)
+        if isinstance(value, str) and _is_local_path(value, key):
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                _set(tree, key, str((base / path).resolve()))
+
+
+def _read_preset(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:  # a refused tag (!!python/object), a syntax error
+        first = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{path}: not a valid preset ({first})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a preset, apply ``key.path=value`` overrides (YAML-typed), validate the whole tree."""
+    """Load a preset, apply ``key.path=value`` overrides (typed by their field), resolve relative paths
+    (module docstring), validate the whole tree. Every failure is one ``ConfigError`` line."""
     tree: dict[str, Any] = {}
+    base = Path.cwd()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        path = Path(path).resolve()
+        tree = _read_preset(path)
+        base = REPO if path.is_relative_to(REPO) else path.parent
+    tree.setdefault("state_dir", Config.model_fields["state_dir"].default)
+    written = {k: _get(tree, k) for k in STATE_PATHS}  # as the user wrote them, before resolution
+    _resolve_paths(tree, base, STATE_PATHS + INPUT_PATHS)
+    given: list[str] = []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key.path=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), raw)
+        key, raw = (s.strip() for s in item.split("=", 1))
+        _set(tree, key, coerce_override(key, raw))
+        given.append(key)
+        if key in STATE_PATHS:
+            written[key] = _get(tree, key)
+    _resolve_paths(tree, Path.cwd(), tuple(k for k in STATE_PATHS + INPUT_PATHS if k in given))
+    relative = sorted(k for k, v in written.items()
+                      if isinstance(v, str) and _is_local_path(v, k) and not Path(v).expanduser().is_absolute())
+    if relative and (in_ray_package_copy(Path.cwd()) or in_ray_package_copy(base)):
+        raise ConfigError(
+            f"{', '.join(relative)} relative inside a Ray job: it would land in Ray's temporary copy of the "
+            "working directory, which Ray deletes; give an absolute path on shared storage or an s3:// URI "
+            "(e.g. --set state_dir=/mnt/terminus)"
+        )
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid config at {where}: {first['msg']} ({err.error_count()} error(s))") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid config at {where or '(top level)'}: {msg} ({err.error_count()} error(s); "
+                          "--print-config lists every key)") from None
+
+
+# --- reference -------------------------------------------------------------------------------------
+
+
+def reference(node: BaseModel | type[BaseModel] = Config, prefix: str = "") -> list[dict]:
+    """Every config key with its type, value (a config's, or the default) and documentation, in tree
+    order (``--print-config``)."""
+    model = node if isinstance(node, type) else type(node)
+    rows: list[dict] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        value = field.get_default(call_default_factory=True) if isinstance(node, type) else getattr(node, name)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.append({"key": key, "section": True, "doc": field.description or ""})
+            rows += reference(annotation if isinstance(node, type) else value, key + ".")
+            continue
+        if isinstance(value, enum.Enum):
+            value = value.value
+        rows.append({"key": key, "type": _type_name(annotation), "value": value, "doc": field.description or ""})
+    return rows
+
+
+def _type_name(annotation) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " | ".join(repr(m.value) for m in annotation)
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def reference_text(cfg: Config | None = None) -> str:
+    """``reference`` as text: one line per key, ``key = value  (type)  documentation``."""
+    lines = []
+    for row in reference(cfg if cfg is not None else Config):
+        if row.get("section"):
+            lines.append(f"\n[{row['key']}]  {row['doc']}")
+        else:
+            doc = " ".join(row["doc"].split())
+            lines.append(f"{row['key']} = {json.dumps(row['value'], default=str)}  ({row['type']})  {doc}")
+    return "\n".join(lines).lstrip()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from components.config import RecurringError
 from components.storage import Store, join, read_parquet
 
 SUCCESS = "_SUCCESS"
@@ -59,7 +60,7 @@ def blank_row(schema: pa.Schema = SCHEMA) -> dict:
     return {f.name: empty.get(f.type) for f in schema}
 
 
-class IncompleteDatasetError(RuntimeError):
+class IncompleteDatasetError(RecurringError):
     pass
 
 

@@ -41,8 +41,9 @@ class Loaded:
 
 @contextmanager
 def _file_lock(path: Path):
-    """Serialise downloads into the shared cache between replicas on one node (fetch_model reuses
-    one ``.partial`` directory per version, so two concurrent fetches would clobber each other)."""
+    """Serialise downloads into the cache shared by the replicas on one node: ``fetch_model`` is safe
+    under concurrency (each caller downloads into its own temporary directory), but without the lock
+    every replica that starts at once would download the same version."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -1,4 +1,9 @@
-"""What every flow shares: the command line (--config, --set), logging, banners, the last JSON line."""
+"""What every flow shares: the command line (--config, --set, --print-config), logging, banners, the
+last JSON line, and the exit codes.
+
+Exit codes of every flow: 0 done (the last stdout line is one JSON object), 1 the work itself failed,
+2 bad input (a config, a path, a model that does not exist), 3 refused by a gate (promotion).
+"""
 
 from __future__ import annotations
 
@@ -10,29 +15,48 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python flows/x.py` from a Ray job's working dir, without an install
-    sys.path.insert(0, str(REPO))
+BAD_INPUT = 2
+REFUSED = 3
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=str(REPO / "flows/configs/tiny.yaml"), help="preset YAML")
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the flow docstring's first line and whose epilog is the rest
+    (the usage examples), with the options every flow takes."""
+    summary, _, examples = doc.strip().partition("\n")
+    p = argparse.ArgumentParser(description=summary, epilog=examples.strip("\n") or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "flows/configs/tiny.yaml"),
+                   help="preset YAML (default: flows/configs/tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override one config value (YAML-typed); repeatable")
+                   help="override one config value, typed by its field; repeatable")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every config key with its value under this preset and overrides, its type and "
+                        "its documentation, then exit")
     return p
 
 
 def load(args):
-    from components.config import ConfigError, load_config
+    """The validated config of ``args`` (exit 2 with one line if it is not), after ``--print-config``.
+
+    The tiny model is built offline, so its runs never reach for the Hugging Face hub
+    (``HF_HUB_OFFLINE=1``, set before huggingface_hub is imported); any other model source leaves the
+    user's setting alone, so the Terminus preset reaches the hub when the machine can.
+    """
+    from components.config import ConfigError, load_config, reference_text
 
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         fail(str(err))
+    if getattr(args, "print_config", False):
+        print(reference_text(cfg))
+        raise SystemExit(0)
+    if cfg.model.source == "tiny":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return cfg
 
 
 def setup_logging() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "botocore", "alembic", "mlflow.store.db"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -47,8 +71,12 @@ def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
-def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def fail(message: str, code: int = BAD_INPUT):
+    """One line on stderr, then exit with ``code``."""
+    from components.redact import redact
+
+    line = " ".join(redact(str(message)).split())
+    print(f"error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 

@@ -1,6 +1,8 @@
-"""CPU benchmarks (issue 8 item 1): every figure next to its target and anchor, as a table and JSON.
+"""CPU benchmarks: every figure next to its target and anchor, as a table and JSON.
 
-    python flows/bench.py --config flows/configs/tiny.yaml [--only training,caching]
+examples:
+  python flows/bench.py                                 # what `make bench` runs
+  python flows/bench.py --only training,caching
 
 Sections: curation, training, caching, serving, zt_repro (all by default; about 10-15 minutes on
 2 busy cores). The table goes to stdout, the full report to <state_dir>/bench/cpu-<timestamp>.json,
@@ -12,8 +14,12 @@ a target is missed (a miss is a measurement, reported as such); 1 when a section
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from _common import banner, emit, fail, load, parser, setup_logging
+if __package__ in (None, ""):  # run as `python flows/bench.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
 
 
 def main() -> None:
@@ -22,7 +28,7 @@ def main() -> None:
     pin_malloc()
     from bench.report import SECTIONS
 
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--only", default=",".join(SECTIONS), metavar="SECTION[,SECTION]",
                    help=f"comma-separated sections to run, in this order (default: all of {', '.join(SECTIONS)})")
     args = p.parse_args()

@@ -1,35 +1,50 @@
 """Curate images into a training dataset on Ray Data: filters with reasons, buckets, crops, shards.
 
-    python flows/curate.py --config flows/configs/tiny.yaml [--set curate.output=/tmp/ds]
-    ray job submit --working-dir . -- python flows/curate.py --config flows/configs/terminus_v2.yaml
+examples:
+  python flows/curate.py                                         # the demo photos into <state_dir>/datasets/tiny
+  python flows/curate.py --set curate.output=/tmp/ds --set curate.workers=4
+  python flows/curate.py --config flows/configs/terminus_v2.yaml --print-config
+  ray job submit --working-dir . -- python flows/curate.py --config flows/configs/terminus_v2.yaml \\
+      --set state_dir=/mnt/terminus
 
 The last line on stdout is one JSON object: output, report path, digest and the counts.
+Exit codes: 0 curated, 1 the store failed during the run (nothing published), 2 bad input.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from _common import banner, emit, fail, load, parser, setup_logging
+if __package__ in (None, ""):  # run as `python flows/curate.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parser(__doc__).parse_args()
     cfg = load(args)  # validated before any cluster work
     setup_logging()
 
     from components.cluster import ray_session
-    from components.curation.pipeline import curate
+    from components.curation.pipeline import curate, prepare
     from components.curation.sources import SourceError
     from components.dataset import REPORT, join
     from components.storage import StorageUnavailable
 
     banner(f"curate: {cfg.curate.source} -> {cfg.curate.output}")
     try:
-        with ray_session():
-            report = curate(cfg)
+        inputs = prepare(cfg)  # sources and output checked before Ray starts
     except (SourceError, StorageUnavailable) as err:
         fail(str(err))
+    try:
+        with ray_session():
+            report = curate(cfg, inputs)
+    except SourceError as err:
+        fail(str(err))
+    except StorageUnavailable as err:
+        fail(str(err), code=1)
     drops = ", ".join(f"{k} {v}" for k, v in report["reasons"].items() if v) or "none"
     print(f"kept {report['kept']} of {report['inputs']} (dropped: {drops})", file=sys.stderr)
     emit({

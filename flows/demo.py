@@ -1,45 +1,41 @@
 """The whole platform on the embedded default: curate, train, evaluate, promote, serve, call.
 
-    python flows/demo.py --config flows/configs/tiny.yaml      (what `make demo` runs)
+examples:
+  make demo                                          # set-up, then this
+  python flows/demo.py                               # the tiny preset: local Ray, SQLite MLflow, .state/
+  python flows/demo.py --set train.max_steps=30 --set serve.port=8081
 
-Each stage runs through its own flow; the last stdout line is one JSON object:
-{"model", "version", "alias", "image", "endpoint"}.
+Each stage runs through its own flow, as a user would run it; a summary of the stage times ends the
+run, and the last stdout line is one JSON object: {"model", "version", "alias", "image", "endpoint",
+"stages_s"}.
 """
 
 from __future__ import annotations
 
 import base64
+import sys
 import time
+from pathlib import Path
 
-from _common import REPO, banner, emit, fail, load, parser, run_flow, setup_logging
+if __package__ in (None, ""):  # run as `python flows/demo.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import banner, emit, fail, load, parser, run_flow, setup_logging  # noqa: E402
 
 PROMPT = "a photograph of an astronaut, high detail"
 
 
-def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_png) -> str:
+def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_png: Path) -> str:
     """Start the Serve app on loopback, wait until healthy, send one OpenAI-style request."""
     import requests
-    import yaml
     from ray import serve
 
     from components.cluster import ray_session
-    from deploy.app import build_app
+    from deploy.launch import NotHealthy, start
 
-    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
     with ray_session():
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         try:
-            # The deployment options (autoscaling, queue limits, health checks) of deploy/serve.yaml.
-            spec = yaml.safe_load((REPO / "deploy/serve.yaml").read_text())["applications"][0]
-            options = {d.pop("name"): d for d in spec["deployments"]}
-            app = build_app({"config": config_path, "overrides": overrides,
-                             "model_options": options.get("Model", {}), "ingress_options": options.get("Ingress", {})})
-            serve.run(app, name="terminus", route_prefix="/")
-            deadline = time.time() + 300
-            while requests.get(f"{base}/healthz", timeout=10).status_code != 200:
-                if time.time() > deadline:
-                    fail("Serve app did not become healthy within 300 s")
-                time.sleep(1)
+            base = start(cfg, config_path, overrides)
             size = cfg.serve.default_size
             resp = requests.post(
                 f"{base}/v1/images/generations",
@@ -48,36 +44,54 @@ def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_
                 timeout=300,
             )
             if resp.status_code != 200:
-                fail(f"endpoint answered {resp.status_code}: {resp.text[:300]}")
+                fail(f"endpoint answered {resp.status_code}: {resp.text[:300]}", code=1)
             out_png.write_bytes(base64.b64decode(resp.json()["data"][0]["b64_json"]))
+        except NotHealthy as err:
+            fail(str(err), code=1)
         finally:
             serve.shutdown()
     return f"{base}/v1/images/generations"
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parser(__doc__).parse_args()
     cfg = load(args)
     setup_logging()
     common = ["--config", args.config, *[x for o in args.overrides for x in ("--set", o)]]
+    stages: dict[str, float] = {}
 
-    banner("1/5 curate: Ray Data filters, LANCZOS downsampling, crops with SDXL coordinates")
+    def stage(name: str, text: str):
+        banner(text)
+        stages[name] = time.perf_counter()
+
+    def done(name: str) -> None:
+        stages[name] = round(time.perf_counter() - stages[name], 1)
+
+    stage("curate", "1/5 curate: Ray Data filters, LANCZOS downsampling, crops with SDXL coordinates")
     curated = run_flow("curate.py", *common)
-    banner(f"2/5 train: Ray Train, ZT-SNR v-prediction, min-SNR-gamma (curated {curated.get('kept')} images)")
+    done("curate")
+    stage("train", f"2/5 train: Ray Train, ZT-SNR v-prediction, min-SNR-gamma (curated {curated.get('kept')} images)")
     trained = run_flow("train.py", *common)
+    done("train")
     model, version = trained["model_name"], trained["version"]
     uri = f"models:/{model}/{version}"
-    banner(f"3/5 evaluate {uri}")
+    stage("evaluate", f"3/5 evaluate {uri}")
     run_flow("evaluate.py", *common, "--model-uri", uri)
-    banner(f"4/5 promote {uri} to @champion")
+    done("evaluate")
+    stage("promote", f"4/5 promote {uri} to @champion")
     promoted = run_flow("promote.py", *common, "--model", model, "--version", version)
-    banner(f"5/5 serve models:/{model}@champion on Ray Serve and call it")
-
+    done("promote")
+    stage("serve", f"5/5 serve models:/{model}@champion on Ray Serve and call it")
     out_png = cfg.state_path("demo", f"{model}-v{version}.png")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    endpoint = serve_and_call(cfg, str(REPO / args.config), args.overrides, model, out_png)
+    endpoint = serve_and_call(cfg, str(Path(args.config).resolve()), args.overrides, model, out_png)
+    done("serve")
+    banner("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+           + f"; total {sum(stages.values()):.0f} s")
+    print(f"image: {out_png}\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{cfg.state_path('mlflow.db')}"
+          " --host 127.0.0.1   (then http://127.0.0.1:5000)", file=sys.stderr, flush=True)
     emit({"model": model, "version": version, "alias": promoted["alias"], "image": str(out_png),
-          "endpoint": endpoint})
+          "endpoint": endpoint, "stages_s": stages})
 
 
 if __name__ == "__main__":

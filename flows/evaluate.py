@@ -1,27 +1,44 @@
 """Evaluate a registered version on the held-out split; record eval.* tags for promotion.
 
-    python flows/evaluate.py --config flows/configs/tiny.yaml --model-uri models:/terminus-tiny/3
+examples:
+  python flows/evaluate.py --model-uri models:/terminus-tiny/3
+  python flows/evaluate.py --model-uri models:/terminus-tiny@champion --set train.data=/data/curated
+
+Exit codes: 0 evaluated (last stdout line: JSON), 2 bad input (no such version, no curated dataset).
 """
 
 from __future__ import annotations
 
-from _common import emit, fail, load, parser, setup_logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python flows/evaluate.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import emit, fail, load, parser, setup_logging  # noqa: E402
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--model-uri", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
     args = p.parse_args()
     cfg = load(args)
+    from components.registry.model import ModelUriError, parse_model_uri
+    from components.training.preflight import PreflightError, check_dataset
+
+    try:
+        parse_model_uri(args.model_uri)
+        check_dataset(cfg.train.data, cfg.curate.s3_endpoint_url)
+    except (ModelUriError, PreflightError) as err:
+        fail(str(err))
     setup_logging()
     import mlflow
 
     from components.dataset import IncompleteDatasetError, read_manifest
     from components.evaluation import evaluate_version
-    from components.registry.model import ModelUriError
 
     try:
-        emit(evaluate_version(cfg, args.model_uri, read_manifest(cfg.train.data)))
+        emit(evaluate_version(cfg, args.model_uri, read_manifest(cfg.train.data, cfg.curate.s3_endpoint_url)))
     except (IncompleteDatasetError, ModelUriError) as err:
         fail(str(err))
     except mlflow.exceptions.MlflowException as err:

@@ -1,19 +1,29 @@
 """Print the single-GPU memory plan of a preset and whether it fits one A100-80G (no GPU, no network).
 
-    python flows/plan.py --config flows/configs/terminus_v2.yaml [--set train.optimizer=adamw] [--json]
+examples:
+  python flows/plan.py --config flows/configs/terminus_v2.yaml
+  python flows/plan.py --config flows/configs/terminus_v2.yaml --set train.optimizer=adamw --json
+  python flows/plan.py --config flows/configs/terminus_v2.yaml --capacity-gib 40
 
+The plan also states the export step's peak (the base model in fp32 plus the checkpoint), which
+train.export_memory_gb should cover on a cluster.
 Exit status 0 when the plan fits, 1 when it does not, 2 on a bad config.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
-from _common import fail, load, parser
+if __package__ in (None, ""):  # run as `python flows/plan.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import fail, load, parser  # noqa: E402
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object instead of a table")
     p.add_argument("--capacity-gib", type=float, default=80.0, help="device memory in GiB (default: A100-80G)")
     args = p.parse_args()

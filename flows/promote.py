@@ -1,21 +1,29 @@
 """Promote a registered version to an alias (gated), or roll the alias back.
 
-    python flows/promote.py --model terminus-tiny --version 3 [--alias champion]
-    python flows/promote.py --model terminus-tiny --version 3 --force "hotfix approved by X"
-    python flows/promote.py --model terminus-tiny --rollback
+examples:
+  python flows/promote.py --model terminus-tiny --version 3                    # to @champion, if it passes
+  python flows/promote.py --model terminus-tiny --version 3 --alias staging
+  python flows/promote.py --model terminus-tiny --version 3 --force "hotfix approved by X"
+  python flows/promote.py --model terminus-tiny --rollback
 
-Exit codes: 0 promoted / rolled back (last stdout line: JSON), 3 refused by a gate, 2 bad input.
+Exit codes: 0 promoted / rolled back (last stdout line: JSON), 2 bad input (no such model or version,
+a malformed command line), 3 refused by a gate.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
-from _common import emit, fail, load, parser, setup_logging
+if __package__ in (None, ""):  # run as `python flows/promote.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import REFUSED, emit, fail, load, parser, setup_logging  # noqa: E402
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--model", help="registered model name (default: tracking.registered_model)")
     p.add_argument("--version", help="version to promote")
     p.add_argument("--alias", default="champion")
@@ -24,14 +32,15 @@ def main() -> None:
     p.add_argument("--force", metavar="REASON", help="skip the gates; the reason is recorded on the version")
     p.add_argument("--rollback", action="store_true", help="point the alias back at its previous version")
     args = p.parse_args()
+    cfg = load(args)
     if args.rollback and (args.version or args.force):
         fail("--rollback takes no --version or --force: it restores the alias's previous version")
     if not args.rollback and args.version is None:
         fail("--version is required unless --rollback is given")
-    cfg = load(args)
     setup_logging()
     import mlflow
 
+    from components.registry.model import ModelUriError
     from components.registry.promotion import PromotionRefused, promote, rollback
     from components.registry.tracking import setup_tracking
 
@@ -44,7 +53,9 @@ def main() -> None:
         else:
             result = promote(name, args.version, args.alias, tolerance, args.force)
     except PromotionRefused as err:
-        fail(f"promotion refused: {err}", code=3)
+        fail(f"promotion refused: {err}", code=REFUSED)
+    except ModelUriError as err:
+        fail(str(err))
     except mlflow.exceptions.MlflowException as err:
         fail(f"registry error ({err.error_code}): {str(err.message).splitlines()[0]}")
     emit(asdict(result))

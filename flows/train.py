@@ -1,7 +1,15 @@
 """Fine-tune with the Terminus recipe on Ray Train; log to MLflow; register the result.
 
-    python flows/train.py --config flows/configs/tiny.yaml [--set train.max_steps=100] [--dry-run]
-    ray job submit --working-dir . -- python flows/train.py --config flows/configs/tiny.yaml
+examples:
+  python flows/train.py                                          # the tiny preset on this machine
+  python flows/train.py --set train.max_steps=200 --set train.run_name=long-run
+  python flows/train.py --config flows/configs/terminus_v2.yaml --dry-run    # config and memory plan
+  python -m flows.train --print-config                           # every key, documented
+  ray job submit --working-dir . --runtime-env deploy/job_runtime_env.yaml -- \\
+      python flows/train.py --set state_dir=/mnt/terminus
+
+Running again with the same train.run_name resumes from its latest checkpoint and MLflow run.
+Exit codes: 0 registered (last stdout line: JSON), 1 training failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -9,12 +17,16 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
-from _common import banner, emit, fail, load, parser, setup_logging
+if __package__ in (None, ""):  # run as `python flows/train.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and memory plan, then exit")
     args = p.parse_args()
     cfg = load(args)  # validated before any cluster work
@@ -26,16 +38,28 @@ def main() -> None:
         print(plan_for(cfg).table())
         return
 
+    from components.config import RecurringError
+    from components.training.preflight import PreflightError, check_training
+
+    try:
+        check_training(cfg)  # before Ray starts: one line, exit 2
+    except PreflightError as err:
+        fail(str(err))
+
+    from ray.train import TrainingFailedError
+
     from components.cluster import ray_session
-    from components.dataset import IncompleteDatasetError
     from components.training.driver import run_training
 
     banner(f"train: {cfg.name} on {cfg.train.data}")
     try:
         with ray_session():
             result = run_training(cfg)
-    except IncompleteDatasetError as err:
+    except RecurringError as err:  # found by a worker, the same on every attempt: not retried
         fail(str(err))
+    except TrainingFailedError as err:
+        fail(f"training failed after {cfg.train.max_failures + 1} attempt(s): "
+             f"{(str(err).strip().splitlines() or [type(err).__name__])[-1]}", code=1)
     print(f"registered {result.model_name} version {result.version}", file=sys.stderr)
     emit(asdict(result))
 

@@ -33,7 +33,7 @@ from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
 from components.curation.process import Curator
 from components.curation.remote import worker_args
-from components.curation.sources import check_output, load_inputs
+from components.curation.sources import Inputs, check_output, load_inputs
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
 from components.storage import StorageUnavailable, Store, original_unavailable
 
@@ -72,17 +72,25 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
     return sink.results
 
 
-def curate(cfg: Config) -> dict:
-    """Curate ``cfg.curate.source`` into ``cfg.curate.output``; returns the report (also at ROOT/report.json).
-
-    Needs a Ray session (``components.cluster.ray_session``). Bad sources and configs fail here,
-    in one line, before any image is read.
-    """
+def prepare(cfg: Config) -> Inputs:
+    """Everything checked before Ray starts: the buckets, the output, the sources (listed or read as
+    a manifest). Raises ``SourceError`` with one line."""
     c = cfg.curate
     make_buckets(c.buckets)
     store = Store(c.s3_endpoint_url)
     check_output(store, c.output)
-    inputs = load_inputs(c, store)
+    return load_inputs(c, store)
+
+
+def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
+    """Curate ``cfg.curate.source`` into ``cfg.curate.output``; returns the report (also at ROOT/report.json).
+
+    Needs a Ray session (``components.cluster.ray_session``). ``inputs``: what ``prepare`` gave (the flow
+    prepares before starting Ray, so bad sources fail in one line before any cluster work).
+    """
+    c = cfg.curate
+    inputs = inputs if inputs is not None else prepare(cfg)
+    store = Store(c.s3_endpoint_url)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     log.info("curating %d records from %s into %s (run %s)", inputs.records.num_rows, inputs.description, c.output, run_id)
     begin(store, c.output)

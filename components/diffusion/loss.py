@@ -1,6 +1,10 @@
 """The training loss of the Terminus recipe on one batch, independent of Ray.
 
 Precision policy (stated once, here):
+- Which precision runs: the configured one where the device computes it natively
+  (``effective_precision``). The recipe's bf16 is an instruction for the GPU run: a CUDA device with
+  bf16, or a CPU with AVX512-BF16 or AMX, runs it; elsewhere (an AVX2-only CPU emulates bf16 about ten
+  times slower than fp32) the run uses fp32 and says so. fp16 runs on CUDA only.
 - UNet: fp32 master weights, forward/backward under bf16 autocast (``Precision.BF16``), fp16 autocast
   with a grad scaler only where asked, or plain fp32.
 - VAE: always encodes in fp32 -- SDXL's VAE overflows in fp16.
@@ -28,6 +32,25 @@ def autocast(precision: Precision, device: torch.device):
         return nullcontext()
     dtype = torch.bfloat16 if precision is Precision.BF16 else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (CUDA with bf16; a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch >= 2.3
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def effective_precision(precision: Precision, device: torch.device) -> Precision:
+    """The precision a run uses on ``device`` for the configured ``precision`` (see the module docstring)."""
+    if precision is Precision.BF16 and not native_bf16(device):
+        return Precision.FP32
+    if precision is Precision.FP16 and device.type != "cuda":
+        return Precision.FP32
+    return precision
 
 
 def frozen_dtype(precision: Precision) -> torch.dtype:

@@ -17,12 +17,12 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from components.config import DiffusionConfig, ModelConfig, TinyModelConfig
+from components.config import DiffusionConfig, ModelConfig, RecurringError, TinyModelConfig
 from components.diffusion.schedule import inference_scheduler
 from components.storage import fetch_prefix, is_s3
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RecurringError):
     pass
 
 
@@ -125,7 +125,7 @@ def resolve_source(source: str, cache_dir: str | Path) -> str:
     return source
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import) or at import time.
 
     Offline, a hub id is looked up in the local cache only (``local_files_only``), so loading fails
@@ -147,7 +147,7 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
     is_local = Path(location).is_dir()
     if not is_local and ("/" not in location or location.startswith((".", "/"))):
         raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id nor s3://")
-    offline = not is_local and _hub_offline()
+    offline = not is_local and hub_offline()
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
             location, revision=model.revision, variant=model.variant, use_safetensors=True,

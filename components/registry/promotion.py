@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import mlflow
 
 from components.config import EvaluateConfig
+from components.registry.model import ModelUriError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def promote(
     try:
         version = str(client.get_model_version(name, version).version)
     except mlflow.exceptions.MlflowException:
-        raise PromotionRefused(f"{name} has no version {version!r}") from None
+        raise ModelUriError(f"{name} has no version {version!r}: check the name and version "
+                            "(a promotion of a model that does not exist is bad input, not a refusal)") from None
     overridden = None
     with alias_lock(name):
         current = _alias_version(client, name, alias)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 
-from components.config import Config
+from components.config import Config, RecurringError
 from components.dataset import CuratedManifest, read_manifest
 from components.registry.tracking import flatten, git_commit, mlflow_dataset, setup_tracking, tracking_uri
 from components.storage import arrow_filesystem
@@ -73,7 +73,8 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
     return run.info.run_id
 
 
-def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
+def trainer(cfg: Config, manifest: CuratedManifest, run_id: str):
+    """The TorchTrainer of this run (a new one per attempt; the same name resumes)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -84,7 +85,7 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
     ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
     train_ds = ray.data.read_parquet(manifest.paths("train"), filesystem=arrow_filesystem(manifest.root))
     storage = cfg.train.storage_path
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "train_rows": manifest.rows["train"],
@@ -101,11 +102,48 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
                 num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # Restarts are decided in ``fit``: an error that recurs on every attempt is not retried.
+            failure_config=ray.train.FailureConfig(max_failures=0),
         ),
         datasets={"train": train_ds},
     )
-    return trainer.fit()
+
+
+def recurring_cause(err: BaseException) -> RecurringError | None:
+    """The ``RecurringError`` a worker raised, out of Ray Train's wrappers (``WorkerGroupError`` keeps
+    each rank's exception; Ray's task errors keep theirs as ``cause``)."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RecurringError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
+
+
+def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
+    """Run the trainer; after a failure that may not recur (a lost worker, a killed node) start it again
+    under the same name, which resumes from the latest checkpoint, up to ``train.max_failures`` times.
+    A ``RecurringError`` (bad data, a model or an optimizer that cannot work) is raised at once."""
+    from ray.train import TrainingFailedError
+
+    for attempt in range(cfg.train.max_failures + 1):
+        try:
+            return trainer(cfg, manifest, run_id).fit()
+        except TrainingFailedError as err:
+            cause = recurring_cause(err)
+            if cause is not None:
+                raise cause from None
+            if attempt == cfg.train.max_failures:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+            log.warning("training attempt %d of %d failed (%s); resuming from the latest checkpoint",
+                        attempt + 1, cfg.train.max_failures + 1, first)
+    raise AssertionError("unreachable")
 
 
 def select_checkpoint(cfg: Config, result):
@@ -144,18 +182,28 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     return version
 
 
+def export_remotely(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
+    """``export_and_register`` in a Ray task with the memory it needs (``train.export_memory_gb``; the
+    memory plan states the figure), so a cluster runs it on a worker, never on the head node."""
+    import ray
+
+    options: dict = {"num_cpus": 1, "num_gpus": 0}
+    if cfg.train.export_memory_gb:
+        options["memory"] = int(cfg.train.export_memory_gb * 2**30)
+    task = ray.remote(export_and_register).options(**options)
+    return ray.get(task.remote(cfg, run_id, checkpoint, metrics, manifest))
+
+
 def run_training(cfg: Config) -> TrainingResult:
     cfg = resolve_paths(cfg)
-    manifest = read_manifest(cfg.train.data)
+    manifest = read_manifest(cfg.train.data, cfg.curate.s3_endpoint_url)
     run_id = open_run(cfg, manifest)
     try:
         result = fit(cfg, manifest, run_id)
-        if result.error is not None:
-            raise result.error
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     checkpoint, metrics = select_checkpoint(cfg, result)
-    version = export_and_register(cfg, run_id, checkpoint, metrics, manifest)
+    version = export_remotely(cfg, run_id, checkpoint, metrics, manifest)
     return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
                           metrics.get("val_loss"))

@@ -18,15 +18,16 @@ import ray.train
 import ray.train.torch
 import torch
 
-from components.config import Config, Precision
+from components.config import Config, Precision, RecurringError
 from components.dataset import read_manifest, val_rows
-from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss, frozen_dtype
+from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss, effective_precision, frozen_dtype
 from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import SDXLParts, load_parts
 from components.training.batches import bucket_batches, iter_rows, rows_to_batch, skip
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer
 from components.training.parallel import Strategy
+from components.training.progress import Progress
 from components.training.run_logger import RunLogger
 from components.training.validation import Validator
 
@@ -117,6 +118,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    precision = effective_precision(cfg.train.precision, device)
+    if precision is not cfg.train.precision:
+        if rank == 0:
+            log.warning("train.precision=%s: %s does not compute it natively, training in %s "
+                        "(the recipe's bf16 is for the GPU run)", cfg.train.precision.value, device, precision.value)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
     steps = total_steps(cfg, loop_config["train_rows"])
     t = build_trainee(cfg, device, world, steps)
     checkpoint = ray.train.get_checkpoint()
@@ -127,21 +134,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  t.state.batches_in_epoch)
 
     spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, cfg.train.precision, cfg.train.caption_dropout)
-    logger = RunLogger(cfg, loop_config["mlflow_run_id"]) if rank == 0 else None
+    logger = progress = None
+    if rank == 0:
+        logger = RunLogger(cfg, loop_config["mlflow_run_id"])
+        logger.set_tags({"precision.configured": loop_config["config"]["train"]["precision"],
+                         "precision.effective": precision.value, "device": str(device),
+                         "cpu.capability": torch.backends.cpu.get_cpu_capability()})
+        progress = Progress(steps, t.state.step, cfg.train.log_every, cfg.train.log_every_s)
     shard = ray.train.get_dataset_shard("train")
     validator = None
     if rank == 0 or t.strategy.sharded:  # sharded weights: every rank takes part in each forward
         # The held-out split is small (val_max_rows): read it directly rather than through Ray Data.
-        held_out = val_rows(read_manifest(cfg.train.data), cfg.train.val_max_rows)
+        held_out = val_rows(read_manifest(cfg.train.data, cfg.curate.s3_endpoint_url), cfg.train.val_max_rows)
         validator = Validator(cfg, held_out, device)
 
     state, accum = t.state, cfg.train.grad_accum
-    micro, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    micro, loss_sum, data_s, t0 = 0, 0.0, 0.0, time.perf_counter()
     while state.step < steps:
         produced = False
-        for rows in epoch_batches(shard, cfg, state.epoch, state.batches_in_epoch):
+        batches = epoch_batches(shard, cfg, state.epoch, state.batches_in_epoch)
+        while True:
+            fetch = time.perf_counter()
+            rows = next(batches, None)
+            if rows is None:
+                break
             produced = True
             batch = rows_to_batch(rows, device)
+            data_s += time.perf_counter() - fetch  # waiting for the shard, then decoding on this thread
             draw = NoiseDraw(step_generator(cfg.seed, rank, state.step, micro))
             with t.strategy.accumulating(t.model, sync=micro == accum - 1):
                 loss = diffusion_loss(t.parts, t.model, batch, spec, draw)
@@ -158,15 +177,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = {
                 "loss": loss_sum / accum, "lr": t.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "images_per_s": cfg.train.effective_batch / max(elapsed, 1e-9), "samples_seen": state.samples_seen,
-                "epoch": state.epoch,
+                "epoch": state.epoch, "data_wait": data_s / max(elapsed, 1e-9),
             }
-            micro, loss_sum = 0, 0.0
-            if logger:
-                logger.metrics(metrics, state.step)
+            if progress is not None:
+                progress.add_times(data_s, elapsed)
+            micro, loss_sum, data_s = 0, 0.0, 0.0
             at_checkpoint = state.step % cfg.train.checkpoint_every == 0 or state.step == steps
             val_loss = None
             if validator is not None and (at_checkpoint or state.step % cfg.train.val_every == 0):
                 val_loss = _validate(validator, t, logger)
+            if logger is not None:
+                logger.metrics(metrics, state.step)
+                progress.report(state.step, state.epoch, metrics)
+                if not at_checkpoint:
+                    logger.maybe_flush()  # live metrics; a checkpoint flushes before it is reported
             if at_checkpoint:
                 _checkpoint(t, logger, {"step": state.step, "loss": metrics["loss"], "val_loss": val_loss})
             t0 = time.perf_counter()  # images/s excludes validation and checkpointing
@@ -175,7 +199,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state.step >= steps:
             break
         if not produced and state.batches_in_epoch == 0:
-            raise RuntimeError(
+            raise RecurringError(
                 f"worker {rank} got no full batch of {cfg.train.batch_size} from any bucket: "
                 "lower train.batch_size or curate more images"
             )

@@ -25,10 +25,10 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from components.config import LRConfig, OptimizerName, TrainConfig
+from components.config import LRConfig, OptimizerName, RecurringError, TrainConfig
 
 
-class OptimizerUnavailable(RuntimeError):
+class OptimizerUnavailable(RecurringError):
     """The configured optimizer cannot run here (no CUDA, or its package is not installed)."""
 
 

@@ -1,9 +1,11 @@
-"""Rank-0 MLflow logging for a training run, buffered up to each checkpoint.
+"""Rank-0 MLflow logging for a training run: live, and exact across restarts.
 
-Per-step metrics and validation images are held in memory and written just before a checkpoint
-is reported. A resumed run first reads how far the run's ``loss`` history goes and drops what it
-recomputes up to there, so the history has no duplicated step (work redone after a crash is not
-logged twice).
+Per-step metrics and validation images are buffered in memory and written every ``LIVE_FLUSH_S``
+seconds while training runs (the MLflow UI shows the loss curve of a running run), and always just
+before a checkpoint is reported. A resumed run first reads how far the run's ``loss`` history goes and
+drops what it recomputes up to there, so the history has no duplicated step (work redone after a crash
+is not logged twice) and, since every step up to a checkpoint is written before the checkpoint exists,
+no gap. Each ``log_batch`` call carries whole steps only, so a step is in MLflow entirely or not at all.
 
 A tracking server that is down does not stop training (docs/reliability.md):
 
@@ -46,6 +48,10 @@ FLUSH_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKO
               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """MLflow's HTTP retry settings (read at each call) while a flush runs; the process's own come back after."""
 CLOSE_RETRY_DELAYS_S = (1, 2, 4, 8)
+LIVE_FLUSH_S = 10.0
+"""Seconds between live flushes while training runs (doubled after a failed one, up to ``LIVE_BACKOFF_MAX_S``)."""
+LIVE_BACKOFF_MAX_S = 120.0
+BATCH_LIMIT = 1000  # MLflow's log_batch takes at most 1000 metrics
 SYSTEM_METRICS_STOP_S = 15.0
 
 
@@ -80,6 +86,17 @@ def server_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+def _whole_steps(metrics: list[Metric], limit: int) -> int:
+    """How many leading metrics to send in one call: as many as fit in ``limit`` without splitting a
+    step (the buffer holds steps in order); a single step larger than ``limit`` goes alone, split."""
+    if len(metrics) <= limit:
+        return len(metrics)
+    cut = limit
+    while cut > 0 and metrics[cut].step == metrics[cut - 1].step:
+        cut -= 1
+    return cut or limit
+
+
 class RunLogger:
     def __init__(self, cfg: Config, run_id: str):
         setup_tracking(cfg)
@@ -92,6 +109,8 @@ class RunLogger:
         self._images: list[tuple] = []
         self._records: list[tuple[str, dict]] = []
         self.logged_through = self._last_logged_step()
+        self._live_every = LIVE_FLUSH_S
+        self._next_live = time.monotonic() + self._live_every
         self._recovered = self._load_spill()
         self._system = None
         try:
@@ -142,6 +161,22 @@ class RunLogger:
         now = int(time.time() * 1000)
         self._metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the run, set now (a failure only warns: tags are a nicety, training goes on)."""
+        try:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+        except Exception as err:
+            log.warning("could not tag run %s: %s", self.run_id, str(err).splitlines()[0][:200] if str(err) else err)
+
+    def maybe_flush(self) -> None:
+        """A live flush, when ``LIVE_FLUSH_S`` has passed (longer after a failed one)."""
+        if time.monotonic() < self._next_live:
+            return
+        ok = self.flush()
+        self._live_every = LIVE_FLUSH_S if ok else min(self._live_every * 2, LIVE_BACKOFF_MAX_S)
+        self._next_live = time.monotonic() + self._live_every
+
     def image(self, image, key: str, step: int) -> None:
         if step > self.logged_through:
             self._images.append((image, key, step))
@@ -169,9 +204,10 @@ class RunLogger:
 
     def _send(self) -> None:
         """Metrics, then images, then checkpoint records; each leaves the buffer once MLflow has it."""
-        while self._metrics:  # MLflow takes at most 1000 metrics per batch; a sent batch is never resent
-            self.client.log_batch(self.run_id, metrics=self._metrics[:1000])
-            del self._metrics[:1000]
+        while self._metrics:  # whole steps per call, at most BATCH_LIMIT metrics; a sent batch is never resent
+            n = _whole_steps(self._metrics, BATCH_LIMIT)
+            self.client.log_batch(self.run_id, metrics=self._metrics[:n])
+            del self._metrics[:n]
         self._recovered = False
         while self._images:
             image, key, step = self._images[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from components.config import Config
+from components.config import Config, RecurringError
 from components.diffusion.loss import LossSpec, NoiseDraw, autocast, diffusion_loss
 from components.diffusion.pipelines import build_pipelines
 from components.diffusion.request import GenerationRequest
@@ -19,7 +19,8 @@ VAL_NOISE_SEED = 1234
 class Validator:
     def __init__(self, cfg: Config, val_rows: list[dict], device: torch.device):
         if not val_rows:
-            raise ValueError("the curated dataset has no validation rows: raise curate.holdout_fraction")
+            raise RecurringError("the curated dataset has no validation rows: raise curate.holdout_fraction "
+                                 "and curate again")
         self.cfg = cfg
         self.device = device
         by_bucket: dict[str, list[dict]] = {}

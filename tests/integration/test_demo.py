@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, free_port, subprocess_env
+from tests.fixtures.processes import REPO, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 

@@ -39,7 +39,7 @@ from components.training.checkpointing import (
     verify_complete,
 )
 from components.training.driver import run_training
-from tests.conftest import REPO
+from tests.fixtures.processes import REPO
 from tests.integration.test_train import history, small_cfg
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.fixtures.processes import REPO
 from tests.integration.test_train import SMALL
 
 FAKE_KEY_ID = "AKIAQ7FAKEKEY0000042"  # AKIA + 16 characters: the shape of an AWS access key id

@@ -28,7 +28,7 @@ from components.config import load_config
 from components.environment import snapshot
 from components.training.driver import run_training
 from components.training.run_logger import PROBE_TIMEOUT_S, RunLogger, server_reachable
-from tests.conftest import REPO, free_port, wait_for_mlflow
+from tests.fixtures.processes import REPO, free_port, wait_for_mlflow
 from tests.integration.test_train import small_cfg
 
 

@@ -56,3 +56,49 @@ def test_the_pyfunc_declares_the_generation_signature(evaluated_registry):
         "prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height"]
     assert info.signature.outputs.input_names() == ["image_png_b64"]
     assert "python_function" in info.flavors
+
+
+LOAD_ISOLATED = r"""
+import json, sys
+# No code of this repository: drop the editable install's finder and every path into the checkout.
+repo = sys.argv[2]
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_hooks = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path = [p for p in sys.path if p and (not p.startswith(repo) or p.startswith(sys.prefix))]
+sys.path_importer_cache.clear()
+try:
+    import components
+    sys.exit("components importable before the model is loaded: " + str(components.__path__))
+except ImportError:
+    pass
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame([{"prompt": "a red cube", "steps": 2, "width": 64, "height": 64, "seed": 1}]))
+import components
+shipped = sorted(m for m in sys.modules if m == "components" or m.startswith("components."))
+print(json.dumps({"png": len(out["image_png_b64"][0]), "modules": shipped, "path": list(components.__path__)}))
+"""
+
+
+def test_a_registered_model_loads_with_its_shipped_code_alone(registered_model, tmp_path):
+    """The pyfunc's code is the diffusion package alone, and that is enough to generate in a process
+    that has no other code of this platform."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.fixtures.processes import REPO, subprocess_env
+
+    r = registered_model
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{r.name}/{r.version}",
+                                                dst_path=str(tmp_path / "model"), tracking_uri=r.tracking_uri)
+    shipped = sorted(p.relative_to(tmp_path / "model" / "code").as_posix()
+                     for p in (tmp_path / "model" / "code").rglob("*.py"))
+    assert shipped and all(p == "components/__init__.py" or p.startswith("components/diffusion/") for p in shipped)
+    proc = subprocess.run([sys.executable, "-c", LOAD_ISOLATED, local, str(REPO)], capture_output=True, text=True,
+                          cwd=tmp_path, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["png"] > 100
+    assert all(m == "components" or m.startswith("components.diffusion") for m in out["modules"]), out["modules"]
+    assert all(p.startswith(str(tmp_path)) for p in out["path"])  # the copy shipped with the model

@@ -22,7 +22,7 @@ from components.environment import snapshot
 from components.registry.promotion import LOCK_SUFFIX, PromotionRefused, promote
 from components.registry.tracking import setup_tracking
 from deploy.holder import ModelHolder
-from tests.conftest import REPO
+from tests.fixtures.processes import REPO
 
 pytestmark = pytest.mark.slow
 

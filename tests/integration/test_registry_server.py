@@ -20,7 +20,8 @@ from components.dataset import read_manifest
 from components.environment import snapshot
 from components.evaluation import evaluate_version
 from components.registry.promotion import promote
-from tests.conftest import EVAL_SMALL, REPO, register_trained, unet_checkpoint
+from tests.fixtures.processes import REPO
+from tests.fixtures.registry import EVAL_SMALL, register_trained, unet_checkpoint
 from tests.synthetic import write_synthetic_curated
 
 pytestmark = pytest.mark.slow

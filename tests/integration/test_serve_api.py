@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, free_port
+from tests.fixtures.processes import REPO, free_port
 
 ENV = "TERMINUS_TEST_API_KEY"
 TOKEN = "sk-test-" + secrets.token_hex(12)

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import REPO, free_port
+from tests.fixtures.processes import REPO, free_port
 
 APP = "autoscale"
 LOAD_BUDGET_S = 90  # the load stops by itself after this (or MAX_REQUESTS) even if no scale-up was seen

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import REPO, free_port
+from tests.fixtures.processes import REPO, free_port
 
 APP = f"faults-{secrets.token_hex(3)}"  # unique, so the replica's process title is ours alone
 ENV = "TERMINUS_FAULTS_API_KEY"

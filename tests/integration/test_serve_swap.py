@@ -18,7 +18,7 @@ from PIL import Image
 
 from components.config import InferenceConfig
 from components.registry.model import ModelUriError, log_pipeline_model
-from tests.conftest import REPO, free_port
+from tests.fixtures.processes import REPO, free_port
 
 NAME = "terminus-swap"
 PROBE = {"prompt": "a probe", "size": "64x64", "seed": 11, "steps": 2}

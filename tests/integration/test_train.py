@@ -18,7 +18,7 @@ import requests
 
 from components.config import load_config
 from components.training.driver import RUN_NAME_TAG, run_training
-from tests.conftest import REPO, free_port, subprocess_env, wait_for_port
+from tests.fixtures.processes import REPO, free_port, subprocess_env, wait_for_port
 from tests.synthetic import write_synthetic_curated
 
 pytestmark = pytest.mark.slow

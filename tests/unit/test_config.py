@@ -53,7 +53,7 @@ def test_overrides_are_typed():
         CONFIGS / "tiny.yaml",
         [
             "train.batch_size=7",
-            "train.lr.max=1e-5",
+            "train.lr.max=1e-3",
             "diffusion.zero_terminal_snr=false",
             "diffusion.min_snr_gamma=null",
             "diffusion.prediction_type=epsilon",
@@ -63,7 +63,7 @@ def test_overrides_are_typed():
         ],
     )
     assert cfg.train.batch_size == 7 and isinstance(cfg.train.batch_size, int)
-    assert cfg.train.lr.max == 1e-5 and isinstance(cfg.train.lr.max, float)
+    assert cfg.train.lr.max == 1e-3 and isinstance(cfg.train.lr.max, float)
     assert cfg.diffusion.zero_terminal_snr is False
     assert cfg.diffusion.min_snr_gamma is None
     assert cfg.diffusion.prediction_type is PredictionType.EPSILON
@@ -134,3 +134,91 @@ def test_tiny_preset_keeps_the_recipe():
     cfg = load_config(CONFIGS / "tiny.yaml")
     assert cfg.model.source == "tiny"
     assert cfg.diffusion == load_config(CONFIGS / "terminus_v2.yaml").diffusion
+
+
+# --- ranges, typed overrides, paths, the reference (issue 13 items 3, 4, 6) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.grad_accum=-1"], "train.grad_accum"),
+        (["train.max_steps=0"], "train.max_steps"),
+        (["train.lr.max=0"], "train.lr.max"),
+        (["train.lr.min=-1e-6"], "train.lr.min"),
+        (["train.lr.min=1e-3", "train.lr.max=1e-4"], "lr.min 0.001 is above lr.max"),
+        (["serve.max_n=0"], "serve.max_n"),
+        (["serve.max_side=0"], "serve.max_side"),
+        (["serve.min_side=512", "serve.max_side=256"], "min_side 512 is above max_side 256"),
+        (["curate.buckets.min_side=1024", "curate.buckets.max_side=512"], "min_side 1024 is above max_side 512"),
+        (["curate.filters.min_aspect=3", "curate.filters.max_aspect=2"], "min_aspect 3.0 is above max_aspect"),
+        (["train.val_timesteps=[0, 1000]"], "train.val_timesteps [1000] outside 0..999"),
+    ],
+)
+def test_ranges_and_orderings_are_one_line_errors(overrides, fragment):
+    assert fragment in one_line_error(CONFIGS / "tiny.yaml", overrides)
+
+
+def test_a_refused_yaml_tag_is_a_config_error(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    assert "not a valid preset" in one_line_error(path)
+
+
+def test_overrides_take_the_type_of_their_field():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.run_name=20241130", "tracking.experiment=off",
+                                              "serve.api_key_env=null", "curate.cache_dtype=float32"])
+    assert cfg.train.run_name == "20241130" and cfg.tracking.experiment == "off"
+    assert cfg.serve.api_key_env is None and cfg.curate.cache_dtype == "float32"
+    assert load_config(CONFIGS / "tiny.yaml", ["tracking.experiment=yes"]).tracking.experiment == "yes"
+
+
+def test_preset_paths_resolve_from_the_repository_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a flow run from another folder
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    repo = CONFIGS.parents[1]
+    assert cfg.curate.source == str(repo / "data/demo/manifest.jsonl")
+    assert cfg.state_dir == str(repo / ".state")
+    # --set paths are the user's, relative to where they run the flow
+    assert load_config(CONFIGS / "tiny.yaml", ["state_dir=here"]).state_dir == str(tmp_path / "here")
+
+
+def test_a_preset_outside_the_repository_resolves_against_its_own_folder(tmp_path, monkeypatch):
+    preset = tmp_path / "mine" / "p.yaml"
+    preset.parent.mkdir()
+    preset.write_text("curate:\n  source: photos/\nstate_dir: st\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(preset)
+    assert cfg.curate.source == str(preset.parent / "photos") and cfg.state_dir == str(preset.parent / "st")
+
+
+def test_state_locations_derive_from_state_dir(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"state_dir={tmp_path}"])
+    assert cfg.curate.output == f"{tmp_path}/datasets/tiny" == cfg.train.data
+    assert cfg.train.storage_path == f"{tmp_path}/ray_results"
+    explicit = load_config(CONFIGS / "tiny.yaml", [f"state_dir={tmp_path}", "train.storage_path=s3://b/ckpt"])
+    assert explicit.train.storage_path == "s3://b/ckpt" and explicit.curate.output == f"{tmp_path}/datasets/tiny"
+
+
+def test_relative_state_paths_are_refused_inside_a_ray_job_copy(tmp_path, monkeypatch):
+    from components.config import in_ray_package_copy
+
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert in_ray_package_copy(copy) and not in_ray_package_copy(tmp_path)
+    assert "relative inside a Ray job" in one_line_error(None, ["state_dir=.state"])
+    assert "train.storage_path" in one_line_error(None, [f"state_dir={tmp_path}", "train.storage_path=rel"])
+    assert load_config(None, [f"state_dir={tmp_path}"]).state_dir == str(tmp_path)
+
+
+def test_every_key_is_documented_in_the_reference():
+    from components.config import reference, reference_text
+
+    rows = reference()
+    undocumented = [r["key"] for r in rows if not r["doc"].strip()]
+    assert undocumented == []
+    assert len([r for r in rows if not r.get("section")]) > 100
+    text = reference_text(load_config(CONFIGS / "terminus_v2.yaml"))
+    assert 'train.batch_size = 24  (int)' in text and "[train.lr]" in text

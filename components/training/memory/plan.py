@@ -191,9 +191,14 @@ class MemoryPlan:
     step_other: StepTrace
     """The trace with checkpointing flipped, for comparison."""
     vae_encode_peak: int
-    """Encoding the whole batch at once, as components/diffusion/loss.py does."""
-    vae_encode_peak_one: int
-    """Encoding one image at a time (``AutoencoderKL.enable_slicing()``)."""
+    """Encoding the batch as training does: one image at a time (``AutoencoderKL.enable_slicing()``,
+    components/diffusion/loss.py ``encode_latents``)."""
+    vae_encode_peak_batch: int
+    """Encoding the whole batch in one call, for comparison (why training slices)."""
+    export_peak: int
+    """Host memory of the export step (``components/training/driver.py``, a Ray task on a worker):
+    the whole pipeline in fp32, plus the checkpoint's UNet state dict while it is copied in (the
+    same size as the largest safetensors shard diffusers holds while it writes the folder)."""
     capacity: int = A100_80G_BYTES
     context: int = CUDA_CONTEXT_BYTES
     slack_fraction: float = ALLOCATOR_SLACK
@@ -265,12 +270,10 @@ class MemoryPlan:
         other = "off" if self.grad_checkpointing else "on"
         lines.append(f"(with gradient checkpointing {other}: step peak {self.step_other.peak / GB:.2f} GB, "
                      f"planned peak {self._planned(self.step_other.peak) / GB:.1f} GB)")
-        if self.vae_encode_peak > self.step.peak:
-            sliced = self._planned(self.step.peak, self.vae_encode_peak_one)
-            lines.append(f"note: encoding the whole batch with the VAE sets the peak; one image at a time "
-                         f"(AutoencoderKL.enable_slicing(): {self.vae_encode_peak_one / GB:.2f} GB) or cached "
-                         f"latents would make the planned peak {sliced / GB:.1f} GB "
-                         f"({'fits' if sliced <= self.capacity else 'still does not fit'})")
+        lines.append(f"(the whole batch through the VAE in one call would peak at {self.vae_encode_peak_batch / GB:.1f} GB; "
+                     "training encodes one image at a time)")
+        lines.append(f"export (host memory of the export task, train.export_memory_gb): {self.export_peak / GB:.1f} GB "
+                     f"= the pipeline in fp32 + the checkpoint's UNet")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.verdict())
         return "\n".join(lines)
@@ -305,6 +308,7 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
     step = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, t.grad_checkpointing)
     other = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, not t.grad_checkpointing)
     vae_one = trace_vae_encode(models["vae"], 1, hw)
+    vae_batch = trace_vae_encode(models["vae"], t.batch_size, hw)
     notes = []
     if cfg.model.source != "tiny":
         notes.append(f"shapes of SDXL-base (model.source {cfg.model.source!r} is assumed to share its layout)")
@@ -314,6 +318,7 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
         persistent=persistent_rows(models, precision, optimizer, t.ema_decay is not None, t.ema_on_cpu),
         # Training encodes one image at a time (AutoencoderKL slicing, components/diffusion/loss.py): the
         # fp32 VAE on a whole 1 MP batch of 24 would peak at ~65 GB on its own.
-        step=step, step_other=other, vae_encode_peak=vae_one, vae_encode_peak_one=vae_one,
+        step=step, step_other=other, vae_encode_peak=vae_one, vae_encode_peak_batch=vae_batch,
+        export_peak=4 * sum(count_params(m) for m in models.values()) + 4 * count_params(models["unet"]),
         capacity=capacity, notes=notes,
     )

@@ -1,11 +1,13 @@
-"""deploy/serve.yaml against Serve's own schema, and the KubeRay manifests against the fields KubeRay reads."""
+"""deploy/serve.yaml against Serve's own schema; the KubeRay manifests rendered and checked: their
+entrypoints' configs load and dry-run, resources cover the memory plan, no local state path, auth on."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from tests.conftest import REPO
+from tests.fixtures.processes import REPO
 
 SERVE_YAML = REPO / "deploy/serve.yaml"
 K8S = REPO / "deploy/kubernetes"
@@ -28,7 +30,6 @@ def test_serve_yaml_validates_as_serve_run_would_load_it():
     assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(scaling)
     assert model.max_ongoing_requests >= 4 and model.max_queued_requests > 0
     assert model.ray_actor_options.num_cpus == 1 and model.health_check_period_s > 0
-    assert "num_gpus: 1" in SERVE_YAML.read_text()  # the GPU-host line, commented
     assert model.backpressure_config.retry_after_s  # a full queue tells clients when to come back
 
 
@@ -49,27 +50,123 @@ def test_serve_yaml_args_build_the_application(tmp_path):
     assert {d.name for d in built.deployments} == {d["name"] for d in app["deployments"]}
 
 
-def test_rayjob_runs_the_training_flow_on_a_gpu_worker_group():
-    job = load(K8S / "rayjob.yaml")
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    spec = job["spec"]
-    assert spec["entrypoint"] == "python flows/train.py --config flows/configs/terminus_v2.yaml"
+def entrypoint_commands(entrypoint: str) -> list[list[str]]:
+    """The job's commands (``a && b``), each as its argv."""
+    import shlex
+
+    return [shlex.split(part) for part in entrypoint.split("&&")]
+
+
+def flow_config(argv: list[str]):
+    """The config a flow command line loads: its --config and --set values, through load_config."""
+    from components.config import load_config
+
+    assert argv[:2][0] == "python" and argv[1].startswith("flows/")
+    preset = argv[argv.index("--config") + 1]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    return load_config(REPO / preset, sets)
+
+
+@pytest.fixture(scope="module")
+def rayjob():
+    return load(K8S / "rayjob.yaml")
+
+
+@pytest.fixture(scope="module")
+def train_plan(rayjob):
+    from components.training.memory.plan import plan_for
+
+    (train,) = [c for c in entrypoint_commands(rayjob["spec"]["entrypoint"]) if c[1] == "flows/train.py"]
+    cfg = flow_config(train)
+    return cfg, plan_for(cfg)  # what `flows/train.py ... --dry-run` prints
+
+
+def test_rayjob_curates_then_trains_with_explicit_locations(rayjob):
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    commands = entrypoint_commands(spec["entrypoint"])
+    assert [c[1] for c in commands] == ["flows/curate.py", "flows/train.py"]
+    curate, train = (flow_config(c) for c in commands)
+    assert train.train.data == curate.curate.output and train.train.data.startswith("s3://")
+    for cfg in (curate, train):
+        assert cfg.state_dir.startswith("/var/lib/terminus") and cfg.curate.output.startswith("s3://")
+    assert train.train.storage_path.startswith("s3://") and train.train.run_name
+    assert ".state" not in (K8S / "rayjob.yaml").read_text()  # nothing points at a local state folder
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_cluster(spec["rayClusterSpec"])
 
 
-def test_rayservice_serves_exactly_the_serve_yaml_apps():
+def test_rayjob_commands_are_accepted_inside_rays_working_dir_copy(rayjob, tmp_path, monkeypatch):
+    """A job runs in Ray's temporary copy of the working directory, where relative state paths are
+    refused: every state path of the entrypoint is absolute or s3://, so both commands load there."""
+    from components.config import ConfigError, load_config
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    for argv in entrypoint_commands(rayjob["spec"]["entrypoint"]):
+        flow_config(argv)
+    with pytest.raises(ConfigError, match="relative inside a Ray job"):
+        load_config(REPO / "flows/configs/terminus_v2.yaml", ["state_dir=relative/state"])
+
+
+def test_rayjob_resources_cover_the_plan(rayjob, train_plan):
+    cfg, plan = train_plan
+    assert plan.fits and plan.capacity >= plan.total  # the dry run: FITS one A100-80G
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the export cannot land on the head
+    (group,) = cluster["workerGroupSpecs"]
+    assert "A100" in group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+    assert "80GB" in group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+    (container,) = group["template"]["spec"]["containers"]
+    memory_gib = _gib(container["resources"]["requests"]["memory"])
+    assert cfg.train.export_memory_gb * 2**30 >= plan.export_peak  # the export task reserves its peak ...
+    assert memory_gib >= cfg.train.export_memory_gb  # ... on a worker that has it
+    assert int(container["resources"]["requests"]["nvidia.com/gpu"]) >= cfg.train.num_workers
+
+
+def _gib(quantity: str) -> float:
+    units = {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    raise AssertionError(f"unexpected quantity {quantity}")
+
+
+def serve_yaml_for_the_cluster() -> list[dict]:
+    """deploy/serve.yaml's applications with the four documented differences of rayservice.yaml."""
+    apps = load(SERVE_YAML)["applications"]
+    (app,) = apps
+    app["args"]["config"] = "flows/configs/terminus_v2.yaml"
+    app["args"]["overrides"] = ["serve.api_key_env=TERMINUS_API_KEY", "state_dir=/var/lib/terminus"]
+    model = next(d for d in app["deployments"] if d["name"] == "Model")
+    model["ray_actor_options"]["num_gpus"] = 1
+    return apps
+
+
+def test_rayservice_serves_the_terminus_preset_on_gpus_with_auth():
     svc = load(K8S / "rayservice.yaml")
     assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
     spec = svc["spec"]
     assert isinstance(spec["serveConfigV2"], str)  # KubeRay takes it as a YAML string
-    served = ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
-    local = ServeDeploySchema.model_validate(load(SERVE_YAML))
-    assert served.model_dump()["applications"] == local.model_dump()["applications"]
-    assert yaml.safe_load(spec["serveConfigV2"])["applications"] == load(SERVE_YAML)["applications"]
-    assert served.http_options.host == "0.0.0.0"  # reachable from the pod's Service
-    _check_cluster(spec["rayClusterConfig"])
+    served = yaml.safe_load(spec["serveConfigV2"])
+    ServeDeploySchema.model_validate(served)
+    assert served["applications"] == serve_yaml_for_the_cluster()
+    assert served["http_options"]["host"] == "0.0.0.0"  # reachable from the pod's Service
+    (app,) = served["applications"]
+    from components.config import load_config
+
+    cfg = load_config(REPO / app["args"]["config"], app["args"]["overrides"])  # the app's config loads
+    assert cfg.serve.api_key_env == "TERMINUS_API_KEY" and cfg.name == "terminus_v2"
+    cluster = spec["rayClusterConfig"]
+    _check_cluster(cluster)
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    for container in containers:  # the key comes from a Secret that must exist: never an open endpoint
+        ref = {e["name"]: e for e in container["env"]}["TERMINUS_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "terminus-api" and not ref.get("optional", False)
+    assert ".state" not in spec["serveConfigV2"]
 
 
 def _check_cluster(cluster: dict) -> None:
@@ -94,7 +191,6 @@ def _check_cluster(cluster: dict) -> None:
 
 
 def test_builder_refuses_bad_args_before_deploying(tmp_path):
-    import pytest
     from pydantic import ValidationError
 
     from components.registry.model import ModelUriError

@@ -161,8 +161,10 @@ def test_other_aliases_keep_their_own_previous(reg):
     assert (reg.alias("staging"), reg.alias("champion")) == (v2, v1)
 
 
-def test_unknown_version_is_refused(reg):
-    with pytest.raises(PromotionRefused, match=f"{reg.name} has no version '99'"):
+def test_unknown_version_is_bad_input_not_a_refusal(reg):
+    from components.registry.model import ModelUriError
+
+    with pytest.raises(ModelUriError, match=f"{reg.name} has no version '99'"):
         promote(reg.name, "99")
 
 

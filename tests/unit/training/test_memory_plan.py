@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.training.memory import plan as mp
 from components.config import OptimizerName, Precision, load_config
+from components.training.memory import plan as mp
 from components.training.memory.trace import CudaAutocastEmulation, LiveBytes, trace_unet_step
 
 REPO = Path(__file__).resolve().parents[3]
@@ -161,7 +161,7 @@ def test_plan_command_on_the_terminus_preset(sdxl):
     assert abs(plan["before_activations"] / 1e9 - 26.0) <= 0.5
     assert plan["step"]["weight_copies"] == 2 * low_precision_params(sdxl["unet"])
     assert plan["step_other"]["peak"] > 5 * plan["step"]["peak"]  # checkpointing off costs > 5x
-    assert plan["vae_encode_peak"] == plan["vae_encode_peak_one"]  # training encodes one image at a time
+    assert plan["vae_encode_peak_batch"] > 10 * plan["vae_encode_peak"]  # why training encodes one image at a time
     assert plan["fits"]  # the seed recipe fits one A100-80G (components/diffusion/loss.py slices the VAE encode)
     assert plan["total"] > plan["allocated_peak"] >= plan["allocated_peak_cached_latents"]
     assert plan["verdict"].startswith("FITS" if plan["fits"] else "DOES NOT FIT")

@@ -1,0 +1,1 @@
+"""Entry points: thin flows that parse a config, call one function of components/, and print one JSON line."""

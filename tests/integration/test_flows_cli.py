@@ -1,0 +1,100 @@
+"""The flows as a user runs them: every bad input fails before Ray starts, in seconds, with one line
+and exit status 2 (issue 13 item 3); --help and --print-config document themselves; the console
+commands and ``python -m flows.X`` work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.processes import REPO, subprocess_env
+from tests.synthetic import write_synthetic_curated
+
+RAY_STARTED = ("Started a local Ray instance", "ray.init", "Starting Ray")
+
+
+def run(args: list[str], env: dict | None = None, cwd=REPO, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env or subprocess_env())
+    return proc, time.perf_counter() - start
+
+
+def refused(args: list[str], fragment: str, env: dict | None = None, cwd=REPO) -> str:
+    proc, seconds = run(args, env, cwd)
+    err_lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert err_lines and err_lines[-1].startswith("error: ") and fragment in err_lines[-1], err_lines[-3:]
+    assert "Traceback" not in proc.stderr and not any(mark in proc.stderr for mark in RAY_STARTED)
+    assert seconds < 5 * 3, seconds  # the acceptance is 5 s on a quiet machine; a loaded CI machine gets slack
+    return err_lines[-1]
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    return write_synthetic_curated(tmp_path_factory.mktemp("cli") / "data", n_train=2, n_val=1, size=(64, 64))
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.lr.max=-1"], "train.lr.max"),
+        (["train.lr.min=1e-2", "train.lr.max=1e-3"], "lr.min 0.01 is above lr.max"),
+        (["serve.max_n=0"], "serve.max_n"),
+        (["train.optimizer=adamw8bit"], "adamw8bit needs CUDA workers"),
+        (["train.use_gpu=true"], "CUDA device"),
+        (["model.source=someorg/some-sdxl-model"], "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_bad_training_input_fails_before_ray(sets, fragment, curated, tmp_path):
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    args = ["flows/train.py", "--set", f"state_dir={tmp_path}", "--set", f"train.data={curated}"]
+    refused(args + [x for s in sets for x in ("--set", s)], fragment, env)
+
+
+def test_missing_and_unfinished_datasets_have_different_messages(curated, tmp_path):
+    missing = refused(["flows/train.py", "--set", f"train.data={tmp_path / 'nowhere'}"], "does not exist")
+    (curated.parent / "unfinished").mkdir()
+    unfinished = refused(["flows/train.py", "--set", f"train.data={curated.parent / 'unfinished'}"],
+                         "curation did not finish")
+    assert missing != unfinished
+
+
+def test_a_refused_yaml_tag_and_a_typo_are_one_line(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    refused(["flows/train.py", "--config", str(evil)], "not a valid preset")
+    refused(["flows/curate.py", "--set", "curate.workerz=3"], "curate.workerz")
+
+
+def test_promoting_a_model_that_does_not_exist_is_bad_input(tmp_path):
+    refused(["flows/promote.py", "--set", f"state_dir={tmp_path}", "--model", "nope", "--version", "1"],
+            "has no version")
+
+
+def test_help_shows_examples_and_print_config_documents_every_key():
+    proc, _ = run(["flows/train.py", "--help"])
+    assert proc.returncode == 0 and "examples:" in proc.stdout and "--print-config" in proc.stdout
+    proc, _ = run(["-m", "flows.curate", "--print-config", "--set", "curate.workers=5"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "curate.workers = 5  (int)  Curation tasks running at once" in proc.stdout
+
+
+def test_console_commands_are_installed():
+    bindir = REPO / ".venv" / "bin"
+    if not (bindir / "terminus-train").exists():
+        pytest.skip("the project is not installed in .venv (make setup installs the commands)")
+    for name in ("curate", "train", "evaluate", "promote", "plan", "serve", "demo", "bench"):
+        proc = subprocess.run([str(bindir / f"terminus-{name}"), "--help"], capture_output=True, text=True,
+                              timeout=60, env=subprocess_env())
+        assert proc.returncode == 0 and "examples:" in proc.stdout, (name, proc.stderr[-1000:])
+
+
+def test_flows_run_from_another_folder_find_the_demo_manifest(tmp_path):
+    proc, _ = run([str(REPO / "flows/curate.py"), "--print-config"], cwd=tmp_path)
+    assert proc.returncode == 0
+    assert f'curate.source = "{REPO}/data/demo/manifest.jsonl"' in proc.stdout
