@@ -329,6 +329,12 @@ class TrainConfig(Strict):
     """Side of the validation images."""
     val_steps: int = Field(10, gt=0)
     """Denoising steps of the validation images."""
+    in_memory_mb: float = Field(512, ge=0)
+    """A training split up to this size (MB in memory) is read into Ray's object store once, and every later
+    epoch reads it from there (an epoch then costs well under a second); a larger one streams from storage
+    every epoch. 0: always stream."""
+    log_flush_s: float = Field(10.0, ge=0)
+    """Seconds between live writes of the metrics to MLflow while training runs (0: after every step)."""
     log_every: int = Field(1, gt=0)
     """Optimizer steps between progress lines on the console (rank 0)."""
     log_every_s: float = Field(30.0, gt=0)

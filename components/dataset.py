@@ -71,6 +71,8 @@ class CuratedManifest:
     files: dict[str, list[str]]  # split -> shard paths relative to root
     rows: dict[str, int]
     endpoint_url: str | None = None
+    nbytes: dict[str, int] | None = None
+    """split -> the rows' size in memory (Arrow), when the writer recorded it."""
 
     def paths(self, split: str) -> list[str]:
         return [join(self.root, f) for f in self.files.get(split, [])]
@@ -85,7 +87,7 @@ def read_manifest(root: str, endpoint_url: str | None = None) -> CuratedManifest
         )
     data = json.loads(blob)
     return CuratedManifest(root=root, digest=data["digest"], files=data["files"], rows=data["rows"],
-                           endpoint_url=endpoint_url)
+                           endpoint_url=endpoint_url, nbytes=data.get("nbytes"))
 
 
 def success_text(digest: str, files: dict[str, list[str]], rows: dict[str, int], **extra) -> str:

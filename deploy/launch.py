@@ -39,6 +39,11 @@ def start(cfg: Config, config_path: str, overrides: list[str], name: str = "term
     return base
 
 
+def stop() -> None:
+    """Shut the Serve application and its controller down."""
+    serve.shutdown()
+
+
 def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
     """Until ``/healthz`` answers 200 (a model replica has its version loaded)."""
     deadline = time.time() + timeout_s

@@ -28,10 +28,9 @@ PROMPT = "a photograph of an astronaut, high detail"
 def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_png: Path) -> str:
     """Start the Serve app on loopback, wait until healthy, send one OpenAI-style request."""
     import requests
-    from ray import serve
 
     from components.cluster import ray_session
-    from deploy.launch import NotHealthy, start
+    from deploy.launch import NotHealthy, start, stop
 
     with ray_session():
         try:
@@ -49,7 +48,7 @@ def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_
         except NotHealthy as err:
             fail(str(err), code=1)
         finally:
-            serve.shutdown()
+            stop()
     return f"{base}/v1/images/generations"
 
 

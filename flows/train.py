@@ -46,10 +46,8 @@ def main() -> None:
     except PreflightError as err:
         fail(str(err))
 
-    from ray.train import TrainingFailedError
-
     from components.cluster import ray_session
-    from components.training.driver import run_training
+    from components.training.driver import TrainingFailed, run_training
 
     banner(f"train: {cfg.name} on {cfg.train.data}")
     try:
@@ -57,9 +55,8 @@ def main() -> None:
             result = run_training(cfg)
     except RecurringError as err:  # found by a worker, the same on every attempt: not retried
         fail(str(err))
-    except TrainingFailedError as err:
-        fail(f"training failed after {cfg.train.max_failures + 1} attempt(s): "
-             f"{(str(err).strip().splitlines() or [type(err).__name__])[-1]}", code=1)
+    except TrainingFailed as err:
+        fail(str(err), code=1)
     print(f"registered {result.model_name} version {result.version}", file=sys.stderr)
     emit(asdict(result))
 

@@ -31,7 +31,7 @@ def write_synthetic_curated(root: Path, n_train: int = 16, n_val: int = 4, size:
                             seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     h, w = size
-    files, rows = {}, {}
+    files, rows, nbytes = {}, {}, {}
     for split, n in (("train", n_train), ("val", n_val)):
         images = [_image(rng, h, w) for _ in range(n)]
         table = pa.table(
@@ -51,7 +51,8 @@ def write_synthetic_curated(root: Path, n_train: int = 16, n_val: int = 4, size:
         pq.write_table(table, root / split / "part-00000.parquet")
         files[split] = [f"{split}/part-00000.parquet"]
         rows[split] = n
+        nbytes[split] = table.nbytes
     digest = hashlib.sha256(json.dumps(files).encode() + str(seed).encode()).hexdigest()[:16]
     (root / REPORT).write_text(json.dumps({"inputs": n_train + n_val, "kept": n_train + n_val}))
-    (root / SUCCESS).write_text(json.dumps({"digest": digest, "files": files, "rows": rows}))
+    (root / SUCCESS).write_text(json.dumps({"digest": digest, "files": files, "rows": rows, "nbytes": nbytes}))
     return root

@@ -77,8 +77,8 @@ def _file_info(split: str, rel: str, table: pa.Table) -> dict:
     pick = min if split == "train" else max  # train's lowest score is the nearest to val, and back
     idx = scores.index(pick(scores))
     total = sum(_row_hash(split, r) for r in rows) % 2**256
-    return {"split": split, "path": rel, "rows": len(rows), "sum": f"{total:064x}", "edge": [scores[idx], idx],
-            "keys": [(r["sha256"], r["source"]) for r in rows]}
+    return {"split": split, "path": rel, "rows": len(rows), "nbytes": table.nbytes, "sum": f"{total:064x}",
+            "edge": [scores[idx], idx], "keys": [(r["sha256"], r["source"]) for r in rows]}
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -226,12 +226,14 @@ def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: f
     files = balance(store, root, run_id, agg["files"], holdout_fraction)
     by_split = {s: sorted(f["path"] for f in files if f["split"] == s) for s in dataset.SPLITS}
     rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dataset.SPLITS}
+    nbytes = {s: sum(f.get("nbytes", 0) for f in files if f["split"] == s) for s in dataset.SPLITS}
     # The report quotes sources and error details: no credential that turned up there is published.
     report = redact_tree({**report, "digest": digest(files), "splits": rows})
     cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
     store.write(join(root, dataset.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
     store.write(
         join(root, dataset.SUCCESS),
-        dataset.success_text(report["digest"], by_split, rows, run_id=run_id, rejects=agg["rejects"]).encode(),
+        dataset.success_text(report["digest"], by_split, rows, run_id=run_id, rejects=agg["rejects"],
+                             nbytes=nbytes).encode(),
     )
     return report

@@ -84,6 +84,9 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
     train_ds = ray.data.read_parquet(manifest.paths("train"), filesystem=arrow_filesystem(manifest.root))
+    size = (manifest.nbytes or {}).get("train")
+    if size is not None and size <= cfg.train.in_memory_mb * 2**20:
+        train_ds = train_ds.materialize()  # read once; each epoch then starts from the object store
     storage = cfg.train.storage_path
     return TorchTrainer(
         train_loop_per_worker,
@@ -125,6 +128,10 @@ def recurring_cause(err: BaseException) -> RecurringError | None:
     return None
 
 
+class TrainingFailed(RuntimeError):
+    """Training failed on every attempt ``train.max_failures`` allowed; the message is the last cause."""
+
+
 def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
     """Run the trainer; after a failure that may not recur (a lost worker, a killed node) start it again
     under the same name, which resumes from the latest checkpoint, up to ``train.max_failures`` times.
@@ -138,9 +145,9 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
             cause = recurring_cause(err)
             if cause is not None:
                 raise cause from None
-            if attempt == cfg.train.max_failures:
-                raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+            if attempt == cfg.train.max_failures:
+                raise TrainingFailed(f"training failed after {attempt + 1} attempt(s): {first}") from err
             log.warning("training attempt %d of %d failed (%s); resuming from the latest checkpoint",
                         attempt + 1, cfg.train.max_failures + 1, first)
     raise AssertionError("unreachable")

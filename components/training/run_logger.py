@@ -1,6 +1,6 @@
 """Rank-0 MLflow logging for a training run: live, and exact across restarts.
 
-Per-step metrics and validation images are buffered in memory and written every ``LIVE_FLUSH_S``
+Per-step metrics and validation images are buffered in memory and written every ``train.log_flush_s``
 seconds while training runs (the MLflow UI shows the loss curve of a running run), and always just
 before a checkpoint is reported. A resumed run first reads how far the run's ``loss`` history goes and
 drops what it recomputes up to there, so the history has no duplicated step (work redone after a crash
@@ -48,9 +48,8 @@ FLUSH_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKO
               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """MLflow's HTTP retry settings (read at each call) while a flush runs; the process's own come back after."""
 CLOSE_RETRY_DELAYS_S = (1, 2, 4, 8)
-LIVE_FLUSH_S = 10.0
-"""Seconds between live flushes while training runs (doubled after a failed one, up to ``LIVE_BACKOFF_MAX_S``)."""
 LIVE_BACKOFF_MAX_S = 120.0
+"""After a failed live flush the interval (``train.log_flush_s``) doubles, up to this."""
 BATCH_LIMIT = 1000  # MLflow's log_batch takes at most 1000 metrics
 SYSTEM_METRICS_STOP_S = 15.0
 
@@ -109,7 +108,7 @@ class RunLogger:
         self._images: list[tuple] = []
         self._records: list[tuple[str, dict]] = []
         self.logged_through = self._last_logged_step()
-        self._live_every = LIVE_FLUSH_S
+        self._live_every = cfg.train.log_flush_s
         self._next_live = time.monotonic() + self._live_every
         self._recovered = self._load_spill()
         self._system = None
@@ -170,11 +169,12 @@ class RunLogger:
             log.warning("could not tag run %s: %s", self.run_id, str(err).splitlines()[0][:200] if str(err) else err)
 
     def maybe_flush(self) -> None:
-        """A live flush, when ``LIVE_FLUSH_S`` has passed (longer after a failed one)."""
+        """A live flush, when ``train.log_flush_s`` has passed (longer after a failed one)."""
         if time.monotonic() < self._next_live:
             return
         ok = self.flush()
-        self._live_every = LIVE_FLUSH_S if ok else min(self._live_every * 2, LIVE_BACKOFF_MAX_S)
+        every = self.cfg.train.log_flush_s
+        self._live_every = every if ok else min(max(self._live_every, 1.0) * 2, LIVE_BACKOFF_MAX_S)
         self._next_live = time.monotonic() + self._live_every
 
     def image(self, image, key: str, step: int) -> None:

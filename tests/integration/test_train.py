@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 SMALL = [
     "train.batch_size=2", "train.val_image_size=64", "train.val_steps=2", "train.val_timesteps=[500,999]",
     "train.val_prompts=['a cat']", "train.lr.warmup_steps=1",
+    "train.log_flush_s=0",  # live: every step reaches MLflow at once, so a restart recomputes logged steps
 ]
 
 
