@@ -8,8 +8,9 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -21,13 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) flows/demo.py --config flows/configs/tiny.yaml
+	$(PY) flows/demo.py --config flows/configs/tiny.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests 
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check components deploy flows tests
+	$(VENV)/bin/ruff check components deploy bench flows tests
 
 bench: $(STAMP)
 	$(PY) flows/bench.py --config flows/configs/tiny.yaml

@@ -9,7 +9,7 @@ diffusers from a wheel). Weights are random: speed and memory do not depend on t
 
 Phases (each skipped, and said so, once the time budget is spent; logs on stderr):
 1. flops -- the UNet's FLOPs per 1024x1024 image counted with torch's FlopCounterMode on the meta device
-   (anchors: 6.76 TFLOP forward, 20.2 forward + backward; RECIPE.md).
+   (anchors: 6.76 TFLOP forward, 20.2 forward + backward; docs/recipe.md).
 2. train -- SDXL UNet (fp32 master weights, bf16 autocast, fused AdamW, frozen text encoders in bf16 and
    VAE in fp32 resident as in training), random 128x128 latents; with gradient checkpointing on and off,
    the largest batch up to 24 that fits (OOM-driven search), then step time, images/s, peak memory and
@@ -73,7 +73,7 @@ SMOKE_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": [8, 16, 16, 16], "n
 SMOKE_TEXT_CONFIGS = tuple({**c, "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
                             "num_hidden_layers": 2, "projection_dim": 32, "vocab_size": 1000} for c in SDXL_TEXT_CONFIGS)
 
-FLOP_FWD_ANCHOR, FLOP_TRAIN_PER_IMAGE = 6.76e12, 20.2e12  # RECIPE.md, per 1024x1024 image
+FLOP_FWD_ANCHOR, FLOP_TRAIN_PER_IMAGE = 6.76e12, 20.2e12  # docs/recipe.md, per 1024x1024 image
 PEAK_BF16_TFLOPS = (  # dense, no sparsity: NVIDIA datasheets; first match of the device name wins
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
     ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("B200", 2250.0),

@@ -1,5 +1,5 @@
 """``make bench``'s report: run the five CPU benchmark sections, put each figure next to its target
-(issue 8 item 3) and anchor (RECIPE.md), print a table, keep the JSON.
+(issue 8 item 3) and anchor (docs/recipe.md), print a table, keep the JSON.
 
 Sections and where they live: curation (``bench.curation``), training and caching
 (``bench.training``), serving (``bench.serving``), zt_repro (``bench.zt_repro``).

@@ -6,7 +6,7 @@ SDXL's schedule still keeps sqrt(alphabar_T) = 0.068 of the signal, so training 
 read the overall brightness (the latent's low frequencies) from its input, while sampling starts from
 pure noise that carries none. Samples then regress to medium brightness.
 
-Setup (RECIPE.md, last section): a toy set of 256x256 images that differ mainly in overall brightness
+Setup (docs/recipe.md, last section): a toy set of 256x256 images that differ mainly in overall brightness
 (half near black, half near white, generated here), so 4 x 32 x 32 latents. The mean of 4096 unit
 Gaussians has std 1/64, small next to the data's brightness spread times 0.068, so a leak is
 visible; with 4 x 8 x 8 latents it would be masked.

@@ -7,7 +7,7 @@ choice of the preset. Three are offered:
   (one kernel launch for all parameters instead of one per tensor).
 - ``adamw8bit``: bitsandbytes' ``AdamW8bit`` (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
   Quantization"): the two AdamW moments in 8 bits, about 6 bytes per parameter less than fp32 AdamW,
-  which is what lets a full SDXL fine-tune fit one 80 GB card (RECIPE.md: ~41 GB -> ~26 GB).
+  which is what lets a full SDXL fine-tune fit one 80 GB card (docs/recipe.md: ~41 GB -> ~26 GB).
   CUDA only.
 - ``adafactor``: transformers' ``Adafactor`` (Shazeer & Stern 2018) with a fixed, externally
   scheduled learning rate (``relative_step=False``, ``scale_parameter=False``), so the cosine

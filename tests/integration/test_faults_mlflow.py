@@ -102,7 +102,8 @@ def test_training_goes_on_through_a_tracking_server_outage(tmp_path, ray_local, 
             _wait_for(lambda: (run_dir / "checkpoint_00000002").exists(), 300, "checkpoint 2 never appeared")
             server.kill()
             events["down"] = time.time()
-            # The flush of step 4 found the server down and kept its metrics on disk: start it again.
+            # The first live flush after the kill found the server down and kept its metrics on disk:
+            # start it again.
             _wait_for(lambda: any(spill_dir.glob("*.jsonl")), 300, "no flush noticed the outage")
             events["spilled"] = next(spill_dir.glob("*.jsonl")).stat().st_mtime
             server.start()
@@ -123,8 +124,9 @@ def test_training_goes_on_through_a_tracking_server_outage(tmp_path, ray_local, 
     loss = client.get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in loss) == list(range(1, steps + 1))  # every step exactly once
     at = {m.step: m.timestamp / 1000 for m in loss}
-    # The flush of step 4 failed while the server was down, and training went on past it at once.
-    assert events["down"] < events["spilled"] <= at[5] + 0.001 and at[4] <= events["spilled"]
+    # A flush failed while the server was down, and training went on past it without waiting for it.
+    assert events["down"] < events["spilled"] < events["up"]
+    assert any(events["spilled"] <= t <= events["up"] for t in at.values()), (events, at)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "val_loss")) == [2, 4, 6]
     records = sorted(a.path for a in client.list_artifacts(result.run_id, "checkpoints"))
     assert records == [f"checkpoints/checkpoint_0000000{s}.json" for s in (2, 4, 6)]

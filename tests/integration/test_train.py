@@ -124,66 +124,130 @@ def test_fsdp_workers_train_checkpoint_and_resume(tmp_path, ray_local):
     assert all(weights[k].shape == reference[k].shape for k in reference)
 
 
+def _live_history(store: str, run_name: str, deadline: float) -> tuple[list[int], str | None]:
+    """The loss steps MLflow holds for the run named ``run_name`` while it runs (polled)."""
+    client = mlflow.MlflowClient(tracking_uri=store)
+    while time.time() < deadline:
+        try:
+            runs = client.search_runs([client.get_experiment_by_name("terminus-tiny").experiment_id],
+                                      filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+        except Exception:  # the store is being created by the flow
+            runs = []
+        if runs:
+            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+            if steps:
+                return sorted(steps), runs[0].info.status
+        time.sleep(0.3)
+    return [], None
+
+
 def test_resume_after_the_driver_is_killed(tmp_path):
-    cfg, overrides = small_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=2", "train.run_name=again")
+    """Metrics reach MLflow while the run goes (before any checkpoint exists); the driver and its local
+    cluster are SIGKILLed after checkpoint 3 with later steps already logged live; the rerun resumes
+    from checkpoint 3, recomputes steps MLflow already has, and the history ends with every step once."""
+    cfg, overrides = small_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=3", "train.run_name=again")
     cmd = [sys.executable, "flows/train.py", "--config", "flows/configs/tiny.yaml"]
     for o in overrides:
         cmd += ["--set", o]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, env=subprocess_env())
-    marker = tmp_path / "ray" / "again" / "checkpoint_00000002"
+    marker = tmp_path / "ray" / "again" / "checkpoint_00000003"
+    store = f"sqlite:///{cfg.state_dir}/mlflow.db"
+    live, status = _live_history(store, "again", time.time() + 300)
+    assert live and status == "RUNNING", (live, status)  # the loss curve shows while the run goes ...
+    assert not marker.exists() or max(live) < 3  # ... before its first checkpoint
     deadline = time.time() + 300
     while not marker.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    logged_past = _live_history(store, "again", time.time() + 60)[0]
+    while max(logged_past, default=0) < 4 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # let a step past the checkpoint reach MLflow live, so the rerun must not log it twice
+        logged_past = _live_history(store, "again", time.time() + 60)[0]
+    assert first.poll() is None, "the first run ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local cluster it started
     first.wait()
-    assert marker.exists()
+    assert marker.exists() and max(logged_past, default=0) >= 4
 
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert second.returncode == 0, second.stderr[-2000:]
     out = json.loads(second.stdout.strip().splitlines()[-1])
-    assert history(cfg, out["run_id"], "loss") == [1, 2, 3, 4, 5, 6]
+    assert history(cfg, out["run_id"], "loss") == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
+    assert history(cfg, out["run_id"], "lr") == [1, 2, 3, 4, 5, 6]
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert len(runs) == 1
 
 
-def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path):
-    cfg, overrides = small_cfg(tmp_path, "train.max_steps=2", "train.checkpoint_every=2")
+def _start_head(env: dict) -> tuple[subprocess.Popen, int]:
+    """``ray start --head --block`` on loopback with free ports; (process, dashboard port)."""
     gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
-    env = subprocess_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2", "--disable-usage-stats",
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2",
+         "--disable-usage-stats",
          # another local cluster (the test session's) may hold the agent's default port 52365
-         f"--dashboard-agent-listen-port={agent_port}",
-         "--block"],
+         f"--dashboard-agent-listen-port={agent_port}", "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    wait_for_port(dash_port, timeout=120, proc=head)
+    return head, dash_port
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGTERM)
     try:
-        wait_for_port(dash_port, timeout=120, proc=head)
-        submit_env = dict(env, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash_port}")
-        sets = [x for o in overrides for x in ("--set", o)]
-        for _ in range(15):  # the dashboard answers before its job agent is ready
-            job = subprocess.run(
-                [ray_bin, "job", "submit", "--working-dir", ".", "--runtime-env", "deploy/job_runtime_env.yaml",
-                 "--", "python", "flows/train.py", "--config", "flows/configs/tiny.yaml", *sets],
-                cwd=REPO, env=submit_env, capture_output=True, text=True, timeout=600,
-            )
-            if "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(2)
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def _submit(env: dict, dash_port: int, sets: list[str]) -> subprocess.CompletedProcess:
+    submit_env = dict(env, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash_port}")
+    args = [x for o in sets for x in ("--set", o)]
+    for _ in range(15):  # the dashboard answers before its job agent is ready
+        job = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env",
+             "deploy/job_runtime_env.yaml", "--", "python", "flows/train.py", "--config", "flows/configs/tiny.yaml",
+             *args],
+            cwd=REPO, env=submit_env, capture_output=True, text=True, timeout=600,
+        )
+        if "No available agent" not in job.stdout + job.stderr:
+            return job
+        time.sleep(2)
+    return job
+
+
+def test_a_submitted_job_keeps_its_checkpoints_across_a_cluster_restart(tmp_path):
+    """README's submission, with token auth on: the job's state paths derive from the absolute state_dir
+    (never Ray's temporary copy of the working directory), so after the cluster is stopped and started
+    again, submitting the same run_name resumes from the same checkpoints and the same MLflow run."""
+    data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
+    state = tmp_path / "state"
+    base = [f"state_dir={state}", f"train.data={data}", *SMALL, "train.checkpoint_every=2", "train.run_name=jobrun"]
+    env = subprocess_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    head, dash_port = _start_head(env)
+    try:
+        job = _submit(env, dash_port, [*base, "train.max_steps=2"])
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout + job.stderr
         anonymous = requests.get(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=30)
         assert anonymous.status_code == 401  # token authentication stays on
-        store = f"sqlite:///{cfg.state_dir}/mlflow.db"  # the job's own store, not this process's globals
-        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-        assert client.get_registered_model(cfg.tracking.registered_model).latest_versions
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        _stop_head(head)
+    first_checkpoint = state / "ray_results" / "jobrun" / "checkpoint_00000002"
+    assert (first_checkpoint / "COMPLETE").is_file()  # under state_dir, where the job was told to keep state
+
+    head, dash_port = _start_head(env)  # a new cluster: Ray's session and working-dir copies are gone
+    try:
+        job = _submit(env, dash_port, [*base, "train.max_steps=4"])
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+    finally:
+        _stop_head(head)
+    store = f"sqlite:///{state}/mlflow.db"  # the job's own store, not this process's globals
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("terminus-tiny").experiment_id],
+                                filter_string=f"tags.`{RUN_NAME_TAG}` = 'jobrun'")
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == [1, 2, 3, 4]  # resumed at step 2 of the first cluster's checkpoint, nothing twice
+    assert run.data.tags["checkpoint.latest"] == str(state / "ray_results" / "jobrun" / "checkpoint_00000004")
+    assert len(client.get_registered_model("terminus-tiny").latest_versions) >= 1

@@ -27,7 +27,7 @@ import torch
 from components.config import Config, OptimizerName, Precision
 from components.training.memory.trace import StepTrace, trace_unet_step, trace_vae_encode
 
-GB = 1e9  # decimal, as RECIPE.md's anchors ("about 41 GB") are
+GB = 1e9  # decimal, as docs/recipe.md's anchors ("about 41 GB") are
 A100_80G_BYTES = 80 * 2**30  # nvidia-smi: 81920 MiB
 CUDA_CONTEXT_BYTES = 600 * 2**20
 """Assumption: CUDA context + cuBLAS/cuDNN handles, outside PyTorch's allocator (typically 0.4-0.8 GiB)."""
@@ -143,7 +143,7 @@ class Row:
     where: str = "gpu"
     note: str = ""
     trained: bool = False
-    """UNet weights, gradients or optimizer state: RECIPE.md's "before activations" figure."""
+    """UNet weights, gradients or optimizer state: docs/recipe.md's "before activations" figure."""
 
 
 def persistent_rows(models: dict[str, torch.nn.Module], precision: Precision, optimizer: OptimizerName,
@@ -206,7 +206,7 @@ class MemoryPlan:
 
     @property
     def before_activations(self) -> int:
-        """UNet weights + gradients + optimizer state: RECIPE.md's "about 41 GB / 26 GB" figure."""
+        """UNet weights + gradients + optimizer state: docs/recipe.md's "about 41 GB / 26 GB" figure."""
         return sum(r.bytes for r in self.persistent if r.trained)
 
     @property
@@ -259,7 +259,7 @@ class MemoryPlan:
         row = lambda name, b, where="gpu", note="": lines.append(f"{name:<46}{b / GB:>8.2f}  {where:<5}  {note}")  # noqa: E731
         for r in self.persistent:
             row(r.name, r.bytes, r.where, r.note)
-        row("  = before activations (UNet w + g + opt)", self.before_activations, "", "RECIPE.md: ~41 GB AdamW, ~26 GB 8-bit")
+        row("  = before activations (UNet w + g + opt)", self.before_activations, "", "docs/recipe.md: ~41 GB AdamW, ~26 GB 8-bit")
         row(f"step peak, traced (checkpointing {ck})", self.step.peak, note="activations, grads in flight, recompute")
         row("  of which autocast weight copies", self.step.weight_copies, note="cached until the autocast region ends")
         row("VAE encode peak (fp32, no grad, one image at a time)", self.vae_encode_peak, note="before the UNet step; max() of the two")

@@ -1,4 +1,4 @@
-"""Diffusion math against the published figures (RECIPE.md), an independent numpy implementation
+"""Diffusion math against the published figures (docs/recipe.md), an independent numpy implementation
 of Lin et al. 2023 Algorithm 1 + Hang et al. 2023 min-SNR-gamma, and diffusers itself."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from components.diffusion.schedule import (
 T = 1000
 ZT = DiffusionConfig()  # ZT-SNR, v-prediction, min-SNR 5, terminus policy
 DEFAULT = DiffusionConfig(zero_terminal_snr=False)
-# RECIPE.md's table (v-prediction, g = 5, ZT schedule), kept as printed to know its precision.
+# docs/recipe.md's table (v-prediction, g = 5, ZT schedule), kept as printed to know its precision.
 TABLE = {0: "0.0043", 200: "0.737", 500: "0.241", 800: "0.018", 900: "0.003", 990: "1.7e-5"}
 
 

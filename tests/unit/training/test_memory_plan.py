@@ -35,13 +35,13 @@ def low_precision_params(module: torch.nn.Module) -> int:
 def test_sdxl_models_have_the_published_sizes(sdxl):
     assert all(p.device.type == "meta" for m in sdxl.values() for p in m.parameters())
     assert mp.count_params(sdxl["unet"]) == mp.SDXL_UNET_PARAMS
-    assert round(mp.SDXL_UNET_PARAMS / 1e9, 3) == 2.567  # RECIPE.md
+    assert round(mp.SDXL_UNET_PARAMS / 1e9, 3) == 2.567  # docs/recipe.md
     assert mp.count_params(sdxl["text_encoder"]) == 123_060_480  # CLIP ViT-L/14 text tower
     assert mp.count_params(sdxl["text_encoder_2"]) == 694_659_840  # OpenCLIP bigG text tower + projection
     assert mp.count_params(sdxl["vae"]) == 83_653_863
 
 
-# RECIPE.md: "about 41 GB with fp32 master weights, grads and AdamW states; about 26 GB with 8-bit AdamW".
+# docs/recipe.md: "about 41 GB with fp32 master weights, grads and AdamW states; about 26 GB with 8-bit AdamW".
 # Tolerance 0.5 GB (about 2 %): "about" figures, rounded to the GB.
 @pytest.mark.parametrize(("optimizer", "anchor_gb"), [(OptimizerName.ADAMW, 41.0), (OptimizerName.ADAMW_8BIT, 26.0)])
 def test_before_activations_matches_recipe_anchors(sdxl, optimizer, anchor_gb):
@@ -137,8 +137,13 @@ def test_unet_trace_checkpointing_and_batch_scaling():
     assert activations[4] - activations[2] == 2 * (activations[2] - activations[1]) > 0  # linear in batch
 
 
-def test_plan_for_rejects_a_bad_batch():
-    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["train.batch_size=0"])
+def test_a_bad_batch_is_refused_by_the_config_and_by_the_plan():
+    from components.config import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):  # flows/plan.py: exit 2 before any tracing
+        load_config(REPO / "flows/configs/tiny.yaml", ["train.batch_size=0"])
+    cfg = load_config(REPO / "flows/configs/tiny.yaml")
+    cfg.train.__dict__["batch_size"] = 0  # past validation, as a caller building configs by hand could
     with pytest.raises(ValueError, match="batch_size"):
         mp.plan_for(cfg)
 
