@@ -4,12 +4,14 @@ local one started here, on loopback, and shut down by the same flow."""
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 
 @contextmanager
 def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = None):
     import ray
+    import ray.data
 
     if ray.is_initialized():
         yield
@@ -25,6 +27,8 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
             num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
             runtime_env=runtime_env, configure_logging=True, log_to_driver=True,
         )
+    if not sys.stderr.isatty():  # redrawn bars turn into hundreds of lines in a log file
+        ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
     finally:

@@ -53,6 +53,10 @@ def load(args):
         raise SystemExit(0)
     if cfg.model.source == "tiny":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers warns at import that torchvision is missing (its image processors fall back to PIL,
+    # which is what the pipelines use): noise in every process of every flow. TRANSFORMERS_VERBOSITY=info
+    # brings its messages back.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return cfg
 
 

@@ -35,10 +35,14 @@ def autocast(precision: Precision, device: torch.device):
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 in hardware (CUDA with bf16; a CPU with AVX512-BF16 or AMX)."""
+    """Whether ``device`` computes bf16 in hardware: CUDA with bf16, or a CPU with AVX512-BF16 or AMX
+    whose kernels PyTorch actually dispatches to (``ATEN_CPU_CAPABILITY=avx2`` runs AVX2 kernels, which
+    emulate bf16, on any CPU)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        if not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")):
+            return False
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch >= 2.3
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False

@@ -83,6 +83,7 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str):
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
+    ctx.enable_progress_bars = False  # one bar per epoch is noise: rank 0 prints the training's own progress
     train_ds = ray.data.read_parquet(manifest.paths("train"), filesystem=arrow_filesystem(manifest.root))
     size = (manifest.nbytes or {}).get("train")
     if size is not None and size <= cfg.train.in_memory_mb * 2**20:

@@ -3,14 +3,17 @@ every ``train.log_every_s`` seconds, with step/total, epoch, loss, LR, images/s,
 waiting for data, and the time left.
 
 Plain lines rather than a redrawn bar: a Ray worker's output reaches the driver's console through Ray's
-log forwarding, never a terminal, and a line per report keeps logs readable when stderr is a file.
+log forwarding, never a terminal, and a line per report keeps logs readable when stderr is a file. The
+lines go through ``logging`` (Ray Train V2 tees a worker's ``print`` to its logger as well, so a print
+would show twice).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -32,8 +35,8 @@ class Progress:
     start_step: int
     every_steps: int
     every_s: float
-    clock: object = time.monotonic
-    out: object = None
+    clock: Callable[[], float] = time.monotonic
+    write: Callable[[str], None] = logging.getLogger("terminus.progress").info
     started: float = field(init=False)
     last_print: float = field(init=False)
     last_step: int = field(init=False)
@@ -68,7 +71,7 @@ class Progress:
         if not self.due(step):
             return None
         text = self.line(step, epoch, metrics)
-        print(text, file=self.out or sys.stderr, flush=True)
+        self.write(text)
         self.last_print, self.last_step = self.clock(), step
         self.data_s = self.busy_s = 0.0
         return text

@@ -112,3 +112,24 @@ def test_checkpoint_round_trip_and_incomplete_is_refused(tmp_path):
         assert "incomplete" in str(err)
     else:
         raise AssertionError("an incomplete checkpoint was loaded")
+
+
+def test_precision_policy_falls_back_to_fp32_where_bf16_is_emulated():
+    """AVX2 kernels emulate bf16 (about ten times slower than fp32): the run trains in fp32 there. The
+    same machine forced to AVX2 kernels (ATEN_CPU_CAPABILITY) shows the fallback; fp16 never runs on CPU."""
+    import subprocess
+    import sys
+
+    from components.diffusion.loss import effective_precision, native_bf16
+    from tests.fixtures.processes import REPO, subprocess_env
+
+    cpu = torch.device("cpu")
+    assert effective_precision(Precision.FP32, cpu) is Precision.FP32
+    assert effective_precision(Precision.FP16, cpu) is Precision.FP32
+    expected = Precision.BF16 if native_bf16(cpu) else Precision.FP32
+    assert effective_precision(Precision.BF16, cpu) is expected
+    code = ("import torch; from components.diffusion.loss import effective_precision; "
+            "from components.config import Precision; print(effective_precision(Precision.BF16, torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=subprocess_env(ATEN_CPU_CAPABILITY="avx2"))
+    assert out.stdout.strip() == "fp32", out.stderr[-2000:]
