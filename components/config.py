@@ -342,8 +342,9 @@ class TrainConfig(Strict):
     select: Literal["best", "last"] = "best"
     """``best`` (lowest validation loss) or ``last`` checkpoint becomes the registered model."""
     export_memory_gb: float | None = Field(None, gt=0)
-    """Memory the export task reserves (loading the base model in fp32 plus the checkpoint, then writing
-    the pipeline; ``flows/plan.py`` states the figure); None: no reservation (a single machine)."""
+    """Memory the export reserves as a Ray task on a worker (the base model in fp32 plus the checkpoint,
+    then writing the pipeline; ``flows/plan.py`` states the figure); None: the export runs in the driver
+    process (a single machine)."""
     storage_path: str | None = None
     """Ray Train's storage for checkpoints (a directory or ``s3://`` prefix); None: ``<state_dir>/ray_results``."""
     run_name: str | None = None

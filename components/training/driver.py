@@ -190,15 +190,17 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     return version
 
 
-def export_remotely(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
-    """``export_and_register`` in a Ray task with the memory it needs (``train.export_memory_gb``; the
-    memory plan states the figure), so a cluster runs it on a worker, never on the head node."""
+def export(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
+    """``export_and_register`` where the memory is. With ``train.export_memory_gb`` set (a cluster: the
+    memory plan states the figure) it is a Ray task reserving that memory, so it runs on a worker and never
+    on the head node; unset (one machine, where the driver is as good a place as any) it runs here,
+    without starting a worker process just for it."""
+    if not cfg.train.export_memory_gb:
+        return export_and_register(cfg, run_id, checkpoint, metrics, manifest)
     import ray
 
-    options: dict = {"num_cpus": 1, "num_gpus": 0}
-    if cfg.train.export_memory_gb:
-        options["memory"] = int(cfg.train.export_memory_gb * 2**30)
-    task = ray.remote(export_and_register).options(**options)
+    task = ray.remote(export_and_register).options(
+        num_cpus=1, num_gpus=0, memory=int(cfg.train.export_memory_gb * 2**30))
     return ray.get(task.remote(cfg, run_id, checkpoint, metrics, manifest))
 
 
@@ -212,6 +214,6 @@ def run_training(cfg: Config) -> TrainingResult:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     checkpoint, metrics = select_checkpoint(cfg, result)
-    version = export_remotely(cfg, run_id, checkpoint, metrics, manifest)
+    version = export(cfg, run_id, checkpoint, metrics, manifest)
     return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
                           metrics.get("val_loss"))

@@ -62,7 +62,8 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     registered version carrying its lineage."""
     steps = 6
     cfg, _ = small_cfg(tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=2", "train.num_workers=2",
-                       "train.max_failures=2", "train.run_name=faulty")
+                       "train.max_failures=2", "train.run_name=faulty",
+                       "train.export_memory_gb=0.5")  # the export as a Ray task reserving memory, as on a cluster
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_one_worker_after, args=(tmp_path / "ray" / "faulty" / "checkpoint_00000002", killed)
@@ -99,6 +100,11 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     for tag in ("run_id", "dataset_digest", "base_model", "config_hash", "git_commit"):
         assert version.tags[tag], tag
     assert version.tags["run_id"] == result.run_id
+    from ray.util.state import list_tasks
+
+    exports = list_tasks(filters=[("func_or_class_name", "=", "export_and_register")], detail=True)
+    assert [t.state for t in exports] == ["FINISHED"]  # a Ray task that reserved memory, not the driver
+    assert exports[0].required_resources.get("memory") == 0.5 * 2**30
 
 
 def test_fsdp_workers_train_checkpoint_and_resume(tmp_path, ray_local):
