@@ -100,9 +100,16 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     for tag in ("run_id", "dataset_digest", "base_model", "config_hash", "git_commit"):
         assert version.tags[tag], tag
     assert version.tags["run_id"] == result.run_id
+    import ray
     from ray.util.state import list_tasks
 
-    exports = list_tasks(filters=[("func_or_class_name", "=", "export_and_register")], detail=True)
+    deadline = time.time() + 30
+    while True:  # the state API reports task events with a delay
+        exports = list_tasks(address=ray.get_runtime_context().gcs_address, detail=True,
+                             filters=[("func_or_class_name", "=", "export_and_register")])
+        if [t.state for t in exports] == ["FINISHED"] or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert [t.state for t in exports] == ["FINISHED"]  # a Ray task that reserved memory, not the driver
     assert exports[0].required_resources.get("memory") == 0.5 * 2**30
 
