@@ -188,6 +188,18 @@ def spread(values: torch.Tensor, data_std: float) -> dict:
     }
 
 
+def probe_reach(pixels: torch.Tensor) -> dict:
+    """The evaluation probe's own statistics (components/evaluation/probe.py) on unconditional samples:
+    the spread of the per-image Rec. 709 luminance (how far apart the samples reach) and its extremes.
+    pixels: (n, 3, H, W) in [-1, 1]."""
+    from components.evaluation.probe import luminance
+
+    images = ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3) in [0, 1]
+    lum = luminance(list(images))
+    return {"luminance_spread": round(float(lum.std()), 4), "luminance_min": round(float(lum.min()), 4),
+            "luminance_max": round(float(lum.max()), 4)}
+
+
 def run_repro(
     steps: int = 120,
     batch: int = 8,
@@ -243,10 +255,12 @@ def run_repro(
             t1 = time.perf_counter()
             sampler = samplers[label](cfg)
             z = sample_latents(parts, unet, sampler, n_samples, image_size, sample_steps, seed + 10_000)
-            values = brightness(decode(parts.vae, z))
+            pixels_out = decode(parts.vae, z)
+            values = brightness(pixels_out)
             sampler.set_timesteps(sample_steps)
             result["arms"][label] = {
                 **spread(values, data_std),
+                "probe": probe_reach(pixels_out),
                 "latent_mean_std": round(z.mean(dim=(1, 2, 3)).std().item(), 4),
                 "first_timestep": int(sampler.timesteps[0]),
                 "final_loss": round(sum(tail) / len(tail), 4),

@@ -142,8 +142,13 @@ class InferenceConfig(Strict):
     """Image height in pixels."""
     width: int = Field(1024, gt=0, multiple_of=8)
     """Image width in pixels."""
-    strength: float = Field(0.8, gt=0.0, le=1.0)
-    """img2img / inpainting: how far the input image is noised before denoising."""
+    inpaint_strength: float = Field(1.0, gt=0.0, le=1.0)
+    """Inpainting: how far the masked area is noised before denoising. 1.0 starts from pure noise at
+    t = 999, where a ZT-SNR model makes its full range (the card's headline use); outside the mask the
+    input is kept as it is."""
+    img2img_strength: float = Field(0.8, gt=0.0, lt=1.0)
+    """Image-to-image: how far the whole image is noised (1.0 would ignore the image: under ZT-SNR t = 999
+    holds no signal at all)."""
 
 
 class FilterConfig(Strict):
@@ -261,11 +266,19 @@ class LRConfig(Strict):
     """Floor the cosine reaches at the last step (the card: 4e-7)."""
     warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear warmup before the cosine."""
+    schedule: Literal["cosine", "cosine_restarts"] = "cosine"
+    """``cosine``: one decay from ``max`` to ``min`` over the run (the card's "4e-7 to 8e-7, cosine");
+    ``cosine_restarts``: a decay every ``restart_every`` steps, back to ``max`` after each (the v1 notes'
+    "cosine ... every 3200 steps"). docs/recipe.md discusses both readings."""
+    restart_every: int | None = Field(None, gt=1)
+    """Period of ``cosine_restarts`` in optimizer steps (after warmup)."""
 
     @model_validator(mode="after")
     def _check(self) -> LRConfig:
         if self.min > self.max:
             raise ValueError(f"lr.min {self.min} is above lr.max {self.max}")
+        if self.schedule == "cosine_restarts" and self.restart_every is None:
+            raise ValueError("lr.schedule cosine_restarts needs lr.restart_every (optimizer steps per cycle)")
         return self
 
 
@@ -301,7 +314,13 @@ class TrainConfig(Strict):
     ema_on_cpu: bool = True
     """Keep the EMA copy in host memory."""
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    """Probability that a sample's caption conditioning is zeroed (trains the CFG branch)."""
+    """Probability that a sample's caption is dropped (trains the unconditional branch CFG uses)."""
+    caption_dropout_mode: Literal["auto", "zeros", "empty_prompt"] = "auto"
+    """How a dropped caption is fed: ``zeros`` (all-zero text embeddings, SDXL's
+    ``force_zeros_for_empty_prompt``) or ``empty_prompt`` (the encoded empty prompt, time ids zeroed, as
+    the trainer of the Terminus era did). ``auto`` follows the base model's own
+    ``force_zeros_for_empty_prompt``; the saved pipeline records the choice, so inference's unconditional
+    branch matches what training taught."""
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (one per GPU on a GPU cluster)."""
     parallel: Parallel = Parallel.DDP
@@ -319,8 +338,14 @@ class TrainConfig(Strict):
     """Checkpoints Ray keeps (the best by val_loss)."""
     val_every: int = Field(50, gt=0)
     """Optimizer steps between validation rounds."""
-    val_timesteps: list[int] = [100, 300, 500, 700, 900, 999]
-    """Fixed timesteps of the held-out loss."""
+    val_timesteps: list[int] = [100, 200, 300, 400, 600, 700, 850, 999]
+    """Fixed timesteps of the held-out loss (two per bucket of ``VAL_BUCKETS``, so every bucket is seen)."""
+    select_metric: Literal["bucket_mse", "paper", "recipe"] = "bucket_mse"
+    """What ``val_loss`` (checkpoint selection, the promotion gate) measures: ``bucket_mse``, the plain
+    v-MSE averaged within each timestep bucket (0-250, 250-500, 500-750, 750-1000), then over buckets, so
+    no timestep weighs more than 1/8; ``paper``, the min-SNR weights of Hang et al. (t = 999 weighs 0);
+    ``recipe``, the training loss's own weights (under the ``terminus`` policy t = 999 weighs 1.0 and
+    dominates). docs/recipe.md explains the choice."""
     val_max_rows: int = Field(64, gt=0)
     """Held-out rows used for the validation loss (the val split may be larger)."""
     val_prompts: list[str] = ["a photograph of an astronaut", "a cat on a sofa"]
@@ -433,8 +458,33 @@ class EvaluateConfig(Strict):
     """Denoising steps of the probe images."""
     blank_std: float = Field(0.01, ge=0)
     """An image whose pixel std (0..1 scale) is below this counts as blank."""
-    tolerance: float = Field(0.05, ge=0)
-    """Relative val_loss regression allowed against the champion at promotion."""
+    prompts: str = "data/eval/prompts.jsonl"
+    """The versioned prompt set of the quality metrics (one JSON object per line: prompt, category)."""
+    num_prompts: int | None = Field(None, gt=0)
+    """Use only the first N prompts of the set (None: all of them)."""
+    clip_model: str = "tiny"
+    """CLIP model of the CLIP score: a hub id or local directory (``openai/clip-vit-large-patch14`` gives the
+    published numbers), or ``tiny``, a randomly initialised one built offline (the demo and the tests)."""
+    fid_features: str = "tiny"
+    """Feature extractor of FID and KID: ``inception`` (torchmetrics' InceptionV3, the published numbers;
+    needs torch-fidelity and its weights, ``fid_weights`` for an offline file), a path to a TorchScript
+    module, or ``tiny``, a small randomly initialised conv net built offline (the demo and the tests)."""
+    fid_weights: str | None = None
+    """Local file with the FID InceptionV3 weights (pt_inception-2015-12-05), for ``fid_features: inception``
+    on a machine that cannot download them."""
+    kid_subset_size: int = Field(50, gt=1)
+    """KID's subset size (capped at the number of images)."""
+    compare_champion: bool = True
+    """Also evaluate the current champion on the same prompts and seeds (side-by-side grid and table)."""
+    gate: dict[str, float] = {"val_loss": 0.05}
+    """Promotion gate: metric -> the relative regression allowed against the champion (both measured under
+    the same protocol). Known metrics and their better direction: val_loss, fid, kid (lower); clip_score,
+    luminance_range, dark_spread, bright_spread (higher)."""
+
+
+GATE_DIRECTIONS = {"val_loss": -1, "fid": -1, "kid": -1, "clip_score": 1, "luminance_range": 1,
+                   "dark_spread": 1, "bright_spread": 1}
+"""Metrics the promotion gate can hold against the champion: +1 higher is better, -1 lower is better."""
 
 
 class Config(Strict):
@@ -474,6 +524,9 @@ class Config(Strict):
         if not self.serve.min_side <= self.serve.default_size <= self.serve.max_side:
             raise ValueError(f"serve.default_size {self.serve.default_size} outside "
                              f"[serve.min_side, serve.max_side] = [{self.serve.min_side}, {self.serve.max_side}]")
+        unknown = set(self.evaluate.gate) - set(GATE_DIRECTIONS)
+        if unknown:
+            raise ValueError(f"evaluate.gate: unknown metric(s) {sorted(unknown)}; known: {sorted(GATE_DIRECTIONS)}")
         if self.curate.output is None:
             self.curate.output = join(self.state_dir, "datasets", self.name)
         if self.train.data is None:
@@ -511,12 +564,12 @@ class RecurringError(RuntimeError):
 
 STATE_PATHS = ("state_dir", "curate.output", "curate.cache_output", "train.data", "train.storage_path")
 """Where the platform writes (or reads what it wrote): refused when relative inside a Ray job."""
-INPUT_PATHS = ("curate.source", "curate.root", "model.source")
+INPUT_PATHS = ("curate.source", "curate.root", "model.source", "evaluate.prompts")
 """Inputs that may be local paths (or s3://, pkg:, a hub id, ``tiny``: left as they are)."""
 
 
 def _is_local_path(value: str, key: str) -> bool:
-    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://")) or value == "tiny":
+    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://")) or value in ("tiny", "inception"):
         return False
     if key == "model.source":  # a hub id ("org/name") looks like a relative path: only ./ and ../ are paths
         return value.startswith(("./", "../", "/", "~"))

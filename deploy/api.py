@@ -9,7 +9,7 @@ negative_prompt, steps, guidance_scale, guidance_rescale, seed, strength.
 Differences from OpenAI, on purpose: ``response_format`` ``url`` is refused (images are returned
 inline, ``b64_json`` is the default); images are uploaded only as multipart files (as OpenAI's edits
 endpoint takes them), never as base64 strings; /v1/images/edits without a mask is image-to-image
-(the image is noised to ``strength``, default 0.8, and denoised with the prompt) rather than
+(the image is noised to ``strength``, default ``inference.img2img_strength``, 0.8, and denoised with the prompt) rather than
 "transparent areas of the image are the mask"; a mask's alpha 0 marks the area to repaint, as OpenAI's.
 Prompts longer than the text encoders read (77 tokens for SDXL) are refused, never truncated.
 

@@ -210,7 +210,9 @@ class Ingress:
     @api.post("/v1/images/edits")
     async def edits(self, request: Request) -> JSONResponse:
         """Inpainting when a mask is sent (its transparent pixels are repainted, as OpenAI's), else
-        image-to-image: the image is noised to ``strength`` (default 0.8) and denoised with the prompt."""
+        image-to-image: the image is noised to ``strength`` and denoised with the prompt. Default strengths:
+        ``inference.inpaint_strength`` (1.0: the masked area from pure noise, so a ZT-SNR model reaches its
+        full range) and ``inference.img2img_strength`` (0.8)."""
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
         fields, files = parse_multipart(request.headers.get("content-type", ""), body)

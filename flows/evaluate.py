@@ -35,7 +35,7 @@ def main() -> None:
     import mlflow
 
     from components.dataset import IncompleteDatasetError, read_manifest
-    from components.evaluation import evaluate_version
+    from components.evaluation.run import evaluate_version
 
     try:
         emit(evaluate_version(cfg, args.model_uri, read_manifest(cfg.train.data, cfg.curate.s3_endpoint_url)))

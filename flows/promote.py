@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--version", help="version to promote")
     p.add_argument("--alias", default="champion")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="allowed relative val_loss regression (default: evaluate.tolerance)")
+                   help="allowed relative val_loss regression (default: evaluate.gate's val_loss)")
     p.add_argument("--force", metavar="REASON", help="skip the gates; the reason is recorded on the version")
     p.add_argument("--rollback", action="store_true", help="point the alias back at its previous version")
     args = p.parse_args()
@@ -44,14 +44,16 @@ def main() -> None:
     from components.registry.promotion import PromotionRefused, promote, rollback
     from components.registry.tracking import setup_tracking
 
-    tolerance = cfg.evaluate.tolerance if args.tolerance is None else args.tolerance
+    gate = dict(cfg.evaluate.gate)
+    if args.tolerance is not None:
+        gate["val_loss"] = args.tolerance
     name = args.model or cfg.tracking.registered_model
     try:
         setup_tracking(cfg)
         if args.rollback:
             result = rollback(name, args.alias)
         else:
-            result = promote(name, args.version, args.alias, tolerance, args.force)
+            result = promote(name, args.version, args.alias, gate, args.force)
     except PromotionRefused as err:
         fail(f"promotion refused: {err}", code=REFUSED)
     except ModelUriError as err:

@@ -32,17 +32,33 @@ def encode_text(parts: SDXLParts, prompts: list[str], device) -> tuple[torch.Ten
 
 
 def drop_captions(
-    embeds: torch.Tensor, pooled: torch.Tensor, p: float, generator: torch.Generator
+    embeds: torch.Tensor, pooled: torch.Tensor, p: float, generator: torch.Generator,
+    empty: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """With probability p a sample's conditioning becomes all zeros.
+    """With probability p a sample's caption is dropped: its conditioning becomes all zeros, or, given
+    ``empty`` (the encoded empty prompt: (1, 77, D) and (1, P)), that encoding.
 
-    Zeros are SDXL's empty-prompt conditioning: the pipeline's ``force_zeros_for_empty_prompt``
-    (True in SDXL's config) feeds zeros as the unconditional branch of CFG, so dropout trains
-    exactly the branch CFG uses. Returns (embeds, pooled, keep mask (B,)).
+    Zeros are SDXL's empty-prompt conditioning when the pipeline's ``force_zeros_for_empty_prompt`` is
+    True (SDXL's own config): CFG's unconditional branch is then zeros, and dropout trains exactly that
+    branch. A base model trained with the encoded empty prompt instead (the trainers of the Terminus
+    era) keeps ``empty``. Returns (embeds, pooled, keep mask (B,)).
     """
     keep = torch.rand(embeds.shape[0], generator=generator) >= p  # (B,)
     mask = keep.to(embeds.device, embeds.dtype)
-    return embeds * mask[:, None, None], pooled * mask[:, None], keep
+    if empty is None:
+        return embeds * mask[:, None, None], pooled * mask[:, None], keep
+    empty_embeds, empty_pooled = (e.to(embeds.device, embeds.dtype) for e in empty)
+    embeds = embeds * mask[:, None, None] + empty_embeds * (1 - mask)[:, None, None]
+    pooled = pooled * mask[:, None] + empty_pooled * (1 - mask)[:, None]
+    return embeds, pooled, keep
+
+
+def dropout_uses_zeros(mode: str, base_zeros: bool) -> bool:
+    """Whether a dropped caption becomes zeros (else the encoded empty prompt): ``zeros`` or
+    ``empty_prompt`` as configured, ``auto`` as the base model's ``force_zeros_for_empty_prompt`` says."""
+    if mode == "auto":
+        return base_zeros
+    return mode == "zeros"
 
 
 def time_ids(

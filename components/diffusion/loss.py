@@ -23,7 +23,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from components.config import DiffusionConfig, Precision
 from components.diffusion.conditioning import drop_captions, encode_text, time_ids
-from components.diffusion.schedule import sample_timesteps, training_target, weighted_loss
+from components.diffusion.schedule import loss_weights, per_sample_mse, sample_timesteps, training_target
 from components.diffusion.sdxl import SDXLParts
 
 
@@ -104,12 +104,15 @@ def sample_latents(latent_dist: torch.Tensor, generator: torch.Generator | None,
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What stays fixed for a run: the training schedule, the recipe's loss settings, the precision."""
+    """What stays fixed for a run: the training schedule, the recipe's loss settings, the precision, and
+    how a dropped caption is fed: all-zero embeddings (``empty is None``), or ``empty``, the encoded empty
+    prompt (embeds (1, 77, D), pooled (1, P)), with the dropped samples' time ids zeroed."""
 
     scheduler: DDPMScheduler
     diffusion: DiffusionConfig
     precision: Precision = Precision.FP32
     caption_dropout: float = 0.0
+    empty: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -124,6 +127,13 @@ class NoiseDraw:
 
 def diffusion_loss(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec, draw: NoiseDraw) -> torch.Tensor:
     """The min-SNR weighted loss of ``unet`` on ``batch`` (a scalar). ``unet`` may be DDP-wrapped."""
+    mse, timesteps = prediction_error(parts, unet, batch, spec, draw)
+    return torch.mean(mse * loss_weights(timesteps, spec.scheduler, spec.diffusion))
+
+
+def prediction_error(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec,
+                     draw: NoiseDraw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample MSE (B,) between the UNet's prediction and its target, and the timesteps (B,)."""
     device, gen = batch.device, draw.generator
     if batch.latent_dist is not None:  # the latent cache: a posterior sample drawn here
         latents = sample_latents(batch.latent_dist, gen, parts.vae.config.scaling_factor)
@@ -133,15 +143,19 @@ def diffusion_loss(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: 
         with autocast(spec.precision, device):
             embeds, pooled = encode_text(parts, batch.captions, device)
     embeds, pooled = embeds.float(), pooled.float()
+    ids = time_ids(batch.original_size, batch.crop_top_left, batch.target_size).to(device)  # (B, 6)
     if spec.caption_dropout > 0:
-        embeds, pooled, _ = drop_captions(embeds, pooled, spec.caption_dropout, gen)
+        empty = None if spec.empty is None else (spec.empty[0].float(), spec.empty[1].float())
+        embeds, pooled, keep = drop_captions(embeds, pooled, spec.caption_dropout, gen, empty)
+        if empty is not None:  # the empty-prompt convention zeroes the dropped samples' time ids too
+            ids = ids * keep.to(device, ids.dtype)[:, None]
     noise = draw.noise if draw.noise is not None else torch.randn(latents.shape, generator=gen).to(device)
     timesteps = draw.timesteps
     if timesteps is None:
         timesteps = sample_timesteps(latents.shape[0], spec.diffusion.num_train_timesteps, gen, device)
     noisy = spec.scheduler.add_noise(latents, noise, timesteps)
-    added = {"text_embeds": pooled, "time_ids": time_ids(batch.original_size, batch.crop_top_left, batch.target_size).to(device)}
+    added = {"text_embeds": pooled, "time_ids": ids}
     with autocast(spec.precision, device):
         pred = unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
     target = training_target(spec.scheduler, latents, noise, timesteps)
-    return weighted_loss(pred, target, timesteps, spec.scheduler, spec.diffusion)
+    return per_sample_mse(pred, target), timesteps

@@ -77,6 +77,7 @@ class ZTSNRPipelines:
             gen = torch.Generator("cpu")
             return gen.manual_seed(seed + i) if seed is not None else gen.manual_seed(gen.seed())
 
+        split_decode = self.t2i.vae.dtype != self.t2i.unet.dtype  # the fp32 VAE of a bf16 pipeline
         kwargs = dict(
             prompt=[r.prompt for r, _ in per_image],
             negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r, _ in per_image],
@@ -85,7 +86,7 @@ class ZTSNRPipelines:
             guidance_rescale=first.guidance_rescale,
             num_images_per_prompt=1,
             generator=[generator(r.seed, i) for r, i in per_image],
-            output_type=output_type,
+            output_type="latent" if split_decode else output_type,
         )
         pipe = self.view(first.mode)
         if first.mode == "text2img":
@@ -98,12 +99,34 @@ class ZTSNRPipelines:
                 mask_image=[r.mask.convert("L") for r, _ in per_image],
                 strength=first.strength, width=first.width, height=first.height, **kwargs,
             )
-        images = list(out.images)
+        images = self._decode(out.images, output_type) if split_decode else list(out.images)
+        if first.mode == "inpaint" and output_type == "pil":
+            # Outside the mask the result is the input itself (what the user did not ask to repaint stays
+            # exactly as it was); inside, the generated pixels.
+            processor = self.view("inpaint").image_processor
+            images = [processor.apply_overlay(r.mask.convert("L"), r.image.convert("RGB"), im)
+                      for (r, _), im in zip(per_image, images, strict=True)]
         result, start = [], 0
         for r in reqs:
             result.append(images[start:start + r.n])
             start += r.n
         return result
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor, output_type: str) -> list:
+        """Latents -> images with the VAE in fp32, whatever the UNet's dtype (diffusers upcasts only an
+        fp16 VAE; a bf16 decode would lose precision in the last step for nothing: the VAE is small)."""
+        vae = self.t2i.vae.to(torch.float32)  # img2img's encode may have cast it back to the pipeline's dtype
+        latents = latents.to(vae.device, torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return list(self.t2i.image_processor.postprocess(image, output_type=output_type))
 
     def generate(self, req: GenerationRequest, output_type: str = "pil") -> list:
         """The ``n`` images of one request. Seeds are honoured: the same request gives the same images."""
@@ -120,7 +143,7 @@ def build_pipelines(
     """From in-memory parts (validation, evaluation) or a saved diffusers directory (Serve, the pyfunc).
 
     On CUDA a loaded directory runs in bf16 with PyTorch SDPA attention (diffusers' default processor);
-    the VAE is upcast by the pipeline where its config asks for it.
+    the VAE stays in fp32 whatever ``dtype`` is, and decodes in fp32 (``ZTSNRPipelines._decode``).
     """
     device = device or pick_device()
     if dtype is None:
@@ -131,4 +154,6 @@ def build_pipelines(
     else:
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, **source.as_dict())
     pipe.set_progress_bar_config(disable=True)
-    return ZTSNRPipelines(pipe.to(device), defaults)
+    pipe = pipe.to(device)
+    pipe.vae.to(torch.float32)
+    return ZTSNRPipelines(pipe, defaults)

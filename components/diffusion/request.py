@@ -30,7 +30,8 @@ class GenerationRequest:
     guidance_rescale: float | None = None
     """CFG rescale phi (Lin et al. 2023, eq. 16); 0.7 keeps a ZT-SNR model's contrast."""
     strength: float | None = None
-    """img2img / inpaint: how far the input is noised (1.0: from pure noise, t = 999)."""
+    """img2img / inpaint: how far the input is noised (1.0: from pure noise, t = 999); None: the
+    preset's ``inference.inpaint_strength`` or ``img2img_strength``."""
     seed: int | None = None
     """Image ``i`` is drawn from a generator seeded ``seed + i``; None: a fresh random seed."""
     n: int = 1
@@ -44,8 +45,10 @@ class GenerationRequest:
         return "inpaint" if self.mask is not None else "img2img"
 
     def complete(self, defaults: Mapping[str, Any]) -> GenerationRequest:
-        """This request with every unset setting taken from ``defaults`` (an ``InferenceConfig`` dump)."""
-        missing = {k: defaults[k] for k in SETTINGS if getattr(self, k) is None and k in defaults}
+        """This request with every unset setting taken from ``defaults`` (an ``InferenceConfig`` dump; the
+        strength is its ``inpaint_strength`` or ``img2img_strength`` by mode)."""
+        named = {**defaults, "strength": defaults.get(f"{self.mode}_strength")}  # text2img takes none
+        missing = {k: named[k] for k in SETTINGS if getattr(self, k) is None and named.get(k) is not None}
         return replace(self, **missing) if missing else self
 
     def batch_key(self) -> Hashable:

@@ -96,6 +96,19 @@ def training_target(
     return noise
 
 
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of each sample, the mean over C, H, W, in fp32. (B, C, H, W) -> (B,)."""
+    return torch.mean((pred.float() - target.float()) ** 2, dim=tuple(range(1, pred.ndim)))
+
+
+def loss_weights(timesteps: torch.Tensor, scheduler: DDPMScheduler, cfg: DiffusionConfig,
+                 terminal: TerminalPolicy | None = None) -> torch.Tensor:
+    """The min-SNR weight of each timestep (B,) under ``cfg``, or under another terminal policy."""
+    snr_all = snr(scheduler.alphas_cumprod).to(timesteps.device)
+    return min_snr_weights(snr_all[timesteps], cfg.min_snr_gamma, cfg.prediction_type,
+                           cfg.terminal_policy if terminal is None else terminal)
+
+
 def weighted_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -104,7 +117,5 @@ def weighted_loss(
     cfg: DiffusionConfig,
 ) -> torch.Tensor:
     """Per-sample MSE (mean over C, H, W) times min-SNR weights, averaged over the batch."""
-    per_sample = torch.mean((pred.float() - target.float()) ** 2, dim=tuple(range(1, pred.ndim)))  # (B,)
-    snr_all = snr(scheduler.alphas_cumprod).to(per_sample.device)
-    weights = min_snr_weights(snr_all[timesteps], cfg.min_snr_gamma, cfg.prediction_type, cfg.terminal_policy)
-    return torch.mean(per_sample * weights)
+    per_sample = per_sample_mse(pred, target)  # (B,)
+    return torch.mean(per_sample * loss_weights(timesteps.to(per_sample.device), scheduler, cfg))

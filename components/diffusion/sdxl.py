@@ -36,6 +36,9 @@ class SDXLParts:
     text_encoder_2: CLIPTextModelWithProjection
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
+    force_zeros_for_empty_prompt: bool = True
+    """The pipeline's convention for an empty prompt (SDXL: zeros); training's caption dropout follows it
+    (``train.caption_dropout_mode``), and a saved pipeline records it (``model_index.json``)."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -164,7 +167,8 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load SDXL {where} {location!r}: {first}") from None
     return SDXLParts(
-        pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2
+        pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+        bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
     )
 
 

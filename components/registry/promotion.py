@@ -1,7 +1,9 @@
 """Gated promotion in the MLflow registry, by alias (registry stages are deprecated).
 
 A candidate becomes ``champion`` only if it has evaluation metrics, produced no NaN or blank image,
-and its held-out loss is no worse than the champion's beyond a tolerance, measured under the same
+and every metric of the gate (``evaluate.gate``: the held-out loss by default; CLIP score, FID, KID and
+the dynamic-range figures on request) is no worse than the champion's beyond its allowed relative
+regression, both measured under the same
 evaluation protocol. ``--force`` overrides with a recorded reason. The champion it replaces keeps
 the ``previous`` alias, so rollback is one call.
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import mlflow
 
-from components.config import EvaluateConfig
+from components.config import GATE_DIRECTIONS, EvaluateConfig
 from components.registry.model import ModelUriError
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ PROTOCOL = "protocol"
 rows, batching); losses measured under different protocols are not comparable."""
 NON_METRIC = {"run_id", PROTOCOL, "dataset_digest", "model", "version"}
 LOCK_SUFFIX = ".promotion-lock"
-DEFAULT_TOLERANCE = EvaluateConfig().tolerance
+DEFAULT_GATE = EvaluateConfig().gate
 
 
 class PromotionRefused(RuntimeError):
@@ -88,8 +90,12 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
-def check_candidate(name: str, version: str, champion: str | None, tolerance: float) -> None:
-    """Raise PromotionRefused with a one-line reason, or return if the candidate may go live."""
+def check_candidate(name: str, version: str, champion: str | None, gate: dict[str, float]) -> None:
+    """Raise PromotionRefused with a one-line reason, or return if the candidate may go live.
+
+    ``gate``: metric -> the relative regression allowed against the champion; each metric's better
+    direction is ``config.GATE_DIRECTIONS``'s (a lower FID, a higher CLIP score).
+    """
     tags = eval_tags(name, version)
     cand = eval_metrics(name, version)
     if "val_loss" not in cand:
@@ -101,24 +107,32 @@ def check_candidate(name: str, version: str, champion: str | None, tolerance: fl
         raise PromotionRefused(f"{name} v{version} produced {nan} NaN and {blank} blank images in evaluation")
     if not math.isfinite(cand["val_loss"]):
         raise PromotionRefused(f"{name} v{version} has a non-finite held-out loss ({cand['val_loss']})")
+    missing = sorted(m for m in gate if m not in cand)
+    if missing:
+        raise PromotionRefused(f"{name} v{version} was not evaluated on gated metric(s) {missing}: evaluate it "
+                               "with this config")
     if champion is None or champion == version:
         return
     champ = eval_metrics(name, champion)
-    if not math.isfinite(champ.get("val_loss", math.nan)):
-        log.warning("champion %s v%s has no finite val_loss to compare with; gating on v%s's own checks only",
-                    name, champion, version)
-        return
     theirs = eval_tags(name, champion).get(PROTOCOL)
     if tags.get(PROTOCOL) and theirs and tags[PROTOCOL] != theirs:
         raise PromotionRefused(
             f"{name} v{version} and champion v{champion} were evaluated under different protocols "
             f"({tags[PROTOCOL]} vs {theirs}): re-evaluate v{champion} with the same config"
         )
-    if cand["val_loss"] > champ["val_loss"] * (1 + tolerance):
-        raise PromotionRefused(
-            f"{name} v{version} val_loss {cand['val_loss']:.5f} is worse than champion v{champion} "
-            f"{champ['val_loss']:.5f} beyond the {tolerance:.0%} tolerance"
-        )
+    for metric, allowed in gate.items():
+        mine, best = cand[metric], champ.get(metric, math.nan)
+        if not math.isfinite(best):
+            log.warning("champion %s v%s has no finite %s to compare with; gating v%s on its own checks only",
+                        name, champion, metric, version)
+            continue
+        higher_is_better = GATE_DIRECTIONS[metric] > 0
+        worse = mine < best - allowed * abs(best) if higher_is_better else mine > best + allowed * abs(best)
+        if worse or not math.isfinite(mine):
+            raise PromotionRefused(
+                f"{name} v{version} {metric} {mine:.5f} is worse than champion v{champion} {best:.5f} "
+                f"beyond the {allowed:.0%} tolerance"
+            )
 
 
 def _lock_age_s(client, lock: str) -> float | None:
@@ -178,7 +192,7 @@ def alias_lock(name: str, timeout_s: float = 60.0, stale_after_s: float = 300.0)
 
 
 def promote(
-    name: str, version: str, alias: str = CHAMPION, tolerance: float = DEFAULT_TOLERANCE,
+    name: str, version: str, alias: str = CHAMPION, gate: dict[str, float] | None = None,
     force_reason: str | None = None,
 ) -> PromotionResult:
     """Point ``alias`` at ``version`` if it passes ``check_candidate`` (or ``force_reason`` is given);
@@ -195,7 +209,7 @@ def promote(
     with alias_lock(name):
         current = _alias_version(client, name, alias)
         try:
-            check_candidate(name, version, current, tolerance)
+            check_candidate(name, version, current, DEFAULT_GATE if gate is None else gate)
         except PromotionRefused as err:
             if force_reason is None:
                 raise

@@ -163,11 +163,15 @@ def select_checkpoint(cfg: Config, result):
 
 def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
     """Checkpoint -> diffusers directory -> pyfunc model in the run -> new registered version."""
+    from components.diffusion.conditioning import dropout_uses_zeros
     from components.diffusion.sdxl import load_parts, save_pipeline
     from components.registry.model import log_pipeline_model
     from components.training.checkpointing import load_unet_weights
 
     parts = load_parts(cfg.model, cfg.state_path("cache"))
+    # The exported pipeline's unconditional branch is the one caption dropout trained.
+    parts.force_zeros_for_empty_prompt = dropout_uses_zeros(cfg.train.caption_dropout_mode,
+                                                            parts.force_zeros_for_empty_prompt)
     with checkpoint.as_directory() as ckpt_dir:
         load_unet_weights(Path(ckpt_dir), parts.unet, use_ema=cfg.train.ema_decay is not None)
     export_dir = cfg.state_path("exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")

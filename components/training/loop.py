@@ -20,7 +20,15 @@ import torch
 
 from components.config import Config, Precision, RecurringError
 from components.dataset import read_manifest, val_rows
-from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss, effective_precision, frozen_dtype
+from components.diffusion.conditioning import dropout_uses_zeros, encode_text
+from components.diffusion.loss import (
+    LossSpec,
+    NoiseDraw,
+    autocast,
+    diffusion_loss,
+    effective_precision,
+    frozen_dtype,
+)
 from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import SDXLParts, load_parts
 from components.training.batches import bucket_batches, iter_rows, rows_to_batch, skip
@@ -133,7 +141,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, t.state.step, t.state.epoch,
                  t.state.batches_in_epoch)
 
-    spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, cfg.train.precision, cfg.train.caption_dropout)
+    zeros = dropout_uses_zeros(cfg.train.caption_dropout_mode, t.parts.force_zeros_for_empty_prompt)
+    t.parts.force_zeros_for_empty_prompt = zeros  # validation images take the unconditional branch it trains
+    empty = None
+    if not zeros:
+        with torch.no_grad(), autocast(cfg.train.precision, device):
+            empty = encode_text(t.parts, [""], device)
+    spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, cfg.train.precision, cfg.train.caption_dropout,
+                    empty)
     logger = progress = None
     if rank == 0:
         logger = RunLogger(cfg, loop_config["mlflow_run_id"])
@@ -212,12 +227,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _validate(validator: Validator, t: Trainee, logger: RunLogger | None) -> float:
     """Held-out loss at fixed timesteps and noise, and the fixed-prompt sample images; rank 0
     (``logger``) records them. Under FSDP every rank runs this in lockstep."""
-    val_loss = validator.loss(t.parts, t.unet)
+    losses = validator.losses(t.parts, t.unet)
+    val_loss = losses["val_loss"]
     if t.state.best_val_loss is None or val_loss < t.state.best_val_loss:
         t.state.best_val_loss = val_loss
     images = validator.images(t.parts, t.unet)
     if logger is not None:
-        logger.metrics({"val_loss": val_loss}, t.state.step)
+        logger.metrics(losses, t.state.step)
         for key, image in images.items():
             logger.image(image, key, t.state.step)
     return val_loss

@@ -76,24 +76,33 @@ class WarmupCosine:
     - steps W .. total-1: cosine from 1.0 to ``min/max``, reached at the last step, total-1
       (Loshchilov & Hutter 2017, SGDR, without restarts); constant ``min/max`` after that.
 
+    With ``restart_every`` (SGDR's warm restarts, period in optimizer steps) the cosine runs from 1.0 to
+    the floor over each period after warmup and starts again at 1.0; the floor is reached at the last
+    step of each period.
+
     A callable object rather than a closure so ``LambdaLR.state_dict`` can save it.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, floor: float):
+    def __init__(self, warmup_steps: int, total_steps: int, floor: float, restart_every: int | None = None):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.floor = floor
+        self.restart_every = restart_every
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.total_steps - 1 - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        since = step - self.warmup_steps
+        if self.restart_every:
+            progress = (since % self.restart_every) / max(1, self.restart_every - 1)
+        else:
+            progress = min(1.0, since / max(1, self.total_steps - 1 - self.warmup_steps))
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, lr: LRConfig, total_steps: int) -> LambdaLR:
-    """Warmup then cosine from ``lr.max`` to ``lr.min`` over ``total_steps`` optimizer steps.
+    """Warmup then cosine from ``lr.max`` to ``lr.min`` over ``total_steps`` optimizer steps (or over every
+    ``lr.restart_every`` steps under ``lr.schedule: cosine_restarts``).
 
     Call ``scheduler.step()`` once after each ``optimizer.step()``.
     """
@@ -105,4 +114,5 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, lr: LRConfig, total_ste
         raise ValueError(f"lr.warmup_steps must be >= 0, got {lr.warmup_steps}")
     for group in optimizer.param_groups:
         group["lr"] = lr.max  # LambdaLR scales each group's initial lr
-    return LambdaLR(optimizer, WarmupCosine(lr.warmup_steps, total_steps, lr.min / lr.max))
+    restart = lr.restart_every if lr.schedule == "cosine_restarts" else None
+    return LambdaLR(optimizer, WarmupCosine(lr.warmup_steps, total_steps, lr.min / lr.max, restart))

@@ -18,7 +18,7 @@ import pytest
 from components.config import load_config
 from components.dataset import read_manifest
 from components.environment import snapshot
-from components.evaluation import evaluate_version
+from components.evaluation.run import evaluate_version
 from components.registry.promotion import promote
 from tests.fixtures.processes import REPO
 from tests.fixtures.registry import EVAL_SMALL, register_trained, unet_checkpoint

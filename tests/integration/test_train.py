@@ -86,6 +86,8 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     for key in ("lr", "grad_norm", "images_per_s", "samples_seen"):
         assert history(cfg, result.run_id, key) == list(range(1, steps + 1)), key
     assert history(cfg, result.run_id, "val_loss") == [2, 4, 6]
+    for bucket in ("val_mse_t500_750", "val_mse_t750_1000"):  # the held-out MSE per timestep bucket, a series
+        assert history(cfg, result.run_id, bucket) == [2, 4, 6], bucket
     assert run.data.metrics["samples_seen"] == steps * 2 * 2  # batch 2 x 2 workers x steps: nothing twice
 
     records = sorted(a.path for a in client.list_artifacts(result.run_id, "checkpoints"))

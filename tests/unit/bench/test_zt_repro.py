@@ -64,6 +64,8 @@ def test_run_repro_tiny():
     for arm in out["arms"].values():
         assert {"brightness_std", "spread_ratio", "latent_mean_std", "final_loss", "first_timestep"} <= set(arm)
         assert 0.0 <= arm["brightness_mean"] <= 1.0
+        probe = arm["probe"]  # the evaluation probe's statistics on the same samples
+        assert 0.0 <= probe["luminance_min"] <= probe["luminance_max"] <= 1.0 and probe["luminance_spread"] >= 0
     assert out["arms"]["zt_v"]["first_timestep"] == 999
     assert out["arms"]["default_eps_trailing"]["first_timestep"] == 999
     assert out["arms"]["default_eps"]["first_timestep"] < 999

@@ -182,7 +182,7 @@ def test_edit_images_checks_mask_size_and_resizes():
     req = request(parse_params({"prompt": "a", "strength": 0.4}), CFG, NAME, image=image)
     assert req.mode == "img2img" and req.strength == 0.4 and (req.width, req.height) == (64, 64)
     req = request(parse_params({"prompt": "a"}), CFG, NAME, image=image, mask=Image.new("L", (64, 64)))
-    assert req.mode == "inpaint" and req.strength == CFG.inference.strength  # the preset's default
+    assert req.mode == "inpaint" and req.strength == CFG.inference.inpaint_strength == 1.0  # the preset's default
 
 
 # --- multipart -----------------------------------------------------------------------------------

@@ -129,3 +129,35 @@ def test_guidance_rescale_changes_the_output(pipes):
     plain = pixels(pipes.generate(GenerationRequest("a cat", seed=1, guidance_rescale=0.0, **SIZE)))
     rescaled = pixels(pipes.generate(GenerationRequest("a cat", seed=1, guidance_rescale=0.7, **SIZE)))
     assert not np.array_equal(plain, rescaled)
+
+
+def test_default_inpainting_starts_from_pure_noise_and_keeps_the_unmasked_pixels(pipes):
+    """Strength defaults to the preset's 1.0 (the card's headline use: a ZT-SNR model inpaints from
+    t = 999, where it reaches its full range); outside the mask the result is the input itself."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    seen: list[int] = []
+    hook = pipes.t2i.unet.register_forward_pre_hook(lambda _m, args: seen.append(int(args[1].flatten()[0])))
+    try:
+        out = pixels(pipes.generate(GenerationRequest("a cat", seed=3, image=image, mask=mask, **SIZE)))[0]
+    finally:
+        hook.remove()
+    assert InferenceConfig().inpaint_strength == 1.0 and seen[0] == 999  # trailing spacing: t = 999 first
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(out[keep], np.asarray(image)[keep])  # untouched outside the mask
+    assert np.abs(out[~keep].astype(int) - np.asarray(image)[~keep]).mean() > 10  # repainted inside
+
+
+def test_a_bf16_pipeline_decodes_with_the_vae_in_fp32(saved):
+    """diffusers upcasts only an fp16 VAE; here the VAE stays fp32 for every mode, and a bf16 pipeline's
+    images are those of the fp32 pipeline up to the UNet's own rounding."""
+    scheduler, defaults = inference_scheduler(DiffusionConfig()), InferenceConfig().model_dump()
+    low = build_pipelines(str(saved), scheduler, defaults, device=CPU, dtype=torch.bfloat16)
+    assert low.t2i.unet.dtype == torch.bfloat16 and low.t2i.vae.dtype == torch.float32
+    image = Image.new("RGB", (64, 64), (120, 60, 200))
+    for extra in ({}, {"image": image}):
+        out = pixels(low.generate(GenerationRequest("a cat", seed=5, **SIZE, **extra)))
+        assert out.shape == (1, 64, 64, 3) and out.std() > 0
+        assert low.t2i.vae.dtype == torch.float32  # img2img's encode cast it to bf16; the decode casts back

@@ -43,10 +43,11 @@ class Registry:
         self.source = source
         self.client.create_registered_model(self.name)
 
-    def version(self, val_loss: float | None = 0.1, nan: int = 0, blank: int = 0, protocol: str = "p1") -> str:
+    def version(self, val_loss: float | None = 0.1, nan: int = 0, blank: int = 0, protocol: str = "p1",
+                **metrics: float) -> str:
         v = self.client.create_model_version(self.name, self.source).version
         if val_loss is not None:
-            tags = {"val_loss": val_loss, "nan_images": nan, "blank_images": blank, "protocol": protocol}
+            tags = {"val_loss": val_loss, "nan_images": nan, "blank_images": blank, "protocol": protocol, **metrics}
             for key, value in tags.items():
                 self.client.set_model_version_tag(self.name, v, f"eval.{key}", str(value))
         return str(v)
@@ -82,7 +83,7 @@ def test_candidate_with_nan_or_blank_images_is_refused(reg, nan, blank):
 def test_non_finite_loss_is_refused_even_without_bad_images(reg):
     v = reg.version(val_loss=float("nan"))
     with pytest.raises(PromotionRefused, match="non-finite held-out loss"):
-        check_candidate(reg.name, v, None, 0.05)
+        check_candidate(reg.name, v, None, {"val_loss": 0.05})
 
 
 def test_tolerance_is_relative_to_the_champion(reg):
@@ -90,12 +91,46 @@ def test_tolerance_is_relative_to_the_champion(reg):
     promote(reg.name, champ)
     with pytest.raises(PromotionRefused, match=rf"v{beyond} val_loss 0.10600 is worse than champion v{champ} "
                                                r"0.10000 beyond the 5% tolerance"):
-        promote(reg.name, beyond, tolerance=0.05)
+        promote(reg.name, beyond, gate={"val_loss": 0.05})
     assert reg.alias("champion") == champ and reg.alias("previous") is None  # a refusal moves nothing
-    result = promote(reg.name, within, tolerance=0.05)
+    result = promote(reg.name, within, gate={"val_loss": 0.05})
     assert (result.version, result.previous, result.forced) == (within, champ, False)
     assert (reg.alias("champion"), reg.alias("previous")) == (within, champ)
     assert reg.tags(within)["promoted_alias"] == "champion"
+
+
+@pytest.mark.parametrize(
+    ("metric", "champion", "refused", "accepted"),
+    [
+        ("clip_score", 30.0, 27.0, 28.6),  # higher is better: 10 % lower is refused, 4.7 % lower passes
+        ("fid", 20.0, 22.5, 20.9),  # lower is better: 12.5 % higher is refused, 4.5 % higher passes
+        ("luminance_range", 0.60, 0.30, 0.58),  # a fine-tune that lost half its range does not pass
+    ],
+)
+def test_the_gate_holds_quality_metrics_against_the_champion(reg, metric, champion, refused, accepted):
+    gate = {"val_loss": 0.05, metric: 0.05}
+    champ = reg.version(**{metric: champion})
+    worse, fine = reg.version(**{metric: refused}), reg.version(**{metric: accepted})
+    promote(reg.name, champ, gate=gate)
+    with pytest.raises(PromotionRefused, match=rf"v{worse} {metric} .* is worse than champion v{champ}"):
+        promote(reg.name, worse, gate=gate)
+    assert reg.alias("champion") == champ
+    assert promote(reg.name, fine, gate=gate).version == fine
+
+
+def test_a_candidate_not_evaluated_on_a_gated_metric_is_refused(reg):
+    v = reg.version()  # val_loss only
+    with pytest.raises(PromotionRefused, match=r"not evaluated on gated metric\(s\) \['fid'\]"):
+        promote(reg.name, v, gate={"val_loss": 0.05, "fid": 0.1})
+
+
+def test_force_overrides_a_quality_gate_and_records_why(reg):
+    champ, worse = reg.version(clip_score=30.0), reg.version(clip_score=10.0)
+    promote(reg.name, champ)
+    result = promote(reg.name, worse, gate={"clip_score": 0.05}, force_reason="approved by the art lead")
+    assert result.forced and reg.alias("champion") == worse
+    tags = reg.tags(worse)
+    assert tags["forced_promotion_reason"] == "approved by the art lead" and "clip_score" in tags["forced_over"]
 
 
 def test_promoting_the_champion_again_keeps_previous_distinct(reg):

@@ -171,3 +171,19 @@ def test_adamw8bit_on_cuda():
     params[0].sum().backward()
     opt.step()
     assert type(opt).__name__ == "AdamW8bit"
+
+
+def test_cosine_with_restarts_returns_to_the_peak_every_period():
+    lr = LRConfig(max=8e-7, min=4e-7, warmup_steps=2, schedule="cosine_restarts", restart_every=4)
+    opt = torch.optim.SGD(_params(), lr=1.0)
+    sched = build_lr_scheduler(opt, lr, total_steps=20)
+    seen = []
+    for _ in range(14):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[2] == pytest.approx(8e-7) and seen[5] == pytest.approx(4e-7)  # one cycle: peak to floor
+    assert seen[6] == pytest.approx(8e-7) and seen[10] == pytest.approx(8e-7)  # restarts every 4 steps
+    assert seen[3] > seen[4] > seen[5]
+    with pytest.raises(ValueError, match="restart_every"):
+        LRConfig(schedule="cosine_restarts")

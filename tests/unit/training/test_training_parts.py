@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from components.config import Config, Precision
@@ -133,3 +134,58 @@ def test_precision_policy_falls_back_to_fp32_where_bf16_is_emulated():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=subprocess_env(ATEN_CPU_CAPABILITY="avx2"))
     assert out.stdout.strip() == "fp32", out.stderr[-2000:]
+
+
+def test_selection_weights_keep_the_terminal_step_below_thirty_percent():
+    """``val_loss`` ranks checkpoints: under the recipe's own weights t = 999 carries ~41 % of it (the
+    sharp edge); the default bucket average gives no timestep more than 1/8, the paper's weights none."""
+    from components.training.validation import VAL_BUCKETS, bucket_of, selection_weights
+
+    cfg = Config()
+    ts = cfg.train.val_timesteps
+    assert {bucket_of(t) for t in ts} == set(VAL_BUCKETS)  # every bucket is measured
+    for metric in ("bucket_mse", "paper", "recipe"):
+        weights = selection_weights(ts, metric, cfg.diffusion)
+        assert sum(weights.values()) == pytest.approx(1.0) and set(weights) == set(ts)
+    assert selection_weights(ts, "bucket_mse", cfg.diffusion)[999] == pytest.approx(1 / 8)  # < 0.3
+    assert selection_weights(ts, "paper", cfg.diffusion)[999] == 0.0
+    old = selection_weights([100, 300, 500, 700, 900, 999], "recipe", cfg.diffusion)
+    assert old[999] == pytest.approx(0.41, abs=0.01)  # the issue's figure: why the default changed
+
+
+def test_caption_dropout_conventions():
+    """``zeros``: dropped samples get all-zero embeddings; ``empty_prompt``: the encoded empty prompt (and
+    the loss zeroes their time ids); ``auto`` follows the base model's ``force_zeros_for_empty_prompt``."""
+    from components.diffusion.conditioning import drop_captions, dropout_uses_zeros
+
+    embeds, pooled = torch.ones(64, 77, 8), torch.ones(64, 4)
+    empty = (torch.full((1, 77, 8), 3.0), torch.full((1, 4), 5.0))
+    z_e, z_p, keep = drop_captions(embeds, pooled, 0.5, torch.Generator().manual_seed(0))
+    e_e, e_p, keep_2 = drop_captions(embeds, pooled, 0.5, torch.Generator().manual_seed(0), empty)
+    assert torch.equal(keep, keep_2) and 0 < int((~keep).sum()) < 64
+    assert torch.all(z_e[~keep] == 0) and torch.all(z_p[~keep] == 0) and torch.all(z_e[keep] == 1)
+    assert torch.all(e_e[~keep] == 3) and torch.all(e_p[~keep] == 5) and torch.all(e_e[keep] == 1)
+    assert dropout_uses_zeros("auto", True) and not dropout_uses_zeros("auto", False)
+    assert dropout_uses_zeros("zeros", False) and not dropout_uses_zeros("empty_prompt", True)
+
+
+def test_empty_prompt_dropout_changes_the_loss_and_zeroes_time_ids():
+    from components.diffusion.conditioning import encode_text
+    from components.diffusion.loss import LossSpec, NoiseDraw, prediction_error
+
+    cfg = Config()
+    parts = build_tiny(cfg.model.tiny)
+    sched = training_scheduler(cfg.diffusion)
+    batch = _batch(size=32)
+    seen = []
+    hook = parts.unet.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    draw = lambda: NoiseDraw(torch.Generator().manual_seed(0), timesteps=torch.tensor([500, 500]))  # noqa: E731
+    with torch.no_grad():
+        empty = encode_text(parts, [""], "cpu")
+        zeros, _ = prediction_error(parts, parts.unet, batch, LossSpec(sched, cfg.diffusion, caption_dropout=1.0), draw())
+        prompt, _ = prediction_error(parts, parts.unet, batch,
+                                     LossSpec(sched, cfg.diffusion, caption_dropout=1.0, empty=empty), draw())
+    hook.remove()
+    assert not torch.allclose(zeros, prompt)  # the two conventions condition the UNet differently
+    assert torch.count_nonzero(seen[0]) > 0 and torch.count_nonzero(seen[1]) == 0  # every sample dropped

@@ -1,0 +1,154 @@
+"""Image-quality metrics of a generator: CLIP score (prompt adherence) and FID / KID (distance of the
+generated images' feature distribution from the held-out images'), computed by torchmetrics.
+
+The metric models are configured (``evaluate.clip_model``, ``evaluate.fid_features``). With real weights
+-- ``openai/clip-vit-large-patch14`` for CLIP score, torchmetrics' InceptionV3 (``inception``) for FID and
+KID -- the numbers are the published ones. Machines without network (the tests, the demo) use ``tiny``
+models: randomly initialised from a fixed seed, built offline, shaped like the real ones, run through the
+same metric code. Their numbers rank two generators only roughly and are not comparable with published
+figures; docs/recipe.md says which weights to use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+TINY_SEED = 0
+TINY_FEATURE_SIDE = 64  # the tiny extractor looks at 64 x 64 images, as Inception looks at 299 x 299
+
+
+def tiny_clip():
+    """A randomly initialised CLIP (text and vision towers, projection) and its processor, built offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from components.diffusion.sdxl import tiny_tokenizer
+
+    torch.manual_seed(TINY_SEED)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=1000, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tiny_tokenizer(),
+    )
+    return CLIPModel(config).eval(), processor
+
+
+class ProjectedFeatures(nn.Module):
+    """A CLIPModel whose ``get_*_features`` return the projected embeddings as tensors: transformers 5
+    returns model outputs there (the embeddings in ``pooler_output``), torchmetrics expects tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def clip_loader(name: str):
+    """What torchmetrics' CLIPScore takes as ``model_name_or_path``: a callable giving (model, processor)."""
+
+    def load():
+        if name == "tiny":
+            model, processor = tiny_clip()
+        else:
+            from transformers import CLIPModel, CLIPProcessor
+
+            model, processor = CLIPModel.from_pretrained(name).eval(), CLIPProcessor.from_pretrained(name)
+        return ProjectedFeatures(model), processor
+
+    return load
+
+
+class TinyFeatures(nn.Module):
+    """A small conv net, randomly initialised from a fixed seed: uint8 images (N, 3, H, W) -> (N, 64)
+    features, the interface torchmetrics' FID and KID expect of a custom extractor."""
+
+    num_features = 64
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(TINY_SEED)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, self.num_features, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0  # (N, 3, H, W)
+        x = nn.functional.interpolate(x, size=(TINY_FEATURE_SIDE, TINY_FEATURE_SIDE), mode="bilinear",
+                                      antialias=True, align_corners=False)
+        return self.net(x)
+
+
+def feature_extractor(name: str) -> int | nn.Module:
+    """torchmetrics' ``feature`` argument: 2048 (its InceptionV3) for ``inception``, a TorchScript module
+    from a path, or ``TinyFeatures``."""
+    if name == "inception":
+        return 2048
+    if name == "tiny":
+        return TinyFeatures()
+    return torch.jit.load(name, map_location="cpu").eval()
+
+
+def as_uint8_batch(images: list[np.ndarray], side: int | None = None) -> torch.Tensor:
+    """Float (H, W, 3) images in [0, 1] or uint8 ones -> uint8 (N, 3, H, W), resized (LANCZOS) to ``side``."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        arr = image if image.dtype == np.uint8 else (np.nan_to_num(image).clip(0, 1) * 255).round().astype(np.uint8)
+        if side is not None and arr.shape[:2] != (side, side):
+            arr = np.asarray(Image.fromarray(arr).resize((side, side), Image.Resampling.LANCZOS))
+        out.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def clip_score(images: torch.Tensor, prompts: list[str], model: str) -> float:
+    """Mean CLIP score (100 x cosine similarity, floored at 0) of uint8 images (N, 3, H, W) and prompts."""
+    from torchmetrics.multimodal import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=clip_loader(model))
+    metric.update(list(images), prompts)
+    return float(metric.compute())
+
+
+def distribution_distance(real: torch.Tensor, fake: torch.Tensor, features: str, weights: str | None,
+                          kid_subset_size: int) -> dict[str, float]:
+    """FID and KID (mean) between two sets of uint8 images (N, 3, H, W); NaN when a set has fewer than 2."""
+    if len(real) < 2 or len(fake) < 2:
+        return {"fid": float("nan"), "kid": float("nan")}
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    extractor = feature_extractor(features)
+    kwargs = {"feature_extractor_weights_path": weights} if weights and features == "inception" else {}
+    fid = FrechetInceptionDistance(feature=extractor, **kwargs)
+    kid = KernelInceptionDistance(feature=extractor, subset_size=min(kid_subset_size, len(real), len(fake)), **kwargs)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    kid_mean, _ = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean)}

@@ -1,0 +1,182 @@
+"""Deterministic evaluation of a registered version, side by side with the champion.
+
+For each model (the candidate, and the version that holds ``@champion`` when it is another one):
+- held-out loss: ``val_loss`` (the selection metric, ``train.select_metric``) and the plain v-MSE per
+  timestep bucket, at fixed timesteps and noise (the same Validator as training);
+- the ZT-SNR dynamic-range probe (``probe.py``): dark and bright luminance, their spreads and range;
+- quality on the versioned prompt set: CLIP score, and FID and KID against the held-out images;
+- NaN and blank images.
+Both models run the same prompts and seeds. One MLflow run records the candidate's metrics, a table of
+every metric for both (``comparison.json``, ``mlflow.log_table``) and a side-by-side grid; each model's
+figures also go onto its registered version as ``eval.*`` tags (the convention promotion reads), with
+``eval.protocol``: a hash of everything besides the weights that the numbers depend on, so promotion
+compares a candidate with the champion only when both were measured the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from components.config import Config
+from components.dataset import CuratedManifest, decode_image, val_rows
+from components.diffusion.pipelines import build_pipelines, pick_device
+from components.diffusion.request import GenerationRequest
+from components.diffusion.schedule import inference_scheduler
+from components.diffusion.sdxl import load_parts
+from components.evaluation.probe import grid, image_checks, probe_stats
+from components.evaluation.prompts import PromptSet, load_prompt_set
+from components.evaluation.quality import as_uint8_batch, clip_score, distribution_distance
+from components.registry.model import ModelUriError, ResolvedModel, diffusion_from_pipeline_dir, fetch_model
+from components.registry.promotion import CHAMPION, EVAL_PREFIX
+from components.registry.tracking import setup_tracking
+from components.training.validation import VAL_NOISE_SEED, Validator, selection_weights
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "zero_terminal_snr",
+                   "prediction_type")
+"""Taken from the saved pipeline (what the model was trained with); the loss weighting (min-SNR gamma,
+terminal policy, the selection metric) stays the config's, so every version is scored with the same weights."""
+SIDE_BY_SIDE = 8  # quality prompts shown in the comparison grid, after the probe images
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    probe: list[np.ndarray] = field(repr=False)  # float (H, W, 3) images: dark, then bright
+    quality: list[np.ndarray] = field(repr=False)  # one per prompt of the set, first seed
+
+
+def eval_protocol(cfg: Config, manifest: CuratedManifest, prompts: PromptSet) -> str:
+    """Hash of the evaluation settings, the held-out data and the prompt set (not the weights, not the gate)."""
+    settings = {
+        "dataset": manifest.digest, "val_timesteps": cfg.train.val_timesteps, "val_max_rows": cfg.train.val_max_rows,
+        "select_metric": cfg.train.select_metric, "batch_size": cfg.train.batch_size,
+        "precision": cfg.train.precision.value, "noise_seed": VAL_NOISE_SEED,
+        "min_snr_gamma": cfg.diffusion.min_snr_gamma, "terminal_policy": cfg.diffusion.terminal_policy.value,
+        "guidance": [cfg.inference.guidance_scale, cfg.inference.guidance_rescale],
+        "prompts": prompts.version, "prompt_count": len(prompts.prompts),
+        "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"gate", "compare_champion", "prompts"}),
+    }
+    return "p" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _generate(cfg: Config, pipes, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+    """Float images (H, W, 3) in [0, 1], NaN kept (output_type='np' does not hide it)."""
+    ev = cfg.evaluate
+    return [np.asarray(pipes.generate(GenerationRequest(p, width=ev.image_size, height=ev.image_size,
+                                                        steps=ev.steps, seed=s), output_type="np")[0], np.float32)
+            for p in prompts for s in seeds]
+
+
+def held_out_images(manifest: CuratedManifest, cfg: Config) -> list[np.ndarray]:
+    """The held-out rows' images as uint8 (H, W, 3): the reference distribution of FID and KID."""
+    out = []
+    for row in val_rows(manifest, cfg.train.val_max_rows):
+        pixels = decode_image(row["image"])  # (3, H, W) in [-1, 1]
+        out.append(((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8))
+    return out
+
+
+def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest, prompts: PromptSet,
+                      real: list[np.ndarray]) -> Evaluation:
+    """Every metric of the diffusers directory ``pipeline_dir`` (deterministic: fixed timesteps, noise,
+    prompts and seeds)."""
+    device = pick_device()
+    saved = diffusion_from_pipeline_dir(pipeline_dir)
+    diffusion = cfg.diffusion.model_copy(update={k: getattr(saved, k) for k in SCHEDULE_FIELDS})
+    scored = cfg.model_copy(update={"diffusion": diffusion})  # the model's schedule, the config's weighting
+    parts = load_parts(cfg.model, cfg.state_path("cache"), source=str(pipeline_dir))
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        module.to(device).eval()
+    metrics = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).losses(parts, parts.unet)
+    pipes = build_pipelines(parts, inference_scheduler(diffusion), cfg.inference.model_dump(), device=device)
+    ev = cfg.evaluate
+    dark, bright = _generate(cfg, pipes, ev.dark_prompts, ev.seeds), _generate(cfg, pipes, ev.bright_prompts, ev.seeds)
+    quality = _generate(cfg, pipes, prompts.prompts, ev.seeds[:1])
+    metrics.update(probe_stats(dark, bright))
+    metrics.update(image_checks(dark + bright + quality, ev.blank_std))
+    fake = as_uint8_batch(quality)
+    metrics["clip_score"] = clip_score(fake, prompts.prompts, ev.clip_model)
+    side = ev.image_size
+    metrics.update(distribution_distance(as_uint8_batch(real, side), fake, ev.fid_features, ev.fid_weights,
+                                         ev.kid_subset_size))
+    return Evaluation(metrics, dark + bright, quality)
+
+
+def side_by_side(candidate: Evaluation, champion: Evaluation | None) -> Image.Image:
+    """Probe images, then the first quality images: a column for the candidate, one for the champion."""
+    left = candidate.probe + candidate.quality[:SIDE_BY_SIDE]
+    if champion is None:
+        return grid(left, cols=4)
+    right = champion.probe + champion.quality[:SIDE_BY_SIDE]
+    return grid([image for pair in zip(left, right, strict=True) for image in pair], cols=2)
+
+
+def comparison_table(candidate: dict[str, float], champion: dict[str, float] | None) -> dict[str, list]:
+    """Every metric of both models, column-wise (``mlflow.log_table``)."""
+    names = sorted(candidate)
+    table = {"metric": names, "candidate": [candidate[n] for n in names]}
+    if champion is not None:
+        table["champion"] = [champion.get(n, float("nan")) for n in names]
+        table["candidate_minus_champion"] = [candidate[n] - champion.get(n, float("nan")) for n in names]
+    return table
+
+
+def _champion_of(resolved: ResolvedModel, cfg: Config) -> ResolvedModel | None:
+    if not cfg.evaluate.compare_champion:
+        return None
+    try:
+        champ = fetch_model(f"models:/{resolved.name}@{CHAMPION}", cfg.state_path("cache", "models"))
+    except ModelUriError:
+        return None  # no champion yet: the first version
+    return None if champ.version == resolved.version else champ
+
+
+def _tag(name: str, version: str, metrics: dict[str, float], extra: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    tags = {**{k: f"{v:.6g}" for k, v in metrics.items()}, **extra}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, f"{EVAL_PREFIX}{key}", value)
+
+
+def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> dict:
+    """Evaluate the version ``model_uri`` names, and the champion beside it; record the run, the table,
+    the grid and both versions' ``eval.*`` tags. Returns the candidate's figures."""
+    import mlflow
+
+    experiment_id = setup_tracking(cfg)
+    resolved = fetch_model(model_uri, cfg.state_path("cache", "models"))
+    champion = _champion_of(resolved, cfg)
+    prompts = load_prompt_set(cfg.evaluate.prompts, cfg.evaluate.num_prompts)
+    real = held_out_images(manifest, cfg)
+    candidate = evaluate_pipeline(cfg, str(resolved.pipeline_dir), manifest, prompts, real)
+    theirs = evaluate_pipeline(cfg, str(champion.pipeline_dir), manifest, prompts, real) if champion else None
+    protocol = eval_protocol(cfg, manifest, prompts)
+    weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, cfg.diffusion)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:
+        mlflow.set_tags({"eval.model": resolved.name, "eval.version": resolved.version, "dataset_digest": manifest.digest,
+                         "eval.protocol": protocol, "eval.prompts": prompts.version,
+                         "eval.champion": champion.version if champion else "none"})
+        mlflow.log_params({f"evaluate.{k}": str(v)[:500] for k, v in cfg.evaluate.model_dump(mode="json").items()})
+        mlflow.log_param("selection_weights", json.dumps({str(t): round(w, 4) for t, w in weights.items()}))
+        mlflow.log_metrics(candidate.metrics)
+        mlflow.log_table(comparison_table(candidate.metrics, theirs.metrics if theirs else None),
+                         artifact_file="comparison.json")
+        mlflow.log_image(side_by_side(candidate, theirs), artifact_file="side_by_side.png")
+        mlflow.log_image(grid(candidate.probe, cols=len(cfg.evaluate.seeds) * 2), artifact_file="probe_grid.png")
+    extra = {"run_id": run.info.run_id, "protocol": protocol, "dataset_digest": manifest.digest}
+    _tag(resolved.name, resolved.version, candidate.metrics, extra)
+    if champion is not None:  # re-measured under this protocol: promotion compares like with like
+        _tag(champion.name, champion.version, theirs.metrics, extra)
+    return {"model": resolved.name, "version": resolved.version, "run_id": run.info.run_id, "protocol": protocol,
+            "champion": champion.version if champion else None, **candidate.metrics}
+
