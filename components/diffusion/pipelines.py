@@ -116,7 +116,9 @@ class ZTSNRPipelines:
     def _decode(self, latents: torch.Tensor, output_type: str) -> list:
         """Latents -> images with the VAE in fp32, whatever the UNet's dtype (diffusers upcasts only an
         fp16 VAE; a bf16 decode would lose precision in the last step for nothing: the VAE is small)."""
-        vae = self.t2i.vae.to(torch.float32)  # img2img's encode may have cast it back to the pipeline's dtype
+        vae = self.t2i.vae
+        if vae.dtype != torch.float32:  # img2img's encode may have cast it back to the pipeline's dtype
+            vae.to(torch.float32)
         latents = latents.to(vae.device, torch.float32)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -155,5 +157,6 @@ def build_pipelines(
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, **source.as_dict())
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    pipe.vae.to(torch.float32)
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
     return ZTSNRPipelines(pipe, defaults)

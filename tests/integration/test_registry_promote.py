@@ -87,7 +87,7 @@ def test_accept_refuse_force_rollback_and_race_through_the_flows(evaluated_regis
         ("promote.py", "--model", r.name, "--rollback", "--version", v["worse"]),
     )
     assert nan.rc == 3 and nan.error == (
-        f"error: promotion refused: {r.name} v{v['nan']} produced 2 NaN and 0 blank images in evaluation")
+        f"error: promotion refused: {r.name} v{v['nan']} produced 8 NaN and 0 blank images in evaluation")
     assert worse.rc == 3 and worse.error.startswith(
         f"error: promotion refused: {r.name} v{v['worse']} val_loss ")
     assert f"is worse than champion v{v['good']}" in worse.error and "beyond the 5% tolerance" in worse.error
@@ -111,6 +111,11 @@ def test_accept_refuse_force_rollback_and_race_through_the_flows(evaluated_regis
     assert evaluated.rc == 0, evaluated.stderr[-2000:]
     assert evaluated.result["val_loss"] == pytest.approx(r.metrics["good"]["val_loss"], rel=1e-6)
     assert evaluated.result["luminance_dark"] == pytest.approx(r.metrics["good"]["luminance_dark"], rel=1e-6)
+    assert evaluated.result["clip_score"] == pytest.approx(r.metrics["good"]["clip_score"], rel=1e-5)
+    # The flow measured the champion of the moment beside it (the forced promotion ran concurrently).
+    assert evaluated.result["champion"] in (v["good"], v["worse"])
+    table = client.download_artifacts(evaluated.result["run_id"], "comparison.json", str(tmp_path))
+    assert "champion" in json.loads(open(table).read())["columns"]
 
     # One command restores the previous champion, and Serve's loader follows the alias back.
     (rolled,) = flows(r, ("promote.py", "--model", r.name, "--rollback"))
