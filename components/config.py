@@ -18,6 +18,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -560,6 +561,22 @@ class ConfigError(ValueError):
 class RecurringError(RuntimeError):
     """An error that would happen again on every attempt (a config, a dataset, a model or an optimizer
     that cannot work here): reported at once in one line, never retried by the training driver."""
+
+
+def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception ``match`` accepts among ``err`` and what it wraps: ``__cause__`` and
+    ``__context__``, Ray's task errors' ``cause``, and Ray Train's per-rank ``worker_failures``."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if match(e):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
 
 
 STATE_PATHS = ("state_dir", "curate.output", "curate.cache_output", "train.data", "train.storage_path")

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.config import find_cause
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
@@ -47,16 +49,7 @@ class StorageUnavailable(RuntimeError):
 def original_unavailable(err: BaseException) -> StorageUnavailable | None:
     """The ``StorageUnavailable`` a worker raised, out of the wrappers around it (Ray's
     ``RayTaskError`` keeps it as ``.cause``; Ray Data adds its own advice to the message)."""
-    seen, stack = set(), [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if type(e) is StorageUnavailable:
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+    return find_cause(err, lambda e: type(e) is StorageUnavailable)
 
 
 def _unavailable(err: Exception) -> bool:

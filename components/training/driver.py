@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 
-from components.config import Config, RecurringError
+from components.config import Config, RecurringError, find_cause
 from components.dataset import CuratedManifest, read_manifest
 from components.registry.tracking import flatten, git_commit, mlflow_dataset, setup_tracking, tracking_uri
 from components.storage import arrow_filesystem
@@ -116,17 +116,7 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str):
 def recurring_cause(err: BaseException) -> RecurringError | None:
     """The ``RecurringError`` a worker raised, out of Ray Train's wrappers (``WorkerGroupError`` keeps
     each rank's exception; Ray's task errors keep theirs as ``cause``)."""
-    seen, stack = set(), [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, RecurringError):
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        stack += list((getattr(e, "worker_failures", None) or {}).values())
-    return None
+    return find_cause(err, lambda e: isinstance(e, RecurringError))
 
 
 class TrainingFailed(RuntimeError):

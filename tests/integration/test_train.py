@@ -156,42 +156,6 @@ def _live_history(store: str, run_name: str, deadline: float) -> tuple[list[int]
     return [], None
 
 
-def test_resume_after_the_driver_is_killed(tmp_path):
-    """Metrics reach MLflow while the run goes (before any checkpoint exists); the driver and its local
-    cluster are SIGKILLed after checkpoint 3 with later steps already logged live; the rerun resumes
-    from checkpoint 3, recomputes steps MLflow already has, and the history ends with every step once."""
-    cfg, overrides = small_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=3", "train.run_name=again")
-    cmd = [sys.executable, "flows/train.py", "--config", "flows/configs/tiny.yaml"]
-    for o in overrides:
-        cmd += ["--set", o]
-    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, env=subprocess_env())
-    marker = tmp_path / "ray" / "again" / "checkpoint_00000003"
-    store = f"sqlite:///{cfg.state_dir}/mlflow.db"
-    live, status = _live_history(store, "again", time.time() + 300)
-    assert live and status == "RUNNING", (live, status)  # the loss curve shows while the run goes ...
-    assert not marker.exists() or max(live) < 3  # ... before its first checkpoint
-    deadline = time.time() + 300
-    while not marker.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    logged_past = _live_history(store, "again", time.time() + 60)[0]
-    while max(logged_past, default=0) < 4 and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)  # let a step past the checkpoint reach MLflow live, so the rerun must not log it twice
-        logged_past = _live_history(store, "again", time.time() + 60)[0]
-    assert first.poll() is None, "the first run ended before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local cluster it started
-    first.wait()
-    assert marker.exists() and max(logged_past, default=0) >= 4
-
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
-    assert second.returncode == 0, second.stderr[-2000:]
-    out = json.loads(second.stdout.strip().splitlines()[-1])
-    assert history(cfg, out["run_id"], "loss") == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
-    assert history(cfg, out["run_id"], "lr") == [1, 2, 3, 4, 5, 6]
-    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
-    assert len(runs) == 1
-
-
 def _start_head(env: dict) -> tuple[subprocess.Popen, int]:
     """``ray start --head --block`` on loopback with free ports; (process, dashboard port)."""
     gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
@@ -207,23 +171,26 @@ def _start_head(env: dict) -> tuple[subprocess.Popen, int]:
     return head, dash_port
 
 
-def _stop_head(head: subprocess.Popen) -> None:
-    os.killpg(head.pid, signal.SIGTERM)
+def _stop_head(head: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop the head's whole process group (``SIGKILL``: a crash, every Ray process of it gone at once)."""
     try:
+        os.killpg(head.pid, sig)
         head.wait(timeout=20)
+    except ProcessLookupError:
+        return
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
 
 
-def _submit(env: dict, dash_port: int, sets: list[str]) -> subprocess.CompletedProcess:
+def _submit(env: dict, dash_port: int, sets: list[str], wait: bool = True) -> subprocess.CompletedProcess:
     submit_env = dict(env, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash_port}")
     args = [x for o in sets for x in ("--set", o)]
     for _ in range(15):  # the dashboard answers before its job agent is ready
         job = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", ".", "--runtime-env",
-             "deploy/job_runtime_env.yaml", "--", "python", "flows/train.py", "--config", "flows/configs/tiny.yaml",
-             *args],
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", *([] if wait else ["--no-wait"]),
+             "--working-dir", ".", "--runtime-env", "deploy/job_runtime_env.yaml", "--", "python", "flows/train.py",
+             "--config", "flows/configs/tiny.yaml", *args],
             cwd=REPO, env=submit_env, capture_output=True, text=True, timeout=600,
         )
         if "No available agent" not in job.stdout + job.stderr:
@@ -232,37 +199,49 @@ def _submit(env: dict, dash_port: int, sets: list[str]) -> subprocess.CompletedP
     return job
 
 
-def test_a_submitted_job_keeps_its_checkpoints_across_a_cluster_restart(tmp_path):
-    """README's submission, with token auth on: the job's state paths derive from the absolute state_dir
-    (never Ray's temporary copy of the working directory), so after the cluster is stopped and started
-    again, submitting the same run_name resumes from the same checkpoints and the same MLflow run."""
+def test_a_job_that_dies_with_its_cluster_resumes_on_a_new_one(tmp_path):
+    """README's submission, token auth on. The job's state paths derive from the absolute state_dir (never
+    Ray's temporary copy of the working directory). Its metrics reach MLflow while it runs, before any
+    checkpoint exists. The whole cluster -- the job's driver with it -- is SIGKILLed after checkpoint 3,
+    with a later step already logged live. On a new cluster, the same run_name resumes from that checkpoint
+    and the same MLflow run, recomputes steps MLflow already holds, and ends with every step once."""
     data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
     state = tmp_path / "state"
-    base = [f"state_dir={state}", f"train.data={data}", *SMALL, "train.checkpoint_every=2", "train.run_name=jobrun"]
+    base = [f"state_dir={state}", f"train.data={data}", *SMALL, "train.checkpoint_every=3", "train.max_steps=9",
+            "train.run_name=jobrun"]
     env = subprocess_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    store = f"sqlite:///{state}/mlflow.db"
+    marker = state / "ray_results" / "jobrun" / "checkpoint_00000003"
     head, dash_port = _start_head(env)
     try:
-        job = _submit(env, dash_port, [*base, "train.max_steps=2"])
+        job = _submit(env, dash_port, base, wait=False)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
-        assert "succeeded" in job.stdout + job.stderr
         anonymous = requests.get(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=30)
         assert anonymous.status_code == 401  # token authentication stays on
+        live, status = _live_history(store, "jobrun", time.time() + 300)
+        assert live and status == "RUNNING", (live, status)  # the loss curve shows while the run goes ...
+        assert not marker.exists() or max(live) < 3  # ... before its first checkpoint
+        deadline = time.time() + 300
+        logged: list[int] = []
+        while (not (marker / "COMPLETE").exists() or max(logged, default=0) < 4) and time.time() < deadline:
+            time.sleep(0.2)  # a step past the checkpoint reaches MLflow live: the rerun must not log it twice
+            logged = _live_history(store, "jobrun", time.time() + 60)[0]
+        assert max(logged) < 9, "the job ended before the cluster could be killed"
     finally:
-        _stop_head(head)
-    first_checkpoint = state / "ray_results" / "jobrun" / "checkpoint_00000002"
-    assert (first_checkpoint / "COMPLETE").is_file()  # under state_dir, where the job was told to keep state
+        _stop_head(head, signal.SIGKILL)
+    assert (marker / "COMPLETE").is_file() and max(logged) >= 4
 
     head, dash_port = _start_head(env)  # a new cluster: Ray's session and working-dir copies are gone
     try:
-        job = _submit(env, dash_port, [*base, "train.max_steps=4"])
+        job = _submit(env, dash_port, base)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout + job.stderr
     finally:
         _stop_head(head)
-    store = f"sqlite:///{state}/mlflow.db"  # the job's own store, not this process's globals
-    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's globals
     (run,) = client.search_runs([client.get_experiment_by_name("terminus-tiny").experiment_id],
                                 filter_string=f"tags.`{RUN_NAME_TAG}` = 'jobrun'")
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert steps == [1, 2, 3, 4]  # resumed at step 2 of the first cluster's checkpoint, nothing twice
-    assert run.data.tags["checkpoint.latest"] == str(state / "ray_results" / "jobrun" / "checkpoint_00000004")
-    assert len(client.get_registered_model("terminus-tiny").latest_versions) >= 1
+    for key in ("loss", "lr"):  # resumed at step 3 of the first cluster's checkpoint: no gap, nothing twice
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 10)), key
+    assert run.data.tags["checkpoint.latest"] == str(state / "ray_results" / "jobrun" / "checkpoint_00000009")
+    assert len(client.get_registered_model("terminus-tiny").latest_versions) == 1
