@@ -49,6 +49,58 @@ def test_redact_removes_planted_credentials(monkeypatch):
             assert secret not in out, (text, out)
 
 
+# Each text holds one credential in a shape an operator pastes; none of them is in the environment, so
+# only the patterns can catch it. (secret, text) pairs; the secret must be gone from the redacted text.
+_SLASHED = "wJalrXUtnFEMI/K7MDENG+bPxRfi/CYEXAMPLEKEY"  # AWS secret keys hold "/" and "+"
+PATTERN_ONLY = {
+    "url-password-with-slash": (_SLASHED, f"http://AKIAQ7FAKEKEY0000042:{_SLASHED}@127.0.0.1:9000/bucket"),
+    "url-password-in-an-error": (_SLASHED, f'Could not connect to the endpoint URL: "http://u:{_SLASHED}@h:9/b/k"'),
+    "azure-sas": ("sp=r&sig=Q7fake%2BSIGNATUREnotREAL%3D", "https://acct.blob.core.windows.net/c/x.jpg?sv=2022-11-02&"
+                  "se=2030-01-01&sp=r&sig=Q7fake%2BSIGNATUREnotREAL%3D"),
+    "aws-presigned": ("9f2b6c1d0e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c",
+                      "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20300101T000000Z"
+                      "&X-Amz-Signature=9f2b6c1d0e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c"),
+    "aws-presigned-token": ("IQoJb3JpZ2luX2VjEFAKEsessionTOKEN", "https://b.s3.amazonaws.com/k?"
+                            "X-Amz-Security-Token=IQoJb3JpZ2luX2VjEFAKEsessionTOKEN&X-Amz-Expires=60"),
+    "basic-auth": ("dXNlcjpodW50ZXIy", "request failed: 401 (Authorization: Basic dXNlcjpodW50ZXIy)"),
+    "pem-private-key": ("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", "key file: -----BEGIN PRIVATE KEY-----\n"
+                        "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nq7fakeLINE\n-----END PRIVATE KEY-----\nend"),
+    "pem-cut-short": ("MIIEpAIBAAKCAQEA7fake", "bad key -----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7fake"),
+    "github-token": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042", "git clone https://x-access-token:"
+                     "ghp_Q7fakeGITHUBtokenNOTreal000000000042 failed"),
+    "github-token-bare": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042", "token ghp_Q7fakeGITHUBtokenNOTreal000000000042"),
+    "databricks-token": ("dapi0123456789abcdef0123456789abcdef", "DATABRICKS_HOST=x dapi0123456789abcdef0123456789abcdef"),
+    "azure-connection-string": ("Zm9vYmFyYmF6+cXV4/cXV1eA==", "DefaultEndpointsProtocol=https;AccountName=acct;"
+                                "AccountKey=Zm9vYmFyYmF6+cXV4/cXV1eA==;EndpointSuffix=core.windows.net"),
+    "key-named-variable": ("zq8Lr3vNqPw", "STRIPE_KEY=zq8Lr3vNqPw"),
+    "pass-named-variable": ("hunter2hunter2", "DB_PASS: hunter2hunter2"),
+    "json-secret": ("q7/fake+VALUE", '{"aws_secret_access_key": "q7/fake+VALUE"}'),
+}
+
+
+@pytest.mark.parametrize("secret,text", PATTERN_ONLY.values(), ids=PATTERN_ONLY.keys())
+def test_redact_patterns_catch_credentials_that_are_not_in_the_environment(monkeypatch, secret, text):
+    for name in [k for k in os.environ if secret in os.environ[k]]:
+        monkeypatch.delenv(name)
+    from components.redact import Redactor
+
+    for out in (Redactor({})(text), redact(text)):  # an empty environment, and this process's
+        assert secret not in out and "<redacted>" in out, out
+
+
+def test_secret_named_variables_are_redacted_wherever_they_turn_up():
+    """Values of variables named *_KEY, *_PASS, *_CONNECTION_STRING (as well as SECRET, TOKEN, ...) are
+    redacted in any text, whatever their shape."""
+    from components.redact import Redactor
+
+    env = {"STRIPE_KEY": "zq8Lr3vNqPw0", "DB_PASS": "correct-horse", "OTHER": "plainvalue1",
+           "AZURE_STORAGE_CONNECTION_STRING": "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v"}
+    out = Redactor(env)("values: zq8Lr3vNqPw0 correct-horse Endpoint=sb://x/;SharedAccessKeyName=k;"
+                        "SharedAccessKey=v plainvalue1")
+    assert "zq8Lr3vNqPw0" not in out and "correct-horse" not in out and "SharedAccessKey=v" not in out
+    assert "plainvalue1" in out
+
+
 def test_redact_leaves_ordinary_values_alone(monkeypatch):
     monkeypatch.setenv("SOME_TOKEN_FLAG", "1")  # short secret-named values never blank ordinary text
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
@@ -56,7 +108,8 @@ def test_redact_leaves_ordinary_values_alone(monkeypatch):
     assert not [k for k, v in params.items() if "<redacted>" in v]
     assert params["diffusion.prediction_type"] == "v_prediction"
     for text in ("a photograph of an astronaut", "s3://bucket/prefix/x.jpg", "sqlite:////tmp/s/mlflow.db",
-                 "http://127.0.0.1:5000"):
+                 "http://127.0.0.1:5000", "http://127.0.0.1:9000/bucket/a@b.jpg", "Basic settings",
+                 "https://example.com/a.jpg?size=large&signal=1"):
         assert redact(text) == text
 
 
