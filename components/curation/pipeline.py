@@ -33,7 +33,7 @@ from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
 from components.curation.process import Curator
 from components.curation.remote import worker_args
-from components.curation.sources import Inputs, check_output, load_inputs
+from components.curation.sources import Inputs, check_no_overlap, check_output, load_inputs
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
 from components.storage import StorageUnavailable, Store, original_unavailable
 
@@ -73,10 +73,11 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
 
 
 def prepare(cfg: Config) -> Inputs:
-    """Everything checked before Ray starts: the buckets, the output, the sources (listed or read as
-    a manifest). Raises ``SourceError`` with one line."""
+    """Everything checked before Ray starts: the buckets, that the outputs do not overlap the sources,
+    the output, the sources (listed or read as a manifest). Raises ``SourceError`` with one line."""
     c = cfg.curate
     make_buckets(c.buckets)
+    check_no_overlap(c)  # before check_output creates anything
     store = Store(c.s3_endpoint_url)
     check_output(store, c.output)
     return load_inputs(c, store)

@@ -7,6 +7,7 @@ is ``tests/integration/test_faults_credentials.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -124,6 +125,47 @@ def test_params_and_reports_are_redacted(monkeypatch):
     report = redact_tree({"examples": {"unreadable": [{"detail": f"EndpointConnectionError: {FAKE_SECRET}"}]},
                           "inputs": 3})
     assert FAKE_SECRET not in repr(report) and report["inputs"] == 3
+
+
+def test_source_errors_are_redacted_when_made(monkeypatch, tmp_path):
+    """A ``SourceError`` quotes the library's error, which may quote the endpoint URL with its password;
+    the message is redacted when the error is made, whoever prints it (before: only the flows' ``fail``
+    redacted, and only what the environment or the old patterns knew). The secret is not in the environment."""
+    from components.curation.sources import SourceError, check_output, from_manifest
+
+    password = "q7/NotInTheEnv+" + "x" * 12
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = Store(f"http://{FAKE_KEY_ID}:{password}@127.0.0.1:9")
+    for call in (lambda: check_output(store, "s3://bucket/out"),
+                 lambda: from_manifest(CurateConfig(source="s3://bucket/m.jsonl"), store)):
+        with pytest.raises(SourceError) as err:
+            call()
+        message = str(err.value)
+        assert password not in message and FAKE_KEY_ID not in message and "<redacted>" in message, message
+
+
+def test_rejects_shards_and_report_carry_no_credentials(tmp_path):
+    """A dropped input's source and detail go to the rejects shards (parquet, compressed: a byte search
+    of the file would not see them) and the report; both are redacted."""
+    import pyarrow.parquet as pq
+
+    from components.curation.filters import Reason
+    from components.curation.process import Outcome
+    from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
+
+    password = "q7/NotInTheEnv+" + "y" * 12
+    leaky = Outcome(f"s3://b/in/x.jpg?X-Amz-Signature={'ab' * 32}", Reason.UNREADABLE,
+                    f"EndpointConnectionError: Could not connect to http://{FAKE_KEY_ID}:{password}@h:9/b/x.jpg")
+    store, root = Store(), str(tmp_path / "out")
+    begin(store, root)
+    agg = aggregate([write_shard(store, root, "run-00000", outcomes_table([leaky], 0.1))])
+    report = publish(store, root, "run", agg, 0.1, {"inputs": 1})
+    (rejects,) = agg["rejects"]
+    text = repr(pq.read_table(f"{root}/{rejects}").to_pylist()) + json.dumps(report)
+    for secret in (password, FAKE_KEY_ID, "ab" * 32):
+        assert secret not in text, text
 
 
 # --- manifest paths ----------------------------------------------------------------------------
