@@ -263,3 +263,33 @@ def test_overlap_is_by_whole_path_segments_and_s3_prefixes():
     for source, output in [("s3://b/in", "s3://b/input"), ("s3://b/in", "s3://c/in"), ("/data/in", "/data/input"),
                            ("/data/in", "s3://b/data/in")]:
         check_no_overlap(CurateConfig(source=source, output=output))
+
+
+# --- decoding is limited to image formats (issue 18) ----------------------------------------------
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\n%%EndComments\n"
+       b"newpath 0 0 moveto 300 300 lineto stroke showpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """PIL picks its decoder by content: PostScript saved as .jpg was opened as EPS and its load ran
+    Ghostscript where installed. Decoding is now limited to image formats (DECODE_FORMATS); the file is
+    ``not_an_image`` and Ghostscript is never called (its entry point is replaced by a recorder here, so
+    the test does not depend on Ghostscript being installed)."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a) or Image.new("RGB", (300, 300)))
+    (tmp_path / "photo.jpg").write_bytes(EPS)
+    assert Image.open(tmp_path / "photo.jpg").format == "EPS"  # what PIL makes of it without the list
+    cfg = CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512})
+    out = Curator(cfg, 0).process({"source": str(tmp_path / "photo.jpg"), "caption": "c"})
+    assert out.reason == Reason.NOT_AN_IMAGE and calls == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM"])
+def test_every_listed_image_format_still_decodes(tmp_path, fmt):
+    Image.new("RGB", (300, 300), (40, 50, 60)).save(tmp_path / "x.img", format=fmt)
+    cfg = CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512})
+    assert Curator(cfg, 0).process({"source": str(tmp_path / "x.img"), "caption": "c"}).kept
