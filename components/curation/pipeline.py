@@ -63,7 +63,7 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
     # from_blocks keeps our block boundaries and computes their metadata here; from_arrow would
     # launch one remote task per block just to read row counts (seconds of worker start-up).
     ds = ray.data.from_blocks(blocks(records, c.workers, c.rows_per_shard))
-    args = worker_args(c, num_cpus=1)  # the same for the map and the write, so that they fuse
+    args = worker_args(cfg, num_cpus=1)  # the same for the map and the write, so that they fuse
     ds = ds.map_batches(curate_block, fn_kwargs={"cfg": c, "seed": cfg.seed},
                         compute=ray.data.TaskPoolStrategy(size=c.workers), batch_size=None,
                         batch_format="pyarrow", **args)

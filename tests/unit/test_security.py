@@ -168,6 +168,43 @@ def test_rejects_shards_and_report_carry_no_credentials(tmp_path):
         assert secret not in text, text
 
 
+def test_s3_credentials_never_travel_in_the_runtime_env(monkeypatch, tmp_path):
+    """Curation workers get the driver's S3 settings through the standard credential chain: a 0600
+    shared-credentials file under the state directory, named in the runtime env with its profile. The
+    keys themselves are not in the runtime env (Ray logs it and lists it with the tasks); before, they were.
+    The file works: a boto3 session that sees only the forwarded variables gets the planted keys."""
+    import stat
+
+    import boto3
+
+    from components.curation.remote import PROFILE, worker_args
+
+    secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY/PLANTED+KEY"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "IQoJb3JpZ2luPLANTEDsessionTOKEN")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path / 'state'}",
+                                                         "curate.source=s3://lake/in", "curate.output=s3://lake/out"])
+    args = worker_args(cfg, num_cpus=1)
+    env = args["runtime_env"]["env_vars"]
+    text = json.dumps(args)
+    for planted in (secret, FAKE_KEY_ID, "IQoJb3JpZ2luPLANTEDsessionTOKEN"):
+        assert planted not in text, text
+    assert env["AWS_PROFILE"] == PROFILE and env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9000"
+    path = Path(env["AWS_SHARED_CREDENTIALS_FILE"])
+    assert path.parent == cfg.state_path("credentials")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert worker_args(cfg, num_cpus=1) == args  # the same keys reuse the same file
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)  # a worker's view: only what the runtime env forwards
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    creds = boto3.Session().get_credentials().get_frozen_credentials()
+    assert (creds.access_key, creds.secret_key, creds.token) == (FAKE_KEY_ID, secret, "IQoJb3JpZ2luPLANTEDsessionTOKEN")
+
+
 # --- manifest paths ----------------------------------------------------------------------------
 
 
