@@ -20,7 +20,7 @@ ENV = "TERMINUS_TEST_API_KEY"
 TOKEN = "sk-test-" + secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RETRY_AFTER_S = 3  # the Model deployment's backpressure_config below; the 503 must carry it
-TOLERANCE = 2  # see tests/unit/test_api_batching.py: batched float32 sums may move a pixel by one level
+TOLERANCE = 2  # see tests/unit/deploy/test_batching.py: batched float32 sums may move a pixel by one level
 
 # What the OpenAI Python client (openai 1.x, `client.images.generate(...)`) puts on the wire.
 OPENAI_HEADERS = {
