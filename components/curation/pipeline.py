@@ -35,6 +35,7 @@ from components.curation.process import Curator
 from components.curation.remote import worker_args
 from components.curation.sources import Inputs, check_no_overlap, check_output, load_inputs
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
+from components.redact import redact
 from components.storage import StorageUnavailable, Store, original_unavailable
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
     inputs = inputs if inputs is not None else prepare(cfg)
     store = Store(c.s3_endpoint_url)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    log.info("curating %d records from %s into %s (run %s)", inputs.records.num_rows, inputs.description, c.output, run_id)
+    log.info("curating %d records from %s into %s (run %s)", inputs.records.num_rows, redact(inputs.description),
+             redact(c.output), run_id)
     begin(store, c.output)
     start = time.perf_counter()
     try:
