@@ -192,7 +192,8 @@ def alias_lock(name: str, timeout_s: float = 60.0, stale_after_s: float = 30.0) 
     lock = f"{name}{LOCK_SUFFIX}"
     holder = f"promotion of {name} by {getpass.getuser()} pid {os.getpid()} on {socket.gethostname()}"
     _lock_model(client, lock)
-    ticket = int(client.create_model_version(lock, f"promotion-lock:{uuid.uuid4().hex}", description=holder,
+    # An absolute path after the scheme: a tracking server refuses a relative one as a version source.
+    ticket = int(client.create_model_version(lock, f"promotion-lock:/{uuid.uuid4().hex}", description=holder,
                                              tags={HEARTBEAT: "0"}).version)
     beat = _Heartbeat(lock, ticket, max(stale_after_s / 4, 0.05))
     beat.start()

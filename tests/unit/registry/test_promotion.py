@@ -245,7 +245,7 @@ def _dead_ticket(reg) -> str:
         reg.client.create_registered_model(lock, description="a promotion that died")
     except mlflow.exceptions.MlflowException:
         pass
-    reg.client.create_model_version(lock, "promotion-lock:dead", description="a promotion that died",
+    reg.client.create_model_version(lock, "promotion-lock:/dead", description="a promotion that died",
                                     tags={promotion.HEARTBEAT: "0"})
     return lock
 
