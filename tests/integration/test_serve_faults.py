@@ -290,7 +290,7 @@ def abused_multipart(draw):
     """(content-type, body, must_refuse): a small valid edit whose multipart structure is then abused:
     the part count, nesting, the boundary, duplicate fields, huge or many headers, the framing."""
     boundary = draw(st.sampled_from([b"fuzzboundary", b"b", b"x" * 70, b"'()+_,-./:=?b"]))
-    payloads = {b"image": png(), b"prompt": b"a red cube", b"steps": b"1"}
+    payloads = {b"image": png(), b"prompt": b"a red cube", b"steps": b"2"}  # 2 x strength 0.8: one step
     parts = [part(n, f, payloads[n], boundary) for n, f in VALID_PARTS]
     kind = draw(st.sampled_from(["many", "nested", "duplicate", "header", "headers", "boundary-long", "boundary-empty",
                                  "boundary-other", "cut", "no-crlf", "preamble", "lookalike", "epilogue", "none"]))
@@ -322,8 +322,9 @@ def abused_multipart(draw):
         parts[0] = b"preamble text\r\n" + parts[0]
     elif kind == "no-crlf":
         parts[1] = parts[1].replace(b"\r\n", b"\n")
-    elif kind == "lookalike":  # still valid: data that looks like the start of a boundary
-        parts[1] = part(b"prompt", None, b"a red cube --" + boundary[:-1] + b" \r\n--" + boundary[:-1], boundary)
+    elif kind == "lookalike":  # still valid: image data (after the PNG's end) that nearly is a boundary
+        near = b"\r\n--" + boundary[:-1]
+        parts[0] = part(b"image", b"a.png", payloads[b"image"] + near + b"\r\n" + near + b"-", boundary)
     body = b"".join(parts) + b"--" + boundary + b"--\r\n"
     if kind == "cut":
         body = body[: draw(st.integers(0, len(body) - 3))]
