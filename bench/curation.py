@@ -98,17 +98,20 @@ def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1
     from components.curation.sources import load_inputs
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, ray_session():
-        images = os.path.join(tmp, "images")
+        # Inputs and outputs in separate folders: curation refuses an output inside a source's root.
+        inputs, outputs = os.path.join(tmp, "inputs"), os.path.join(tmp, "outputs")
+        images = os.path.join(inputs, "images")
         os.makedirs(images)
-        with open(os.path.join(tmp, "manifest.jsonl"), "w") as fh:
+        os.makedirs(outputs)
+        with open(os.path.join(inputs, "manifest.jsonl"), "w") as fh:
             for i in range(n_images):
                 with open(os.path.join(images, f"{i:05d}.jpg"), "wb") as img:
                     img.write(synthetic_photo(width, height, i))
                 fh.write(json.dumps({"path": f"images/{i:05d}.jpg", "caption": f"synthetic photo {i}"}) + "\n")
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = workers or max(1, cpus)
-        manifest = os.path.join(tmp, "manifest.jsonl")
-        loop_cfg = bench_config(base, manifest, os.path.join(tmp, "out-loop"), workers)
+        manifest = os.path.join(inputs, "manifest.jsonl")
+        loop_cfg = bench_config(base, manifest, os.path.join(outputs, "out-loop"), workers)
         records = load_inputs(loop_cfg.curate, Store()).records.to_pylist()
 
         start = time.perf_counter()
@@ -116,14 +119,14 @@ def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1
         loop_s = time.perf_counter() - start
 
         warm = min(n_images, warmup_images or 4 * workers)
-        warm_manifest = os.path.join(tmp, "warmup.jsonl")
+        warm_manifest = os.path.join(inputs, "warmup.jsonl")
         with open(manifest) as src, open(warm_manifest, "w") as dst:
             dst.writelines(src.readlines()[:warm])
         start = time.perf_counter()
-        curate(bench_config(base, warm_manifest, os.path.join(tmp, "out-warmup"), workers))
+        curate(bench_config(base, warm_manifest, os.path.join(outputs, "out-warmup"), workers))
         first_run_s = time.perf_counter() - start
 
-        pipe_cfg = bench_config(base, manifest, os.path.join(tmp, "out-ray"), workers)
+        pipe_cfg = bench_config(base, manifest, os.path.join(outputs, "out-ray"), workers)
         start = time.perf_counter()
         pipe_report = curate(pipe_cfg)
         pipe_s = time.perf_counter() - start

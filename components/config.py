@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -399,6 +400,9 @@ class TrackingConfig(Strict):
     """Registered model that training adds versions to."""
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class ServeConfig(Strict):
     """The Ray Serve endpoint (OpenAI Images API)."""
 
@@ -425,7 +429,8 @@ class ServeConfig(Strict):
     poll_alias_s: float = Field(2.0, ge=0)
     """How often a replica checks whether its alias moved (0: never; a pinned version never moves)."""
     api_key_env: str | None = None
-    """Name of an env var holding a bearer token; None leaves the endpoint open (loopback default)."""
+    """Name of an env var holding a bearer token (surrounding whitespace of its value is ignored); None
+    leaves the endpoint open (loopback default). An empty name is refused, never read as "no key"."""
     min_side: int = Field(64, gt=0)
     """Smallest image side a request may ask for (pixels)."""
     max_upload_pixels: int = Field(4096 * 4096, gt=0)
@@ -441,6 +446,10 @@ class ServeConfig(Strict):
     def _check(self) -> ServeConfig:
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
+        if self.api_key_env is not None and not ENV_NAME.fullmatch(self.api_key_env):
+            # "" would read as "no key" and leave the endpoint open without a word; say so instead.
+            raise ValueError(f"api_key_env {self.api_key_env!r} is not the name of an environment variable "
+                             "(letters, digits, _); leave it null to serve without a key")
         return self
 
 
@@ -631,9 +640,11 @@ def coerce_override(dotted: str, raw: str):
     """An override's value, typed by the field it sets: text fields take the text as written
     (``train.run_name=20241130`` stays a string, ``tracking.experiment=off`` is not False), ``null``
     clears an optional one; everything else is parsed as YAML (numbers, booleans, lists)."""
+    if not raw.strip():  # `--set key=$UNSET_VARIABLE`: never read as "clear it" (that may turn auth off)
+        raise ConfigError(f"--set {dotted}= has no value: give one, or null to clear the field")
     textual, optional = _takes_text(_field_annotation(dotted.split(".")))
     if textual:
-        if optional and raw.strip() in ("null", "~", "None", ""):
+        if optional and raw.strip() in ("null", "~", "None"):
             return None
         return raw
     try:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from components.config import RecurringError
-from components.storage import Store, join, read_parquet
+from components.storage import Store, child, join, read_parquet
 
 SUCCESS = "_SUCCESS"
 REPORT = "report.json"
@@ -86,6 +86,13 @@ def read_manifest(root: str, endpoint_url: str | None = None) -> CuratedManifest
             f"{root} has no {SUCCESS} marker: curation did not finish there; run flows/curate.py first"
         )
     data = json.loads(blob)
+    for split, files in data["files"].items():
+        for rel in files:  # readers open root/rel: a list that points elsewhere is refused, not followed
+            try:
+                child(root, rel)
+            except ValueError:
+                raise IncompleteDatasetError(f"{root}/{SUCCESS} lists {split} shard {rel!r}, which is outside the "
+                                             "dataset: refused (rerun flows/curate.py into this output)") from None
     return CuratedManifest(root=root, digest=data["digest"], files=data["files"], rows=data["rows"],
                            endpoint_url=endpoint_url, nbytes=data.get("nbytes"))
 

@@ -3,7 +3,8 @@ lines passes through :func:`redact` (docs/reliability.md, "No credential publish
 
 Two nets: the values of secret-named environment variables wherever they turn up (read once per call
 from a thread-safe snapshot, ``components.environment.snapshot``), then patterns for credentials that
-are not in the environment (AWS key ids, tokens, ``key=value`` secrets, URL passwords).
+are not in the environment (AWS key ids, GitHub, Databricks and Hugging Face tokens, bearer and basic
+credentials, PEM private keys, signed-URL signatures, ``key=value`` secrets, URL passwords).
 """
 
 from __future__ import annotations
@@ -13,15 +14,31 @@ import re
 from components.environment import snapshot
 
 SECRET_PATTERNS = [
+    # PEM private keys, whole or cut short (an error line truncated after the BEGIN line).
+    re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)"),
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids (long-term and temporary)
     re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),  # Hugging Face tokens
+    re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{30,}"),  # GitHub tokens
+    re.compile(r"\bdapi[0-9a-f]{32}(?:-\d+)?\b"),  # Databricks personal access tokens
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),  # Authorization header values
-    re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),  # user:password@ in a URL
-    re.compile(r"(?i)(secret|token|password|passwd|api_key|apikey)[^=:\s]*\s*[=:]\s*\S+"),
+    # Basic credentials (base64 of user:password): capital B as in the header, and not a plain lowercase
+    # word, so that prose ("Basic settings") stays as it is.
+    re.compile(r"\bBasic\s+(?=[A-Za-z0-9+/]*[A-Z0-9+/])[A-Za-z0-9+/]{8,}={0,2}"),
+    # user:password@ in a URL; the password may hold "/" and "+" (AWS secret keys pasted raw do), not "@" or
+    # spaces. A port followed by a path ("host:9000/a@b.jpg") is not a password.
+    re.compile(r"(?<=://)[^/\s:@]+:(?!\d+/)[^\s@]+(?=@)"),
+    # Signed URLs: Azure SAS signatures, AWS SigV4 query authentication.
+    re.compile(r"(?i)(?:^|(?<=[?&;\s]))(?:sig|x-amz-signature|x-amz-credential|x-amz-security-token)=[^&\s\"']+"),
+    # key=value or key: value where the key names a secret (connection strings: AccountKey=...;).
+    re.compile(r"(?i)[\w.-]*(?:secret|token|password|passwd|pwd|api_?key|access_?key|account_?key|private_?key"
+               r"|_key|_pass|connection_?string|sharedaccesssignature)[\w.-]*[\"']?\s*[=:]\s*[^\s;,]+"),
 ]
-SECRET_ENV = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY)")
+SECRET_ENV = re.compile(
+    r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|_KEY$|_PASS$|CONNECTION_STRING)"
+)
 """Environment variables whose values are secrets wherever they turn up (AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD, HF_TOKEN, RAY_AUTH_TOKEN, ...), with or without a pattern."""
+AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD, HF_TOKEN, RAY_AUTH_TOKEN, STRIPE_KEY, DB_PASS,
+AZURE_STORAGE_CONNECTION_STRING, ...), with or without a pattern."""
 MIN_SECRET_LEN = 8
 """Shorter values (``1``, ``true``) are not treated as secrets: they would blank ordinary text."""
 

@@ -42,6 +42,21 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def dot_segments(key: str) -> bool:
+    """True when ``key`` has a ``.`` or ``..`` segment. S3 stores such a key literally, but an HTTP
+    layer on the way (a proxy, an S3-compatible server) may resolve it to another object, and a cache
+    that maps keys to files would write outside its directory: such keys are refused everywhere."""
+    return any(part in (".", "..") for part in key.split("/"))
+
+
+def object_key(uri: str) -> tuple[str, str]:
+    """``split_s3`` for a URI that names one object; ``ValueError`` for a key with dot segments."""
+    bucket, key = split_s3(uri)
+    if dot_segments(key):
+        raise ValueError(f"object key {key!r} has '.' or '..' segments: refused (it could name another object)")
+    return bucket, key
+
+
 class StorageUnavailable(RuntimeError):
     """The store itself failed (not one object): stop the run rather than drop or skip inputs."""
 
@@ -107,14 +122,25 @@ def read_parquet(uri: str, endpoint_url: str | None = None):
     return pq.read_table(uri[len("s3://"):], filesystem=fs)
 
 
+def child(root: str, rel: str) -> str:
+    """``root/rel`` for a relative path that stays under ``root`` once normalised; ``ValueError`` for
+    one that would leave it (``..``, an absolute path) or names ``root`` itself. For paths read from
+    files (a dataset's ``_SUCCESS`` list) that must not point elsewhere."""
+    norm = posixpath.normpath(rel) if rel else ""
+    if not rel or rel.startswith("/") or norm in (".", "..") or norm.startswith("../") or dot_segments(rel):
+        raise ValueError(f"path {rel!r} escapes {root}")
+    return join(root, norm)
+
+
 def safe_relative(key: str, prefix: str) -> str:
-    """``key`` (under ``prefix``) as a normalised relative path; ``ValueError`` when it would leave it
-    (``..`` segments, an absolute part), so a hostile object name cannot write outside a cache."""
+    """``key`` (under ``prefix``) as a relative path; ``ValueError`` when it would leave the prefix
+    (``..`` segments, an absolute part) or is not in normal form (``.`` segments, ``//``: two keys
+    must never name the same cached file), so a hostile object name cannot write outside a cache."""
     rel = key[len(prefix):]
-    norm = posixpath.normpath(rel)
-    if not key.startswith(prefix) or not rel or norm.startswith(("../", "/")) or norm in ("..", "."):
-        raise ValueError(f"object key {key!r} escapes its prefix {prefix!r}")
-    return norm
+    parts = rel.split("/")
+    if not key.startswith(prefix) or not rel or dot_segments(rel) or "" in parts:
+        raise ValueError(f"object key {key!r} escapes its prefix {prefix!r} or is not in normal form")
+    return rel
 
 
 class Store:
@@ -148,7 +174,7 @@ class Store:
 
     def read(self, uri: str) -> bytes:
         if is_s3(uri):
-            bucket, key = split_s3(uri)
+            bucket, key = object_key(uri)
             with self._s3("read", uri):
                 return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         with open(uri, "rb") as fh:
@@ -157,7 +183,7 @@ class Store:
     def read_if_exists(self, uri: str) -> bytes | None:
         """The object's bytes, or None when there is no such object (other failures raise)."""
         if is_s3(uri):
-            bucket, key = split_s3(uri)
+            bucket, key = object_key(uri)
             with self._s3("read", uri):
                 try:
                     return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -181,7 +207,7 @@ class Store:
 
     def write(self, uri: str, data: bytes) -> None:
         if is_s3(uri):
-            bucket, key = split_s3(uri)
+            bucket, key = object_key(uri)
             with self._s3("write", uri):
                 self.client.put_object(Bucket=bucket, Key=key, Body=data)
             return
@@ -199,14 +225,15 @@ class Store:
 
     def delete(self, uri: str) -> None:
         if is_s3(uri):
-            bucket, key = split_s3(uri)
+            bucket, key = object_key(uri)
             with self._s3("delete", uri):
                 self.client.delete_object(Bucket=bucket, Key=key)
         elif os.path.exists(uri):
             os.unlink(uri)
 
     def list(self, root: str) -> Iterator[str]:
-        """Every file under ``root`` (recursive), as full URIs/paths, in sorted order per directory."""
+        """Every file under ``root`` (recursive), as full URIs/paths, in sorted order per directory.
+        S3 keys come as stored (callers refuse those with dot segments, see ``dot_segments``)."""
         if is_s3(root):
             bucket, prefix = split_s3(root)
             prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
@@ -224,7 +251,7 @@ class Store:
 
     def exists(self, uri: str) -> bool:
         if is_s3(uri):
-            bucket, key = split_s3(uri)
+            bucket, key = object_key(uri)
             from botocore.exceptions import ClientError
 
             try:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import io
 import re
 import secrets
-from email import message_from_bytes
-from email.policy import HTTP
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from components.config import Config
 from components.diffusion.request import GenerationRequest, GenerationResult
@@ -214,6 +215,21 @@ def to_request(
     )
 
 
+def api_token(env_name: str | None, environ: Mapping[str, str]) -> bytes | None:
+    """The bearer key every /v1 route requires: the value of the variable ``serve.api_key_env`` names,
+    stripped (a key made with ``kubectl create secret --from-file`` ends with a newline no client
+    sends: every request was a 401); None when no variable is named. A variable that is named but unset
+    or blank fails closed: the replica does not start."""
+    if env_name is None:
+        return None
+    value = (environ.get(env_name) or "").strip()
+    if not value:
+        raise RuntimeError(f"serve.api_key_env is {env_name!r} but that variable is unset or blank in the ingress "
+                           "replica; set it there (runtime_env env_vars, a Kubernetes Secret) or unset "
+                           "serve.api_key_env")
+    return value.encode()
+
+
 # --- uploaded images -----------------------------------------------------------------------------
 
 
@@ -275,34 +291,120 @@ def fit_edit_images(
 
 # --- multipart/form-data -------------------------------------------------------------------------
 
+MAX_PARTS = 32
+"""Parts one edit request may have: an image, a mask and the twenty-odd form fields, with room to spare.
+The body is refused at the first part past it: 140,000 tiny parts in 8 MiB cost the standard library's
+MIME parser about 28 s of CPU."""
+MAX_PART_HEADERS = 8
+"""Header lines per part (Content-Disposition, Content-Type and a few more a client may add)."""
+MAX_HEADER_BYTES = 4096
+"""Longest header line of a part."""
+BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
+"""RFC 2046 section 5.1.1: 1 to 70 of these characters, the last not a space."""
+PLAIN_ENCODINGS = {b"7bit", b"8bit", b"binary"}
 
-def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
-    """``multipart/form-data`` -> (text fields, file fields), with the standard library's MIME parser.
 
-    RFC 7578 form data is MIME multipart, which ``email`` parses (the route PEP 594 names for code
-    that used ``cgi``). The body has already been size-capped by the caller.
-    """
-    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise ApiError(400, "this endpoint expects multipart/form-data with a boundary (image, mask, prompt, ...)")
-    msg = message_from_bytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body, policy=HTTP)
-    if not msg.is_multipart():
-        raise ApiError(400, "malformed multipart body")
-    fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise ApiError(400, "a multipart part has no name")
-        payload = part.get_payload(decode=True) or b""
+class _FormParts:
+    """The callbacks of python-multipart's streaming parser: collects the parts of one body, refusing
+    (``ApiError``) as soon as a limit or a rule is broken, so a hostile body costs little CPU."""
+
+    def __init__(self):
+        self.fields: dict[str, str] = {}
+        self.files: dict[str, bytes] = {}
+        self.count = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._field = self._value = b""
+        self._name: str | None = None
+        self._is_file = False
+        self._chunks: list[bytes] = []
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.part_begin, "on_header_field": self.header_field,
+                "on_header_value": self.header_value, "on_header_end": self.header_end,
+                "on_headers_finished": self.headers_finished, "on_part_data": self.part_data,
+                "on_part_end": self.part_end}
+
+    def part_begin(self) -> None:
+        self.count += 1
+        if self.count > MAX_PARTS:
+            raise ApiError(400, f"multipart body has more than {MAX_PARTS} parts (image, mask and the form fields)")
+        self._headers, self._chunks, self._name = {}, [], None
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def header_end(self) -> None:
+        name = self._field.strip().lower()
+        if name in self._headers:
+            raise ApiError(400, f"a multipart part repeats its {name.decode('latin-1')!r} header")
+        self._headers[name] = self._value.strip()
+        self._field = self._value = b""
+
+    def headers_finished(self) -> None:
+        kind, options = parse_options_header(self._headers.get(b"content-disposition"))
+        raw = options.get(b"name")
+        if kind != b"form-data" or not raw:
+            raise ApiError(400, "a multipart part has no name (Content-Disposition: form-data; name=...)")
+        part_type, _ = parse_options_header(self._headers.get(b"content-type"))
+        if part_type.startswith(b"multipart/"):
+            raise ApiError(400, "nested multipart is not accepted: send each file as its own part")
+        encoding = self._headers.get(b"content-transfer-encoding", b"binary").lower()
+        if encoding not in PLAIN_ENCODINGS:
+            raise ApiError(400, f"Content-Transfer-Encoding {encoding.decode('latin-1')!r} is not accepted: send "
+                           "files as binary (RFC 7578)")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "a multipart part name is not UTF-8 text") from None
         name = name[:-2] if name.endswith("[]") else name  # OpenAI's client sends image[] for lists
-        if name in fields or name in files:
+        if name in self.fields or name in self.files:
             raise ApiError(400, f"field {name!r} given more than once (one image and one mask per request)",
                            param=name)
-        if part.get_filename() is not None or name in ("image", "mask"):
-            files[name] = payload
-        else:
-            try:
-                fields[name] = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, f"field {name!r} is not UTF-8 text", param=name) from None
-    return fields, files
+        self._name, self._is_file = name, b"filename" in options or name in ("image", "mask")
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        self._chunks.append(data[start:end])
+
+    def part_end(self) -> None:
+        payload, name = b"".join(self._chunks), self._name
+        self._chunks = []
+        if name is None:  # a part whose headers never finished: the parser reports the body as malformed
+            return
+        if self._is_file:
+            self.files[name] = payload
+            return
+        try:
+            self.fields[name] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"field {name!r} is not UTF-8 text", param=name) from None
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
+    """``multipart/form-data`` -> (text fields, file fields), with python-multipart's streaming parser
+    (the one FastAPI uses). The body has already been size-capped by the caller.
+
+    CPU-bound, so the ingress runs it off its event loop; and bounded: at most ``MAX_PARTS`` parts of at
+    most ``MAX_PART_HEADERS`` header lines of ``MAX_HEADER_BYTES`` each, no nested multipart (the parser
+    does not recurse at all: a body nested 3,000 deep made the ``email`` parser raise RecursionError,
+    a 500), and the body must end with its closing boundary.
+    """
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        raise ApiError(400, "this endpoint expects multipart/form-data with a boundary (image, mask, prompt, ...)")
+    boundary = options.get(b"boundary", b"")
+    if not BOUNDARY_RE.fullmatch(boundary.decode("latin-1")):
+        raise ApiError(400, "multipart/form-data needs a boundary of 1 to 70 characters (RFC 2046)")
+    parts = _FormParts()
+    parser = MultipartParser(boundary, parts.callbacks(), max_header_count=MAX_PART_HEADERS,
+                             max_header_size=MAX_HEADER_BYTES)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as err:  # what the parser itself refuses: bad boundary lines, headers past the caps
+        raise ApiError(400, f"malformed multipart body ({str(err)[:100]})") from None
+    if parser.state != MultipartState.END:
+        raise ApiError(400, "malformed multipart body: it ends before its closing boundary")
+    return parts.fields, parts.files

@@ -12,6 +12,11 @@ image-to-image without one), GET /v1/models, GET /healthz (open, for probes). Wh
 ``serve.api_key_env`` names an environment variable, every /v1 route requires
 ``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run.
 
+The ingress's event loop serves every client, so nothing CPU-bound runs on it: parsing a body (JSON,
+multipart), decoding and resizing uploads, and encoding the response run in worker threads. ``/healthz``
+answers from a readiness the ingress keeps current itself (one model call per ``HEALTH_POLL_S``), so
+probes, which need no key, never take the model's queue slots.
+
 Resources and scaling live in ``deploy/serve.yaml``; the decorator values below are the fallbacks
 for ``serve.run(build_app(...))`` from Python. Nothing runs at import.
 """
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,6 +47,7 @@ from components.diffusion.request import GenerationRequest, GenerationResult
 from components.registry.tracking import tracking_uri
 from deploy.api import (
     ApiError,
+    api_token,
     decode_upload,
     error_body,
     parse_multipart,
@@ -52,7 +59,11 @@ from deploy.api import (
 # Model-side modules (torch, diffusers, mlflow) are imported inside Model only: the Ingress replica
 # imports this module too, and stays light without them.
 
+HEALTH_POLL_S = 1.0
+"""How often the ingress asks the model deployment whether a version is loaded (``/healthz`` reads the answer)."""
 HEALTH_TIMEOUT_S = 2.0
+HEALTH_STALE_S = HEALTH_POLL_S + HEALTH_TIMEOUT_S + 2.0
+"""An answer older than this is not trusted (the watcher itself is stuck): ``/healthz`` says 503."""
 UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
 
 
@@ -72,11 +83,12 @@ class Model:
         self.cfg = Config.model_validate(config)
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
-        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference)
+        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference, period_s=self.cfg.serve.poll_alias_s)
         # Loaded before the constructor returns: Serve runs check_health once right after it, and a
-        # replica receives traffic only once that passes.
-        self.holder.refresh()
-        self.holder.start_polling(self.cfg.serve.poll_alias_s)
+        # replica receives traffic only once that passes. A version that does not load is not an outage:
+        # the replica starts on the last good one (deploy/holder.py) and keeps watching the alias.
+        self.holder.start()
+        self.holder.start_polling()
         self._batched.set_max_batch_size(self.cfg.serve.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
 
@@ -128,6 +140,46 @@ async def _server_error(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"internal server error ({type(err).__name__})", "server_error"), status_code=500)
 
 
+class Readiness:
+    """What ``/healthz`` answers, kept current by one watcher task that asks the model deployment every
+    ``poll_s`` (``ask``: its ``info`` call). The watcher starts with the first probe, on the loop that
+    serves requests, and the first probe waits for its first answer."""
+
+    def __init__(self, ask: Callable[[], Awaitable[dict]], poll_s: float = HEALTH_POLL_S,
+                 timeout_s: float = HEALTH_TIMEOUT_S, stale_s: float = HEALTH_STALE_S):
+        self.ask, self.poll_s, self.timeout_s, self.stale_s = ask, poll_s, timeout_s, stale_s
+        self._last: tuple[float, dict | None, str] = (0.0, None, "starting")  # (when, info, why not ready)
+        self._checked = asyncio.Event()
+        self._watcher: asyncio.Task | None = None
+
+    async def _check(self) -> None:
+        try:
+            info = await asyncio.wait_for(self.ask(), timeout=self.timeout_s)
+            self._last = (time.monotonic(), info, "")
+        except Exception as err:  # any failure to answer means not ready, whatever its cause
+            self._last = (time.monotonic(), None, type(err).__name__)
+        self._checked.set()
+
+    async def _watch(self) -> None:
+        while True:
+            await self._check()
+            await asyncio.sleep(self.poll_s)
+
+    async def current(self) -> tuple[dict | None, str]:
+        """(the model's info, "") when ready, else (None, why not)."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if not self._checked.is_set():
+            try:
+                await asyncio.wait_for(self._checked.wait(), timeout=self.timeout_s + 1.0)
+            except TimeoutError:
+                pass
+        checked_at, info, why = self._last
+        if info is not None and time.monotonic() - checked_at > self.stale_s:
+            return None, "stale"  # the watcher itself is stuck: do not vouch for an old answer
+        return info, why
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (checked as it streams in, so a
     missing or false Content-Length does not get around it)."""
@@ -154,15 +206,9 @@ class Ingress:
         self.model = model
         self.cfg = Config.model_validate(config)
         self.served_name = served_name
-        self.token: bytes | None = None
-        env = self.cfg.serve.api_key_env
-        if env:
-            value = os.environ.get(env)
-            if not value:  # fail closed: a configured but missing key must not leave the endpoint open
-                raise RuntimeError(f"serve.api_key_env is {env!r} but that variable is empty in the ingress "
-                                   "replica; set it there (runtime_env env_vars, a Kubernetes Secret) or unset "
-                                   "serve.api_key_env")
-            self.token = value.encode()
+        # Fails closed: a configured but unset or blank key never leaves the endpoint open.
+        self.token: bytes | None = api_token(self.cfg.serve.api_key_env, os.environ)
+        self.readiness = Readiness(self._info)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -181,11 +227,11 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """Ready only once a model replica has its version loaded and answers (the probe for load
-        balancers); 503 while none is loaded, or while the model's queue is full."""
-        try:
-            info = await asyncio.wait_for(self._info(), timeout=HEALTH_TIMEOUT_S)
-        except Exception as err:  # any failure to answer means not ready, whatever its cause
-            return JSONResponse({"status": "unavailable", "reason": type(err).__name__}, status_code=503,
+        balancers); 503 while none is loaded. Answered from ``Readiness``: any number of anonymous
+        probes costs one model call per HEALTH_POLL_S, and never a queue slot of a paying request."""
+        info, why = await self.readiness.current()
+        if info is None:
+            return JSONResponse({"status": "unavailable", "reason": why}, status_code=503,
                                 headers=self._retry_after(None))
         return JSONResponse({"status": "ready", "model": info["name"], "version": info["version"]})
 
@@ -201,11 +247,15 @@ class Ingress:
     async def generations(self, request: Request) -> JSONResponse:
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
+        return await self._respond(await asyncio.to_thread(self._generation_request, body))
+
+    def _generation_request(self, body: bytes) -> GenerationRequest:
+        """JSON body -> request (a worker thread: parsing up to max_upload_bytes of JSON is CPU)."""
         try:
             raw = json.loads(body)
         except (ValueError, RecursionError):
             raise ApiError(400, "request body is not valid JSON") from None
-        return await self._respond(to_request(parse_params(raw), self.cfg, self.served_name))
+        return to_request(parse_params(raw), self.cfg, self.served_name)
 
     @api.post("/v1/images/edits")
     async def edits(self, request: Request) -> JSONResponse:
@@ -215,7 +265,13 @@ class Ingress:
         full range) and ``inference.img2img_strength`` (0.8)."""
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
-        fields, files = parse_multipart(request.headers.get("content-type", ""), body)
+        content_type = request.headers.get("content-type", "")
+        return await self._respond(await asyncio.to_thread(self._edit_request, content_type, body))
+
+    def _edit_request(self, content_type: str, body: bytes) -> GenerationRequest:
+        """Multipart body -> request (a worker thread: parsing, decoding and resizing the uploads is CPU,
+        seconds for a 4096x4096 image and its mask, and would stall every other client on the loop)."""
+        fields, files = parse_multipart(content_type, body)
         unknown = set(files) - {"image", "mask"}
         if unknown:
             raise ApiError(400, f"unexpected file field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
@@ -223,7 +279,7 @@ class Ingress:
             raise ApiError(400, "missing required file 'image'", param="image")
         image = decode_upload(files["image"], "image", self.cfg)
         mask = decode_upload(files["mask"], "mask", self.cfg) if "mask" in files else None
-        return await self._respond(to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask))
+        return to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask)
 
     async def _call(self, awaitable):
         """Await a model call, mapping Serve's capacity and availability errors to 503 + Retry-After."""
@@ -239,6 +295,10 @@ class Ingress:
     async def _respond(self, request: GenerationRequest) -> JSONResponse:
         out: GenerationResult = await self._call(self.model.generate.remote(request))
         raise_for_result(out)
+        return await asyncio.to_thread(self._render, out)  # base64 and JSON of n images: CPU
+
+    @staticmethod
+    def _render(out: GenerationResult) -> JSONResponse:
         body = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}

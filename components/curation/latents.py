@@ -112,11 +112,11 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
             batch_size=c.batch_size,
             batch_format="pyarrow",
             num_gpus=c.cache_num_gpus,
-            **worker_args(c, num_cpus=1),
+            **worker_args(cfg, num_cpus=1),
         )
         sink = CuratedDatasink(output, run_id, c.s3_endpoint_url, min_rows_per_write=c.rows_per_shard,
                                schema=dataset.LATENT_SCHEMA)
-        write_to(ds, sink, c)
+        write_to(ds, sink, cfg)
         results = sink.results
     wall = time.perf_counter() - start
     agg = aggregate(results)

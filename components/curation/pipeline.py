@@ -33,8 +33,9 @@ from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
 from components.curation.process import Curator
 from components.curation.remote import worker_args
-from components.curation.sources import Inputs, check_output, load_inputs
+from components.curation.sources import Inputs, check_no_overlap, check_output, load_inputs
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
+from components.redact import redact
 from components.storage import StorageUnavailable, Store, original_unavailable
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
     # from_blocks keeps our block boundaries and computes their metadata here; from_arrow would
     # launch one remote task per block just to read row counts (seconds of worker start-up).
     ds = ray.data.from_blocks(blocks(records, c.workers, c.rows_per_shard))
-    args = worker_args(c, num_cpus=1)  # the same for the map and the write, so that they fuse
+    args = worker_args(cfg, num_cpus=1)  # the same for the map and the write, so that they fuse
     ds = ds.map_batches(curate_block, fn_kwargs={"cfg": c, "seed": cfg.seed},
                         compute=ray.data.TaskPoolStrategy(size=c.workers), batch_size=None,
                         batch_format="pyarrow", **args)
@@ -73,10 +74,11 @@ def run_pipeline(cfg: Config, records: pa.Table, run_id: str) -> list[dict]:
 
 
 def prepare(cfg: Config) -> Inputs:
-    """Everything checked before Ray starts: the buckets, the output, the sources (listed or read as
-    a manifest). Raises ``SourceError`` with one line."""
+    """Everything checked before Ray starts: the buckets, that the outputs do not overlap the sources,
+    the output, the sources (listed or read as a manifest). Raises ``SourceError`` with one line."""
     c = cfg.curate
     make_buckets(c.buckets)
+    check_no_overlap(c)  # before check_output creates anything
     store = Store(c.s3_endpoint_url)
     check_output(store, c.output)
     return load_inputs(c, store)
@@ -92,7 +94,8 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
     inputs = inputs if inputs is not None else prepare(cfg)
     store = Store(c.s3_endpoint_url)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    log.info("curating %d records from %s into %s (run %s)", inputs.records.num_rows, inputs.description, c.output, run_id)
+    log.info("curating %d records from %s into %s (run %s)", inputs.records.num_rows, redact(inputs.description),
+             redact(c.output), run_id)
     begin(store, c.output)
     start = time.perf_counter()
     try:

@@ -25,6 +25,12 @@ from components.curation import transforms as tf
 from components.curation.filters import Reason
 from components.storage import StorageUnavailable, Store
 
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+"""The only formats PIL may decode here: the API's (PNG, JPEG, WebP, deploy/api.py ``IMAGE_FORMATS``) and
+the other formats of ``sources.IMAGE_EXTENSIONS`` (the demo photos include a GIF; PPM covers .pgm).
+Anything else is ``not_an_image`` whatever its name says: without the list PIL picks a decoder by the
+content, and PostScript named .jpg would be handed to Ghostscript (an interpreter) where it is installed."""
+
 
 @dataclass
 class Outcome:
@@ -109,9 +115,10 @@ class Curator:
             # Our own pixel cap (below) replaces PIL's warning; PIL still raises past 2x its limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                im = Image.open(io.BytesIO(data))
+                im = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
             except UnidentifiedImageError:
-                return Outcome(source, Reason.NOT_AN_IMAGE, f"{len(data)} bytes, no known image format")
+                return Outcome(source, Reason.NOT_AN_IMAGE,
+                               f"{len(data)} bytes, not {', '.join(DECODE_FORMATS)}")
             except Image.DecompressionBombError as err:
                 return Outcome(source, Reason.DECOMPRESSION_BOMB, str(err)[:300])
             except Exception as err:  # a header PIL recognised but cannot parse

@@ -1,32 +1,79 @@
-"""How curation's Ray tasks and actors are launched: the resources they ask for and the settings
-they get for S3."""
+"""How curation's Ray tasks and actors are launched: the resources they ask for, and how they reach S3.
+
+S3 credentials never travel in a runtime env: Ray logs the runtime env it sets up (its runtime-env
+agent, at INFO, into the session's logs) and shows it in task listings. Workers find credentials
+through the standard chain of boto3 and of pyarrow's AWS SDK: their own environment or instance role
+(a cluster's nodes), else a shared-credentials file. When the driver holds keys in its environment (a
+laptop, a test against a local S3), they are written once to such a file, readable by the user only
+(0600, in a 0700 folder under the state directory, which on a cluster is shared storage), and the
+workers get its path and profile name. Settings that are not secret (endpoint, region) travel as they are.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
-from components.config import CurateConfig
+from components.config import Config
+from components.environment import snapshot
 
-# boto3's standard settings. Forwarded to the curation workers when the driver has them, so a run
-# started with credentials in its environment (a Ray job, a test against a local S3) works on
-# workers started without them; on a cluster with instance roles nothing is set and nothing travels.
-AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+FORWARDED = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+             "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+"""boto3's standard settings that may travel to workers: where to look for credentials, never the keys."""
+PROFILE = "terminus-curation"
+"""The profile of the credentials file written from the driver's environment keys."""
 
 
-def worker_args(cfg: CurateConfig, num_cpus: float) -> dict:
+def write_credentials(folder: Path, key_id: str, secret: str, token: str | None) -> Path:
+    """A shared-credentials file holding one profile, ``PROFILE``; 0600 in a 0700 folder. Named by a hash
+    of its content, so every run with the same keys reuses one file and a rotated key gets a new one."""
+    body = f"[{PROFILE}]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"
+    if token:
+        body += f"aws_session_token = {token}\n"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask, and the folder may exist already
+    path = folder / f"aws-{hashlib.sha256(body.encode()).hexdigest()[:16]}"
+    if not path.is_file():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")  # created 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(body)
+            os.replace(tmp, path)  # whole or absent, for a worker reading it at the same moment
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return path
+
+
+def s3_worker_env(cfg: Config) -> dict[str, str]:
+    """Environment variables for workers that read or write S3: the driver's standard settings, and,
+    when the driver's keys are in its environment, a credentials file's path and profile instead of them."""
+    env = snapshot()
+    out = {k: env[k] for k in FORWARDED if env.get(k)}
+    key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if key_id and secret:
+        path = write_credentials(cfg.state_path("credentials"), key_id, secret, env.get("AWS_SESSION_TOKEN"))
+        out.update(AWS_SHARED_CREDENTIALS_FILE=str(path), AWS_PROFILE=PROFILE)
+    return out
+
+
+def worker_args(cfg: Config, num_cpus: float) -> dict:
     """``ray_remote_args`` for the curation tasks, encoding actors and write tasks."""
+    c = cfg.curate
     args: dict = {"num_cpus": num_cpus}
-    if any(p.startswith("s3://") for p in (cfg.source, cfg.output, cfg.root or "")):
-        env = {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
+    if any(p.startswith("s3://") for p in (c.source, c.output or "", c.root or "", c.cache_output or "")):
+        env = s3_worker_env(cfg)
         if env:
             args["runtime_env"] = {"env_vars": env}
     return args
 
 
-def write_to(ds, sink, cfg: CurateConfig) -> None:
+def write_to(ds, sink, cfg: Config) -> None:
     """Run an actor pool's output ``ds`` into ``sink`` (the latent cache). Write tasks ask for no
     CPU, capped at one per actor instead: the actor pool may hold every CPU of a small machine, and
     a write task that waited for a core would stall the stream (outputs pile up, backpressure idles
     the actors, nothing frees a CPU). They only serialise parquet and upload."""
-    ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0), concurrency=cfg.cache_workers)
+    ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0), concurrency=cfg.curate.cache_workers)

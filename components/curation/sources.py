@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from components.config import CurateConfig
 from components.curation.filters import Reason
-from components.storage import Store, is_s3, split_s3
+from components.redact import redact
+from components.storage import Store, dot_segments, is_s3, split_s3
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm"}
@@ -48,7 +49,12 @@ RECORD_SCHEMA = pa.schema(
 
 
 class SourceError(ValueError):
-    """A source that cannot be used at all (missing, unreadable manifest, no path column)."""
+    """A source that cannot be used at all (missing, unreadable manifest, no path column, an output that
+    overlaps it). The message is redacted when the error is made: it often quotes a library's error
+    text, which may carry an endpoint URL with its credentials."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 @dataclass
@@ -163,12 +169,27 @@ def from_manifest(cfg: CurateConfig, store: Store) -> Inputs:
     return Inputs(pa.table(out, schema=RECORD_SCHEMA), 0, f"manifest {cfg.source} (root {root})")
 
 
+def _listing_escape(source: str, base: str | None, path: str) -> str | None:
+    """Why a listed file does not really lie inside the listed source, or None. A local file may be a
+    symlink to anywhere (a caption linked to a credentials file would become training text); an S3
+    key may have ``..`` segments (``storage.dot_segments``)."""
+    if is_s3(path):
+        return f"{path}: key has '.' or '..' segments" if dot_segments(split_s3(path)[1]) else None
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base:
+        return f"{path} is a link to {real}, outside {source}"
+    return None
+
+
 def from_listing(cfg: CurateConfig, store: Store) -> Inputs:
     """A directory or prefix: every file with an image extension is an input; ``name.txt`` beside
-    ``name.jpg`` is its caption; other files are counted as ignored."""
+    ``name.jpg`` is its caption; other files are counted as ignored. An input whose image or caption
+    resolves outside the source (a symlink out, an S3 key with ``..``) is refused as ``path_escape``
+    before any read, as manifest paths are."""
     files = list(store.list(cfg.source))
     if not files and not is_s3(cfg.source) and not os.path.isdir(cfg.source):
         raise SourceError(f"curate.source {cfg.source} is not a directory, an s3:// prefix or a manifest")
+    base = None if is_s3(cfg.source) else os.path.realpath(cfg.source)
     texts = {os.path.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")}
     out: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
     ignored = 0
@@ -177,13 +198,67 @@ def from_listing(cfg: CurateConfig, store: Store) -> Inputs:
         if ext.lower() not in IMAGE_EXTENSIONS:
             ignored += ext.lower() != ".txt"
             continue
+        sidecar = texts.get(stem)
+        why = _listing_escape(cfg.source, base, path)
+        if why is None and sidecar is not None:
+            caption_why = _listing_escape(cfg.source, base, sidecar)
+            why = f"caption {caption_why}" if caption_why else None
         out["source"].append(path)
         out["caption"].append(None)
-        out["sidecar"].append(texts.get(stem))
+        out["sidecar"].append(None if why else sidecar)
         out["pwatermark"].append(None)
-        out["reject"].append(None)
-        out["detail"].append(None)
+        out["reject"].append(str(Reason.PATH_ESCAPE) if why else None)
+        out["detail"].append(why)
     return Inputs(pa.table(out, schema=RECORD_SCHEMA), ignored, f"listing of {cfg.source}")
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(``s3://bucket`` or ``""`` for local, the normalised path or prefix) for comparing places."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return f"s3://{bucket}", posixpath.normpath("/" + key)
+    return "", os.path.realpath(os.path.expanduser(uri))
+
+
+def _overlap(a: str, b: str) -> str | None:
+    """How place ``a`` relates to place ``b`` ("is", "is inside", "contains"), or None when apart."""
+    (store_a, pa_), (store_b, pb) = _location(a), _location(b)
+    if store_a != store_b:
+        return None
+    sep = "/" if store_a else os.sep
+    if pa_ == pb:
+        return "is"
+    if pa_.startswith(pb.rstrip(sep) + sep):
+        return "is inside"
+    if pb.startswith(pa_.rstrip(sep) + sep):
+        return "contains"
+    return None
+
+
+def source_places(cfg: CurateConfig) -> list[tuple[str, str]]:
+    """(what, place) of everything curation reads: the listed folder or prefix; for a manifest, the
+    manifest's folder and the root its paths resolve against."""
+    if not cfg.source.lower().endswith(MANIFEST_EXTENSIONS):
+        return [("curate.source", cfg.source)]
+    folder = cfg.source.rsplit("/", 1)[0] if is_s3(cfg.source) else os.path.dirname(os.path.abspath(cfg.source))
+    return [("the manifest's folder", folder), ("the manifest root", resolve_root(cfg.root, cfg.source))]
+
+
+def check_no_overlap(cfg: CurateConfig) -> None:
+    """Refuse, before any work, outputs that overlap what curation reads: publishing deletes every file
+    under the output's ``train/``, ``val/`` and ``rejects/`` that the run did not write, so an output
+    that is, contains or lies inside a source would delete (or re-read) the source's own files. The
+    latent cache's output is checked the same way, and against ``curate.output``."""
+    outputs = [("curate.output", cfg.output)]
+    if cfg.cache_latents:
+        outputs.append(("curate.cache_output", cfg.cache_output or cfg.output.rstrip("/") + "-latents"))
+    places = source_places(cfg)
+    for i, (name, out) in enumerate(outputs):
+        for what, place in places + outputs[:i]:
+            how = _overlap(out, place)
+            if how:
+                raise SourceError(f"{name} {out} {how} {what} {place}: it must be a separate folder, since "
+                                  "publishing deletes the files under it that the run did not write")
 
 
 def check_output(store: Store, output: str) -> None:

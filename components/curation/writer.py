@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable
 
@@ -37,8 +38,8 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from components import dataset
 from components.curation.process import Outcome, split_of
-from components.redact import redact_tree
-from components.storage import Store, join, relative
+from components.redact import Redactor, redact_tree
+from components.storage import Store, dot_segments, is_s3, join, relative, split_s3
 
 
 def stage_schema(schema: pa.Schema) -> pa.Schema:
@@ -49,17 +50,22 @@ STAGE_SCHEMA = stage_schema(dataset.SCHEMA)
 """What the curation stage emits: one row per input (kept rows with SCHEMA filled, dropped rows
 with ``reason``), so the sink can count every input exactly once."""
 
+log = logging.getLogger(__name__)
 REJECTS = "rejects"
 MIN_KEPT_FOR_VAL = 5
 MAX_EXAMPLES = 5
 
 def outcomes_table(outcomes: list[Outcome], holdout_fraction: float) -> pa.Table:
+    """Stage rows of one block. A dropped row's source and detail are redacted here: the detail quotes
+    library errors (an endpoint URL with its credentials), and the rejects shards and the report keep both."""
     rows = []
+    scrub = Redactor()
     for o in outcomes:
         if o.kept:
             rows.append({**o.row, "split": split_of(o.row["sha256"], holdout_fraction), "reason": None, "detail": None})
         else:
-            rows.append({**dataset.blank_row(), "source": o.source, "split": None, "reason": str(o.reason), "detail": o.detail})
+            rows.append({**dataset.blank_row(), "source": scrub(o.source), "split": None, "reason": str(o.reason),
+                         "detail": scrub(o.detail)})
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
@@ -211,10 +217,15 @@ def digest(files: list[dict]) -> str:
 
 
 def cleanup(store: Store, root: str, keep: set[str]) -> int:
-    """Delete every shard (and stray temporary file) under ROOT that is not in ``keep``."""
+    """Delete every shard (and stray temporary file) under ROOT that is not in ``keep``. An S3 key with
+    ``.``/``..`` segments is left alone (deleting it could delete another object, ``dot_segments``);
+    readers never see it, since they read the files ``_SUCCESS`` lists."""
     removed = 0
     for sub in (*dataset.SPLITS, REJECTS):
         for uri in list(store.list(join(root, sub))):
+            if is_s3(uri) and dot_segments(split_s3(uri)[1]):
+                log.warning("left %s alone: a key with '.' or '..' segments is never deleted", uri)
+                continue
             if relative(root, uri) not in keep:
                 store.delete(uri)
                 removed += 1

@@ -9,7 +9,8 @@ the ``previous`` alias, so rollback is one call.
 
 MLflow aliases are last-writer-wins (``set_registered_model_alias`` has no compare-and-set), so two
 promotions that both read the same champion can lose one another's update or leave ``previous``
-equal to ``champion``. Every read-check-write of the aliases therefore runs under ``alias_lock``.
+equal to ``champion``. Every read-check-write of the aliases therefore runs under ``alias_lock``, a
+ticket lock kept in the registry itself (see there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import math
 import os
 import random
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,60 +138,117 @@ def check_candidate(name: str, version: str, champion: str | None, gate: dict[st
             )
 
 
-def _lock_age_s(client, lock: str) -> float | None:
-    try:
-        created = client.get_registered_model(lock).creation_timestamp
-    except mlflow.exceptions.MlflowException:
-        return None  # released in between
-    return max(0.0, time.time() - created / 1000.0)
+HEARTBEAT = "heartbeat"
+"""Tag on a lock ticket: a counter its owner bumps while it waits and while it holds the lock."""
 
 
-def _release(client, lock: str) -> None:
+def _lock_model(client, lock: str) -> None:
     try:
-        client.delete_registered_model(lock)
+        client.create_registered_model(lock, description="promotion lock: each version is a ticket (alias_lock)")
     except mlflow.exceptions.MlflowException as err:
-        log.warning("could not release promotion lock %s: %s", lock, err.error_code)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _delete_ticket(client, lock: str, version: int) -> None:
+    try:
+        client.delete_model_version(lock, str(version))
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # deleted already (by a waiter, or twice): fine
+            log.warning("could not delete promotion lock ticket %s v%s: %s", lock, version, err.error_code)
+
+
+def _live_tickets(client, lock: str) -> dict[int, str]:
+    """Live tickets of the lock: version -> heartbeat counter (deleted versions are not listed)."""
+    return {int(mv.version): mv.tags.get(HEARTBEAT, "") for mv in client.search_model_versions(f"name = '{lock}'")}
+
+
+class _Heartbeat(threading.Thread):
+    """Bumps the ticket's counter every ``interval`` s until stopped: proof of life that needs no clock."""
+
+    def __init__(self, lock: str, version: int, interval: float):
+        super().__init__(name=f"promotion-lock-heartbeat-{version}", daemon=True)
+        self.lock, self.version, self.interval = lock, version, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        client, beats = mlflow.MlflowClient(), 0
+        while not self.stopped.wait(self.interval):
+            beats += 1
+            try:
+                client.set_model_version_tag(self.lock, str(self.version), HEARTBEAT, str(beats))
+            except mlflow.exceptions.MlflowException as err:  # a registry blip: the next beat may pass
+                log.warning("promotion lock heartbeat of %s v%s failed: %s", self.lock, self.version, err.error_code)
 
 
 @contextmanager
-def alias_lock(name: str, timeout_s: float = 60.0, stale_after_s: float = 300.0) -> Iterator[None]:
+def alias_lock(name: str, timeout_s: float = 60.0, stale_after_s: float = 30.0) -> Iterator[None]:
     """Serialise alias updates of registered model ``name`` across threads, processes and machines.
 
-    The one atomic primitive every MLflow store offers (SQLite, a tracking server) is the unique
-    name of a registered model: ``create_registered_model`` fails with RESOURCE_ALREADY_EXISTS.
-    The lock is a registered model ``NAME.promotion-lock`` that exists only while a promotion runs.
-    A holder that died leaves it behind: one older than ``stale_after_s`` (by the store's clock vs
-    ours) is removed. Waiting past ``timeout_s`` is a refusal that says how to clear the lock.
+    A ticket lock in the registry (any MLflow store: SQLite, a tracking server). A ticket is a version of
+    the registered model ``NAME.promotion-lock``, made with ``create_model_version``, which is atomic and
+    numbers versions in order, never reusing a number (a deleted version keeps its row). The live ticket
+    with the lowest number holds the lock; the others wait their turn, first come first served, and a
+    holder deletes its ticket when done.
+
+    A holder that died leaves its ticket behind. Every contender bumps a counter tag on its own ticket
+    every ``stale_after_s / 4`` (a thread, while it waits and while it holds); a waiter that sees a lower
+    ticket's counter unchanged for ``stale_after_s`` of its own monotonic time deletes that ticket. Two
+    waiters that break the same stale ticket delete only that ticket (the second delete finds nothing), so
+    they cannot both enter, as they could when breaking meant deleting and re-creating one shared lock;
+    and no timestamp is compared with another machine's (a client clock minutes fast used to break every
+    live lock). Waiting past ``timeout_s`` is a refusal that says how to clear a ticket by hand.
+
+    Limit (any lease has it): a holder whose whole process stalls for longer than ``stale_after_s`` (its
+    heartbeat thread included) may lose its ticket while it still works.
     """
     client = mlflow.MlflowClient()
     lock = f"{name}{LOCK_SUFFIX}"
     holder = f"promotion of {name} by {getpass.getuser()} pid {os.getpid()} on {socket.gethostname()}"
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            client.create_registered_model(lock, description=holder)
-            break
-        except mlflow.exceptions.MlflowException as err:
-            # RESOURCE_DOES_NOT_EXIST: the holder released it between our insert and the store's re-read.
-            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
-        age = _lock_age_s(client, lock)
-        if age is not None and age > stale_after_s:
-            log.warning("removing stale promotion lock %s (held %.0f s)", lock, age)
-            _release(client, lock)
-            continue
-        if time.monotonic() > deadline:
-            raise PromotionRefused(
-                f"{name}: another promotion holds registered model {lock!r} ({age or 0:.0f} s); retry, or delete "
-                "that registered model if no promotion is running"
-            )
-        time.sleep(delay * random.uniform(1.0, 2.0))  # jitter: racing waiters do not retry in lockstep
-        delay = min(delay * 2, 1.0)
+    _lock_model(client, lock)
+    # An absolute path after the scheme: a tracking server refuses a relative one as a version source.
+    ticket = int(client.create_model_version(lock, f"promotion-lock:/{uuid.uuid4().hex}", description=holder,
+                                             tags={HEARTBEAT: "0"}).version)
+    beat = _Heartbeat(lock, ticket, max(stale_after_s / 4, 0.05))
+    beat.start()
     try:
+        _wait_turn(client, name, lock, ticket, timeout_s, stale_after_s)
         yield
     finally:
-        _release(client, lock)
+        beat.stopped.set()
+        beat.join(timeout=30)
+        _delete_ticket(client, lock, ticket)
+
+
+def _wait_turn(client, name: str, lock: str, ticket: int, timeout_s: float, stale_after_s: float) -> None:
+    """Return once ``ticket`` is the lowest live ticket, deleting tickets ahead whose heartbeat stopped."""
+    deadline = time.monotonic() + timeout_s
+    seen: dict[int, tuple[str, float]] = {}  # ticket -> (its counter, when we first saw that value)
+    delay = 0.05
+    while True:
+        live = _live_tickets(client, lock)
+        if ticket not in live:
+            raise PromotionRefused(f"{name}: this promotion's lock ticket v{ticket} of {lock!r} was removed by "
+                                   "another promotion that judged it dead (this process stalled?); retry")
+        ahead = {v: count for v, count in live.items() if v < ticket}
+        if not ahead:
+            return
+        now = time.monotonic()
+        for version, count in ahead.items():
+            if seen.get(version, (None,))[0] != count:
+                seen[version] = (count, now)
+            elif now - seen[version][1] > stale_after_s:
+                log.warning("removing promotion lock ticket %s v%s: no heartbeat for %.0f s (its holder died)",
+                            lock, version, now - seen[version][1])
+                _delete_ticket(client, lock, version)
+        if now > deadline:
+            first = min(ahead)
+            raise PromotionRefused(
+                f"{name}: another promotion holds registered model {lock!r} (ticket v{first}, heartbeat "
+                f"{ahead[first]}); retry, or delete version {first} of {lock!r} if no promotion is running"
+            )
+        time.sleep(delay * random.uniform(1.0, 2.0))  # jitter: racing waiters do not poll in lockstep
+        delay = max(0.01, min(delay * 2, 0.5, stale_after_s / 4))
 
 
 def promote(

@@ -7,7 +7,8 @@ A checkpoint is complete only when ``COMPLETE`` is present and every file it lis
 listed size. ``save_checkpoint`` writes it last, so a writer killed half-way leaves no marker; and
 because the marker names the sizes, a *copy* that was cut short is refused too, whatever order the
 copier (Ray's upload to ``storage_path``) took the files in. Loading refuses anything else
-(docs/reliability.md). A marker written before the size list (plain ``ok``) is trusted as before.
+(docs/reliability.md), a marker without the size list (a plain ``ok`` of older checkpoints) included:
+it cannot tell a whole copy from a cut one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def verify_complete(directory: Path) -> None:
         raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete (no {COMPLETE} marker)")
     text = marker.read_text()
     if text.strip() == "ok":
-        return  # a marker from before the size list
+        raise IncompleteCheckpointError(
+            f"checkpoint {directory} has a {COMPLETE} marker without file sizes (written by an older version): "
+            "a cut copy cannot be told from a whole one, so it is not loaded; resume from a newer checkpoint"
+        )
     try:
         sizes = dict(json.loads(text)["files"])
     except (ValueError, KeyError, TypeError):  # a marker cut short by an interrupted copy
@@ -79,9 +83,14 @@ def save_checkpoint(
     torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
     (directory / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict(), default=str))
     (directory / "state.json").write_text(json.dumps(asdict(state)))
-    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
-    (directory / COMPLETE).write_text(json.dumps({"files": sizes}))  # last: the checkpoint is whole
+    write_complete(directory)
     return directory
+
+
+def write_complete(directory: Path) -> None:
+    """The ``COMPLETE`` marker listing every file of ``directory`` with its size; written last."""
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
+    (directory / COMPLETE).write_text(json.dumps({"files": sizes}))
 
 
 def load_checkpoint(

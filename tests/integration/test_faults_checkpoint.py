@@ -73,8 +73,12 @@ def test_complete_marker_refuses_torn_checkpoints(tmp_path):
     cut_marker = shutil.copytree(whole, tmp_path / "cut_marker")
     text = (cut_marker / COMPLETE).read_text()
     (cut_marker / COMPLETE).write_text(text[: len(text) // 2])
+    # A marker of older checkpoints, without sizes, beside a cut copy of the weights: it was trusted.
+    legacy = shutil.copytree(short, tmp_path / "legacy")
+    (legacy / COMPLETE).write_text("ok\n")
     for torn, why in ((no_marker, "no COMPLETE"), (missing, "unet.safetensors is missing"),
-                      (short, f"unet.safetensors is {len(data) // 2}"), (cut_marker, "unreadable COMPLETE")):
+                      (short, f"unet.safetensors is {len(data) // 2}"), (cut_marker, "unreadable COMPLETE"),
+                      (legacy, "without file sizes")):
         with pytest.raises(IncompleteCheckpointError, match=why):
             load_checkpoint(torn, model)
 
@@ -86,6 +90,17 @@ def _recorded(run_dir: Path) -> list[str]:
     except (FileNotFoundError, ValueError):  # not written yet, or being written
         return []
     return [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
+
+
+def _all_but_the_weights_landed(torn: Path) -> bool:
+    """Ray's upload of checkpoint 4 has copied everything it can: ``COMPLETE`` is there and readable, and
+    every file it lists except the weights (the FIFO, where the copy blocks) is there with its size."""
+    try:
+        sizes = json.loads((torn / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError):  # not yet copied, or being copied
+        return False
+    return all((torn / name).is_file() and (torn / name).stat().st_size == size
+               for name, size in sizes.items() if name != "unet.safetensors")
 
 
 def _session_leftovers(sid: int) -> list[psutil.Process]:
@@ -135,19 +150,19 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(tmp_path, ray_l
         first = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True)
         try:
-            deadline = time.time() + 300
-            # Kill once the copy of step 4 is under way (another of its files has landed; it cannot
-            # finish) and Ray has recorded step 2, which its controller does a little after the
-            # worker reported it (until then a resume would restart from scratch, not from 2).
-            while not (any(p.is_file() for p in torn.iterdir()) and _recorded(run_dir) == ["checkpoint_00000002"]):
+            deadline = time.time() + 420
+            # Kill on two events, never after a guessed time: the copy of step 4 has landed everything but
+            # the weights (it cannot finish), and Ray has recorded step 2, which its controller does a
+            # little after the worker reported it (until then a resume would restart from scratch).
+            while not (_all_but_the_weights_landed(torn) and _recorded(run_dir) == ["checkpoint_00000002"]):
                 assert first.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline, f"checkpoint 4 never under way after 2 was recorded: {_recorded(run_dir)}"
+                assert time.time() < deadline, (f"checkpoint 4 not copied up to its weights after 2 was recorded: "
+                                                f"{_recorded(run_dir)}, {sorted(p.name for p in torn.iterdir())}")
                 time.sleep(0.1)
-            time.sleep(1.0)  # the rest of the copy
         finally:
             _kill_session(first)
     arrived = sorted(p.name for p in torn.iterdir() if p.is_file())
-    assert "unet.safetensors" not in arrived
+    assert "unet.safetensors" not in arrived and COMPLETE in arrived
     fifo.unlink()  # what a killed copy leaves: the weights absent (or short)
 
     # Layer 1: the torn directory is refused by our loader, whatever else arrived (COMPLETE included).

@@ -133,4 +133,4 @@ def test_accept_refuse_force_rollback_and_race_through_the_flows(evaluated_regis
     assert first.rc == 0 and second.rc == 0, first.stderr[-1500:] + second.stderr[-1500:]
     champion, previous = aliases()
     assert {champion, previous} == {v["fresh"], twin}
-    assert client.search_registered_models(f"name = '{r.name}{LOCK_SUFFIX}'") == []
+    assert client.search_model_versions(f"name = '{r.name}{LOCK_SUFFIX}'") == []  # every lock ticket deleted

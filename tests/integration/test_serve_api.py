@@ -20,7 +20,7 @@ ENV = "TERMINUS_TEST_API_KEY"
 TOKEN = "sk-test-" + secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RETRY_AFTER_S = 3  # the Model deployment's backpressure_config below; the 503 must carry it
-TOLERANCE = 2  # see tests/unit/test_api_batching.py: batched float32 sums may move a pixel by one level
+TOLERANCE = 2  # see tests/unit/deploy/test_batching.py: batched float32 sums may move a pixel by one level
 
 # What the OpenAI Python client (openai 1.x, `client.images.generate(...)`) puts on the wire.
 OPENAI_HEADERS = {
@@ -57,8 +57,10 @@ def server(ray_local, registered_model):
         ],
         "model_options": {"max_ongoing_requests": 2, "max_queued_requests": 2,
                           "backpressure_config": {"retry_after_s": RETRY_AFTER_S}},
-        # The key reaches the ingress replica the way a deployment would get it: its own environment.
-        "ingress_options": {"ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {ENV: TOKEN}}}},
+        # The key reaches the ingress replica the way a deployment would get it: its own environment, with
+        # the trailing newline of a Secret made with --from-file (clients send the key without it).
+        "ingress_options": {"ray_actor_options": {"num_cpus": 0.5,
+                                                  "runtime_env": {"env_vars": {ENV: TOKEN + "\n"}}}},
     }
     try:
         serve.run(build_app(args), name="api", route_prefix="/")
@@ -92,6 +94,22 @@ def test_healthz_is_open_and_ready_with_the_version(client, registered_model):
     r = client.get("/healthz")
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "model": registered_model.name, "version": registered_model.version}
+
+
+def test_health_probes_take_no_model_slots(server):
+    """/healthz needs no key, so it must not spend the model's capacity (2 running + 2 queued here): a
+    burst of anonymous probes all answer 200 from the ingress's cached readiness, and a paying request
+    sent in the middle of the burst is served. Before, every probe was a model call: the burst filled
+    the queue, and probes and the paying request were answered 503."""
+    async def burst():
+        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+            probes = [c.get("/healthz") for _ in range(48)]
+            paid = c.post("/v1/images/generations", json={"prompt": "a", "size": "64x64", "steps": 1}, headers=AUTH)
+            return await asyncio.gather(paid, *probes)
+
+    paid, *probes = asyncio.run(burst())
+    assert sorted({r.status_code for r in probes}) == [200], [r.text[:100] for r in probes if r.status_code != 200][:3]
+    assert paid.status_code == 200, paid.text[:300]
 
 
 def test_openai_client_request(client, registered_model):

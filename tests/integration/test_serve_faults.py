@@ -275,6 +275,83 @@ def test_fuzz_edits_multipart(client, req):
         assert r.status_code == 413, r.text[:200]
 
 
+# --- the multipart structure itself (issue 18) ------------------------------------------------------
+
+VALID_PARTS = [(b"image", b"a.png"), (b"prompt", None), (b"steps", None)]
+
+
+def part(name: bytes, filename: bytes | None, payload: bytes, boundary: bytes, extra: bytes = b"") -> bytes:
+    disp = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename else b"")
+    return b"--" + boundary + b"\r\nContent-Disposition: " + disp + b"\r\n" + extra + b"\r\n" + payload + b"\r\n"
+
+
+@st.composite
+def abused_multipart(draw):
+    """(content-type, body, must_refuse): a small valid edit whose multipart structure is then abused:
+    the part count, nesting, the boundary, duplicate fields, huge or many headers, the framing."""
+    boundary = draw(st.sampled_from([b"fuzzboundary", b"b", b"x" * 70, b"'()+_,-./:=?b"]))
+    payloads = {b"image": png(), b"prompt": b"a red cube", b"steps": b"2"}  # 2 x strength 0.8: one step
+    parts = [part(n, f, payloads[n], boundary) for n, f in VALID_PARTS]
+    kind = draw(st.sampled_from(["many", "nested", "duplicate", "header", "headers", "boundary-long", "boundary-empty",
+                                 "boundary-other", "cut", "no-crlf", "preamble", "lookalike", "epilogue", "none"]))
+    ctype = b"multipart/form-data; boundary=" + boundary
+    refuse = True  # every other kind breaks the structure
+    if kind == "many":  # past the 32-part cap, with distinct names (no duplicate check stops it early)
+        parts += [part(b"x%d" % i, None, b"", boundary) for i in range(draw(st.integers(30, 1200)))]
+    elif kind == "nested":
+        depth, inner = draw(st.integers(1, 300)), b"x"
+        for level in range(depth, 0, -1):
+            inner = (b"--n%d\r\nContent-Type: multipart/mixed; boundary=n%d\r\n\r\n" % (level, level + 1) + inner
+                     + b"\r\n--n%d--" % level)
+        parts[0] = part(b"image", b"a.png", inner, boundary, b"Content-Type: multipart/mixed; boundary=n1\r\n")
+    elif kind == "duplicate":
+        name, filename = draw(st.sampled_from(VALID_PARTS))
+        parts.append(part(draw(st.sampled_from([name, name + b"[]"])), filename, payloads[name], boundary))
+    elif kind == "header":
+        size = draw(st.integers(4200, 20000))  # past MAX_HEADER_BYTES (4096)
+        parts[1] = part(b"prompt", None, b"a", boundary, b"X-Pad: " + b"a" * size + b"\r\n")
+    elif kind == "headers":
+        parts[1] = part(b"prompt", None, b"a", boundary, b"".join(b"X-H%d: v\r\n" % i for i in range(draw(st.integers(8, 60)))))
+    elif kind == "boundary-long":
+        ctype = b"multipart/form-data; boundary=" + b"y" * draw(st.integers(71, 300))
+    elif kind == "boundary-empty":
+        ctype = b"multipart/form-data; boundary="
+    elif kind == "boundary-other":
+        ctype = b"multipart/form-data; boundary=" + boundary + b"z"
+    elif kind == "preamble":
+        parts[0] = b"preamble text\r\n" + parts[0]
+    elif kind == "no-crlf":
+        parts[1] = parts[1].replace(b"\r\n", b"\n")
+    elif kind == "lookalike":  # still valid: image data (after the PNG's end) that nearly is a boundary
+        near = b"\r\n--" + boundary[:-1]
+        parts[0] = part(b"image", b"a.png", payloads[b"image"] + near + b"\r\n" + near + b"-", boundary)
+    body = b"".join(parts) + b"--" + boundary + b"--\r\n"
+    if kind == "cut":
+        body = body[: draw(st.integers(0, len(body) - 3))]
+    elif kind == "epilogue":
+        body += draw(st.binary(max_size=64))
+    if kind in ("lookalike", "epilogue", "none"):  # valid requests: served
+        refuse = False
+    return ctype.decode("latin-1"), body, refuse
+
+
+@fuzz(50)
+@given(req=abused_multipart())
+def test_fuzz_edits_multipart_structure(client, req):
+    """Part count, nesting, boundary abuse, duplicate fields, huge and many headers, cut framing: a JSON
+    400 (413 past the size limit), never a 5xx or a hang; the valid variants are served."""
+    content_type, body, must_refuse = req
+    r = client.post("/v1/images/edits", content=body, headers={**AUTH, "content-type": content_type})
+    assert_no_5xx_and_json_4xx(r, body[:200])
+    SEEN["edits"][r.status_code] += 1
+    if len(body) > MAX_UPLOAD:
+        assert r.status_code == 413, r.text[:200]
+    elif must_refuse:
+        assert r.status_code == 400, (r.status_code, r.text[:200])
+    else:
+        assert r.status_code == 200, r.text[:200]
+
+
 # --- every other route, unknown paths and methods ---------------------------------------------------
 
 segments = st.text(st.sampled_from("abcxyzv1/-._~%20AZ09"), max_size=12)

@@ -125,7 +125,7 @@ def test_not_ready_until_loaded(registered_model, tmp_path):
     The deployments' own methods, called on stand-ins for the replica state (no Serve needed)."""
     from types import SimpleNamespace
 
-    from deploy.app import Ingress, Model
+    from deploy.app import Ingress, Model, Readiness
     from deploy.holder import ModelHolder
 
     mlflow.set_tracking_uri(registered_model.tracking_uri)
@@ -141,12 +141,105 @@ def test_not_ready_until_loaded(registered_model, tmp_path):
     async def info():
         return Model.func_or_class.info(replica)
 
-    ingress = SimpleNamespace(_info=unavailable, _retry_after=lambda s: {"Retry-After": "1"})
+    ingress = SimpleNamespace(readiness=Readiness(unavailable), _retry_after=lambda s: {"Retry-After": "1"})
     r = asyncio.run(Ingress.func_or_class.healthz(ingress))
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
 
     replica.holder.refresh()
     Model.func_or_class.check_health(replica)
-    ingress._info = info
+    ingress.readiness = Readiness(info)
     r = asyncio.run(Ingress.func_or_class.healthz(ingress))
     assert r.status_code == 200 and b'"version":"%s"' % registered_model.version.encode() in r.body
+
+
+# --- a bad alias target (issue 18) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def holder_registry(registered_model, tmp_path):
+    """A registered model of its own with two good versions (the tiny pipeline, registered as training
+    does) and a broken one (its artifacts are an empty folder, as a deleted or half-uploaded version)."""
+    from types import SimpleNamespace
+
+    mlflow.set_tracking_uri(registered_model.tracking_uri)
+    mlflow.set_registry_uri(registered_model.tracking_uri)
+    name = f"terminus-holder-{tmp_path.name[-12:].replace('_', '-')}"
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run(experiment_id=registered_model.experiment_id):
+            info = log_pipeline_model(registered_model.pipeline_dir, name, InferenceConfig())
+        versions.append(str(info.registered_model_version))
+    empty = tmp_path / "empty-artifacts"
+    empty.mkdir()
+    client = mlflow.MlflowClient()
+    bad = str(client.create_model_version(name, empty.as_uri()).version)
+    client.set_registered_model_alias(name, "champion", versions[0])
+    return SimpleNamespace(name=name, good=versions[0], good2=versions[1], bad=bad, client=client,
+                           inference=registered_model.cfg.inference)
+
+
+def _counting_holder(uri, cache):
+    from deploy.holder import ModelHolder
+
+    class Counting(ModelHolder):
+        loads: list[str] = []
+
+        def load(self, name, version):
+            self.loads.append(str(version))
+            return super().load(name, version)
+
+    holder = Counting(uri, cache, InferenceConfig())
+    holder.loads = []
+    return holder
+
+
+def test_a_bad_alias_target_is_backed_off_and_the_last_good_version_keeps_serving(holder_registry, tmp_path):
+    """The alias moves to a version that cannot be loaded. Before: the poller downloaded and failed every
+    period, forever (19 tries in 2 s at a 0.1 s period). Now: the replica keeps serving the good version,
+    the bad one is retried with exponential backoff (period x 2**failures), and a fix of the alias is
+    still picked up at the normal pace."""
+    r = holder_registry
+    holder = _counting_holder(f"models:/{r.name}@champion", tmp_path / "cache")
+    assert holder.refresh() and holder.current.version == r.good
+    r.client.set_registered_model_alias(r.name, "champion", r.bad)
+    period, window = 0.05, 3.0
+    holder.start_polling(period)
+    try:
+        time.sleep(window)  # an observation window: the number of tries in it is the measure
+        tries = holder.loads.count(r.bad)
+        assert holder.current.version == r.good
+        # Backoff after each failure: 0.1, 0.2, 0.4, 0.8, 1.6 s...: at most 6 tries in 3 s (a try every
+        # period would be ~60).
+        assert 2 <= tries <= 6, holder.loads
+        assert holder.bad[r.bad].failures == tries
+        r.client.set_registered_model_alias(r.name, "champion", r.good2)
+        deadline = time.monotonic() + 60
+        while holder.current.version != r.good2:
+            assert time.monotonic() < deadline, "the fixed alias was not picked up"
+            time.sleep(period)
+    finally:
+        holder.stop()
+
+
+def test_a_new_replica_starts_on_the_last_good_version(holder_registry, tmp_path):
+    """A replica that starts while the alias names a broken version (a scale-up, a restart) serves the
+    last version its node loaded well, else the alias's ``previous``; before, its constructor raised and
+    the deployment had no replica. With neither, there is nothing to serve, and it still raises."""
+    from deploy.holder import LoadFailed, ModelHolder
+
+    r = holder_registry
+    uri = f"models:/{r.name}@champion"
+    ModelHolder(uri, tmp_path / "node", r.inference).start()  # a replica that served the good version here
+    r.client.set_registered_model_alias(r.name, "champion", r.bad)
+
+    scaled_up = ModelHolder(uri, tmp_path / "node", r.inference)
+    scaled_up.start()
+    assert scaled_up.ready and scaled_up.current.version == r.good and r.bad in scaled_up.bad
+
+    fresh_node = ModelHolder(uri, tmp_path / "fresh", r.inference)
+    with pytest.raises(LoadFailed, match=f"version {r.bad} failed to load"):
+        fresh_node.start()  # no record on this node, no previous alias: nothing to serve
+    r.client.set_registered_model_alias(r.name, "previous", r.good2)  # what flows/promote.py leaves
+    fresh_node = ModelHolder(uri, tmp_path / "fresh", r.inference)
+    fresh_node.start()
+    assert fresh_node.current.version == r.good2

@@ -31,10 +31,15 @@ SMALL = [
 
 
 def small_cfg(tmp_path: Path, *extra: str):
+    """The tiny preset at test size, every state location under ``tmp_path``. The MLflow store is named
+    explicitly: left to default, a run in this process would follow an MLFLOW_TRACKING_URI that an earlier
+    test's ``mlflow.set_tracking_uri`` exported, while a flow run as a subprocess (whose environment drops
+    it) uses the state directory's store; a resumed run then logged into another store than its first part
+    (seen in test_faults_checkpoint.py, which runs both)."""
     data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
     overrides = [
-        f"state_dir={tmp_path / 'state'}", f"train.data={data}", f"train.storage_path={tmp_path / 'ray'}", *SMALL,
-        *extra,
+        f"state_dir={tmp_path / 'state'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'state'}/mlflow.db",
+        f"train.data={data}", f"train.storage_path={tmp_path / 'ray'}", *SMALL, *extra,
     ]
     return load_config(REPO / "flows/configs/tiny.yaml", overrides), overrides
 

@@ -160,6 +160,28 @@ def test_ranges_and_orderings_are_one_line_errors(overrides, fragment):
     assert fragment in one_line_error(CONFIGS / "tiny.yaml", overrides)
 
 
+@pytest.mark.parametrize("overrides", [["serve.api_key_env="], ["serve.api_key_env= "], ["serve.api_key_env=''"],
+                                       ["serve.api_key_env=MY KEY"], ["train.epochs="]])
+def test_an_empty_or_blank_value_is_refused_not_read_as_null(overrides):
+    """``--set serve.api_key_env=$UNSET`` used to clear the field: the endpoint served without a key and
+    said nothing. An empty value is now an error (null clears a field), and so is an api_key_env that
+    cannot name a variable."""
+    message = one_line_error(CONFIGS / "tiny.yaml", overrides)
+    assert "no value" in message or "not the name of an environment variable" in message, message
+
+
+def test_an_empty_api_key_env_in_a_preset_is_refused(tmp_path):
+    """``api_key_env: ""`` in a preset (or ``{"api_key_env": ""}`` from Python) turned auth off silently."""
+    from components.config import Config, ServeConfig
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text('serve:\n  api_key_env: ""\n')
+    assert "not the name of an environment variable" in one_line_error(preset)
+    with pytest.raises(ValueError):
+        ServeConfig(api_key_env="")
+    assert Config(serve={"api_key_env": "TERMINUS_API_KEY"}).serve.api_key_env == "TERMINUS_API_KEY"
+
+
 def test_a_refused_yaml_tag_is_a_config_error(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")

@@ -7,6 +7,7 @@ is ``tests/integration/test_faults_credentials.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -49,6 +50,58 @@ def test_redact_removes_planted_credentials(monkeypatch):
             assert secret not in out, (text, out)
 
 
+# Each text holds one credential in a shape an operator pastes; none of them is in the environment, so
+# only the patterns can catch it. (secret, text) pairs; the secret must be gone from the redacted text.
+_SLASHED = "wJalrXUtnFEMI/K7MDENG+bPxRfi/CYEXAMPLEKEY"  # AWS secret keys hold "/" and "+"
+PATTERN_ONLY = {
+    "url-password-with-slash": (_SLASHED, f"http://AKIAQ7FAKEKEY0000042:{_SLASHED}@127.0.0.1:9000/bucket"),
+    "url-password-in-an-error": (_SLASHED, f'Could not connect to the endpoint URL: "http://u:{_SLASHED}@h:9/b/k"'),
+    "azure-sas": ("sp=r&sig=Q7fake%2BSIGNATUREnotREAL%3D", "https://acct.blob.core.windows.net/c/x.jpg?sv=2022-11-02&"
+                  "se=2030-01-01&sp=r&sig=Q7fake%2BSIGNATUREnotREAL%3D"),
+    "aws-presigned": ("9f2b6c1d0e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c",
+                      "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20300101T000000Z"
+                      "&X-Amz-Signature=9f2b6c1d0e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c"),
+    "aws-presigned-token": ("IQoJb3JpZ2luX2VjEFAKEsessionTOKEN", "https://b.s3.amazonaws.com/k?"
+                            "X-Amz-Security-Token=IQoJb3JpZ2luX2VjEFAKEsessionTOKEN&X-Amz-Expires=60"),
+    "basic-auth": ("dXNlcjpodW50ZXIy", "request failed: 401 (Authorization: Basic dXNlcjpodW50ZXIy)"),
+    "pem-private-key": ("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", "key file: -----BEGIN PRIVATE KEY-----\n"
+                        "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nq7fakeLINE\n-----END PRIVATE KEY-----\nend"),
+    "pem-cut-short": ("MIIEpAIBAAKCAQEA7fake", "bad key -----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7fake"),
+    "github-token": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042", "git clone https://x-access-token:"
+                     "ghp_Q7fakeGITHUBtokenNOTreal000000000042 failed"),
+    "github-token-bare": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042", "token ghp_Q7fakeGITHUBtokenNOTreal000000000042"),
+    "databricks-token": ("dapi0123456789abcdef0123456789abcdef", "DATABRICKS_HOST=x dapi0123456789abcdef0123456789abcdef"),
+    "azure-connection-string": ("Zm9vYmFyYmF6+cXV4/cXV1eA==", "DefaultEndpointsProtocol=https;AccountName=acct;"
+                                "AccountKey=Zm9vYmFyYmF6+cXV4/cXV1eA==;EndpointSuffix=core.windows.net"),
+    "key-named-variable": ("zq8Lr3vNqPw", "STRIPE_KEY=zq8Lr3vNqPw"),
+    "pass-named-variable": ("hunter2hunter2", "DB_PASS: hunter2hunter2"),
+    "json-secret": ("q7/fake+VALUE", '{"aws_secret_access_key": "q7/fake+VALUE"}'),
+}
+
+
+@pytest.mark.parametrize("secret,text", PATTERN_ONLY.values(), ids=PATTERN_ONLY.keys())
+def test_redact_patterns_catch_credentials_that_are_not_in_the_environment(monkeypatch, secret, text):
+    for name in [k for k in os.environ if secret in os.environ[k]]:
+        monkeypatch.delenv(name)
+    from components.redact import Redactor
+
+    for out in (Redactor({})(text), redact(text)):  # an empty environment, and this process's
+        assert secret not in out and "<redacted>" in out, out
+
+
+def test_secret_named_variables_are_redacted_wherever_they_turn_up():
+    """Values of variables named *_KEY, *_PASS, *_CONNECTION_STRING (as well as SECRET, TOKEN, ...) are
+    redacted in any text, whatever their shape."""
+    from components.redact import Redactor
+
+    env = {"STRIPE_KEY": "zq8Lr3vNqPw0", "DB_PASS": "correct-horse", "OTHER": "plainvalue1",
+           "AZURE_STORAGE_CONNECTION_STRING": "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v"}
+    out = Redactor(env)("values: zq8Lr3vNqPw0 correct-horse Endpoint=sb://x/;SharedAccessKeyName=k;"
+                        "SharedAccessKey=v plainvalue1")
+    assert "zq8Lr3vNqPw0" not in out and "correct-horse" not in out and "SharedAccessKey=v" not in out
+    assert "plainvalue1" in out
+
+
 def test_redact_leaves_ordinary_values_alone(monkeypatch):
     monkeypatch.setenv("SOME_TOKEN_FLAG", "1")  # short secret-named values never blank ordinary text
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
@@ -56,7 +109,8 @@ def test_redact_leaves_ordinary_values_alone(monkeypatch):
     assert not [k for k, v in params.items() if "<redacted>" in v]
     assert params["diffusion.prediction_type"] == "v_prediction"
     for text in ("a photograph of an astronaut", "s3://bucket/prefix/x.jpg", "sqlite:////tmp/s/mlflow.db",
-                 "http://127.0.0.1:5000"):
+                 "http://127.0.0.1:5000", "http://127.0.0.1:9000/bucket/a@b.jpg", "Basic settings",
+                 "https://example.com/a.jpg?size=large&signal=1"):
         assert redact(text) == text
 
 
@@ -71,6 +125,84 @@ def test_params_and_reports_are_redacted(monkeypatch):
     report = redact_tree({"examples": {"unreadable": [{"detail": f"EndpointConnectionError: {FAKE_SECRET}"}]},
                           "inputs": 3})
     assert FAKE_SECRET not in repr(report) and report["inputs"] == 3
+
+
+def test_source_errors_are_redacted_when_made(monkeypatch, tmp_path):
+    """A ``SourceError`` quotes the library's error, which may quote the endpoint URL with its password;
+    the message is redacted when the error is made, whoever prints it (before: only the flows' ``fail``
+    redacted, and only what the environment or the old patterns knew). The secret is not in the environment."""
+    from components.curation.sources import SourceError, check_output, from_manifest
+
+    password = "q7/NotInTheEnv+" + "x" * 12
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = Store(f"http://{FAKE_KEY_ID}:{password}@127.0.0.1:9")
+    for call in (lambda: check_output(store, "s3://bucket/out"),
+                 lambda: from_manifest(CurateConfig(source="s3://bucket/m.jsonl"), store)):
+        with pytest.raises(SourceError) as err:
+            call()
+        message = str(err.value)
+        assert password not in message and FAKE_KEY_ID not in message and "<redacted>" in message, message
+
+
+def test_rejects_shards_and_report_carry_no_credentials(tmp_path):
+    """A dropped input's source and detail go to the rejects shards (parquet, compressed: a byte search
+    of the file would not see them) and the report; both are redacted."""
+    import pyarrow.parquet as pq
+
+    from components.curation.filters import Reason
+    from components.curation.process import Outcome
+    from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
+
+    password = "q7/NotInTheEnv+" + "y" * 12
+    leaky = Outcome(f"s3://b/in/x.jpg?X-Amz-Signature={'ab' * 32}", Reason.UNREADABLE,
+                    f"EndpointConnectionError: Could not connect to http://{FAKE_KEY_ID}:{password}@h:9/b/x.jpg")
+    store, root = Store(), str(tmp_path / "out")
+    begin(store, root)
+    agg = aggregate([write_shard(store, root, "run-00000", outcomes_table([leaky], 0.1))])
+    report = publish(store, root, "run", agg, 0.1, {"inputs": 1})
+    (rejects,) = agg["rejects"]
+    text = repr(pq.read_table(f"{root}/{rejects}").to_pylist()) + json.dumps(report)
+    for secret in (password, FAKE_KEY_ID, "ab" * 32):
+        assert secret not in text, text
+
+
+def test_s3_credentials_never_travel_in_the_runtime_env(monkeypatch, tmp_path):
+    """Curation workers get the driver's S3 settings through the standard credential chain: a 0600
+    shared-credentials file under the state directory, named in the runtime env with its profile. The
+    keys themselves are not in the runtime env (Ray logs it and lists it with the tasks); before, they were.
+    The file works: a boto3 session that sees only the forwarded variables gets the planted keys."""
+    import stat
+
+    import boto3
+
+    from components.curation.remote import PROFILE, worker_args
+
+    secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY/PLANTED+KEY"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "IQoJb3JpZ2luPLANTEDsessionTOKEN")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path / 'state'}",
+                                                         "curate.source=s3://lake/in", "curate.output=s3://lake/out"])
+    args = worker_args(cfg, num_cpus=1)
+    env = args["runtime_env"]["env_vars"]
+    text = json.dumps(args)
+    for planted in (secret, FAKE_KEY_ID, "IQoJb3JpZ2luPLANTEDsessionTOKEN"):
+        assert planted not in text, text
+    assert env["AWS_PROFILE"] == PROFILE and env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9000"
+    path = Path(env["AWS_SHARED_CREDENTIALS_FILE"])
+    assert path.parent == cfg.state_path("credentials")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert worker_args(cfg, num_cpus=1) == args  # the same keys reuse the same file
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)  # a worker's view: only what the runtime env forwards
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    creds = boto3.Session().get_credentials().get_frozen_credentials()
+    assert (creds.access_key, creds.secret_key, creds.token) == (FAKE_KEY_ID, secret, "IQoJb3JpZ2luPLANTEDsessionTOKEN")
 
 
 # --- manifest paths ----------------------------------------------------------------------------

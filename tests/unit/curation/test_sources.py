@@ -147,3 +147,149 @@ def test_crop_is_deterministic_per_content_and_seed(tmp_path):
     b = Curator(cfg, 0).process({"source": str(tmp_path / "w.png"), "caption": "c"}).row
     assert (a["crop_top"], a["crop_left"], a["image"]) == (b["crop_top"], b["crop_left"], b["image"])
     assert Image.open(io.BytesIO(a["image"])).size == (a["target_w"], a["target_h"])
+
+
+# --- a folder source stays inside the folder (issue 18) ----------------------------------------------
+
+
+def test_folder_symlinks_out_of_the_source_are_refused_as_path_escape(tmp_path):
+    """A symlink in a folder source that leads out of it, as the image or as its .txt caption, is refused
+    as ``path_escape`` before any read (as the same link given through a manifest is); links that stay
+    inside are followed. Before: the linked file outside was read, and a caption linked to a credentials
+    file became a training caption."""
+    outside, src = tmp_path / "outside", tmp_path / "src"
+    outside.mkdir()
+    src.mkdir()
+    _jpeg(outside / "secret.jpg")
+    (outside / "credentials").write_text("[default]\naws_secret_access_key = not-for-training\n")
+    _jpeg(src / "inside.jpg")
+    _jpeg(src / "captioned.jpg")
+    (src / "link_out.jpg").symlink_to(outside / "secret.jpg")
+    (src / "ok_link.jpg").symlink_to(src / "inside.jpg")
+    (src / "captioned.txt").symlink_to(outside / "credentials")
+    (src / "dir_link").symlink_to(outside, target_is_directory=True)  # not walked: os.walk keeps to the folder
+
+    records = {Path(r["source"]).name: r for r in load_inputs(CurateConfig(source=str(src)), Store()).records.to_pylist()}
+    assert set(records) == {"inside.jpg", "captioned.jpg", "link_out.jpg", "ok_link.jpg"}
+    assert records["link_out.jpg"]["reject"] == "path_escape" and "outside" in records["link_out.jpg"]["detail"]
+    assert records["captioned.jpg"]["reject"] == "path_escape" and "caption" in records["captioned.jpg"]["detail"]
+    assert records["captioned.jpg"]["sidecar"] is None
+    assert records["inside.jpg"]["reject"] is None and records["ok_link.jpg"]["reject"] is None
+
+    class Reads(Store):
+        def __init__(self):
+            super().__init__()
+            self.read_paths: list[str] = []
+
+        def read(self, uri):
+            self.read_paths.append(os.path.realpath(uri))
+            return super().read(uri)
+
+    curator = Curator(CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512}), 0)
+    curator.store = Reads()
+    outcomes = {name: curator.process(r) for name, r in records.items()}
+    assert str(outcomes["link_out.jpg"].reason) == "path_escape"
+    assert str(outcomes["captioned.jpg"].reason) == "path_escape"
+    assert outcomes["inside.jpg"].kept and outcomes["ok_link.jpg"].kept
+    assert all(not p.startswith(str(outside)) for p in curator.store.read_paths), curator.store.read_paths
+
+
+def test_s3_keys_with_dot_segments_are_refused_as_path_escape():
+    """A listed S3 key with ``..`` segments is refused before any read (an HTTP layer may resolve it to
+    another object)."""
+    from components.curation.sources import from_listing
+
+    class Listing(Store):
+        def list(self, root):
+            yield from ["s3://b/in/a.jpg", "s3://b/in/x/../../secret.jpg", "s3://b/in/./b.jpg"]
+
+    records = from_listing(CurateConfig(source="s3://b/in"), Listing()).records.to_pylist()
+    assert [r["reject"] for r in records] == [None, "path_escape", "path_escape"]
+    with pytest.raises(ValueError, match="segments"):
+        Store().read("s3://b/in/x/../../secret.jpg")  # refused before any client is made
+
+
+# --- the output never overlaps a source (issue 18) ---------------------------------------------------
+
+
+def _photos(folder: Path, names: list[str]) -> list[Path]:
+    paths = []
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        _jpeg(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "child", "manifest-root", "manifest-folder-parent",
+                                   "cache-output-in-source"])
+def test_an_output_that_overlaps_a_source_is_refused_before_any_work(tmp_path, where):
+    """Publishing deletes the files under the output's train/, val/ and rejects/ that the run did not
+    write. With the output at (or above) a source whose photos sit in train/ and val/ subfolders, that
+    deleted the photos; the output is now refused, in one line, before anything is created or read."""
+    from components.config import load_config
+    from components.curation.pipeline import prepare
+
+    photos = tmp_path / "photos"
+    originals = _photos(photos, ["train/a.jpg", "train/b.jpg", "val/c.jpg"])
+    source, extra = str(photos), []
+    output = {"same": photos, "parent": tmp_path, "child": photos / "curated", "manifest-root": photos,
+              "manifest-folder-parent": tmp_path, "cache-output-in-source": tmp_path / "out"}[where]
+    if where.startswith("manifest"):
+        manifest = tmp_path / "lists" / "m.jsonl"
+        manifest.parent.mkdir()
+        manifest.write_text("".join(json.dumps({"path": str(p.relative_to(photos)), "caption": "c"}) + "\n"
+                                    for p in originals))
+        source, extra = str(manifest), [f"curate.root={photos}"]
+    if where == "cache-output-in-source":
+        extra = ["curate.cache_latents=true", f"curate.cache_output={photos / 'latents'}"]
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path / 'state'}", f"curate.source={source}",
+                                                         f"curate.output={output}", *extra])
+    with pytest.raises(SourceError) as err:
+        prepare(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "must be a separate folder" in message, message
+    assert all(p.is_file() for p in originals)
+    assert not (photos / "curated").exists() and not (tmp_path / "out").exists()
+
+
+def test_overlap_is_by_whole_path_segments_and_s3_prefixes():
+    from components.curation.sources import check_no_overlap
+
+    for source, output in [("s3://b/in", "s3://b/in"), ("s3://b/in/", "s3://b/in/out"), ("s3://b/in", "s3://b"),
+                           ("s3://b/in/x/..", "s3://b/in/y")]:
+        with pytest.raises(SourceError, match="must be a separate folder"):
+            check_no_overlap(CurateConfig(source=source, output=output))
+    for source, output in [("s3://b/in", "s3://b/input"), ("s3://b/in", "s3://c/in"), ("/data/in", "/data/input"),
+                           ("/data/in", "s3://b/data/in")]:
+        check_no_overlap(CurateConfig(source=source, output=output))
+
+
+# --- decoding is limited to image formats (issue 18) ----------------------------------------------
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\n%%EndComments\n"
+       b"newpath 0 0 moveto 300 300 lineto stroke showpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """PIL picks its decoder by content: PostScript saved as .jpg was opened as EPS and its load ran
+    Ghostscript where installed. Decoding is now limited to image formats (DECODE_FORMATS); the file is
+    ``not_an_image`` and Ghostscript is never called (its entry point is replaced by a recorder here, so
+    the test does not depend on Ghostscript being installed)."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a) or Image.new("RGB", (300, 300)))
+    (tmp_path / "photo.jpg").write_bytes(EPS)
+    assert Image.open(tmp_path / "photo.jpg").format == "EPS"  # what PIL makes of it without the list
+    cfg = CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512})
+    out = Curator(cfg, 0).process({"source": str(tmp_path / "photo.jpg"), "caption": "c"})
+    assert out.reason == Reason.NOT_AN_IMAGE and calls == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM"])
+def test_every_listed_image_format_still_decodes(tmp_path, fmt):
+    Image.new("RGB", (300, 300), (40, 50, 60)).save(tmp_path / "x.img", format=fmt)
+    cfg = CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512})
+    assert Curator(cfg, 0).process({"source": str(tmp_path / "x.img"), "caption": "c"}).kept

@@ -16,6 +16,7 @@ from components.config import Config, load_config
 from components.diffusion.request import GenerationRequest
 from deploy.api import (
     ApiError,
+    api_token,
     decode_upload,
     fit_edit_images,
     mask_to_l,
@@ -211,6 +212,110 @@ def test_multipart_refusals():
     ctype, body = multipart([("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(), "image/png"))], {})
     err = refused(parse_multipart, ctype, body)
     assert "more than once" in err.message
+
+
+# --- multipart structure (issue 18): part count, nesting, boundaries, duplicates, headers -------------
+
+
+def raw_part(name: bytes, payload: bytes = b"x", headers: bytes = b"", boundary: bytes = b"b") -> bytes:
+    return (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + name + b'"\r\n' + headers
+            + b"\r\n" + payload + b"\r\n")
+
+
+def body_of(*parts: bytes, boundary: bytes = b"b") -> bytes:
+    return b"".join(parts) + b"--" + boundary + b"--\r\n"
+
+
+def hostile_tiny_parts(size: int = 8 * 1024 * 1024) -> bytes:
+    """About 140,000 tiny parts in 8 MiB, the body that cost the email parser ~28 s of CPU; each with
+    its own name, so that no duplicate-name check stops it early."""
+    parts, total, i = [], 0, 0
+    while total < size - 200:
+        part = b'--b\r\nContent-Disposition: form-data; name="%x"\r\n\r\n\r\n' % i
+        parts.append(part)
+        total, i = total + len(part), i + 1
+    return body_of(*parts)
+
+
+def nested(depth: int) -> tuple[str, bytes]:
+    """A part that is itself multipart, ``depth`` levels deep (~340 KB at 3,000 levels)."""
+    inner = b"x"
+    for level in range(depth, 0, -1):
+        b = f"n{level}".encode()
+        inner = (b"--" + b + b"\r\nContent-Type: multipart/mixed; boundary=n" + str(level + 1).encode()
+                 + b"\r\n\r\n" + inner + b"\r\n--" + b + b"--")
+    part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: multipart/mixed; boundary=n1\r\n\r\n" + inner + b"\r\n")
+    return "multipart/form-data; boundary=b", body_of(part)
+
+
+def test_a_body_of_many_tiny_parts_is_refused_at_once():
+    """Before: the email parser spent ~28 s of CPU on this body, blocking the ingress's event loop."""
+    import time
+
+    body = hostile_tiny_parts()
+    assert len(body) > 8_000_000 and body.count(b"--b\r\n") > 130_000
+    start = time.process_time()
+    err = refused(parse_multipart, "multipart/form-data; boundary=b", body)
+    assert time.process_time() - start < 1.0 and "more than 32 parts" in err.message
+    ok = body_of(*[raw_part(f"f{i}".encode()) for i in range(32)])
+    assert len(parse_multipart("multipart/form-data; boundary=b", ok)[0]) == 32
+
+
+def test_nested_multipart_is_a_400_not_a_recursion_error():
+    """Before: ~3,000 levels raised RecursionError inside the email parser (a 500)."""
+    err = refused(parse_multipart, *nested(3000))
+    assert "nested multipart" in err.message
+    refused(parse_multipart, *nested(1))
+
+
+B = "multipart/form-data; boundary=b"
+STRUCTURE = {
+    "boundary-too-long": ("multipart/form-data; boundary=" + "a" * 71, body_of(raw_part(b"prompt"), boundary=b"a" * 71)),
+    "boundary-empty": ("multipart/form-data; boundary=", body_of(raw_part(b"prompt"), boundary=b"")),
+    "boundary-bad-char": ("multipart/form-data; boundary=a\x00b", b"--a\x00b--\r\n"),
+    "boundary-mismatch": ("multipart/form-data; boundary=other", body_of(raw_part(b"prompt"))),
+    "no-closing-boundary": (B, raw_part(b"prompt")),
+    "cut-in-headers": (B, b'--b\r\nContent-Disposition: form-data; na'),
+    "empty-body": (B, b""),
+    "garbage-before-boundary": (B, b"junk" + body_of(raw_part(b"prompt"))),
+    "boundary-without-crlf": (B, b"--bXContent-Disposition: form-data\r\n\r\nx\r\n--b--"),
+    "duplicate-field": (B, body_of(raw_part(b"prompt"), raw_part(b"prompt"))),
+    "duplicate-field-brackets": (B, body_of(raw_part(b"image[]", headers=b"Content-Type: image/png\r\n"),
+                                           raw_part(b"image"))),
+    "duplicate-header": (B, body_of(raw_part(b"prompt", headers=b'Content-Disposition: form-data; name="n"\r\n'))),
+    "huge-header": (B, body_of(raw_part(b"prompt", headers=b"X-Pad: " + b"a" * 5000 + b"\r\n"))),
+    "huge-name": (B, body_of(raw_part(b"p" * 5000))),
+    "many-headers": (B, body_of(raw_part(b"prompt", headers=b"".join(b"X-H%d: v\r\n" % i for i in range(12))))),
+    "no-name": (B, b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n"),
+    "not-form-data": (B, b'--b\r\nContent-Disposition: attachment; name="prompt"\r\n\r\nx\r\n--b--\r\n'),
+    "no-disposition": (B, b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n"),
+    "base64-encoded": (B, body_of(raw_part(b"prompt", b"YQ==", b"Content-Transfer-Encoding: base64\r\n"))),
+    "name-not-utf8": (B, body_of(raw_part(b"\xff\xfe"))),
+    "header-without-colon": (B, b"--b\r\nContent-Disposition form-data\r\n\r\nx\r\n--b--\r\n"),
+    "too-many-parts": (B, body_of(*[raw_part(f"f{i}".encode()) for i in range(33)])),
+}
+
+
+@pytest.mark.parametrize(("ctype", "body"), STRUCTURE.values(), ids=STRUCTURE.keys())
+def test_multipart_structure_abuse_is_a_400(ctype, body):
+    refused(parse_multipart, ctype, body)
+
+
+def test_multipart_quoted_boundary_and_epilogue_are_accepted():
+    ctype = 'multipart/form-data; boundary="a b:c"'
+    body = body_of(raw_part(b"prompt", b"a cat", boundary=b"a b:c"), boundary=b"a b:c") + b"an epilogue\r\n"
+    assert parse_multipart(ctype, body) == ({"prompt": "a cat"}, {})
+
+
+def test_the_api_key_is_stripped_and_a_blank_one_fails_closed():
+    """A key from ``kubectl create secret --from-file`` ends with a newline: every request was a 401."""
+    assert api_token("TERMINUS_API_KEY", {"TERMINUS_API_KEY": "sk-abc123\n"}) == b"sk-abc123"
+    assert api_token("TERMINUS_API_KEY", {"TERMINUS_API_KEY": "  sk-abc123\r\n"}) == b"sk-abc123"
+    assert api_token(None, {"TERMINUS_API_KEY": "sk-abc123"}) is None
+    for environ in ({}, {"TERMINUS_API_KEY": ""}, {"TERMINUS_API_KEY": " \n"}):
+        with pytest.raises(RuntimeError, match="unset or blank"):
+            api_token("TERMINUS_API_KEY", environ)
 
 
 def test_ingress_side_imports_no_model_stack():

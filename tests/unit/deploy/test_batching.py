@@ -129,3 +129,33 @@ def test_a_failure_is_a_500_and_a_refusal_a_400():
         raise_for_result(GenerationResult("m", "1", 0, [], error="prompt is 90 tokens", param="prompt"))
     assert err.value.status == 400 and err.value.code == "prompt_too_long"
     raise_for_result(GenerationResult("m", "1", 0, [b"png"]))  # images: no error
+
+
+def test_a_failing_token_check_or_png_encoding_fails_only_its_own_request(pipes, monkeypatch):
+    """The steps of a dynamic batch outside the pipeline call are per request too: a token check that
+    raises refuses its request alone (400), and a PNG encoding that raises fails its request alone (500);
+    the batch mates get their images (docs/reliability.md, Endpoint)."""
+    import deploy.batching as batching
+
+    real_overflow, real_png = batching.token_overflow, batching.encode_png
+
+    def overflow(p, text):
+        if text == "tokenizer bomb":
+            raise TypeError("simulated tokenizer failure")
+        return real_overflow(p, text)
+
+    encoded = []
+
+    def png(image):
+        encoded.append(image)
+        if len(encoded) == 2:  # the second image of the batch
+            raise OSError("simulated encoder failure")
+        return real_png(image)
+
+    monkeypatch.setattr(batching, "token_overflow", overflow)
+    monkeypatch.setattr(batching, "encode_png", png)
+    out = serve_batch("m", "1", pipes, [req("a red cat", 1), req("tokenizer bomb", 2), req("a blue dog", 3),
+                                        req("a green frog", 4)])
+    assert out[1].error and "could not be tokenized" in out[1].error and out[1].failure is None
+    assert out[2].failure == "OSError" and out[2].images == []
+    assert len(out[0].images) == 1 and len(out[3].images) == 1 and out[0].failure is None and out[3].failure is None

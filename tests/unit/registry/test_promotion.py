@@ -246,7 +246,7 @@ def test_racing_promotions_leave_a_consistent_history(reg, monkeypatch):
     champion, previous = reg.alias("champion"), reg.alias("previous")
     # Serialised: the second promotion saw the first as champion, so previous is the other candidate.
     assert {champion, previous} == {a, b}
-    assert reg.client.search_registered_models(f"name = '{reg.name}{promotion.LOCK_SUFFIX}'") == []
+    assert reg.client.search_model_versions(f"name = '{reg.name}{promotion.LOCK_SUFFIX}'") == []  # no ticket left
 
 
 def test_racing_rollbacks_never_leave_previous_equal_to_champion(reg, monkeypatch):
@@ -273,12 +273,101 @@ def test_the_race_is_real_without_the_lock(reg, monkeypatch):
     assert (reg.alias("champion"), reg.alias("previous")) == (v0, champion)
 
 
-def test_a_held_lock_times_out_with_a_clear_message_and_a_stale_one_is_broken(reg):
+def _dead_ticket(reg) -> str:
+    """What a promotion that died inside ``alias_lock`` leaves: the lock and one ticket nobody beats."""
     lock = f"{reg.name}{promotion.LOCK_SUFFIX}"
-    reg.client.create_registered_model(lock, description="a promotion that died")
-    with pytest.raises(PromotionRefused, match=f"another promotion holds registered model '{lock}'.*delete"):
+    try:
+        reg.client.create_registered_model(lock, description="a promotion that died")
+    except mlflow.exceptions.MlflowException:
+        pass
+    reg.client.create_model_version(lock, "promotion-lock:/dead", description="a promotion that died",
+                                    tags={promotion.HEARTBEAT: "0"})
+    return lock
+
+
+def test_a_held_lock_times_out_with_a_clear_message_and_a_stale_one_is_broken(reg):
+    lock = _dead_ticket(reg)
+    with pytest.raises(PromotionRefused, match=f"another promotion holds registered model '{lock}'.*delete version"):
         with alias_lock(reg.name, timeout_s=0.3):
             pass
-    with alias_lock(reg.name, stale_after_s=0.0):  # older than 0 s: taken over
-        assert reg.client.get_registered_model(lock).description.startswith(f"promotion of {reg.name}")
-    assert reg.client.search_registered_models(f"name = '{lock}'") == []
+    start = time.monotonic()
+    with alias_lock(reg.name, stale_after_s=0.5):  # unchanged for 0.5 s of our own clock: taken over
+        assert time.monotonic() - start >= 0.5
+        (mine,) = reg.client.search_model_versions(f"name = '{lock}'")
+        assert mine.description.startswith(f"promotion of {reg.name}")
+    assert reg.client.search_model_versions(f"name = '{lock}'") == []
+
+
+def _occupancy(body_s: float):
+    """A critical section that records how many callers are inside at once."""
+    state = {"inside": 0, "max": 0, "entered": 0}
+    guard = threading.Lock()
+
+    def enter(**lock_args):
+        with alias_lock(**lock_args):
+            with guard:
+                state["inside"] += 1
+                state["entered"] += 1
+                state["max"] = max(state["max"], state["inside"])
+            time.sleep(body_s)
+            with guard:
+                state["inside"] -= 1
+
+    return state, enter
+
+
+def test_two_waiters_breaking_the_same_stale_lock_never_both_enter(reg, monkeypatch):
+    """Two waiters find the same dead holder's lock stale and both break it. The second one's delete is
+    held back 0.5 s, the window in which the first has taken the lock. Before: breaking meant deleting
+    the one lock model and creating it again, so the late delete removed the first waiter's fresh lock
+    and both were inside at once. Now each breaks only the dead ticket, and tickets keep their order."""
+    _dead_ticket(reg)
+    time.sleep(1.2)  # the dead lock is older than stale_after_s by any clock
+    deletes = []
+    for method in ("delete_model_version", "delete_registered_model"):
+        real = getattr(mlflow.MlflowClient, method)
+
+        def late(self, *args, _real=real, **kwargs):
+            deletes.append(args)
+            if len(deletes) > 1:
+                time.sleep(0.5)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(mlflow.MlflowClient, method, late)
+    state, enter = _occupancy(body_s=1.0)
+    errors = _race(lambda: enter(name=reg.name, timeout_s=30, stale_after_s=1.0),
+                   lambda: enter(name=reg.name, timeout_s=30, stale_after_s=1.0))
+    assert errors == [] and state["entered"] == 2
+    assert state["max"] == 1, "two promotions were inside the lock at once"
+
+
+def _hold_while(reg, state, enter, stale_after_s: float, waiter_timeout_s: float) -> None:
+    """One holder enters; a second caller waits ``waiter_timeout_s`` for the lock and must be refused."""
+    holder = threading.Thread(target=enter, kwargs={"name": reg.name, "stale_after_s": stale_after_s})
+    holder.start()
+    deadline = time.monotonic() + 30
+    while not state["entered"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(PromotionRefused, match="another promotion holds"):
+        enter(name=reg.name, timeout_s=waiter_timeout_s, stale_after_s=stale_after_s)
+    holder.join(timeout=60)
+    assert state["max"] == 1 and state["entered"] == 1
+
+
+def test_a_client_clock_minutes_fast_never_breaks_a_live_lock(reg, monkeypatch):
+    """This process's wall clock runs 10 minutes ahead of the registry's (stale_after_s 60 s). Before: the
+    lock's age was the registry's creation time against the local clock, so such a client broke every
+    live lock at once. Now no timestamp is compared with another clock: the waiter times out."""
+    real = promotion.time
+    skewed = type("SkewedTime", (), {"time": staticmethod(lambda: real.time() + 600), "monotonic": real.monotonic,
+                                     "sleep": real.sleep, "strftime": real.strftime, "gmtime": real.gmtime})
+    monkeypatch.setattr(promotion, "time", skewed)
+    state, enter = _occupancy(body_s=3.0)
+    _hold_while(reg, state, enter, stale_after_s=60.0, waiter_timeout_s=1.5)
+
+
+def test_a_live_holder_keeps_the_lock_past_stale_after_s(reg):
+    """Staleness is a stopped heartbeat, not an age: a holder busy for 5 x stale_after_s is not broken."""
+    state, enter = _occupancy(body_s=2.5)
+    _hold_while(reg, state, enter, stale_after_s=0.5, waiter_timeout_s=1.5)

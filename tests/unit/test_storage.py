@@ -1,0 +1,121 @@
+"""The storage layer's key rules and its model cache (issue 18), against moto's in-process S3.
+
+- every key that turns into a local file is checked: one that leaves its prefix (``..``) or is not in
+  normal form (``.``, ``//``) is refused, and nothing is written outside the cache;
+- S3 operations refuse keys with dot segments (a proxy or an S3-compatible server may resolve them);
+- a dataset's ``_SUCCESS`` cannot point readers outside the dataset;
+- the model cache is validated by ETag: same-size new weights are downloaded again.
+"""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from components.dataset import IncompleteDatasetError, read_manifest
+from components.storage import Store, child, fetch_prefix, safe_relative
+
+BUCKET = "models"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+def test_a_key_that_leaves_its_prefix_is_refused_and_nothing_lands_outside_the_cache(s3, tmp_path):
+    """Before: ``target / key[len(prefix):]`` turned ``sdxl/../../../X`` into a file anywhere on the node."""
+    cache = tmp_path / "deep" / "cache"
+    s3.put_object(Bucket=BUCKET, Key="sdxl/unet/w.safetensors", Body=b"weights")
+    s3.put_object(Bucket=BUCKET, Key="sdxl/../../../../escaped.txt", Body=b"planted")
+    with pytest.raises(ValueError, match="escapes its prefix"):
+        fetch_prefix(f"s3://{BUCKET}/sdxl", cache)
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+@pytest.mark.parametrize("key", ["sdxl/./unet/w.safetensors", "sdxl/unet//w.safetensors", "sdxl/a/../unet/w.safetensors"])
+def test_two_keys_never_name_one_cached_file(s3, tmp_path, key):
+    """``a/./b`` and ``a//b`` normalise to ``a/b``: such a key could replace another object's cached file."""
+    s3.put_object(Bucket=BUCKET, Key="sdxl/unet/w.safetensors", Body=b"weights")
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"other")
+    with pytest.raises(ValueError, match="normal form"):
+        fetch_prefix(f"s3://{BUCKET}/sdxl", tmp_path / "cache")
+
+
+def test_same_size_new_weights_are_downloaded_again(s3, tmp_path):
+    """The cache is keyed by ETag, not size: retrained weights of the same architecture have the same
+    size, and were silently ignored before."""
+    key, cache = "sdxl/unet/w.safetensors", tmp_path / "cache"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"A" * 64)
+    first = fetch_prefix(f"s3://{BUCKET}/sdxl", cache)
+    assert (first / "unet/w.safetensors").read_bytes() == b"A" * 64
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"B" * 64)  # same size, new content
+    again = fetch_prefix(f"s3://{BUCKET}/sdxl", cache)
+    assert again == first and (again / "unet/w.safetensors").read_bytes() == b"B" * 64
+    etags = json.loads((again / ".etags.json").read_text())
+    assert etags["unet/w.safetensors"] == s3.head_object(Bucket=BUCKET, Key=key)["ETag"]
+
+
+def test_an_unchanged_object_is_not_downloaded_again(s3, tmp_path, monkeypatch):
+    s3.put_object(Bucket=BUCKET, Key="sdxl/w.bin", Body=b"x" * 10)
+    fetch_prefix(f"s3://{BUCKET}/sdxl", tmp_path)
+    calls = []
+    real = Store.client.fget
+
+    def counting(self):
+        client = real(self)
+        original = client.download_file
+
+        def download_file(*args, **kwargs):
+            calls.append(args[1])
+            return original(*args, **kwargs)
+
+        client.download_file = download_file
+        return client
+
+    monkeypatch.setattr(Store, "client", property(counting))
+    fetch_prefix(f"s3://{BUCKET}/sdxl", tmp_path)
+    assert calls == []
+
+
+def test_s3_operations_refuse_keys_with_dot_segments(s3):
+    store = Store()
+    s3.put_object(Bucket=BUCKET, Key="data/x.txt", Body=b"x")
+    for uri in (f"s3://{BUCKET}/data/../data/x.txt", f"s3://{BUCKET}/data/./x.txt"):
+        for op in (store.read, store.read_if_exists, store.exists, store.delete, lambda u: store.write(u, b"y")):
+            with pytest.raises(ValueError, match="segments"):
+                op(uri)
+    assert store.read(f"s3://{BUCKET}/data/x.txt") == b"x"
+
+
+def test_child_and_safe_relative():
+    assert child("s3://b/root", "train/part-0.parquet") == "s3://b/root/train/part-0.parquet"
+    assert child("/data/root", "train/part-0.parquet") == "/data/root/train/part-0.parquet"
+    for rel in ("../x.parquet", "train/../../x.parquet", "/etc/passwd", "", ".", "train/./x.parquet"):
+        with pytest.raises(ValueError):
+            child("/data/root", rel)
+    assert safe_relative("p/a/b", "p/") == "a/b"
+    for key in ("p/../x", "p/a/../../x", "p/", "q/a", "p//a"):
+        with pytest.raises(ValueError):
+            safe_relative(key, "p/")
+
+
+def test_a_success_list_that_points_outside_the_dataset_is_refused(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (tmp_path / "elsewhere.parquet").write_bytes(b"not ours")
+    (root / "_SUCCESS").write_text(json.dumps({"digest": "d", "rows": {"train": 1, "val": 0},
+                                               "files": {"train": ["../elsewhere.parquet"], "val": []}}))
+    with pytest.raises(IncompleteDatasetError, match="outside the dataset"):
+        read_manifest(str(root))
