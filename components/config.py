@@ -99,11 +99,21 @@ class ModelConfig(Strict):
     """The SDXL model a run starts from."""
 
     source: str = "tiny"
-    """``tiny`` (built offline), a local diffusers directory, a Hugging Face hub id, or an ``s3://`` prefix."""
+    """``tiny`` (built offline), a local diffusers directory, a Hugging Face hub id, an ``s3://`` prefix, a
+    single-file ``.safetensors`` checkpoint in the original SDXL layout (a local path, an ``s3://`` object
+    or an http(s) URL), or a registered version ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (continue
+    from the champion). The run records its lineage: the source, the resolved revision and a content hash
+    of the weights (docs/interchange.md)."""
     revision: str | None = None
-    """Hub revision (a branch, tag or commit) of a hub id; None: the default branch."""
+    """Hub revision (a branch, tag or commit) of a hub id; None: the default branch. A run pins it to the
+    commit it resolved to."""
     variant: str | None = None
     """diffusers weight variant to load (e.g. ``fp16``); None: the full-precision weights."""
+    single_file_config: str | None = None
+    """For a single-file ``model.source``: the diffusers folder (or hub id) whose component configs and
+    tokenizers the file is read with (the file holds weights only); None: SDXL base's
+    (``stabilityai/stable-diffusion-xl-base-1.0``, from the hub or the local Hugging Face cache). The
+    scheduler always comes from the preset's ``diffusion`` section."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Sizes of the ``tiny`` model."""
 
@@ -339,6 +349,9 @@ class TrainConfig(Strict):
     """Optimizer steps between progress lines on the console (rank 0)."""
     log_every_s: float = Field(30.0, gt=0)
     """... or at least this often, whichever comes first."""
+    export_variant: Literal["fp16", "bf16"] | None = "fp16"
+    """Half-precision weight variant registered next to the fp32 weights of every version (diffusers'
+    ``variant=`` files, ``*.fp16.safetensors``); a CUDA server loads it, a CPU the fp32 weights. None: fp32 only."""
     select: Literal["best", "last"] = "best"
     """``best`` (lowest validation loss) or ``last`` checkpoint becomes the registered model."""
     export_memory_gb: float | None = Field(None, gt=0)
@@ -511,14 +524,14 @@ class RecurringError(RuntimeError):
 
 STATE_PATHS = ("state_dir", "curate.output", "curate.cache_output", "train.data", "train.storage_path")
 """Where the platform writes (or reads what it wrote): refused when relative inside a Ray job."""
-INPUT_PATHS = ("curate.source", "curate.root", "model.source")
+INPUT_PATHS = ("curate.source", "curate.root", "model.source", "model.single_file_config")
 """Inputs that may be local paths (or s3://, pkg:, a hub id, ``tiny``: left as they are)."""
 
 
 def _is_local_path(value: str, key: str) -> bool:
     if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://")) or value == "tiny":
         return False
-    if key == "model.source":  # a hub id ("org/name") looks like a relative path: only ./ and ../ are paths
+    if key in ("model.source", "model.single_file_config"):  # a hub id ("org/name") looks like a relative path
         return value.startswith(("./", "../", "/", "~"))
     return True
 
