@@ -386,6 +386,25 @@ class TrackingConfig(Strict):
     """Registered model that training adds versions to."""
 
 
+class PublishConfig(Strict):
+    """A registered version as a Hugging Face Hub model repository (``flows/publish.py``)."""
+
+    repo_id: str | None = None
+    """Hub repository (``org/name``) ``--push`` uploads to; None: ``--repo-id`` must name it."""
+    base_model: str | None = None
+    """Hub id the model card names as ``base_model``; None: the hub id the run's lineage starts from (its hub
+    source, or the source of the registered version it continued from), else SDXL base
+    (``stabilityai/stable-diffusion-xl-base-1.0``), whose architecture every SDXL-layout model shares."""
+    license: str = "openrail++"
+    """Licence of the card (SDXL's CreativeML Open RAIL++-M, which a fine-tune of it carries)."""
+    author: str | None = None
+    """Who the card and the single file name as the developer; None: the card says the Terminus platform."""
+    precision: Literal["fp16", "bf16"] = "fp16"
+    """Weight precision of the single-file checkpoint in the folder."""
+    private: bool = False
+    """Create the Hub repository private."""
+
+
 class ServeConfig(Strict):
     """The Ray Serve endpoint (OpenAI Images API)."""
 
@@ -476,6 +495,8 @@ class Config(Strict):
     """Serving."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Evaluation and the promotion gate."""
+    publish: PublishConfig = PublishConfig()
+    """Hub-ready folders and model cards."""
 
     @model_validator(mode="after")
     def _derive(self) -> Config:
