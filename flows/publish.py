@@ -47,7 +47,7 @@ def main() -> None:
 
         token = get_token()
         if not token:
-            fail("--push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+            fail("--push needs a Hugging Face access token (the HF_TOKEN variable, or `hf auth login`)")
     from components.registry.model import ModelUriError, parse_model_uri
 
     try:

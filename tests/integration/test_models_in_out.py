@@ -143,6 +143,7 @@ def test_publish_writes_a_hub_folder_and_pushes_it_to_a_hub_stub(trained_champio
         state = hub.state
     assert out["pushed"].startswith(f"{hub.url}/terminus-test/tiny/commit/")
     assert list(state.repos) == ["terminus-test/tiny"] and state.tokens == {"hf_stub_token"}
+    assert state.validated and all(v["pipeline_tag"] == "text-to-image" for v in state.validated)  # the card's
     assert len(state.commits) == 1
     local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert set(state.files["terminus-test/tiny"]) == set(local) == set(out["files"])
@@ -158,12 +159,14 @@ def test_publish_writes_a_hub_folder_and_pushes_it_to_a_hub_stub(trained_champio
     assert sf.V_PRED_KEY in sf.read_keys(folder / f"{t.name}-v{t.version}.safetensors")
 
 
-def test_push_without_a_token_is_a_one_line_refusal(trained_champion, tmp_path):
-    t = trained_champion
+def test_push_without_a_token_is_a_one_line_refusal(tmp_path):
+    """Refused before the registry is read: no version is needed to see it."""
     env = subprocess_env(HF_HOME=str(tmp_path / "hf-home"))
     for key in ("HF_TOKEN", "HF_HUB_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
         env.pop(key, None)
-    code, out, err = flow("publish.py", t.overrides, "--model-uri", f"models:/{t.name}@champion", "--push",
+    sets = [f"state_dir={tmp_path / 'state'}"]
+    code, out, err = flow("publish.py", sets, "--model-uri", "models:/terminus-tiny@champion", "--push",
                           "--repo-id", "terminus-test/tiny", env=env)
     assert code == 2 and out is None
-    assert err.strip().splitlines()[-1].startswith("error: --push needs a Hugging Face token")
+    assert err.strip().splitlines()[-1] == \
+        "error: --push needs a Hugging Face access token (the HF_TOKEN variable, or `hf auth login`)"
