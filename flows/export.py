@@ -36,10 +36,10 @@ def main() -> None:
     cfg = load(args)
     if args.out and not args.out.endswith(".safetensors"):
         fail(f"--out {args.out}: the file name must end in .safetensors")
-    from components.registry.model import ModelUriError, parse_model_uri
+    from components.registry.model import ModelUriError, check_version
 
     try:
-        parse_model_uri(args.model_uri)
+        check_version(cfg, args.model_uri)
     except ModelUriError as err:
         fail(str(err))
     setup_logging()

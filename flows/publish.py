@@ -48,10 +48,10 @@ def main() -> None:
         token = get_token()
         if not token:
             fail("--push needs a Hugging Face access token (the HF_TOKEN variable, or `hf auth login`)")
-    from components.registry.model import ModelUriError, parse_model_uri
+    from components.registry.model import ModelUriError, check_version
 
     try:
-        parse_model_uri(args.model_uri)
+        check_version(cfg, args.model_uri)
     except ModelUriError as err:
         fail(str(err))
     setup_logging()

@@ -122,6 +122,20 @@ def _model_version(uri: str):
         raise ModelUriError(f"{uri}: not found in the registry ({err.error_code})") from None
 
 
+def check_version(cfg: Config, uri: str) -> tuple[str, str]:
+    """(name, version) of ``uri`` in the registry ``cfg`` names, or ``ModelUriError`` in one line. An
+    embedded SQLite store that does not exist yet holds no version: refused without creating it (MLflow
+    creates and migrates a new database, which takes seconds)."""
+    from components.registry.tracking import setup_tracking, tracking_uri
+
+    parse_model_uri(uri)
+    store = tracking_uri(cfg)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        raise ModelUriError(f"{uri}: not found in the registry (no MLflow store at {store} yet)")
+    setup_tracking(cfg)
+    return resolve_version(uri)
+
+
 def resolve_version(uri: str) -> tuple[str, str]:
     """(name, version) that ``uri`` points at right now (an alias is looked up in the registry)."""
     mv = _model_version(uri)

@@ -68,12 +68,10 @@ def check_model_source(cfg: Config) -> None:
     if kind in ("tiny", "s3"):
         return
     if kind == "registered":
-        from components.registry.model import ModelUriError, resolve_version
-        from components.registry.tracking import setup_tracking
+        from components.registry.model import ModelUriError, check_version
 
         try:
-            setup_tracking(cfg)
-            resolve_version(source)
+            check_version(cfg, source)
         except ModelUriError as err:
             raise PreflightError(f"model.source {err}") from None
         return
