@@ -138,8 +138,9 @@ def collect(cfg: Config, uri: str) -> Facts:
         raise CardError(f"models:/{mv.name}/{mv.version} was never evaluated: run flows/evaluate.py --model-uri "
                         f"models:/{mv.name}/{mv.version} first (the card reports its results)")
     run = client.get_run(tags["run_id"])
-    history = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-               for key in ("images_per_s", "loss", "val_loss")}
+    if run.info.end_time is None:
+        raise CardError(f"training run {run.info.run_id} has not finished: its wall time is not known yet")
+    history = {"images_per_s": [m.value for m in client.get_metric_history(run.info.run_id, "images_per_s")]}
     facts = Facts(mv.name, str(mv.version), tags, run, dict(run.data.params), dict(run.data.tags),
                   dict(run.data.metrics), history)
     facts.curation = curation_run(client, run.info.experiment_id, tags["dataset_digest"])
