@@ -61,7 +61,8 @@ def fmt_bytes(value) -> str:
 
 
 def fmt_mb(value) -> str:
-    return f"{float(value):,.0f} MB"
+    """A ``*_mb`` metric of the training loop, which counts in units of 2**20 bytes."""
+    return f"{float(value):,.0f} MiB"
 
 
 def fmt_seconds(value) -> str:

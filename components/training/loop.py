@@ -132,8 +132,8 @@ def hardware(device: torch.device) -> dict[str, str]:
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """Rank 0's peak memory so far, in MB: the process's resident set (``ru_maxrss``) and, on CUDA, the
-    most PyTorch's allocator held (``max_memory_allocated``)."""
+    """Rank 0's peak memory so far, in MiB (the ``_mb`` metrics): the process's resident set (``ru_maxrss``)
+    and, on CUDA, the most PyTorch's allocator held (``max_memory_allocated``)."""
     import resource
 
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
