@@ -423,14 +423,21 @@ def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str |
                   variant: str | None = None) -> Path:
     """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler; with
     ``variant`` (``fp16`` or ``bf16``) the same weights also in that precision, next to the fp32 ones
-    (``*.fp16.safetensors``), as ``from_pretrained(..., variant="fp16")`` reads them. The variant is
-    written from the saved fp32 files, read back in the half dtype, so ``parts`` is left as it was."""
+    (``save_variant``)."""
     pipe = StableDiffusionXLPipeline(scheduler=inference_scheduler(diffusion), **parts.as_dict())
     pipe.save_pretrained(str(directory), safe_serialization=True)
     if variant is not None:
-        if variant not in HALF_VARIANTS:
-            raise ValueError(f"weight variant {variant!r}: one of {sorted(HALF_VARIANTS)}")
-        half = StableDiffusionXLPipeline.from_pretrained(str(directory), dtype=HALF_VARIANTS[variant],
-                                                         use_safetensors=True)
-        half.save_pretrained(str(directory), safe_serialization=True, variant=variant)
+        save_variant(directory, variant)
+    return Path(directory)
+
+
+def save_variant(directory: str | Path, variant: str) -> Path:
+    """Add the ``variant`` (``fp16`` or ``bf16``) weights to a saved directory, next to its fp32 ones
+    (``*.fp16.safetensors``), as ``from_pretrained(..., variant="fp16")`` reads them. Written from the saved
+    fp32 files read back in the half dtype (each tensor cast as it loads), so the caller's fp32 models are
+    left as they are and need not be held meanwhile: the export drops them first."""
+    if variant not in HALF_VARIANTS:
+        raise ValueError(f"weight variant {variant!r}: one of {sorted(HALF_VARIANTS)}")
+    half = StableDiffusionXLPipeline.from_pretrained(str(directory), dtype=HALF_VARIANTS[variant], use_safetensors=True)
+    half.save_pretrained(str(directory), safe_serialization=True, variant=variant)
     return Path(directory)

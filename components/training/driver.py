@@ -210,7 +210,7 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
                         model: ModelConfig | None = None) -> str:
     """Checkpoint -> diffusers directory (fp32 and the ``train.export_variant`` weights) -> pyfunc model in
     the run -> new registered version, tagged with its lineage, parameter counts and sizes."""
-    from components.diffusion.sdxl import COMPONENTS, save_pipeline
+    from components.diffusion.sdxl import COMPONENTS, save_pipeline, save_variant
     from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model
     from components.training.checkpointing import load_unet_weights
 
@@ -219,10 +219,12 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
         load_unet_weights(Path(ckpt_dir), parts.unet, use_ema=cfg.train.ema_decay is not None)
     export_dir = cfg.state_path("exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")
     variant = cfg.train.export_variant
-    save_pipeline(parts, cfg.diffusion, export_dir, variant=variant)
+    save_pipeline(parts, cfg.diffusion, export_dir)
     sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters())) for name in COMPONENTS}
+    del parts  # the fp32 models are on disk now; the half variant is read back from there
     sizes["size.fp32_bytes"] = str(directory_bytes(export_dir, None))
     if variant:
+        save_variant(export_dir, variant)
         sizes[f"size.{variant}_bytes"] = str(directory_bytes(export_dir, variant))
     setup_tracking(cfg)
     with mlflow.start_run(run_id=run_id):
