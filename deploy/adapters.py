@@ -66,26 +66,27 @@ class ServedAdapter:
     def follow(self, period_s: float) -> bool:
         """Re-resolve the alias when the last look is older than ``period_s``; load the version it names now if
         that is another one. True if swapped. A pinned ``NAME/VERSION`` never moves."""
-        if "@" not in self.model_id or time.monotonic() - self.checked_at < period_s:
+        owner = self.owner
+        if owner is None or "@" not in self.model_id or time.monotonic() - self.checked_at < period_s:
             return False
-        with self.owner.lock:
+        with owner.lock:
             if time.monotonic() - self.checked_at < period_s:
                 return False
             _, version = resolve_version(self.uri)
             self.checked_at = time.monotonic()
             if str(version) == self.version.version:
                 return False
-            fresh = self.owner.fetch(self.model_id)
             old = self.version.key
-            self.version, self.weights = fresh.version, fresh.weights
-            self.owner.retire(old)
-            self.owner.swaps += 1
+            self.version, self.weights = owner.read(self.model_id)
+            owner.retire(old)
+            owner.swaps += 1
             log.warning("hot swap of adapter %s: version %s", self.model_id, self.version.version)
             return True
 
-    def __del__(self):  # Ray Serve's LRU evicted this model id (or the replica is going away)
+    def __del__(self):  # Ray Serve's LRU evicted this model id (it calls this), or the object is collected
         owner = getattr(self, "owner", None)
         if owner is not None:
+            self.owner = None  # once: a later collection must not retire a reloaded copy of the same version
             owner.retire(self.version.key)
 
 
@@ -111,7 +112,12 @@ class ReplicaAdapters:
         return self._base_sha[key]
 
     def fetch(self, model_id: str) -> ServedAdapter:
-        """Download and read the adapter version ``model_id`` names now (blocking: the loader runs it in a thread)."""
+        """The adapter version ``model_id`` names now, downloaded and read (blocking: the loader runs it in a
+        thread)."""
+        version, weights = self.read(model_id)
+        return ServedAdapter(model_id, version, weights, time.monotonic(), self)
+
+    def read(self, model_id: str) -> tuple[AdapterVersion, AdapterWeights]:
         try:
             with _file_lock(self.cache_dir / ".fetch.lock"):
                 version = fetch_adapter(f"models:/{model_id}", self.cache_dir)
@@ -123,7 +129,7 @@ class ReplicaAdapters:
         weights = version.weights()
         self.loads += 1
         log.info("loaded adapter %s (v%s, %s, %d bytes)", model_id, version.version, version.method, weights.nbytes)
-        return ServedAdapter(model_id, version, weights, time.monotonic(), self)
+        return version, weights
 
     def check_base(self, adapter: ServedAdapter, loaded: Loaded) -> None:
         served = self.base_sha256(loaded)

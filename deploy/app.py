@@ -97,7 +97,10 @@ class Model:
         self.adapters = ReplicaAdapters(cache_dir, self.cfg.serve.poll_alias_s)
 
         async def load_adapter(model_id: str):
-            return await asyncio.to_thread(self.adapters.fetch, model_id)
+            # An adapter of another base is refused before it takes a place in the LRU.
+            adapter = await asyncio.to_thread(self.adapters.fetch, model_id)
+            await asyncio.to_thread(self.adapters.check_base, adapter, self.holder.current)
+            return adapter
 
         # Wired here, not as a decorated method, so that the LRU's size comes from the config.
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters_per_replica)(
@@ -270,7 +273,8 @@ class Ingress:
         self._authorize(request)
         info = await self._call(self._info())
         entry = {"id": info["name"], "object": "model", "created": int(info["loaded_at"]),
-                 "owned_by": "terminus-platform", "version": info["version"], "uri": info["uri"], "kind": "base"}
+                 "owned_by": "terminus-platform", "version": info["version"], "uri": info["uri"], "kind": "base",
+                 "adapters_attached": info["adapters_attached"], "adapter_loads": info["adapter_loads"]}
         adapters = await self._call(self.model.adapters_listed.remote())
         data = [entry, *({"object": "model", "owned_by": "terminus-platform", "kind": "adapter", **a} for a in adapters)]
         return JSONResponse({"object": "list", "data": data})

@@ -1,44 +1,47 @@
-"""An adapter run on a real local Ray cluster: the recipe's loop trains a LoRA beside the frozen tiny UNet, the
-checkpoints hold the adapter only, the run resumes by name, and the registered version names its base."""
+"""An adapter run on a real local Ray cluster: ``flows/train.py --set train.method=lora`` trains a LoRA beside the
+frozen tiny UNet, the checkpoints hold the adapter only, the run resumes by name, the registered version names its
+base, loading it loads that base first, and its exports (diffusers format, kohya layout) reload with the same effect."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import mlflow
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from components.training.driver import run_training
+from tests.fixtures.processes import REPO, subprocess_env
 from tests.integration.test_train import history, small_cfg
+from tests.unit.diffusion.test_adapters import unet_output
 
 pytestmark = pytest.mark.slow
 
 
-def unet_output(unet) -> torch.Tensor:
-    """The UNet's prediction on fixed inputs of the tiny model's shapes."""
-    cfg = unet.config
-    gen = torch.Generator().manual_seed(3)
-    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    sample = torch.randn(2, 4, 8, 8, generator=gen)
-    text = torch.randn(2, 77, cfg.cross_attention_dim, generator=gen)
-    added = {"text_embeds": torch.randn(2, pooled, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    with torch.no_grad():
-        return unet(sample, torch.tensor([999, 400]), encoder_hidden_states=text, added_cond_kwargs=added).sample
-
-
 def test_a_lora_run_trains_only_the_adapter_resumes_and_registers_it_with_its_base(tmp_path, ray_local):
+    import ray
+
     from components.diffusion.adapters import AdapterSlots, read_adapter
     from components.diffusion.sdxl import build_tiny, load_parts, weights_sha256
     from components.registry.adapters import fetch_adapter
     from components.registry.model import fetch_model
 
-    cfg, _ = small_cfg(tmp_path, "train.method=lora", "train.adapter.rank=4", "train.adapter.alpha=8",
-                       "train.max_steps=2", "train.checkpoint_every=2", "train.run_name=lora", "train.lr.max=0.01",
-                       "train.lr.min=0.001")
-    first = run_training(cfg)
-    assert first.model_name == "terminus-tiny-lora" and first.version == "1"
+    cfg, overrides = small_cfg(tmp_path, "train.method=lora", "train.adapter.rank=4", "train.adapter.alpha=8",
+                               "train.max_steps=2", "train.checkpoint_every=2", "train.run_name=lora",
+                               "train.lr.max=0.01", "train.lr.min=0.001")
+    # As a user runs it, on the session's cluster (RAY_ADDRESS), so no second Ray starts.
+    cmd = [sys.executable, "flows/train.py", "--config", "flows/configs/tiny.yaml"]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(RAY_ADDRESS=ray.get_runtime_context().gcs_address))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first["model_name"] == "terminus-tiny-lora" and first["version"] == "1"
 
     # The checkpoint: the adapter and its optimizer state, no UNet.
     ckpt = tmp_path / "ray" / "lora" / "checkpoint_00000002"
@@ -54,7 +57,7 @@ def test_a_lora_run_trains_only_the_adapter_resumes_and_registers_it_with_its_ba
     longer = cfg.model_copy(deep=True)
     longer.train.max_steps = 4
     second = run_training(longer)
-    assert second.run_id == first.run_id and second.version == "2"
+    assert second.run_id == first["run_id"] and second.version == "2"
     assert history(cfg, second.run_id, "loss") == [1, 2, 3, 4]
 
     client = mlflow.MlflowClient()
@@ -79,3 +82,33 @@ def test_a_lora_run_trains_only_the_adapter_resumes_and_registers_it_with_its_ba
     with slots.running(fetched.key):
         after = unet_output(unet)
     assert (after - before).abs().max() > 1e-3
+
+    # Loading the adapter version loads its base first (the pyfunc names it), and the adapter changes the images.
+    import pandas as pd
+
+    row = {"prompt": ["a red square"], "steps": [2], "seed": [1], "width": [64], "height": [64]}
+    adapted = mlflow.pyfunc.load_model(f"models:/terminus-tiny-lora/{second.version}").predict(pd.DataFrame(row))
+    plain = mlflow.pyfunc.load_model(tags["base_model_uri"]).predict(pd.DataFrame(row))
+    assert adapted["image_png_b64"][0] != plain["image_png_b64"][0]
+
+    # The diffusers-format file of the version: vanilla diffusers loads it and changes the UNet as the platform does.
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base.pipeline_dir))
+    pipe.load_lora_weights(str(fetched.directory))
+    torch.testing.assert_close(unet_output(pipe.unet) - before, after - before, atol=1e-5, rtol=1e-4)
+
+    # The kohya-layout single file: rank, alpha, base and modelspec in its header; diffusers' kohya converter loads it.
+    from components.registry.export import export_version
+
+    result = export_version(cfg, f"models:/terminus-tiny-lora/{second.version}", precision="fp32")
+    with safe_open(result["path"], framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+    assert meta["terminus.base_model_uri"] == tags["base_model_uri"]
+    assert meta["terminus.base_weights_sha256"] == tags["base_weights_sha256"]
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert client.get_model_version("terminus-tiny-lora", second.version).tags["single_file.fp32"] == result["artifact"]
+    kohya = StableDiffusionXLPipeline.from_pretrained(str(base.pipeline_dir))
+    kohya.load_lora_weights(load_file(result["path"]))
+    torch.testing.assert_close(unet_output(kohya.unet) - before, after - before, atol=1e-5, rtol=1e-4)
