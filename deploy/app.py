@@ -118,6 +118,17 @@ class Model:
                 "loaded_at": loaded.loaded_at, "swaps": self.holder.swaps, "adapters_attached": self.adapters.attached,
                 "adapter_loads": self.adapters.loads, "adapter_swaps": self.adapters.swaps}
 
+    def memory(self) -> dict[str, int]:
+        """This replica's peak resident memory, and on a GPU its peak allocated device memory (the benchmarks)."""
+        import resource
+
+        import torch
+
+        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if torch.cuda.is_available():
+            peak["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+        return peak
+
     def adapters_listed(self) -> list[dict[str, Any]]:
         """The registry's adapters with an alias, and whether each was trained on the base served here."""
         from components.registry.adapters import listed_adapters
