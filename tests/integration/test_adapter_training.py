@@ -86,10 +86,25 @@ def test_a_lora_run_trains_only_the_adapter_resumes_and_registers_it_with_its_ba
     # Loading the adapter version loads its base first (the pyfunc names it), and the adapter changes the images.
     import pandas as pd
 
-    row = {"prompt": ["a red square"], "steps": [2], "seed": [1], "width": [64], "height": [64]}
-    adapted = mlflow.pyfunc.load_model(f"models:/terminus-tiny-lora/{second.version}").predict(pd.DataFrame(row))
-    plain = mlflow.pyfunc.load_model(tags["base_model_uri"]).predict(pd.DataFrame(row))
+    from components.diffusion.pyfunc import predict_rows
+
+    row = pd.DataFrame({"prompt": ["a red square"], "steps": [2], "seed": [1], "width": [64], "height": [64]})
+    loaded = mlflow.pyfunc.load_model(f"models:/terminus-tiny-lora/{second.version}")
+    adapted = loaded.predict(row)
+    model = loaded.unwrap_python_model()
+    assert torch.equal(model.pipelines.t2i.unet.conv_in.weight.float(), unet.conv_in.weight)  # the base's weights
+    with model.slots.running(None):  # the same pipelines with the adapter off: the base the tag names
+        plain = predict_rows(model.pipelines, row)
     assert adapted["image_png_b64"][0] != plain["image_png_b64"][0]
+
+    # Evaluation runs on the base the adapter names, plus the adapter.
+    from components.evaluation.run import _base_and_adapter
+    from components.registry.model import fetch_model as fetch
+
+    target = _base_and_adapter(fetch(f"models:/terminus-tiny-lora/{second.version}", cfg.state_path("cache", "models"),
+                                     adapter_ok=True), cfg)
+    assert weights_sha256(target["pipeline_dir"]) == tags["base_weights_sha256"]
+    assert set(target["adapter"].state) == set(read_adapter(fetched.directory).state)
 
     # The diffusers-format file of the version: vanilla diffusers loads it and changes the UNet as the platform does.
     from diffusers import StableDiffusionXLPipeline
