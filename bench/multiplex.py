@@ -106,7 +106,10 @@ def benchmark_multiplex(cfg: Config, root: Path, *, adapters: int = 2, requests:
     from components.cluster import ray_session
     from deploy.app import compose
 
-    resources = {"num_cpus": 1, "num_gpus": 1 if torch.cuda.is_available() else 0}
+    # Half a CPU per model replica and a quarter per ingress, on both sides: the dedicated layout's replicas must
+    # all fit at once on a 2-CPU machine (and share one GPU where there is one).
+    resources = {"num_cpus": 0.5, "num_gpus": 1 / max(adapters, 1) if torch.cuda.is_available() else 0}
+    ingress = {"ray_actor_options": {"num_cpus": 0.25}}
     port = port or cfg.serve.port
     base = f"http://{cfg.serve.host}:{port}"
     body = {"prompt": "benchmark", "size": f"{size}x{size}", "steps": steps}
@@ -124,7 +127,8 @@ def benchmark_multiplex(cfg: Config, root: Path, *, adapters: int = 2, requests:
         out["registry_setup_s"] = time.perf_counter() - start
         serve.start(http_options={"host": cfg.serve.host, "port": port})
         try:
-            serve.run(compose(variant, cfg.serve.model_uri, model_options=options), name="mux", route_prefix="/mux")
+            serve.run(compose(variant, cfg.serve.model_uri, model_options=options, ingress_options=ingress), name="mux",
+                      route_prefix="/mux")
             bodies = [("/mux/v1/images/generations", {**body, "model": f"{n}@champion"}) for n in names]
             asyncio.run(_drive(base, bodies, WARMUP, 1))
             out["multiplexed"] = asyncio.run(_drive(base, bodies, requests, concurrency))
@@ -132,8 +136,8 @@ def benchmark_multiplex(cfg: Config, root: Path, *, adapters: int = 2, requests:
             serve.delete("mux")
             dedicated = []
             for i, n in enumerate(names):
-                serve.run(compose(variant, cfg.serve.model_uri, model_options=options), name=f"own{i}",
-                          route_prefix=f"/own{i}")
+                serve.run(compose(variant, cfg.serve.model_uri, model_options=options, ingress_options=ingress),
+                          name=f"own{i}", route_prefix=f"/own{i}")
                 dedicated.append((f"/own{i}/v1/images/generations", {**body, "model": f"{n}@champion"}))
             asyncio.run(_drive(base, dedicated, WARMUP, 1))
             out["dedicated"] = asyncio.run(_drive(base, dedicated, requests, concurrency))

@@ -72,7 +72,15 @@ class ServedAdapter:
         with owner.lock:
             if time.monotonic() - self.checked_at < period_s:
                 return False
-            _, version = resolve_version(self.uri)
+            try:
+                _, version = resolve_version(self.uri)
+            except ModelUriError as err:  # the alias was removed: the adapter is no longer served under it
+                raise AdapterRefused(404, f"model {self.model_id!r} is not served here: {err}", "model_not_found") from None
+            except Exception as err:  # the registry is unreachable: keep serving the version held, look again later
+                log.warning("alias poll of adapter %s failed, still serving v%s: %s", self.model_id,
+                            self.version.version, str(err)[:200])
+                self.checked_at = time.monotonic()
+                return False
             self.checked_at = time.monotonic()
             if str(version) == self.version.version:
                 return False
