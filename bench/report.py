@@ -188,7 +188,7 @@ def write_report(cfg: Config, report: dict) -> Path:
 
 # --- figures and the table ------------------------------------------------------------------------
 
-_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b}
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
 
 
 @dataclass

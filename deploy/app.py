@@ -4,7 +4,10 @@
 
 ``Model`` loads ``models:/NAME@ALIAS`` (champion by default) through the registry loader training
 uses, follows the alias (hot swap, ``deploy/holder.py``), and runs compatible requests as one
-pipeline call (``@serve.batch``, ``deploy/batching.py``). ``Ingress`` owns the HTTP contract
+pipeline call (``@serve.batch``, ``deploy/batching.py``). A request may name an adapter of that base (the
+OpenAI ``model`` field or the ``serve_multiplexed_model_id`` header): it travels as the request's Serve
+multiplexed model id, the replica keeps an LRU of adapters attached to its base (``@serve.multiplexed``,
+``serve.max_adapters_per_replica``) and batches split by adapter (``deploy/adapters.py``, docs/adapters.md). ``Ingress`` owns the HTTP contract
 (``deploy/api.py``): validation, auth, errors, and the 503 + Retry-After of a full queue.
 
 Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
