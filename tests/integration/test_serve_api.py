@@ -388,8 +388,6 @@ def test_adapter_mistakes_get_4xx_naming_what_is_wrong(client, registered_model,
 def test_the_lru_evicts_and_reloads_and_an_alias_move_hot_swaps(client, registered_model, adapters):
     """``serve.max_adapters_per_replica=2`` here: a third adapter evicts the least recently used one, which is
     read again on its next request and gives the same images; moving an adapter's alias swaps it in place."""
-    import mlflow
-
     def loads():
         (base,) = [d for d in client.get("/v1/models", headers=AUTH).json()["data"] if d["kind"] == "base"]
         return base["adapter_loads"], base["adapters_attached"]
@@ -406,13 +404,23 @@ def test_the_lru_evicts_and_reloads_and_an_alias_move_hot_swaps(client, register
     assert loads()[0] == count + 2
     assert np.abs(again - first).max() <= TOLERANCE
 
-    v2, moved = register_adapter(registered_model, "terminus-style", seed=15)  # a new version takes @champion
-    mlflow.MlflowClient().set_registered_model_alias("terminus-style", "champion", v2)
-    deadline = time.monotonic() + 30
-    while True:
-        r = gen(client, **ADAPTER_BODY, model="terminus-style@champion")
-        if r.json().get("model_version") == v2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    # Promotion and rollback of an adapter are the registry's aliases, as for a full model; the replica follows.
+    from components.registry.promotion import promote, rollback
+
+    v2, moved = register_adapter(registered_model, "terminus-style", seed=15, alias="candidate")
+    promote("terminus-style", v2, force_reason="serving test: not evaluated")
+
+    def served_version(wanted: str) -> httpx.Response:
+        deadline = time.monotonic() + 30
+        while True:
+            r = gen(client, **ADAPTER_BODY, model="terminus-style@champion")
+            if r.json().get("model_version") == wanted or time.monotonic() > deadline:
+                return r
+            time.sleep(0.3)
+
+    r = served_version(v2)
     assert r.json()["model_version"] == v2
     assert np.abs(pixels(r) - expected_png(registered_model, moved, ADAPTER_BODY)).max() <= TOLERANCE
+    assert rollback("terminus-style").version == adapters.a_version
+    r = served_version(adapters.a_version)
+    assert r.json()["model_version"] == adapters.a_version and np.abs(pixels(r) - first).max() <= TOLERANCE

@@ -145,7 +145,7 @@ def test_kohya_file_has_the_documented_keys_and_loads_through_diffusers_kohya_co
     torch.testing.assert_close(kohya, platform, atol=1e-5, rtol=1e-4)
 
 
-def test_lokr_round_trips_and_has_the_lycoris_keys(base_dir, tmp_path):
+def test_lokr_round_trips_loads_in_vanilla_diffusers_and_has_the_lycoris_keys(base_dir, tmp_path):
     weights = random_adapter(base_dir, "lokr", seed=3, rank=4, alpha=2.0)
     folder = tmp_path / "lokr"
     save_adapter(folder, weights.state, weights.config)
@@ -155,6 +155,10 @@ def test_lokr_round_trips_and_has_the_lycoris_keys(base_dir, tmp_path):
     change = with_platform_loader(base_dir, back) - base
     assert change.abs().max() > 1e-3
     torch.testing.assert_close(change, with_platform_loader(base_dir, weights) - base)
+    # Vanilla diffusers reads the LoKr file through the UNet's own loader (its SDXL pipeline loader takes LoRA only).
+    unet = fresh_unet(base_dir)
+    unet.load_lora_adapter(str(folder), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(unet_output(unet) - base, change, atol=1e-5, rtol=1e-4)
     keys = to_kohya(weights, dict(fresh_unet(base_dir).config))
     suffixes = {k.rsplit(".", 1)[1] for k in keys}
     assert suffixes <= {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
