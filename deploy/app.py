@@ -89,7 +89,14 @@ class Model:
         self.cfg = Config.model_validate(config)
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
-        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference, period_s=self.cfg.serve.poll_alias_s)
+        serve_cfg = self.cfg.serve
+        warmup = None
+        if serve_cfg.compile:  # the first request of each version would otherwise pay the compilation
+            warmup = GenerationRequest(prompt="warm-up", width=serve_cfg.default_size, height=serve_cfg.default_size,
+                                       steps=serve_cfg.default_steps, seed=0)
+        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference, period_s=serve_cfg.poll_alias_s,
+                                  compile_backend=serve_cfg.compile_backend if serve_cfg.compile else None,
+                                  warmup=warmup)
         # Loaded before the constructor returns: Serve runs check_health once right after it, and a
         # replica receives traffic only once that passes. A version that does not load is not an outage:
         # the replica starts on the last good one (deploy/holder.py) and keeps watching the alias.
