@@ -54,10 +54,14 @@ class ServedAdapter:
     """The adapter version a multiplexed model id names now, with its weights (module docstring)."""
 
     model_id: str
-    version: AdapterVersion
-    weights: AdapterWeights = field(repr=False)
+    loaded: tuple[AdapterVersion, AdapterWeights] = field(repr=False)
+    """The version and its weights, replaced together by one assignment (a batch reads the pair once)."""
     checked_at: float
-    owner: ReplicaAdapters = field(repr=False)
+    owner: ReplicaAdapters | None = field(repr=False)
+
+    @property
+    def version(self) -> AdapterVersion:
+        return self.loaded[0]
 
     @property
     def uri(self) -> str:
@@ -85,7 +89,7 @@ class ServedAdapter:
             if str(version) == self.version.version:
                 return False
             old = self.version.key
-            self.version, self.weights = owner.read(self.model_id)
+            self.loaded = owner.read(self.model_id)
             owner.retire(old)
             owner.swaps += 1
             log.warning("hot swap of adapter %s: version %s", self.model_id, self.version.version)
@@ -122,8 +126,7 @@ class ReplicaAdapters:
     def fetch(self, model_id: str) -> ServedAdapter:
         """The adapter version ``model_id`` names now, downloaded and read (blocking: the loader runs it in a
         thread)."""
-        version, weights = self.read(model_id)
-        return ServedAdapter(model_id, version, weights, time.monotonic(), self)
+        return ServedAdapter(model_id, self.read(model_id), time.monotonic(), self)
 
     def read(self, model_id: str) -> tuple[AdapterVersion, AdapterWeights]:
         try:
@@ -139,12 +142,13 @@ class ReplicaAdapters:
         log.info("loaded adapter %s (v%s, %s, %d bytes)", model_id, version.version, version.method, weights.nbytes)
         return version, weights
 
-    def check_base(self, adapter: ServedAdapter, loaded: Loaded) -> None:
+    def check_base(self, adapter: ServedAdapter | AdapterVersion, loaded: Loaded) -> None:
+        version = adapter.version if isinstance(adapter, ServedAdapter) else adapter
         served = self.base_sha256(loaded)
-        if adapter.version.base_sha256 != served:
+        if version.base_sha256 != served:
             raise AdapterRefused(
-                409, f"adapter {adapter.version.name} v{adapter.version.version} was trained on {adapter.version.base_uri} "
-                f"(weights sha256 {adapter.version.base_sha256[:12]}); this server's base is models:/{loaded.name}/"
+                409, f"adapter {version.name} v{version.version} was trained on {version.base_uri} "
+                f"(weights sha256 {version.base_sha256[:12]}); this server's base is models:/{loaded.name}/"
                 f"{loaded.version} (weights sha256 {served[:12]})", "adapter_base_mismatch")
 
     def retire(self, key: str) -> None:
@@ -174,11 +178,11 @@ class ReplicaAdapters:
             if adapter is None:
                 with slots.running(None):
                     return serve_batch(loaded.name, loaded.version, loaded.pipelines, reqs)
+            version, weights = adapter.loaded  # one version for the whole batch
             try:
-                self.check_base(adapter, loaded)
+                self.check_base(version, loaded)
             except AdapterRefused as err:
                 return [err.result(r) for r in reqs]
-            version, weights = adapter.version, adapter.weights  # one version for the whole batch
             self._retired.discard(version.key)
             slots.ensure(version.key, weights)
             with slots.running(version.key):
