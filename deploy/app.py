@@ -141,9 +141,17 @@ class Model:
 
     def adapters_listed(self) -> list[dict[str, Any]]:
         """The registry's adapters with an alias, and whether each was trained on the base served here."""
+        import logging
+
+        import mlflow
+
         from components.registry.adapters import listed_adapters
 
-        return listed_adapters(self.adapters.base_sha256(self.holder.current))
+        try:
+            return listed_adapters(self.adapters.base_sha256(self.holder.current))
+        except mlflow.exceptions.MlflowException as err:  # the registry is down: the base is still served
+            logging.getLogger(__name__).warning("listing the adapters failed: %s", str(err)[:200])
+            return []
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, as deploy.api.to_request built it; the adapter, if any, is the request's multiplexed
