@@ -154,14 +154,16 @@ def list_files(uri: str, endpoint_url: str | None = None, suffix: str = "") -> l
     return sorted(u for u in Store().list(uri) if u.endswith(suffix))
 
 
-def read_parquet(uri: str, endpoint_url: str | None = None):
-    """One parquet file (local or s3://) as an Arrow table."""
+def read_parquet(uri: str, endpoint_url: str | None = None, columns: list[str] | None = None):
+    """One parquet file (local or s3://) as an Arrow table (``columns``: only these, where present)."""
     import pyarrow.parquet as pq
 
     fs = arrow_filesystem(uri, endpoint_url)
-    if fs is None:
-        return pq.read_table(uri)
-    return pq.read_table(uri[len("s3://"):], filesystem=fs)
+    path = uri if fs is None else filesystem_path(uri)
+    if columns is not None:
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        columns = [c for c in columns if c in present]
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def child(root: str, rel: str) -> str:
