@@ -33,7 +33,7 @@ from collections import defaultdict
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError
+from urllib3.exceptions import HTTPError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from components.config import DownloadConfig
@@ -109,7 +109,7 @@ class Downloader:
         raise DownloadFailed(last.reason, f"{last.detail} ({attempts} attempt{'s' if attempts > 1 else ''})")
 
     def _attempt(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.cfg.timeout_s
+        deadline = None  # from the first moment this attempt holds its host's slot: waiting for it is not slowness
         current = url
         for _hop in range(self.cfg.max_redirects + 1):
             parts = urlsplit(current)
@@ -121,6 +121,7 @@ class Downloader:
                     raise DownloadFailed(Reason.HTTP_ERROR, f"{parts.hostname} resolves to the private address "
                                                             f"{private} (curate.download.allow_private_addresses)")
             with self._host_slot(parts.hostname):
+                deadline = deadline or time.monotonic() + self.cfg.timeout_s
                 answer = self._request(current, deadline)
             if isinstance(answer, bytes):
                 return answer
@@ -140,9 +141,11 @@ class Downloader:
         try:
             resp = self.pool.request("GET", url, preload_content=False, redirect=False, timeout=timeout,
                                      decode_content=False)
+        except NewConnectionError as err:  # refused, DNS (urllib3 makes it a kind of timeout error: not here)
+            raise _Retry(Reason.HTTP_ERROR, f"connection failed: {type(err).__name__}: {str(err)[:200]}") from None
         except Urllib3Timeout as err:
             raise _Retry(Reason.TIMEOUT, f"{type(err).__name__} after {self.cfg.timeout_s} s at most") from None
-        except HTTPError as err:  # refused, reset, DNS, TLS
+        except HTTPError as err:  # reset, TLS
             raise _Retry(Reason.HTTP_ERROR, f"connection failed: {type(err).__name__}: {str(err)[:200]}") from None
         whole = False  # the body was read to its end: the connection can go back to the pool
         try:
