@@ -299,8 +299,8 @@ class DownloadConfig(Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
     """Seconds to connect."""
     timeout_s: float = Field(30.0, gt=0)
-    """Seconds one attempt may take in all (connect, headers and the whole body): a server that trickles
-    bytes cannot hold a task. Past it: ``timeout``."""
+    """Seconds one attempt may take in all (connect, headers and the whole body), counted from when it holds
+    its host's slot: a server that trickles bytes cannot hold a task. Past it: ``timeout``."""
     retries: int = Field(2, ge=0)
     """Further attempts after a connection error, a timeout, 429 or 5xx (never after another 4xx)."""
     backoff_s: float = Field(0.5, ge=0)
@@ -787,9 +787,23 @@ def _field_annotation(dotted: list[str]):
             return None
         annotation = field.annotation
         if i < len(dotted) - 1:
+            if typing.get_origin(annotation) is list:  # curate.sources.<name>.<key>: the entry's model
+                (annotation,) = typing.get_args(annotation)
+                return _field_annotation_in(annotation, dotted[i + 2:]) if len(dotted) > i + 2 else annotation
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 return None
             model = annotation
+    return annotation
+
+
+def _field_annotation_in(model, dotted: list[str]):
+    """``_field_annotation`` from ``model`` down (the entries of a list of sections)."""
+    annotation = None
+    for key in dotted:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        model = annotation
     return annotation
 
 
@@ -822,9 +836,18 @@ def coerce_override(dotted: str, raw: str):
         raise ConfigError(f"--set {dotted}: not a YAML value ({str(err).splitlines()[0]})") from None
 
 
+def _named(entries: list, name: str):
+    """The entry of a list of sections (``curate.sources``) called ``name``, or None."""
+    found = [e for e in entries if isinstance(e, dict) and e.get("name") == name]
+    return found[0] if found else None
+
+
 def _get(tree: dict, dotted: str):
     node: Any = tree
     for key in dotted.split("."):
+        if isinstance(node, list):
+            node = _named(node, key)
+            continue
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
@@ -832,12 +855,23 @@ def _get(tree: dict, dotted: str):
 
 
 def _set(tree: dict[str, Any], dotted: str, value) -> None:
+    """Set ``dotted`` in ``tree``; in a list of named sections (``curate.sources``), a key is the name of
+    an entry: ``curate.sources.laion.location=...`` changes the source ``laion`` only."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
+    node: Any = tree
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            entry = _named(node, key)
+            if entry is None:
+                names = ", ".join(str(e.get("name")) for e in node if isinstance(e, dict)) or "none"
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} has no entry named {key!r} (names: {names})")
+            node = entry
+            continue
         node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {dotted}: {key} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"--set {dotted}: set a key of one entry ({dotted}.<key>=...), or the whole list")
     node[keys[-1]] = value
 
 
@@ -888,6 +922,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         given.append(key)
         if key in STATE_PATHS:
             written[key] = _get(tree, key)
+    given += ["curate.sources"] if any(k.startswith("curate.sources.") for k in given) else []
     _resolve_paths(tree, Path.cwd(), tuple(k for k in STATE_PATHS + INPUT_PATHS + ("curate.sources",) if k in given))
     relative = sorted(k for k, v in written.items()
                       if isinstance(v, str) and _is_local_path(v, k) and not Path(v).expanduser().is_absolute())
@@ -901,7 +936,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        loc = list(first["loc"])
+        sources = _get(tree, "curate.sources")
+        if loc[:2] == ["curate", "sources"] and len(loc) > 2 and isinstance(loc[2], int) and isinstance(sources, list):
+            entry = sources[loc[2]] if loc[2] < len(sources) else None  # name the source, as --set does
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                loc[2] = entry["name"]
+        where = ".".join(str(p) for p in loc)
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"invalid config at {where or '(top level)'}: {msg} ({err.error_count()} error(s); "
                           "--print-config lists every key)") from None

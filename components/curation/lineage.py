@@ -33,6 +33,7 @@ def log_curation(cfg: Config, report: dict) -> str:
         metrics.update({f"dropped.{k}": v for k, v in report["reasons"].items()})
         metrics.update({f"rows.{k}": v for k, v in report["splits"].items()})
         metrics.update({f"captions.{k}": v for k, v in report.get("captions", {}).items()})
+        metrics.update({f"watermark.{k}": v for k, v in report.get("watermark", {}).items()})
         for name, s in report.get("sources", {}).items():
             metrics.update({f"source.{name}.inputs": s["inputs"], f"source.{name}.kept": s["kept"],
                             f"source.{name}.dropped": s["dropped"]})

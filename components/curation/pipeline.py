@@ -136,6 +136,23 @@ def source_meta(cfg: CurateConfig) -> dict[str, dict]:
                      "filters": s.filters.model_dump(mode="json")} for s in cfg.resolved_sources()}
 
 
+def policy_lines(cfg: CurateConfig) -> list[str]:
+    """One line per source for people (``flows/curate.py --dry-run``): where it is read from, its
+    captions, its mixture weight, and the filters it sets beyond the defaults."""
+    from components.config import FilterConfig
+
+    defaults = FilterConfig().model_dump(mode="json")
+    lines = []
+    for name, meta in source_meta(cfg).items():
+        own = {k: v for k, v in meta["filters"].items() if v != defaults[k]}
+        filters = ", ".join(f"{k}={v}" for k, v in own.items()) or "none beyond the defaults"
+        model = ", then the captioning model" if meta["caption_with_model"] else ""
+        lines.append(f"{name}: {meta['kind']} {meta['location']} | captions: column {meta['caption_column']!r}"
+                     f"{', sidecar .txt' if meta['kind'] == 'files' else ''}{model}, else {meta['missing_caption']}"
+                     f" | repeats {meta['repeats']} | filters: {filters}")
+    return lines
+
+
 def prepare(cfg: Config) -> Inputs:
     """Everything checked before Ray starts: the buckets, that the outputs do not overlap the sources,
     the output, the sources (listed or read as a manifest). Raises ``SourceError`` with one line."""

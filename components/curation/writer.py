@@ -319,11 +319,13 @@ def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: f
     nbytes = {s: sum(f.get("nbytes", 0) for f in files if f["split"] == s) for s in dataset.SPLITS}
     per_source = source_report(agg, files, sources)
     captions: Counter = Counter()
+    watermark: Counter = Counter()
     for stats in per_source.values():
         captions.update(stats["captions"])
+        watermark.update(stats["watermark"])
     # The report quotes sources and error details: no credential that turned up there is published.
     report = redact_tree({**report, "digest": digest(files), "splits": rows, "sources": per_source,
-                          "captions": dict(sorted(captions.items()))})
+                          "captions": dict(sorted(captions.items())), "watermark": dict(sorted(watermark.items()))})
     cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
     store.write(join(root, dataset.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
     recorded = {name: {"kind": s.get("kind"), "repeats": s.get("repeats", 1.0), "rows": s["rows"]}
