@@ -112,11 +112,21 @@ class ModelConfig(Strict):
     """The SDXL model a run starts from."""
 
     source: str = "tiny"
-    """``tiny`` (built offline), a local diffusers directory, a Hugging Face hub id, or an ``s3://`` prefix."""
+    """``tiny`` (built offline), a local diffusers directory, a Hugging Face hub id, an ``s3://`` prefix, a
+    single-file ``.safetensors`` checkpoint in the original SDXL layout (a local path, an ``s3://`` object
+    or an http(s) URL), or a registered version ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (continue
+    from the champion). The run records its lineage: the source, the resolved revision and a content hash
+    of the weights (docs/interchange.md)."""
     revision: str | None = None
-    """Hub revision (a branch, tag or commit) of a hub id; None: the default branch."""
+    """Hub revision (a branch, tag or commit) of a hub id; None: the default branch. A run pins it to the
+    commit it resolved to."""
     variant: str | None = None
     """diffusers weight variant to load (e.g. ``fp16``); None: the full-precision weights."""
+    single_file_config: str | None = None
+    """For a single-file ``model.source``: the diffusers folder (or hub id) whose component configs and
+    tokenizers the file is read with (the file holds weights only); None: SDXL base's
+    (``stabilityai/stable-diffusion-xl-base-1.0``, from the hub or the local Hugging Face cache). The
+    scheduler always comes from the preset's ``diffusion`` section."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Sizes of the ``tiny`` model."""
 
@@ -531,6 +541,9 @@ class TrainConfig(Strict):
     """Optimizer steps between progress lines on the console (rank 0)."""
     log_every_s: float = Field(30.0, gt=0)
     """... or at least this often, whichever comes first."""
+    export_variant: Literal["fp16", "bf16"] | None = "fp16"
+    """Half-precision weight variant registered next to the fp32 weights of every version (diffusers'
+    ``variant=`` files, ``*.fp16.safetensors``); a CUDA server loads it, a CPU the fp32 weights. None: fp32 only."""
     select: Literal["best", "last"] = "best"
     """``best`` (lowest validation loss) or ``last`` checkpoint becomes the registered model."""
     export_memory_gb: float | None = Field(None, gt=0)
@@ -565,6 +578,25 @@ class TrackingConfig(Strict):
     """MLflow experiment of every run."""
     registered_model: str = "terminus-tiny"
     """Registered model that training adds versions to."""
+
+
+class PublishConfig(Strict):
+    """A registered version as a Hugging Face Hub model repository (``flows/publish.py``)."""
+
+    repo_id: str | None = None
+    """Hub repository (``org/name``) ``--push`` uploads to; None: ``--repo-id`` must name it."""
+    base_model: str | None = None
+    """Hub id the model card names as ``base_model``; None: the hub id the run's lineage starts from (its hub
+    source, or the source of the registered version it continued from), else SDXL base
+    (``stabilityai/stable-diffusion-xl-base-1.0``), whose architecture every SDXL-layout model shares."""
+    license: str = "openrail++"
+    """Licence of the card (SDXL's CreativeML Open RAIL++-M, which a fine-tune of it carries)."""
+    author: str | None = None
+    """Who the card and the single file name as the developer; None: the card says the Terminus platform."""
+    precision: Literal["fp16", "bf16"] = "fp16"
+    """Weight precision of the single-file checkpoint in the folder."""
+    private: bool = False
+    """Create the Hub repository private."""
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -690,6 +722,8 @@ class Config(Strict):
     """Serving."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Evaluation and the promotion gate."""
+    publish: PublishConfig = PublishConfig()
+    """Hub-ready folders and model cards."""
 
     @model_validator(mode="after")
     def _derive(self) -> Config:
@@ -757,7 +791,8 @@ def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> Ba
 
 STATE_PATHS = ("state_dir", "curate.output", "curate.cache_output", "train.data", "train.storage_path")
 """Where the platform writes (or reads what it wrote): refused when relative inside a Ray job."""
-INPUT_PATHS = ("curate.source", "curate.root", "model.source", "evaluate.prompts", "curate.captioner.model")
+INPUT_PATHS = ("curate.source", "curate.root", "model.source", "model.single_file_config", "evaluate.prompts",
+               "curate.captioner.model")
 """Inputs that may be local paths (or s3://, pkg:, a hub id, ``tiny``: left as they are)."""
 SOURCE_PATHS = ("location", "root")
 """Keys of each ``curate.sources`` entry that may be local paths."""
@@ -766,7 +801,7 @@ SOURCE_PATHS = ("location", "root")
 def _is_local_path(value: str, key: str) -> bool:
     if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://", "hf://")) or value in ("tiny", "inception"):
         return False
-    if key in ("model.source", "curate.captioner.model"):  # a hub id ("org/name") looks like a relative path
+    if key in ("model.source", "model.single_file_config", "curate.captioner.model"):  # a hub id ("org/name") looks like a relative path
         return value.startswith(("./", "../", "/", "~"))
     return True
 

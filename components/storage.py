@@ -358,3 +358,36 @@ def fetch_prefix(uri: str, cache_root: str | Path, endpoint_url: str | None = No
     if not found:
         raise FileNotFoundError(f"no objects under {uri}")
     return target
+
+
+def fetch_object(uri: str, cache_root: str | Path, endpoint_url: str | None = None) -> Path:
+    """Download one ``s3://bucket/key`` object into ``cache_root/bucket/key``; returns that file.
+
+    Reused when the cached copy was downloaded with the object's current ETag (kept next to it in
+    ``<file>.etag``); written to ``.partial`` and renamed, so the cache never holds half a file. A
+    missing object is ``FileNotFoundError``.
+    """
+    store = Store(endpoint_url)
+    bucket, key = split_s3(uri)
+    if not key or key.endswith("/"):
+        raise ValueError(f"{uri} names a prefix, not an object")
+    target = Path(cache_root) / bucket / safe_relative(key, "")
+    etag_path = target.with_name(target.name + ".etag")
+    from botocore.exceptions import ClientError
+
+    with store._s3("head", uri):
+        try:
+            etag = store.client.head_object(Bucket=bucket, Key=key)["ETag"]
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no object {uri}") from None
+            raise
+    if target.is_file() and etag_path.is_file() and etag_path.read_text() == etag:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with store._s3("read", uri):
+        store.client.download_file(bucket, key, str(partial))
+    partial.replace(target)
+    etag_path.write_text(etag)
+    return target

@@ -33,11 +33,11 @@ class EncodeBatch:
     def __init__(self, config: dict, device: str, dtype: str):
         import torch
 
-        from components.diffusion.sdxl import load_parts
+        from components.registry.model import load_source_parts
 
         cfg = Config.model_validate(config)
         self.device = torch.device(device)
-        self.parts = load_parts(cfg.model, cfg.state_path("cache"))
+        self.parts = load_source_parts(cfg)
         for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             module.to(self.device).eval().requires_grad_(False)
         self.dtype = dtype

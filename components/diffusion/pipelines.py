@@ -33,6 +33,36 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+"""The half-precision weight variants a saved directory may carry next to its fp32 weights."""
+
+
+def half_variants(directory: str | Path) -> list[str]:
+    """The half-precision variants a saved pipeline directory has for every model (``unet``, ``vae`` and
+    both text encoders each hold ``*.<variant>.safetensors``), in ``HALF``'s order."""
+    found = []
+    for variant in HALF:
+        if all(any((Path(directory) / part).glob(f"*.{variant}*safetensors"))
+               for part in ("unet", "vae", "text_encoder", "text_encoder_2")):
+            found.append(variant)
+    return found
+
+
+def variant_for(directory: str | Path, device: torch.device) -> tuple[str | None, torch.dtype]:
+    """(weight variant, dtype) that suits ``device``: a CUDA device computes in half precision, so it reads
+    a half variant when the directory has one (the bf16 one first: the precision a CUDA replica runs in
+    without one; diffusers upcasts the VAE of an fp16 pipeline where its config asks) -- half the bytes to
+    read and hold, the same weights; elsewhere the fp32 weights, in fp32 (a CPU computes fp32)."""
+    if device.type != "cuda":
+        return None, torch.float32
+    variants = half_variants(directory)
+    if "bf16" in variants:
+        return "bf16", torch.bfloat16
+    if "fp16" in variants:
+        return "fp16", torch.float16
+    return None, torch.bfloat16
+
+
 class ZTSNRPipelines:
     """Holds the text-to-image pipeline and lazily derived img2img / inpaint views of it."""
 
@@ -144,14 +174,16 @@ def build_pipelines(
 ) -> ZTSNRPipelines:
     """From in-memory parts (validation, evaluation) or a saved diffusers directory (Serve, the pyfunc).
 
-    On CUDA a loaded directory runs in bf16 with PyTorch SDPA attention (diffusers' default processor);
-    the VAE stays in fp32 whatever ``dtype`` is, and decodes in fp32 (``ZTSNRPipelines._decode``).
+    A loaded directory reads the weight variant that suits the device (``variant_for``: on CUDA its half
+    variant, in that dtype, or the fp32 weights cast to bf16; on CPU fp32), with PyTorch SDPA attention
+    (diffusers' default processor). The VAE stays in fp32 whatever the UNet's dtype, and decodes in fp32
+    (``ZTSNRPipelines._decode``).
     """
     device = device or pick_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(source, str | Path):
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(source), use_safetensors=True, dtype=dtype)
+        variant, suited = variant_for(source, device)
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(source), use_safetensors=True, variant=variant,
+                                                         dtype=dtype or suited)
         pipe.scheduler = scheduler
     else:
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, **source.as_dict())

@@ -1,16 +1,28 @@
 """One loader for every SDXL-layout model the platform touches.
 
-Sources: ``tiny`` (built offline from a fixed seed, wired exactly as SDXL), a local diffusers
-directory, a Hugging Face hub id, or an ``s3://`` prefix fetched into a local cache
-(``components.storage.fetch_prefix``).
+Sources (``model.source``): ``tiny`` (built offline from a fixed seed, wired exactly as SDXL), a local
+diffusers directory, a Hugging Face hub id (``model.revision``, ``model.variant``), an ``s3://`` prefix
+fetched into a local cache (``components.storage.fetch_prefix``), or a single-file ``.safetensors``
+checkpoint in the original SDXL layout -- a local path, an ``s3://`` object or an http(s) URL --
+loaded with diffusers' ``from_single_file`` (the component configs from ``model.single_file_config``,
+the scheduler from the preset). Registered versions (``models:/``) are resolved a layer up, by the
+registry (``components.registry.model.load_source_parts``), into a directory this loader reads.
+
+``describe_source`` says what a source is made of, for the lineage of a run: the kind, the resolved hub
+commit, and a content hash of the weight files (``weights_sha256``).
+
 Saved models are plain diffusers directories in safetensors whose scheduler carries the ZT-SNR
-trailing v-prediction settings, so vanilla ``StableDiffusionXLPipeline.from_pretrained`` is correct.
+trailing v-prediction settings, so vanilla ``StableDiffusionXLPipeline.from_pretrained`` is correct;
+``save_pipeline`` adds a half-precision weight variant next to the fp32 weights (diffusers'
+``variant=`` convention: ``diffusion_pytorch_model.fp16.safetensors``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from components.config import DiffusionConfig, ModelConfig, RecurringError, TinyModelConfig
 from components.diffusion.schedule import inference_scheduler
-from components.storage import fetch_prefix, is_s3
+from components.storage import fetch_object, fetch_prefix, is_s3
 
 
 class ModelLoadError(RecurringError):
@@ -115,7 +127,30 @@ def build_tiny(cfg: TinyModelConfig) -> SDXLParts:
     return SDXLParts(unet, vae, text_encoder, text_encoder_2, tiny_tokenizer(), tiny_tokenizer())
 
 
-# --- loading ------------------------------------------------------------------------------------
+# --- sources -----------------------------------------------------------------------------------
+
+SINGLE_FILE_SUFFIX = ".safetensors"
+REGISTERED_PREFIX = "models:/"
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def source_kind(source: str) -> str:
+    """``tiny``, ``registered`` (models:/), ``single_file`` (a .safetensors path, s3:// object or URL),
+    ``s3`` (a prefix), ``url`` (an http(s) address that is not a .safetensors file: refused),
+    ``directory`` (local) or ``hub`` (anything else: a hub id, checked when loaded)."""
+    if source == "tiny":
+        return "tiny"
+    if source.startswith(REGISTERED_PREFIX):
+        return "registered"
+    if source.lower().split("?", 1)[0].endswith(SINGLE_FILE_SUFFIX):
+        return "single_file"
+    if is_s3(source):
+        return "s3"
+    if source.startswith(("http://", "https://")):
+        return "url"
+    if Path(source).expanduser().is_dir() or source.startswith((".", "/", "~")):
+        return "directory"
+    return "hub"
 
 
 def resolve_source(source: str, cache_dir: str | Path) -> str:
@@ -126,6 +161,55 @@ def resolve_source(source: str, cache_dir: str | Path) -> str:
         except (FileNotFoundError, ValueError) as err:
             raise ModelLoadError(f"model source {source}: {err}") from None
     return source
+
+
+def fetch_single_file(source: str, cache_dir: str | Path) -> Path:
+    """The local path of a single-file checkpoint: as given, or downloaded into ``cache_dir`` (an
+    ``s3://`` object under ``s3/``, an http(s) URL under ``url/<hash of the URL>/``).
+
+    A URL is fetched again only when the server says the file changed: the cached copy's ETag goes out
+    as ``If-None-Match`` and a 304 keeps it. Downloads land in ``.partial`` and are renamed when whole.
+    """
+    if is_s3(source):
+        try:
+            return fetch_object(source, Path(cache_dir) / "s3")
+        except (FileNotFoundError, ValueError) as err:
+            raise ModelLoadError(f"model source {source}: {err}") from None
+    if source.startswith(("http://", "https://")):
+        return _download_url(source, Path(cache_dir) / "url" / hashlib.sha256(source.encode()).hexdigest()[:16])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model source {source} is not a file")
+    return path
+
+
+def _download_url(url: str, directory: Path) -> Path:
+    import requests
+
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    target, etag_path = directory / name, directory / (name + ".etag")
+    headers = {}
+    if target.is_file() and etag_path.is_file():
+        headers["If-None-Match"] = etag_path.read_text()
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=60) as resp:
+            if resp.status_code == 304:
+                return target
+            if resp.status_code != 200:
+                raise ModelLoadError(f"model source {url}: the server answered {resp.status_code}")
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(name + ".partial")
+            with partial.open("wb") as fh:
+                for chunk in resp.iter_content(1 << 20):
+                    fh.write(chunk)
+            partial.replace(target)
+            if resp.headers.get("ETag"):
+                etag_path.write_text(resp.headers["ETag"])
+            else:
+                etag_path.unlink(missing_ok=True)
+    except requests.RequestException as err:
+        raise ModelLoadError(f"model source {url}: cannot download ({type(err).__name__})") from None
+    return target
 
 
 def hub_offline() -> bool:
@@ -140,16 +224,138 @@ def hub_offline() -> bool:
     return now or bool(constants.HF_HUB_OFFLINE)
 
 
-def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = None) -> SDXLParts:
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_VARIANT_RE = re.compile(r"\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def weight_files(directory: str | Path, variant: str | None = None) -> list[Path]:
+    """The weight files diffusers reads from a pipeline directory for ``variant``: each component's
+    ``*.safetensors`` named with ``.<variant>.`` (or, for None, with no variant infix: ``model.safetensors``,
+    ``diffusion_pytorch_model-00001-of-00002.safetensors``)."""
+    found = []
+    for component in COMPONENTS:
+        for path in sorted((Path(directory) / component).glob("*.safetensors")):
+            m = _VARIANT_RE.search(path.name)
+            infix = m["variant"] if m and m["variant"] not in ("model", "diffusion_pytorch_model") else None
+            if infix == variant:
+                found.append(path)
+    return found
+
+
+def weights_sha256(directory: str | Path, variant: str | None = None) -> str:
+    """A content hash of a pipeline directory's weights: sha256 over each weight file's relative path and
+    sha256, in order. The same weights give the same hash wherever they are stored (a registry copy, an
+    s3 prefix, a hub snapshot)."""
+    files = weight_files(directory, variant)
+    if not files:
+        raise ModelLoadError(f"{directory} has no {variant or 'full-precision'} safetensors weights")
+    lines = "".join(f"{p.relative_to(directory).as_posix()}\0{file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def tensors_sha256(parts: SDXLParts) -> str:
+    """A content hash of in-memory weights (the tiny model, which has no files): sha256 over every
+    tensor's name, dtype, shape and bytes, module by module."""
+    digest = hashlib.sha256()
+    for name in COMPONENTS:
+        for key, value in sorted(getattr(parts, name).state_dict().items()):
+            value = value.detach().contiguous().cpu()
+            digest.update(f"{name}.{key}|{value.dtype}|{tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class SourceInfo:
+    """What a run starts from: ``kind`` (``source_kind``), the source as given, where it was read
+    (``location``), the resolved ``revision`` (a hub commit hash) and ``weights_sha256``.
+    ``pinned`` is the model config that loads exactly these weights again (a hub source with its
+    commit instead of a branch), which every worker of the run and the export use."""
+
+    kind: str
+    source: str
+    location: str
+    weights_sha256: str
+    revision: str | None = None
+    pinned: ModelConfig | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
+    """Resolve and hash a non-registered source (the registry handles ``models:/``). A hub id is
+    downloaded (or found in the cache when offline) with diffusers' own ``download`` and pinned to the
+    commit its snapshot is; its weights hash covers the files of ``model.variant``."""
+    source, kind = model.source, source_kind(model.source)
+    if kind == "tiny":
+        return SourceInfo(kind, source, "tiny", tensors_sha256(build_tiny(model.tiny)), pinned=model)
+    if kind == "single_file":
+        path = fetch_single_file(source, cache_dir)
+        return SourceInfo(kind, source, str(path), file_sha256(path), pinned=model)
+    if kind in ("s3", "directory"):
+        location = resolve_source(source, cache_dir)
+        if not Path(location).is_dir():
+            raise ModelLoadError(f"model source {source} is not a directory")
+        return SourceInfo(kind, source, location, weights_sha256(location, model.variant), pinned=model)
+    if kind != "hub" or "/" not in source:
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id, a .safetensors "
+                             "file, s3:// nor models:/")
+    offline = hub_offline()
+    try:
+        snapshot = Path(StableDiffusionXLPipeline.download(
+            source, revision=model.revision, variant=model.variant, use_safetensors=True, local_files_only=offline))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_hub_error(source, err, offline)) from None
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else None
+    pinned = model.model_copy(update={"revision": commit}) if commit else model
+    return SourceInfo(kind, source, str(snapshot), weights_sha256(snapshot, model.variant), revision=commit,
+                      pinned=pinned, extra={"requested_revision": model.revision or "main"})
+
+
+def _hub_error(source: str, err: BaseException, offline: bool) -> str:
+    if offline:
+        return (f"model source {source!r} is a hub id, not in the local Hugging Face cache, and HF_HUB_OFFLINE is "
+                "set: run where the hub is reachable with HF_HUB_OFFLINE unset, or use a local directory, a "
+                ".safetensors file or an s3:// prefix")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"cannot load SDXL hub id (is the hub reachable?) {source!r}: {first}"
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = None,
+               diffusion: DiffusionConfig | None = None) -> SDXLParts:
     """The SDXL parts of ``source`` (default ``model.source``), in fp32 (the precision policy casts
-    later). ``cache_dir`` holds downloads of s3:// sources."""
+    later). ``cache_dir`` holds downloads (s3://, URLs). ``diffusion`` (the preset's schedule) gives
+    a single-file checkpoint its scheduler and is checked against the file's schedule markers."""
     source = source or model.source
-    if source == "tiny":
+    kind = source_kind(source)
+    if kind == "tiny":
         return build_tiny(model.tiny)
+    if kind == "registered":
+        raise ModelLoadError(f"model source {source}: a registered version is loaded through the registry "
+                             "(components.registry.model.load_source_parts)")
+    if kind == "single_file":
+        pipe = load_single_file(fetch_single_file(source, cache_dir), model.single_file_config,
+                                diffusion or DiffusionConfig())
+        return _parts(pipe)
+    if kind == "url":
+        raise ModelLoadError(f"model source {source}: a URL must name a single-file .safetensors checkpoint")
     location = resolve_source(source, cache_dir)
     is_local = Path(location).is_dir()
     if not is_local and ("/" not in location or location.startswith((".", "/"))):
-        raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id nor s3://")
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id, a .safetensors "
+                             "file, s3:// nor models:/")
     offline = not is_local and hub_offline()
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
@@ -157,23 +363,85 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
             dtype=torch.float32, local_files_only=offline,
         )
     except (OSError, ValueError) as err:
-        if offline:
-            raise ModelLoadError(
-                f"model source {location!r} is a hub id, not in the local Hugging Face cache, and "
-                "HF_HUB_OFFLINE is set: run where the hub is reachable with HF_HUB_OFFLINE unset, "
-                "or use a local directory or an s3:// prefix"
-            ) from None
-        where = "directory" if is_local else "hub id (is the hub reachable?)"
+        if not is_local:
+            raise ModelLoadError(_hub_error(location, err, offline)) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load SDXL {where} {location!r}: {first}") from None
-    return SDXLParts(
-        pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-        bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
-    )
+        raise ModelLoadError(f"cannot load SDXL directory {location!r}: {first}") from None
+    return _parts(pipe)
 
 
-def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str | Path) -> Path:
-    """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler."""
+def _parts(pipe: StableDiffusionXLPipeline) -> SDXLParts:
+    return SDXLParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+                     bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+
+
+def check_markers(path: str | Path, diffusion: DiffusionConfig) -> None:
+    """A single file's schedule markers (``v_pred``, ``ztsnr``; docs/interchange.md) must not contradict
+    the preset: a v-prediction checkpoint fine-tuned as epsilon (or the reverse of ztsnr) trains the
+    wrong objective without any error. A file without markers is taken at the preset's word."""
+    from components.diffusion.single_file import V_PRED_KEY, ZTSNR_KEY, read_keys
+
+    try:
+        keys = read_keys(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{path} is not a safetensors file ({type(err).__name__})") from None
+    if V_PRED_KEY in keys and diffusion.prediction_type.value != "v_prediction":
+        raise ModelLoadError(f"{path} is a v-prediction checkpoint (it has the {V_PRED_KEY} key) but "
+                             f"diffusion.prediction_type is {diffusion.prediction_type.value}")
+    if ZTSNR_KEY in keys and not diffusion.zero_terminal_snr:
+        raise ModelLoadError(f"{path} is a zero-terminal-SNR checkpoint (it has the {ZTSNR_KEY} key) but "
+                             "diffusion.zero_terminal_snr is false")
+
+
+def load_single_file(path: str | Path, config: str | None, diffusion: DiffusionConfig,
+                     dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
+    """A single-file checkpoint through vanilla diffusers' ``from_single_file``.
+
+    The file holds weights only; ``config`` (a local diffusers folder or a hub id) gives the component
+    configs and tokenizers -- None lets diffusers pick SDXL base's from the hub (or its cache) -- and the
+    scheduler is the preset's (``inference_scheduler``): the file does not say how it was trained
+    beyond its markers, which are checked against the preset first.
+    """
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    check_markers(path, diffusion)
+    offline = hub_offline()
+    try:
+        return StableDiffusionXLPipeline.from_single_file(
+            str(path), config=config, scheduler=inference_scheduler(diffusion), dtype=dtype,
+            local_files_only=offline or (config is not None and Path(config).is_dir()),
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        where = f"with the configs of {config}" if config else \
+            "with SDXL base's configs from the hub (set model.single_file_config to a local diffusers folder offline)"
+        raise ModelLoadError(f"cannot load single-file checkpoint {path} {where}: {first}") from None
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+HALF_VARIANTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str | Path,
+                  variant: str | None = None) -> Path:
+    """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler; with
+    ``variant`` (``fp16`` or ``bf16``) the same weights also in that precision, next to the fp32 ones
+    (``save_variant``)."""
     pipe = StableDiffusionXLPipeline(scheduler=inference_scheduler(diffusion), **parts.as_dict())
     pipe.save_pretrained(str(directory), safe_serialization=True)
+    if variant is not None:
+        save_variant(directory, variant)
+    return Path(directory)
+
+
+def save_variant(directory: str | Path, variant: str) -> Path:
+    """Add the ``variant`` (``fp16`` or ``bf16``) weights to a saved directory, next to its fp32 ones
+    (``*.fp16.safetensors``), as ``from_pretrained(..., variant="fp16")`` reads them. Written from the saved
+    fp32 files read back in the half dtype (each tensor cast as it loads), so the caller's fp32 models are
+    left as they are and need not be held meanwhile: the export drops them first."""
+    if variant not in HALF_VARIANTS:
+        raise ValueError(f"weight variant {variant!r}: one of {sorted(HALF_VARIANTS)}")
+    half = StableDiffusionXLPipeline.from_pretrained(str(directory), dtype=HALF_VARIANTS[variant], use_safetensors=True)
+    half.save_pretrained(str(directory), safe_serialization=True, variant=variant)
     return Path(directory)

@@ -107,6 +107,11 @@ def feature_extractor(name: str) -> int | nn.Module:
     """torchmetrics' ``feature`` argument: 2048 (its InceptionV3) for ``inception``, a TorchScript module
     from a path, or ``TinyFeatures``."""
     if name == "inception":
+        import importlib.util
+
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise RuntimeError("evaluate.fid_features=inception needs torch-fidelity: pip install '.[inception]' "
+                               "(and evaluate.fid_weights for an offline weights file)")
         return 2048
     if name == "tiny":
         return TinyFeatures()

@@ -25,7 +25,7 @@ from PIL import Image
 
 from components.config import Config
 from components.dataset import CuratedManifest, decode_image, val_rows
-from components.diffusion.pipelines import build_pipelines, pick_device
+from components.diffusion.pipelines import build_pipelines, pick_device, variant_for
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl import load_parts
@@ -92,7 +92,9 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     saved = diffusion_from_pipeline_dir(pipeline_dir)
     diffusion = cfg.diffusion.model_copy(update={k: getattr(saved, k) for k in SCHEDULE_FIELDS})
     scored = cfg.model_copy(update={"diffusion": diffusion})  # the model's schedule, the config's weighting
-    parts = load_parts(cfg.model, cfg.state_path("cache"), source=str(pipeline_dir))
+    # The weights the device is served (a CUDA replica reads the half variant), computed in fp32.
+    model = cfg.model.model_copy(update={"variant": variant_for(pipeline_dir, device)[0], "revision": None})
+    parts = load_parts(model, cfg.state_path("cache"), source=str(pipeline_dir))
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device).eval()
     metrics = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).losses(parts, parts.unet)

@@ -23,7 +23,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from components.config import DiffusionConfig, InferenceConfig, PredictionType
+from components.config import Config, DiffusionConfig, InferenceConfig, ModelConfig, PredictionType
 from components.diffusion.pyfunc import INFERENCE_KEY, PIPELINE_ARTIFACT, TerminusPipelineModel
 
 MODEL_NAME_IN_RUN = "model"
@@ -122,6 +122,20 @@ def _model_version(uri: str):
         raise ModelUriError(f"{uri}: not found in the registry ({err.error_code})") from None
 
 
+def check_version(cfg: Config, uri: str) -> tuple[str, str]:
+    """(name, version) of ``uri`` in the registry ``cfg`` names, or ``ModelUriError`` in one line. An
+    embedded SQLite store that does not exist yet holds no version: refused without creating it (MLflow
+    creates and migrates a new database, which takes seconds)."""
+    from components.registry.tracking import setup_tracking, tracking_uri
+
+    parse_model_uri(uri)
+    store = tracking_uri(cfg)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        raise ModelUriError(f"{uri}: not found in the registry (no MLflow store at {store} yet)")
+    setup_tracking(cfg)
+    return resolve_version(uri)
+
+
 def resolve_version(uri: str) -> tuple[str, str]:
     """(name, version) that ``uri`` points at right now (an alias is looked up in the registry)."""
     mv = _model_version(uri)
@@ -168,3 +182,65 @@ def _pipeline_dir(model_dir: Path) -> Path:
 
     meta = yaml.safe_load((model_dir / "MLmodel").read_text())
     return model_dir / meta["flavors"]["python_function"]["artifacts"][PIPELINE_ARTIFACT]["path"]
+
+
+def shipped_inference(pipeline_dir: Path) -> InferenceConfig:
+    """The inference settings a fetched version ships (its ``model_config``, the preset's ``inference``
+    section when it was logged); the defaults where it ships none."""
+    import yaml
+
+    meta = yaml.safe_load((Path(pipeline_dir).parents[1] / "MLmodel").read_text())
+    config = meta["flavors"]["python_function"].get("model_config") or {}
+    return InferenceConfig.model_validate(config.get(INFERENCE_KEY) or {})
+
+
+# --- registered versions as model sources ---------------------------------------------------------
+
+LINEAGE = "lineage."
+"""Prefix of the lineage tags of a training run (and of the version it registers)."""
+PINNED = LINEAGE + "pinned"
+"""The model config (JSON) that loads exactly the weights the run started from: the workers, the export
+and a resumed run all read this one, so an alias that moves or a hub branch that advances mid-run does
+not change what the run is made of."""
+
+
+def load_source_parts(cfg: Config, model: ModelConfig | None = None):
+    """The SDXL parts of ``model`` (default ``cfg.model``) in fp32: a registered version
+    (``models:/NAME/V`` or ``@ALIAS``) is fetched into the local cache of versions and read as the
+    diffusers directory it is (its fp32 weights); every other source goes to ``load_parts``."""
+    from components.diffusion.sdxl import load_parts, source_kind
+    from components.registry.tracking import setup_tracking
+
+    model = model or cfg.model
+    if source_kind(model.source) == "registered":
+        setup_tracking(cfg)
+        resolved = fetch_model(model.source, cfg.state_path("cache", "models"))
+        model = model.model_copy(update={"source": str(resolved.pipeline_dir), "revision": None, "variant": None})
+    return load_parts(model, cfg.state_path("cache"), diffusion=cfg.diffusion)
+
+
+def source_lineage(cfg: Config) -> tuple[ModelConfig, dict[str, str]]:
+    """(pinned model config, lineage tags) of ``cfg.model``: the source as given, its kind, the revision it
+    resolved to (a hub commit hash; a registered version's number), a content hash of its weights, and for
+    ``models:/`` the parent model, version and the run that trained it."""
+    from components.diffusion.sdxl import describe_source, source_kind, weights_sha256
+    from components.registry.tracking import setup_tracking
+
+    model = cfg.model
+    if source_kind(model.source) == "registered":
+        setup_tracking(cfg)
+        mv = _model_version(model.source)
+        pinned = model.model_copy(update={"source": f"models:/{mv.name}/{mv.version}", "revision": None,
+                                          "variant": None})
+        resolved = fetch_model(pinned.source, cfg.state_path("cache", "models"))
+        tags = {"kind": "registered", "revision": str(mv.version), "location": pinned.source,
+                "weights_sha256": weights_sha256(resolved.pipeline_dir), "parent_model": mv.name,
+                "parent_version": str(mv.version), "parent_run_id": mv.run_id or "",
+                "parent_base_model": (mv.tags or {}).get("base_model", "")}
+    else:
+        info = describe_source(model, cfg.state_path("cache"))
+        pinned = info.pinned or model
+        tags = {"kind": info.kind, "revision": info.revision or "", "location": info.location,
+                "weights_sha256": info.weights_sha256, **{k: str(v) for k, v in info.extra.items()}}
+    tags = {"source": model.source, **tags, "pinned": pinned.model_dump_json()}
+    return pinned, {LINEAGE + k: v for k, v in tags.items()}

@@ -2,6 +2,11 @@
 
 Resume is by name: the same ``train.run_name`` reuses the Ray Train storage (Ray V2 restarts from
 the latest checkpoint) and the same MLflow run (found by its ``terminus.run_name`` tag).
+
+Lineage: before training, the model source is resolved once (``components.registry.model.source_lineage``:
+a hub id to its commit, ``models:/NAME@ALIAS`` to a version) and recorded on the run as ``lineage.*``
+tags with a content hash of the weights; the workers and the export load that pinned source, and a
+resumed run reads it back from the run instead of resolving again.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 
-from components.config import Config, RecurringError, find_cause
+from components.config import Config, ModelConfig, RecurringError, find_cause
 from components.dataset import CuratedManifest, read_manifest
 from components.registry.tracking import flatten, git_commit, mlflow_dataset, setup_tracking, tracking_uri
 from components.storage import arrow_filesystem
@@ -62,9 +67,10 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
         items = list(params.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.log_params({f"data.rows.{split}": str(n) for split, n in manifest.rows.items()})
         mlflow.set_tags({
             RUN_NAME_TAG: cfg.train.run_name, "git_commit": git_commit(), "config_hash": cfg.digest(),
-            "base_model": cfg.model.source, "dataset_digest": manifest.digest,
+            "base_model": cfg.model.source, "dataset_digest": manifest.digest, **software_versions(),
         })
         mlflow.log_input(mlflow_dataset(manifest), context="training")
     # RUNNING while Ray trains (the workers log into it; MLflow's system-metrics monitor stops
@@ -113,7 +119,39 @@ def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
     return data
 
 
-def trainer(cfg: Config, manifest: CuratedManifest, run_id: str):
+def software_versions() -> dict[str, str]:
+    """``software.*`` tags: the versions of what trained the model (the model card's software section)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"software.python": platform.python_version()}
+    for package in ("torch", "diffusers", "transformers", "ray", "mlflow"):
+        try:
+            tags[f"software.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"software.{package}"] = "not installed"
+    return tags
+
+
+def pin_source(cfg: Config, run_id: str) -> ModelConfig:
+    """The pinned model source of the run: read from its ``lineage.pinned`` tag (a resumed run), else
+    resolved now and recorded with the rest of the lineage."""
+    from components.registry.model import PINNED, source_lineage
+
+    client = mlflow.MlflowClient()
+    recorded = client.get_run(run_id).data.tags.get(PINNED)
+    if recorded:
+        return ModelConfig.model_validate_json(recorded)
+    pinned, tags = source_lineage(cfg)
+    setup_tracking(cfg)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    log.info("model source %s pinned as %s (weights sha256 %s)", cfg.model.source, pinned.source,
+             tags.get("lineage.weights_sha256", "")[:12])
+    return pinned
+
+
+def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig | None = None):
     """The TorchTrainer of this run (a new one per attempt; the same name resumes)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -126,7 +164,7 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str):
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "train_rows": data["epoch_rows"],
-            "data": data,
+            "data": data, "model": (model or cfg.model).model_dump(mode="json"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -156,7 +194,7 @@ class TrainingFailed(RuntimeError):
     """Training failed on every attempt ``train.max_failures`` allowed; the message is the last cause."""
 
 
-def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
+def fit(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig | None = None):
     """Run the trainer; after a failure that may not recur (a lost worker, a killed node) start it again
     under the same name, which resumes from the latest checkpoint, up to ``train.max_failures`` times.
     A ``RecurringError`` (bad data, a model or an optimizer that cannot work) is raised at once."""
@@ -164,7 +202,7 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str):
 
     for attempt in range(cfg.train.max_failures + 1):
         try:
-            return trainer(cfg, manifest, run_id).fit()
+            return trainer(cfg, manifest, run_id, model).fit()
         except TrainingFailedError as err:
             cause = recurring_cause(err)
             if cause is not None:
@@ -184,21 +222,36 @@ def select_checkpoint(cfg: Config, result):
     return min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))
 
 
-def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
-    """Checkpoint -> diffusers directory -> pyfunc model in the run -> new registered version."""
+def directory_bytes(directory: Path, variant: str | None) -> int:
+    from components.diffusion.sdxl import weight_files
+
+    return sum(p.stat().st_size for p in weight_files(directory, variant))
+
+
+def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest,
+                        model: ModelConfig | None = None) -> str:
+    """Checkpoint -> diffusers directory (fp32 and the ``train.export_variant`` weights) -> pyfunc model in
+    the run -> new registered version, tagged with its lineage, parameter counts and sizes."""
     from components.diffusion.conditioning import dropout_uses_zeros
-    from components.diffusion.sdxl import load_parts, save_pipeline
-    from components.registry.model import log_pipeline_model
+    from components.diffusion.sdxl import COMPONENTS, save_pipeline, save_variant
+    from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model
     from components.training.checkpointing import load_unet_weights
 
-    parts = load_parts(cfg.model, cfg.state_path("cache"))
+    parts = load_source_parts(cfg, model)
     # The exported pipeline's unconditional branch is the one caption dropout trained.
     parts.force_zeros_for_empty_prompt = dropout_uses_zeros(cfg.train.caption_dropout_mode,
                                                             parts.force_zeros_for_empty_prompt)
     with checkpoint.as_directory() as ckpt_dir:
         load_unet_weights(Path(ckpt_dir), parts.unet, use_ema=cfg.train.ema_decay is not None)
     export_dir = cfg.state_path("exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")
+    variant = cfg.train.export_variant
     save_pipeline(parts, cfg.diffusion, export_dir)
+    sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters())) for name in COMPONENTS}
+    del parts  # the fp32 models are on disk now; the half variant is read back from there
+    sizes["size.fp32_bytes"] = str(directory_bytes(export_dir, None))
+    if variant:
+        save_variant(export_dir, variant)
+        sizes[f"size.{variant}_bytes"] = str(directory_bytes(export_dir, variant))
     setup_tracking(cfg)
     with mlflow.start_run(run_id=run_id):
         final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
@@ -207,28 +260,30 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
         version = str(info.registered_model_version)
         mlflow.set_tag("registered_version", version)
     client = mlflow.MlflowClient()
+    lineage = {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(LINEAGE) and k != PINNED}
     tags = {
         "run_id": run_id, "dataset_digest": manifest.digest, "base_model": cfg.model.source,
         "config_hash": cfg.digest(), "git_commit": git_commit(), "checkpoint": checkpoint.path,
-        **{k: str(v) for k, v in final.items()},
+        "weight_variant": variant or "", **sizes, **lineage, **{k: str(v) for k, v in final.items()},
     }
     for key, value in tags.items():
         client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
     return version
 
 
-def export(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
+def export(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest,
+           model: ModelConfig | None = None) -> str:
     """``export_and_register`` where the memory is. With ``train.export_memory_gb`` set (a cluster: the
     memory plan states the figure) it is a Ray task reserving that memory, so it runs on a worker and never
     on the head node; unset (one machine, where the driver is as good a place as any) it runs here,
     without starting a worker process just for it."""
     if not cfg.train.export_memory_gb:
-        return export_and_register(cfg, run_id, checkpoint, metrics, manifest)
+        return export_and_register(cfg, run_id, checkpoint, metrics, manifest, model)
     import ray
 
     task = ray.remote(export_and_register).options(
         num_cpus=1, num_gpus=0, memory=int(cfg.train.export_memory_gb * 2**30))
-    return ray.get(task.remote(cfg, run_id, checkpoint, metrics, manifest))
+    return ray.get(task.remote(cfg, run_id, checkpoint, metrics, manifest, model))
 
 
 def run_training(cfg: Config) -> TrainingResult:
@@ -236,11 +291,12 @@ def run_training(cfg: Config) -> TrainingResult:
     manifest = read_manifest(cfg.train.data, cfg.curate.s3_endpoint_url)
     run_id = open_run(cfg, manifest)
     try:
-        result = fit(cfg, manifest, run_id)
+        model = pin_source(cfg, run_id)
+        result = fit(cfg, manifest, run_id, model)
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     checkpoint, metrics = select_checkpoint(cfg, result)
-    version = export(cfg, run_id, checkpoint, metrics, manifest)
+    version = export(cfg, run_id, checkpoint, metrics, manifest, model)
     return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
                           metrics.get("val_loss"))

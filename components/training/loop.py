@@ -24,7 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from components.config import Config, Precision, RecurringError
+from components.config import Config, ModelConfig, Precision, RecurringError
 from components.dataset import read_manifest, val_rows
 from components.diffusion.conditioning import dropout_uses_zeros, encode_text
 from components.diffusion.loss import (
@@ -36,7 +36,8 @@ from components.diffusion.loss import (
     frozen_dtype,
 )
 from components.diffusion.schedule import training_scheduler
-from components.diffusion.sdxl import SDXLParts, load_parts
+from components.diffusion.sdxl import SDXLParts
+from components.registry.model import load_source_parts
 from components.training.batches import RowIndex, ShardRows, TableRows, epoch_plan, rows_to_batch, source_counts
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer
@@ -157,11 +158,12 @@ class Trainee:
     state: TrainState
 
 
-def build_trainee(cfg: Config, device: torch.device, world: int, steps: int) -> Trainee:
-    """The SDXL parts placed by the precision policy (components/diffusion/loss.py), the UNet wrapped
-    for its parallel strategy, then its optimizer, LR schedule and EMA."""
+def build_trainee(cfg: Config, device: torch.device, world: int, steps: int, model: ModelConfig | None = None) -> Trainee:
+    """The SDXL parts of ``model`` (the run's pinned source; default ``cfg.model``) placed by the precision
+    policy (components/diffusion/loss.py), the UNet wrapped for its parallel strategy, then its optimizer,
+    LR schedule and EMA."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    parts = load_parts(cfg.model, cfg.state_path("cache"))
+    parts = load_source_parts(cfg, model)
     parts.vae.requires_grad_(False).eval().to(device)  # fp32: SDXL's VAE overflows in fp16
     for encoder in (parts.text_encoder, parts.text_encoder_2):
         encoder.requires_grad_(False).eval().to(device, frozen_dtype(cfg.train.precision))
@@ -198,6 +200,33 @@ def optimizer_step(t: Trainee, clip_grad_norm: float) -> float:
     return float(grad_norm)
 
 
+def hardware(device: torch.device) -> dict[str, str]:
+    """``hardware.*`` tags of rank 0's machine (the model card's hardware section)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"hardware.cpu": cpu, "hardware.cpu_count": str(os.cpu_count() or 0), "hardware.gpu": gpu,
+            "hardware.accelerator": device.type}
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Rank 0's peak memory so far, in MiB (the ``_mb`` metrics): the process's resident set (``ru_maxrss``)
+    and, on CUDA, the most PyTorch's allocator held (``max_memory_allocated``)."""
+    import resource
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        peak["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -210,7 +239,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "(the recipe's bf16 is for the GPU run)", cfg.train.precision.value, device, precision.value)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
     steps = total_steps(cfg, loop_config["train_rows"])
-    t = build_trainee(cfg, device, world, steps)
+    model = ModelConfig.model_validate(loop_config["model"]) if "model" in loop_config else cfg.model
+    t = build_trainee(cfg, device, world, steps, model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -231,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger = RunLogger(cfg, loop_config["mlflow_run_id"])
         logger.set_tags({"precision.configured": loop_config["config"]["train"]["precision"],
                          "precision.effective": precision.value, "device": str(device),
-                         "cpu.capability": torch.backends.cpu.get_cpu_capability()})
+                         "cpu.capability": torch.backends.cpu.get_cpu_capability(), **hardware(device)})
         progress = Progress(steps, t.state.step, cfg.train.log_every, cfg.train.log_every_s)
     reader = EpochReader(loop_config["data"], cfg)
     validator = None
@@ -279,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "loss": loss_sum / accum, "lr": t.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "images_per_s": cfg.train.effective_batch / max(elapsed, 1e-9), "samples_seen": state.samples_seen,
                 "epoch": state.epoch, "data_wait": data_s / max(elapsed, 1e-9), "data.batch_hash": as_metric(seen_hash),
-                **mix_metrics(state.source_samples),
+                **mix_metrics(state.source_samples), **peak_memory(device),
             }
             seen_hash = hashlib.sha256()
             if progress is not None:

@@ -57,18 +57,45 @@ def check_device(cfg: Config) -> None:
 
 
 def check_model_source(cfg: Config) -> None:
-    """A hub id that cannot be reached: HF_HUB_OFFLINE is set and the id is not in the local cache."""
+    """The model source can be read before any worker tries: a directory exists; a single-file checkpoint
+    is an SDXL checkpoint whose schedule markers agree with the preset, with component configs to read it
+    by; a registered version exists in the registry; a hub id is in the local cache when HF_HUB_OFFLINE
+    is set. (An s3:// or http(s) source is checked when it is fetched.)"""
+    from components.diffusion.sdxl import ModelLoadError, check_markers, hub_offline, source_kind
+
     source = cfg.model.source
-    if source == "tiny" or is_s3(source):
+    kind = source_kind(source)
+    if kind in ("tiny", "s3"):
         return
-    if source.startswith(("/", "./", "../", "~")):
+    if kind == "registered":
+        from components.registry.model import ModelUriError, check_version
+
+        try:
+            check_version(cfg, source)
+        except ModelUriError as err:
+            raise PreflightError(f"model.source {err}") from None
+        return
+    if kind == "url":
+        raise PreflightError(f"model.source {source}: a URL must name a single-file .safetensors checkpoint")
+    if kind == "single_file":
+        if not source.startswith(("s3://", "http://", "https://")):
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise PreflightError(f"model.source {source} is not a file")
+            check_single_file(path)
+            try:
+                check_markers(path, cfg.diffusion)
+            except ModelLoadError as err:
+                raise PreflightError(f"model.source {err}") from None
+        check_single_file_config(cfg.model.single_file_config)
+        return
+    if kind == "directory":
         if not Path(source).expanduser().is_dir():
             raise PreflightError(f"model.source {source} is not a directory")
         return
     if "/" not in source:
-        raise PreflightError(f"model.source {source!r} is neither 'tiny', a directory, a hub id (org/name) nor s3://")
-    from components.diffusion.sdxl import hub_offline
-
+        raise PreflightError(f"model.source {source!r} is neither 'tiny', a directory, a hub id (org/name), a "
+                             ".safetensors file, s3:// nor models:/")
     if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
@@ -77,6 +104,42 @@ def check_model_source(cfg: Config) -> None:
             raise PreflightError(f"model.source {source} is a hub id, HF_HUB_OFFLINE is set and it is not in the local "
                                  "Hugging Face cache: unset HF_HUB_OFFLINE where the hub is reachable, or use a "
                                  "local directory or s3:// prefix")
+
+
+SDXL_SINGLE_FILE_KEYS = ("model.diffusion_model.input_blocks.0.0.weight",
+                         "conditioner.embedders.1.model.ln_final.weight", "first_stage_model.decoder.conv_out.weight")
+"""Keys every SDXL base-layout checkpoint has (A1111 and diffusers detect SDXL by the OpenCLIP one)."""
+
+
+def check_single_file(path: Path) -> None:
+    from components.diffusion.single_file import read_keys
+
+    try:
+        keys = read_keys(path)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise PreflightError(f"model.source {path} is not a safetensors file ({type(err).__name__})") from None
+    missing = [k for k in SDXL_SINGLE_FILE_KEYS if k not in keys]
+    if missing:
+        raise PreflightError(f"model.source {path} is not an SDXL checkpoint in the original layout (no {missing[0]})")
+
+
+def check_single_file_config(config: str | None) -> None:
+    """The configs a single file is read with: a local diffusers folder, or (None: SDXL base's) a hub id
+    that is cached when HF_HUB_OFFLINE is set."""
+    from components.diffusion.sdxl import hub_offline
+
+    if config is not None and config.startswith(("/", "./", "../", "~")):
+        if not (Path(config).expanduser() / "model_index.json").is_file():
+            raise PreflightError(f"model.single_file_config {config} is not a diffusers folder (no model_index.json)")
+        return
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = config or "stabilityai/stable-diffusion-xl-base-1.0"
+        if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+            raise PreflightError(f"a single-file model.source is read with the configs of {repo}, which is not in the "
+                                 "local Hugging Face cache and HF_HUB_OFFLINE is set: set model.single_file_config "
+                                 "to a local diffusers folder")
 
 
 def check_training(cfg: Config) -> None:

@@ -48,12 +48,58 @@ def curated(tmp_path_factory):
         (["train.optimizer=adamw8bit"], "adamw8bit needs CUDA workers"),
         (["train.use_gpu=true"], "CUDA device"),
         (["model.source=someorg/some-sdxl-model"], "HF_HUB_OFFLINE is set"),
+        (["model.source=models:/no-such-model@champion"], "not found in the registry"),
+        (["model.source=/nowhere/model.safetensors"], "is not a file"),
+        (["model.source=https://example.com/models/sdxl"], "a URL must name a single-file .safetensors"),
     ],
 )
 def test_bad_training_input_fails_before_ray(sets, fragment, curated, tmp_path):
     env = subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     args = ["flows/train.py", "--set", f"state_dir={tmp_path}", "--set", f"train.data={curated}"]
     refused(args + [x for s in sets for x in ("--set", s)], fragment, env)
+
+
+@pytest.fixture(scope="module")
+def single_files(tmp_path_factory):
+    """An SDXL single file of the tiny preset's model (v-prediction, ZT-SNR markers), its diffusers folder,
+    and a safetensors file that is not an SDXL checkpoint."""
+    from safetensors.torch import save_file
+
+    from components.config import load_config
+    from components.diffusion.sdxl import build_tiny, save_pipeline
+    from components.diffusion.single_file import export_pipeline
+
+    root = tmp_path_factory.mktemp("single")
+    cfg = load_config(REPO / "flows/configs/tiny.yaml")
+    folder = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, root / "pipe")
+    sdxl = export_pipeline(folder, root / "tiny.safetensors", title="t", date="2024-01-01", resolution=(256, 256))
+    save_file({"weight": __import__("torch").zeros(2)}, root / "other.safetensors")
+    return {"sdxl": sdxl, "folder": folder, "other": root / "other.safetensors"}
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["model.source={other}"], "is not an SDXL checkpoint in the original layout"),
+        (["model.source={sdxl}", "diffusion.prediction_type=epsilon"], "is a v-prediction checkpoint"),
+        (["model.source={sdxl}"], "set model.single_file_config to a local diffusers folder"),
+        (["model.source={sdxl}", "model.single_file_config=/nowhere"], "is not a diffusers folder"),
+    ],
+)
+def test_a_single_file_source_that_cannot_work_fails_before_ray(sets, fragment, single_files, curated, tmp_path):
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    args = ["flows/train.py", "--set", f"state_dir={tmp_path}", "--set", f"train.data={curated}"]
+    refused(args + [x for s in sets for x in ("--set", s.format(**single_files))], fragment, env)
+
+
+def test_export_and_publish_refuse_bad_input_in_one_line(tmp_path):
+    refused(["flows/export.py", "--set", f"state_dir={tmp_path}", "--model-uri", "models:/terminus-tiny/99"],
+            "not found in the registry")
+    refused(["flows/export.py", "--set", f"state_dir={tmp_path}", "--model-uri", "terminus-tiny"], "model URI must be")
+    refused(["flows/export.py", "--set", f"state_dir={tmp_path}", "--model-uri", "models:/terminus-tiny/1",
+             "--out", str(tmp_path / "x.ckpt")], "must end in .safetensors")
+    refused(["flows/publish.py", "--set", f"state_dir={tmp_path}", "--model-uri", "models:/terminus-tiny/1"],
+            "not found in the registry")
 
 
 def test_missing_and_unfinished_datasets_have_different_messages(curated, tmp_path):

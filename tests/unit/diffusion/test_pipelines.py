@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline
 from PIL import Image
 
 from components.config import DiffusionConfig, InferenceConfig, TinyModelConfig
-from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines
+from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines, half_variants, variant_for
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl import build_tiny, save_pipeline
@@ -161,3 +161,23 @@ def test_a_bf16_pipeline_decodes_with_the_vae_in_fp32(saved):
         out = pixels(low.generate(GenerationRequest("a cat", seed=5, **SIZE, **extra)))
         assert out.shape == (1, 64, 64, 3) and out.std() > 0
         assert low.t2i.vae.dtype == torch.float32  # img2img's encode cast it to bf16; the decode casts back
+
+
+def test_the_variant_that_suits_the_device(parts, saved, tmp_path):
+    """A folder registered with its fp16 variant: a CUDA device reads the variant in fp16, a CPU the fp32
+    weights; a folder without a variant gives CUDA the fp32 weights cast to bf16 (as before variants)."""
+    with_fp16 = save_pipeline(parts, DiffusionConfig(), tmp_path / "fp16", variant="fp16")
+    with_bf16 = save_pipeline(parts, DiffusionConfig(), tmp_path / "bf16", variant="bf16")
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it here
+    assert half_variants(saved) == [] and half_variants(with_fp16) == ["fp16"] and half_variants(with_bf16) == ["bf16"]
+    assert variant_for(with_fp16, cuda) == ("fp16", torch.float16)
+    assert variant_for(with_bf16, cuda) == ("bf16", torch.bfloat16)
+    assert variant_for(saved, cuda) == (None, torch.bfloat16)
+    assert variant_for(with_fp16, CPU) == (None, torch.float32)
+    (with_fp16 / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    assert half_variants(with_fp16) == []  # a variant missing for one model is no variant
+
+    loaded = build_pipelines(with_bf16, inference_scheduler(DiffusionConfig()), InferenceConfig().model_dump(), device=CPU)
+    assert loaded.t2i.unet.dtype == torch.float32
+    ours, theirs = parts.unet.state_dict(), loaded.t2i.unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the fp32 weights, not the rounded ones
