@@ -2,9 +2,11 @@
 
 Each dropped record carries exactly one reason: the first check it fails, in the order of
 ``Reason`` below (cheap metadata first, so a watermarked LAION row is refused before it is
-downloaded, and full decoding last). Every check is configurable (``curate.filters``); the
-Terminus preset (flows/configs/terminus_v2.yaml) turns them all on, after the model card:
-"LAION-HD filtered to samples with EXIF and without watermarks, luminance capped at 100 (0.5)".
+downloaded, and full decoding last). Every check is configurable per source
+(``curate.sources.<name>.filters``, or ``curate.filters`` for the one-source shorthand); the Terminus
+preset (flows/configs/terminus_v2.yaml) turns them on for its LAION-HD source, after the model card:
+"LAION-HD filtered to samples with EXIF and without watermarks, luminance capped at 100 (0.5)", and
+leaves its Midjourney source unfiltered.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import hashlib
 import json
 
 from components import dataset
-from components.config import Config
+from components.config import SHORTHAND, Config
 from components.registry.tracking import flatten, mlflow_dataset, setup_tracking, source_dataset
 
 
@@ -26,6 +26,9 @@ def log_curation(cfg: Config, report: dict) -> str:
         mlflow.set_tags({"flow": "curate", "dataset.digest": report["digest"], "config.digest": cfg.digest()})
         params = cfg.curate.model_dump(mode="json")
         sources = params.pop("sources")
+        if sources:  # the one-source keys describe nothing here: only each source's own are logged
+            for key in SHORTHAND:
+                params.pop(key, None)
         mlflow.log_params(flatten(params, "curate."))
         for src in sources:  # by name: curate.sources.<name>.filters.max_watermark, ...
             mlflow.log_params(flatten(src, f"curate.sources.{src['name']}."))

@@ -93,11 +93,11 @@ class SourceError(ValueError):
 
 
 def setting(src: SourceConfig, key: str) -> str:
-    """How the user names ``key`` of ``src`` in the config: the shorthand's ``curate.source`` or
-    ``curate.sources[name].location``."""
+    """How the user names ``key`` of ``src`` in the config (and in ``--set``): the shorthand's
+    ``curate.source`` or ``curate.sources.<name>.location``."""
     if src.name == DEFAULT_SOURCE:
         return {"location": "curate.source"}.get(key, f"curate.{key}")
-    return f"curate.sources[{src.name}].{key}"
+    return f"curate.sources.{src.name}.{key}"
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pyarrow.parquet as pq
@@ -108,3 +109,18 @@ def test_three_sources_in_one_curation(ray_local, three_sources):
     named = sorted(d.dataset.name for d in run.inputs.dataset_inputs
                    if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == "source")
     assert named == ["laion", "mj", "photos"]
+    assert "curate.source" not in run.data.params and run.data.params["curate.sources.mj.kind"] == "huggingface"
+
+    # The model card's data section, from this curation run as MLflow holds it: each source with its counts
+    # and its own filters.
+    from components.registry.card import data_rows, preprocessing_rows
+
+    facts = SimpleNamespace(params={"data.rows.train": report["kept"], "data.rows.val": 0}, curation=run,
+                            version_tags={"dataset_digest": report["digest"]}, curation_report=report)
+    rows = dict(data_rows(facts)[0])
+    assert "Source" not in rows and rows["Source `mj`"].startswith(f"huggingface `{cfg.curate.sources[1].location}`")
+    assert rows["Source `laion`: read, kept"] == "11, 4" and rows["Source `photos`: read, kept"] == "2, 2"
+    assert "max_watermark 0.7" in rows["Source `laion`: filters"] and "dedupe False" in rows["Source `mj`: filters"]
+    assert "drawn 2.0 time(s)" in rows["Source `photos`"]
+    assert rows["Captions by origin"] == "column 5, filename 1, model 1, sidecar 1"
+    assert dict(preprocessing_rows(facts))["Missing captions"] == "laion: drop, mj: filename, photos: drop"

@@ -82,7 +82,7 @@ def test_bad_parquet_sources_are_refused_in_one_line_before_work(tmp_path, hub):
         with pytest.raises(SourceError) as err:
             load_inputs(CurateConfig(sources=[src]), Store())
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
-        assert f"curate.sources[{src.name}]" in str(err.value)
+        assert f"curate.sources.{src.name}." in str(err.value)  # as --set names it
 
 
 def test_laion_columns_are_found_whatever_their_case_and_feed_the_filters(tmp_path):
