@@ -337,8 +337,9 @@ class CaptionerConfig(Strict):
     """Hub revision of ``model``; None: the default branch."""
     workers: int = Field(1, ge=1)
     """Captioning actors, each holding the model."""
-    num_gpus: float = Field(0.0, ge=0.0)
-    """GPUs per captioning actor: 0 captions on CPU; 1 on a GPU node."""
+    num_gpus: float | None = Field(None, ge=0.0)
+    """GPUs per captioning actor: None: one where the cluster has GPUs, else none (captions on CPU); 0:
+    always on CPU; 1 (or a fraction, to share a GPU) as given."""
     batch_size: int = Field(8, ge=1)
     """Images per model call."""
     max_new_tokens: int = Field(40, ge=1)

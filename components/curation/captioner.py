@@ -10,7 +10,7 @@ The model is any transformers image-to-text model that ``AutoModelForImageTextTo
 ``AutoProcessor`` load (BLIP, GIT, ...), from the Hub or a local directory, weights from safetensors only
 (as every model of the platform). ``tiny`` builds a randomly initialised BLIP offline (a few hundred kB):
 its captions are random words, which is all a test needs to follow them through the pipeline. One actor
-holds one model; ``curate.captioner.num_gpus`` puts each actor on a GPU where there is one.
+holds one model, on a GPU where the cluster has one (``curate.captioner.num_gpus``; ``pipeline.captioner_gpus``).
 """
 
 from __future__ import annotations

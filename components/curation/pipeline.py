@@ -38,7 +38,7 @@ import uuid
 
 import pyarrow as pa
 
-from components.config import Config, CurateConfig, SourceKind
+from components.config import CaptionerConfig, Config, CurateConfig, SourceKind
 from components.curation.buckets import make_buckets
 from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
@@ -100,6 +100,13 @@ def source_dataset(cfg: Config, src: SourceInputs, total: int):
     return ds.repartition(target_num_rows_per_block=block_size(total, c.workers, c.rows_per_shard))
 
 
+def captioner_gpus(captioner: CaptionerConfig, cluster_gpus: float) -> float:
+    """GPUs per captioning actor: as configured, else one where the cluster has a GPU, else none."""
+    if captioner.num_gpus is not None:
+        return captioner.num_gpus
+    return 1.0 if cluster_gpus >= 1 else 0.0
+
+
 def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
     """Stream every source's records through the curation tasks (and the captioning actors) into the
     sink; returns the write tasks' stats."""
@@ -116,12 +123,15 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
     if captioning:
         from components.curation.captioner import CaptionBatch
 
-        device = "cuda" if c.captioner.num_gpus > 0 else "cpu"
+        gpus = captioner_gpus(c.captioner, ray.cluster_resources().get("GPU", 0))
+        device = "cuda" if gpus > 0 else "cpu"
+        log.info("captioning with %s: %d actor(s) on %s", c.captioner.model, c.captioner.workers,
+                 f"{gpus:g} GPU each" if gpus else "CPU")
         ds = ds.map_batches(CaptionBatch, batch_size=None, batch_format="pyarrow",
                             fn_constructor_kwargs={"captioner": c.captioner.model_dump(mode="json"),
                                                    "cache_dir": str(cfg.state_path("cache")), "device": device},
                             compute=ray.data.ActorPoolStrategy(size=c.captioner.workers),
-                            num_gpus=c.captioner.num_gpus, **args)
+                            num_gpus=gpus, **args)
     sink = CuratedDatasink(c.output, run_id, c.s3_endpoint_url, min_rows_per_write=None)
     ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0) if captioning else args,
                       concurrency=c.workers)

@@ -166,3 +166,13 @@ def test_the_captioning_model_captions_pending_rows_and_falls_back(tmp_path):
     rows = actor(with_fallback).to_pylist()
     assert [(r["caption"], r["caption_origin"]) for r in rows] == [("a", "filename"), ("given", "column"), ("", "empty")]
     assert json.dumps(rows[0]["caption"])  # plain text
+
+
+def test_the_captioning_actors_take_a_gpu_where_the_cluster_has_one():
+    from components.config import CaptionerConfig
+    from components.curation.pipeline import captioner_gpus
+
+    auto = CaptionerConfig(model="tiny")
+    assert captioner_gpus(auto, 0) == 0.0 and captioner_gpus(auto, 4) == 1.0
+    assert captioner_gpus(CaptionerConfig(model="tiny", num_gpus=0), 4) == 0.0  # CPU asked for
+    assert captioner_gpus(CaptionerConfig(model="tiny", num_gpus=0.5), 0) == 0.5  # as given
