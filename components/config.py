@@ -1006,8 +1006,9 @@ def reference(node: BaseModel | type[BaseModel] = Config, prefix: str = "") -> l
         item = _list_item_model(annotation)
         if item is not None:  # a list of sections (curate.sources): its entries' keys, documented
             rows.append({"key": key, "section": True, "doc": field.description or ""})
-            entries = [(f"{key}[]", item)] if isinstance(node, type) or not value else [
-                (f"{key}[{i}]", entry) for i, entry in enumerate(value)]
+            # Each entry by its name, as --set addresses it (curate.sources.laion-hd.location).
+            entries = [(f"{key}.<name>", item)] if isinstance(node, type) or not value else [
+                (f"{key}.{getattr(entry, 'name', i)}", entry) for i, entry in enumerate(value)]
             for name_i, entry in entries:
                 rows += reference(entry, name_i + ".")
             continue

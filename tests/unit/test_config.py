@@ -261,6 +261,11 @@ def test_one_source_of_a_list_is_set_by_its_name():
     laion, mj = cfg.curate.sources
     assert laion.location == "s3://mine/laion/" and laion.filters.require_exif  # the rest of it stays
     assert mj.filters.dedupe and mj.caption_column == "TEXT" and mj.location == "hf://datasets/ptx0/mj-general"
+    from components.config import reference_text
+
+    text = reference_text(cfg)  # --print-config names each entry as --set does
+    assert 'curate.sources.laion-hd.location = "s3://mine/laion/"  (str)' in text
+    assert "curate.sources.mj-general.filters.dedupe = true  (bool)" in text
     with pytest.raises(ConfigError, match="has no entry named 'laion' \\(names: laion-hd, mj-general\\)"):
         load_config(CONFIGS / "terminus_v2.yaml", ["curate.sources.laion.location=/x"])
     with pytest.raises(ConfigError, match="curate.sources.mj-general.repeats"):
