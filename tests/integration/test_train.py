@@ -154,7 +154,7 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     for bucket in ("val_mse_t500_750", "val_mse_t750_1000"):  # the held-out MSE per timestep bucket, a series
         assert history(cfg, result.run_id, bucket) == [2, 4, 6], bucket
     assert run.data.metrics["samples_seen"] == steps * 2 * 2  # batch 2 x 2 workers x steps: nothing twice
-    # The realised mixture (issue 15): rows drawn per source by both ranks, as the epoch plans decide them
+    # The realised mixture: rows drawn per source by both ranks, as the epoch plans decide them
     # (laion's 6 rows twice, 3 of mj's 6 each epoch), through the kill and the restart; rank 0's batches are
     # the uninterrupted run's.
     drawn = planned_source_counts(cfg, steps, world=2)

@@ -1,4 +1,4 @@
-"""Issue 15 item 6 and 7: every epoch a fresh order seeded by (seed, epoch), bucket batches still pure, ranks
+"""The epoch order and the mixture: every epoch a fresh order seeded by (seed, epoch), bucket batches still pure, ranks
 equal, a resume that skips exactly what was consumed, and the mixture's draws per source. Pure functions on
 a real curated split (shards written to the dataset contract), no Ray."""
 
