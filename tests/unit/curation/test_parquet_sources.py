@@ -1,6 +1,6 @@
-"""Parquet sources (URL metadata, Hugging Face layout), captions and the watermark check, without Ray: URL and Hugging Face sources are opened on the driver
-(files, row counts, columns; bad ones refused in one line), their rows become records exactly as the Ray
-Data read tasks make them, each source curates under its own policy, captions come in their order of
+"""Parquet sources (URL metadata, Hugging Face layout), captions and the watermark check, without Ray:
+URL and Hugging Face sources are opened on the driver (files, row counts, columns; bad ones refused in one
+line), their rows become records exactly as the Ray Data read tasks make them, each source curates under its own policy, captions come in their order of
 precedence and are counted by origin, and the watermark check is counted or required."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The epoch order and the mixture: every epoch a fresh order seeded by (seed, epoch), bucket batches still pure, ranks
-equal, a resume that skips exactly what was consumed, and the mixture's draws per source. Pure functions on
+"""The epoch order and the mixture: every epoch a fresh order seeded by (seed, epoch), bucket batches still
+pure, ranks equal, a resume that skips exactly what was consumed, and the mixture's draws per source. Pure functions on
 a real curated split (shards written to the dataset contract), no Ray."""
 
 from __future__ import annotations
