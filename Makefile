@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) flows/demo.py --config flows/configs/tiny.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check components deploy bench flows tests

@@ -480,6 +480,15 @@ class TrainConfig(Strict):
     records the precision it used (``components.diffusion.loss.effective_precision``)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward (the card's batch 24 at 1 MP needs it on 80 GB)."""
+    compile: bool = False
+    """``torch.compile`` the UNet the step calls (after DDP/FSDP wrapping; the parameters stay the UNet's).
+    The first step pays the compilation; the run logs ``compile_graph_breaks`` after it (0 is a whole graph)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend: ``inductor`` generates kernels (needs a C++ compiler on CPU, Triton on
+    GPU); ``aot_eager`` traces forward and backward without generating code (a quick check of a model)."""
+    fused_optimizer: bool = True
+    """AdamW's fused kernel (one launch for every parameter) on devices torch has it for (CUDA, CPU, ...);
+    elsewhere the per-tensor ``foreach`` implementation."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """EMA of the UNet weights with this decay (diffusers EMAModel); None: no EMA."""
     ema_on_cpu: bool = True
@@ -628,6 +637,12 @@ class ServeConfig(Strict):
     """Denoising steps when a request gives none."""
     poll_alias_s: float = Field(2.0, ge=0)
     """How often a replica checks whether its alias moved (0: never; a pinned version never moves)."""
+    compile: bool = False
+    """``torch.compile`` each loaded version's UNet and run one warm-up generation (``default_size``,
+    ``default_steps``) before the version takes traffic, at replica start and at every hot swap, so no user
+    pays for the compilation. Other sizes compile on their first request."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend for ``compile`` (``aot_eager``: traced, no generated code)."""
     api_key_env: str | None = None
     """Name of an env var holding a bearer token (surrounding whitespace of its value is ignored); None
     leaves the endpoint open (loopback default). An empty name is refused, never read as "no key"."""

@@ -83,7 +83,14 @@ class Model:
         self.cfg = Config.model_validate(config)
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
-        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference, period_s=self.cfg.serve.poll_alias_s)
+        serve_cfg = self.cfg.serve
+        warmup = None
+        if serve_cfg.compile:  # the first request of each version would otherwise pay the compilation
+            warmup = GenerationRequest(prompt="warm-up", width=serve_cfg.default_size, height=serve_cfg.default_size,
+                                       steps=serve_cfg.default_steps, seed=0)
+        self.holder = ModelHolder(model_uri, cache_dir, self.cfg.inference, period_s=serve_cfg.poll_alias_s,
+                                  compile_backend=serve_cfg.compile_backend if serve_cfg.compile else None,
+                                  warmup=warmup)
         # Loaded before the constructor returns: Serve runs check_health once right after it, and a
         # replica receives traffic only once that passes. A version that does not load is not an outage:
         # the replica starts on the last good one (deploy/holder.py) and keeps watching the alias.
@@ -198,6 +205,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def render_result(out: GenerationResult) -> JSONResponse:
+    """The OpenAI Images response for a result: each PNG base64-encoded in JSON, version headers.
+    Defined above ``Ingress``: Serve serializes the class where it is declared, with the globals that
+    exist by then."""
+    body = {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
+                 for i, png in enumerate(out.images)],
+        "model": out.name,
+        "model_version": out.version,
+    }
+    headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
+    return JSONResponse(body, headers=headers)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=128,
                   health_check_period_s=10)
 @serve.ingress(api)
@@ -295,19 +317,8 @@ class Ingress:
     async def _respond(self, request: GenerationRequest) -> JSONResponse:
         out: GenerationResult = await self._call(self.model.generate.remote(request))
         raise_for_result(out)
-        return await asyncio.to_thread(self._render, out)  # base64 and JSON of n images: CPU
+        return await asyncio.to_thread(render_result, out)  # base64 and JSON of n images: CPU
 
-    @staticmethod
-    def _render(out: GenerationResult) -> JSONResponse:
-        body = {
-            "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
-                     for i, png in enumerate(out.images)],
-            "model": out.name,
-            "model_version": out.version,
-        }
-        headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
-        return JSONResponse(body, headers=headers)
 
 
 # --- application builder --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from components.config import InferenceConfig
 from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines
+from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
 from components.redact import redact
 from components.registry.model import diffusion_from_pipeline_dir, fetch_model, parse_model_uri, resolve_version
@@ -90,7 +91,8 @@ class ModelHolder:
     """Loads ``models:/NAME@ALIAS`` (or a pinned ``models:/NAME/VERSION``) and follows the alias."""
 
     def __init__(self, uri: str, cache_dir: str | Path, defaults: InferenceConfig, period_s: float = 2.0,
-                 backoff_max_s: float = BACKOFF_MAX_S):
+                 backoff_max_s: float = BACKOFF_MAX_S, compile_backend: str | None = None,
+                 warmup: GenerationRequest | None = None):
         parse_model_uri(uri)  # a malformed URI fails here, before any download
         self.uri = uri
         self.cache_dir = Path(cache_dir)
@@ -103,6 +105,10 @@ class ModelHolder:
         self.swaps = 0
         self.bad: dict[str, BadVersion] = {}
         """Versions that failed to load, with when to try each again."""
+        self.compile_backend = compile_backend
+        """Compile each loaded version's UNet with this ``torch.compile`` backend (None: eager)."""
+        self.warmup = warmup
+        """Generated once by each loaded version before it serves (the compilation happens there)."""
 
     @property
     def follows_alias(self) -> bool:
@@ -124,6 +130,12 @@ class ModelHolder:
             resolved = fetch_model(f"models:/{name}/{version}", self.cache_dir)
         scheduler = inference_scheduler(diffusion_from_pipeline_dir(resolved.pipeline_dir))
         pipes = build_pipelines(str(resolved.pipeline_dir), scheduler, self.defaults.model_dump())
+        if self.compile_backend:
+            pipes.compile(self.compile_backend)
+        if self.warmup is not None:
+            start = time.perf_counter()
+            pipes.generate_group([self.warmup])
+            log.info("%s version %s warmed up in %.1f s", resolved.name, resolved.version, time.perf_counter() - start)
         return Loaded(resolved.name, resolved.version, pipes)
 
     def _load_or_remember(self, name: str, version: str) -> Loaded:

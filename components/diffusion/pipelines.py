@@ -75,6 +75,10 @@ class ZTSNRPipelines:
     def device(self) -> torch.device:
         return self.t2i.device
 
+    def compile(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the UNet in place; the img2img and inpaint views share it."""
+        self.t2i.unet.compile(backend=backend)
+
     def complete(self, req: GenerationRequest) -> GenerationRequest:
         return req.complete(self.defaults)
 

@@ -134,6 +134,17 @@ REGISTERED_PREFIX = "models:/"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
+def attention_kind(unet: torch.nn.Module) -> str:
+    """``sdpa`` when every attention layer of ``unet`` runs PyTorch's scaled_dot_product_attention
+    (diffusers' ``AttnProcessor2_0``, its default), else the processor class names."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = getattr(unet, "attn_processors", {})
+    if processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
+        return "sdpa"
+    return ",".join(sorted({type(p).__name__ for p in processors.values()})) or "none"
+
+
 def source_kind(source: str) -> str:
     """``tiny``, ``registered`` (models:/), ``single_file`` (a .safetensors path, s3:// object or URL),
     ``s3`` (a prefix), ``url`` (an http(s) address that is not a .safetensors file: refused),

@@ -36,7 +36,7 @@ from components.diffusion.loss import (
     frozen_dtype,
 )
 from components.diffusion.schedule import training_scheduler
-from components.diffusion.sdxl import SDXLParts
+from components.diffusion.sdxl import SDXLParts, attention_kind
 from components.registry.model import load_source_parts
 from components.training.batches import RowIndex, ShardRows, TableRows, epoch_plan, rows_to_batch, source_counts
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
@@ -173,6 +173,9 @@ def build_trainee(cfg: Config, device: torch.device, world: int, steps: int, mod
         unet.enable_gradient_checkpointing()
     strategy = Strategy(cfg.train.parallel, world)
     model = strategy.wrap(unet, device)  # before the optimizer: FSDP replaces parameters by shards
+    if cfg.train.compile:
+        # In place (nn.Module.compile): the module keeps its type, its parameters and DDP's no_sync.
+        model.compile(backend=cfg.train.compile_backend)
     optimizer = build_optimizer(unet.parameters(), cfg.train, device)
     ema = None
     if cfg.train.ema_decay is not None:
@@ -198,6 +201,13 @@ def optimizer_step(t: Trainee, clip_grad_norm: float) -> float:
     if t.ema is not None:
         t.ema.step(t.unet.parameters())
     return float(grad_norm)
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile has met in this process so far (0: every compiled call is one graph)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def hardware(device: torch.device) -> dict[str, str]:
@@ -261,7 +271,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger = RunLogger(cfg, loop_config["mlflow_run_id"])
         logger.set_tags({"precision.configured": loop_config["config"]["train"]["precision"],
                          "precision.effective": precision.value, "device": str(device),
-                         "cpu.capability": torch.backends.cpu.get_cpu_capability(), **hardware(device)})
+                         "cpu.capability": torch.backends.cpu.get_cpu_capability(),
+                         "attention": attention_kind(t.unet), **hardware(device)})
         progress = Progress(steps, t.state.step, cfg.train.log_every, cfg.train.log_every_s)
     reader = EpochReader(loop_config["data"], cfg)
     validator = None
@@ -273,6 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state, accum = t.state, cfg.train.grad_accum
     micro, loss_sum, data_s, t0 = 0, 0.0, 0.0, time.perf_counter()
     seen_hash = hashlib.sha256()
+    breaks_logged = False
     while state.step < steps:
         plan = reader.plan(state.epoch, world)
         if not plan[rank]:
@@ -312,6 +324,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 **mix_metrics(state.source_samples), **peak_memory(device),
             }
             seen_hash = hashlib.sha256()
+            if cfg.train.compile and not breaks_logged:  # this process's first step compiled forward and backward
+                breaks_logged = True
+                metrics["compile_graph_breaks"] = graph_breaks()
+                if rank == 0:
+                    log.info("torch.compile (%s): %d graph break(s)", cfg.train.compile_backend,
+                             metrics["compile_graph_breaks"])
             if progress is not None:
                 progress.add_times(data_s, elapsed)
             micro, loss_sum, data_s = 0, 0.0, 0.0

@@ -3,8 +3,8 @@
 The card (Terminus XL Gamma v2) gives a cosine schedule between 8e-7 and 4e-7; the optimizer is a
 choice of the preset. Three are offered:
 
-- ``adamw``: ``torch.optim.AdamW``; the fused CUDA kernel where the parameters live on CUDA
-  (one kernel launch for all parameters instead of one per tensor).
+- ``adamw``: ``torch.optim.AdamW``; with ``train.fused_optimizer`` its fused kernel (one launch for all
+  parameters instead of one per tensor) on every device torch has one for, CPU included.
 - ``adamw8bit``: bitsandbytes' ``AdamW8bit`` (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
   Quantization"): the two AdamW moments in 8 bits, about 6 bytes per parameter less than fp32 AdamW,
   which is what lets a full SDXL fine-tune fit one 80 GB card (docs/recipe.md: ~41 GB -> ~26 GB).
@@ -41,9 +41,12 @@ def build_optimizer(params: Iterable, cfg: TrainConfig, device: torch.device | s
     params = list(params)
     name = OptimizerName(cfg.optimizer)
     if name is OptimizerName.ADAMW:
-        return torch.optim.AdamW(
-            params, lr=cfg.lr.max, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-        )
+        if cfg.fused_optimizer:
+            try:
+                return torch.optim.AdamW(params, lr=cfg.lr.max, weight_decay=cfg.weight_decay, fused=True)
+            except RuntimeError:  # no fused kernel for this device or dtype
+                pass
+        return torch.optim.AdamW(params, lr=cfg.lr.max, weight_decay=cfg.weight_decay)
     if name is OptimizerName.ADAMW_8BIT:
         if device.type != "cuda":
             raise OptimizerUnavailable(

@@ -60,6 +60,33 @@ def test_holder_loads_then_follows_the_alias(registered_model, tmp_path):
         ModelHolder("runs:/abc/model", tmp_path, registered_model.cfg.inference)
 
 
+def test_a_compiling_holder_warms_up_before_it_serves_and_draws_the_same_images(registered_model, tmp_path, caplog):
+    """serve.compile: the version's UNet is compiled and generated once before ``current`` hands it out;
+    its images equal the eager holder's (aot_eager generates no code of its own)."""
+    import logging
+
+    import numpy as np
+
+    from components.diffusion.request import GenerationRequest
+    from deploy.holder import ModelHolder
+
+    mlflow.set_tracking_uri(registered_model.tracking_uri)
+    mlflow.set_registry_uri(registered_model.tracking_uri)
+    uri, inference = f"models:/{registered_model.name}/{registered_model.version}", registered_model.cfg.inference
+    warmup = GenerationRequest(prompt="warm-up", width=64, height=64, steps=2, seed=0)
+    with caplog.at_level(logging.INFO, logger="deploy.holder"):
+        compiled = ModelHolder(uri, tmp_path / "a", inference, compile_backend="aot_eager", warmup=warmup)
+        compiled.refresh()
+    assert any("warmed up" in r.getMessage() for r in caplog.records)
+    assert compiled.current.pipelines.t2i.unet._compiled_call_impl is not None
+    eager = ModelHolder(uri, tmp_path / "b", inference)
+    eager.refresh()
+    assert eager.current.pipelines.t2i.unet._compiled_call_impl is None
+    req = GenerationRequest(prompt="a lighthouse at dusk", width=64, height=64, steps=2, seed=3)
+    images = [np.asarray(h.current.pipelines.generate_group([req], output_type="np")[0][0]) for h in (compiled, eager)]
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4)
+
+
 def test_alias_move_under_load_fails_no_request(ray_local, registered_model, second_pipeline):
     from ray import serve
 

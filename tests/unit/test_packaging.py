@@ -55,15 +55,12 @@ def _imported_modules() -> dict[str, set[str]]:
     return found
 
 
-def _distributions(module: str) -> set[str]:
-    return {_norm(d) for d in packages_distributions().get(module, [])} or {_norm(module)}
-
-
 def test_every_imported_third_party_module_is_a_declared_dependency():
     core, extras = _declared()
+    installed = packages_distributions()  # module -> distributions, read once (it scans every installed one)
     undeclared = {
         module: sorted(files) for module, files in _imported_modules().items()
-        if not _distributions(module) & (core | extras)
+        if not ({_norm(d) for d in installed.get(module, [])} or {_norm(module)}) & (core | extras)
     }
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
 

@@ -102,16 +102,36 @@ def test_bad_schedule_is_rejected(lr, total, match):
         build_lr_scheduler(torch.optim.SGD(_params(), lr=1.0), lr, total)
 
 
-def test_adamw_on_cpu_is_unfused_and_uses_the_config():
+def test_adamw_on_cpu_is_fused_and_uses_the_config():
     cfg = TrainConfig(optimizer=OptimizerName.ADAMW, weight_decay=0.05)
     opt = build_optimizer(_params(), cfg, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     group = opt.param_groups[0]
-    assert group["lr"] == 8e-7 and group["weight_decay"] == 0.05 and not group["fused"]
+    assert group["lr"] == 8e-7 and group["weight_decay"] == 0.05 and group["fused"]
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_one():
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    cfg = TrainConfig(optimizer=OptimizerName.ADAMW, lr=LRConfig(max=1e-2, min=1e-3))
+    finals = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = build_optimizer(params, cfg.model_copy(update={"fused_optimizer": fused}), "cpu")
+        assert bool(opt.param_groups[0]["fused"]) is fused
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        finals.append(params)
+    for fused, plain, original in zip(*finals, start, strict=True):
+        assert not torch.allclose(fused, original)  # the steps moved the weights
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW on CUDA needs CUDA")
 def test_adamw_on_cuda_is_fused():
     params = [torch.nn.Parameter(torch.randn(4, device="cuda"))]
     opt = build_optimizer(params, TrainConfig(optimizer=OptimizerName.ADAMW), "cuda")

@@ -189,3 +189,53 @@ def test_empty_prompt_dropout_changes_the_loss_and_zeroes_time_ids():
     hook.remove()
     assert not torch.allclose(zeros, prompt)  # the two conventions condition the UNet differently
     assert torch.count_nonzero(seen[0]) > 0 and torch.count_nonzero(seen[1]) == 0  # every sample dropped
+
+
+def test_a_compiled_unet_takes_the_same_step_as_the_eager_one():
+    """train.compile compiles in place (the module keeps its type and parameters); forward and backward
+    match eager and the UNet is one graph per call."""
+
+    from components.training.loop import build_trainee, graph_breaks
+
+    cfg = Config().model_copy(update={"train": Config().train.model_copy(update={
+        "compile": True, "compile_backend": "aot_eager", "precision": Precision.FP32})})
+    eager = build_trainee(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})}),
+                          torch.device("cpu"), 1, 10)
+    compiled = build_trainee(cfg, torch.device("cpu"), 1, 10)
+    assert compiled.model is compiled.unet and type(compiled.unet) is type(eager.unet)
+    assert compiled.unet._compiled_call_impl is not None and eager.unet._compiled_call_impl is None
+    spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, Precision.FP32)
+    before = graph_breaks()
+    losses = []
+    for t in (eager, compiled):
+        draw = NoiseDraw(torch.Generator().manual_seed(1), timesteps=torch.tensor([300, 999]))
+        loss = diffusion_loss(t.parts, t.model, _batch(size=32), spec, draw)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), b in zip(eager.unet.named_parameters(), compiled.unet.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert graph_breaks() == before
+
+
+def test_unet_attention_runs_through_sdpa(monkeypatch):
+    from components.diffusion.sdxl import attention_kind
+
+    parts = build_tiny(Config().model.tiny)
+    assert attention_kind(parts.unet) == "sdpa"
+    calls, inside = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        if inside:  # the text encoders use SDPA too; count the UNet's calls only
+            calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    parts.unet.register_forward_pre_hook(lambda *_: inside.append(True))
+    parts.unet.register_forward_hook(lambda *_: inside.clear())
+    spec = LossSpec(training_scheduler(Config().diffusion), Config().diffusion, Precision.FP32)
+    with torch.no_grad():
+        diffusion_loss(parts, parts.unet, _batch(size=32), spec, NoiseDraw(torch.Generator().manual_seed(0)))
+    assert len(calls) == len(parts.unet.attn_processors)  # one call per attention layer, none elsewhere
