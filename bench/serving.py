@@ -58,6 +58,54 @@ def _direct_latencies(config: dict, uri: str, tracking: str, cache_dir: str, siz
     return {**_stats(latencies), "count": count, "version": loaded.version, "device": str(loaded.pipelines.device)}
 
 
+async def _drive_get(base: str, path: str, count: int) -> dict[str, Any]:
+    """``count`` GETs of ``path``, one at a time: the latency of a route that generates nothing."""
+    import httpx
+
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        for _ in range(WARMUP):
+            await c.get(path)
+        for _ in range(count):
+            start = time.perf_counter()
+            r = await c.get(path)
+            latencies.append(time.perf_counter() - start)
+            r.raise_for_status()
+    return {**_stats(latencies), "count": count, "path": path}
+
+
+def _encoding_s(size: int, count: int = 50) -> dict[str, float]:
+    """Median seconds the ingress spends on a request's own bytes, outside any hop: parsing the JSON
+    body into a request, and rendering a result (one PNG of ``size`` px, base64, JSON)."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from components.config import Config as _Config
+    from components.diffusion.request import GenerationResult
+    from deploy.api import adapter_id, parse_params, to_request
+    from deploy.app import render_result
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    result = GenerationResult(images=[buf.getvalue()], seed=0, name="bench", version="1", batch_size=1)
+    cfg = _Config()
+    body = json.dumps({"prompt": "benchmark", "size": f"{size}x{size}", "steps": 4}).encode()
+    parse, render = [], []
+    for _ in range(count):
+        start = time.perf_counter()
+        params = parse_params(json.loads(body))
+        adapter_id(params.model, None, "bench")  # the ingress routes every request (base or adapter)
+        to_request(params, cfg)
+        parse.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        render_result(result)
+        render.append(time.perf_counter() - start)
+    return {"parse_s": float(np.median(parse)), "render_s": float(np.median(render)), "png_bytes": len(buf.getvalue())}
+
+
 async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[str, Any]:
     """``count`` requests from ``concurrency`` closed-loop clients; throughput, latency, batch sizes."""
     import httpx
@@ -65,6 +113,7 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
     latencies: list[float] = []
     batch_sizes: list[int] = []
     errors = 0
+    first_error: list[str] = []
     remaining = iter(range(count))
 
     async def client(c: httpx.AsyncClient):
@@ -75,6 +124,7 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
             latencies.append(time.perf_counter() - start)
             if r.status_code != 200:
                 errors += 1
+                first_error.append(f"{r.status_code} {r.text[:300]}")
             else:
                 batch_sizes.append(int(r.headers.get("x-batch-size", 1)))
 
@@ -82,6 +132,8 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
         start = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         wall = time.perf_counter() - start
+    if errors:  # a benchmark of error responses measures nothing
+        raise RuntimeError(f"{errors} of {count} requests failed, the first: {first_error[0]}")
     return {"count": count, "throughput_rps": count / wall, "wall_s": wall, "errors": errors,
             "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0, **_stats(latencies)}
 
@@ -124,11 +176,24 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
                 # One request at a time: Serve end to end against the direct call. Unbatched, that
                 # difference is Serve's own cost; batched, a lone request also waits batch_wait_timeout_s.
                 out[f"serial_{label}"] = asyncio.run(_drive(base, body, requests, 1))
+                if label == "unbatched":  # the breakdown: the same hops without the model's work
+                    out["healthz"] = asyncio.run(_drive_get(base, "/healthz", requests))
+                    out["models_route"] = asyncio.run(_drive_get(base, "/v1/models", requests))
                 out[label] = asyncio.run(_drive(base, body, requests, concurrency))
                 out[label]["max_batch_size"] = batch
         finally:
             serve.shutdown()
     out["batching_speedup"] = out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"]
     out["serve_overhead_p50_s"] = out["serial_unbatched"]["p50_s"] - out["direct"]["p50_s"]
+    out["encoding"] = _encoding_s(size)
+    # Where the overhead goes: HTTP client + proxy + ingress (``/healthz`` answers from the ingress alone),
+    # the ingress -> model handle call (``/v1/models`` minus that), the ingress's parse and render, and the rest
+    # (the request and its PNG crossing the hop, the batch queue, the model's worker thread).
+    hop = out["models_route"]["p50_s"] - out["healthz"]["p50_s"]
+    encode = out["encoding"]["parse_s"] + out["encoding"]["render_s"]
+    out["overhead_breakdown_s"] = {
+        "http_proxy_ingress": out["healthz"]["p50_s"], "ingress_to_model_call": hop, "parse_and_render": encode,
+        "rest": out["serve_overhead_p50_s"] - out["healthz"]["p50_s"] - hop - encode,
+    }
     out["batch_wait_timeout_s"] = cfg.serve.batch_wait_timeout_s
     return out

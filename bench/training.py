@@ -3,8 +3,8 @@
 Absolute timings on a shared machine are noise; a ratio of two things measured in the same run, on
 the same data and the same thread count, is not (much). Here:
 
-- ``benchmark_training``: the Ray Train step (TorchTrainer, 1 worker, streaming its Ray Data shard
-  exactly as ``components.training.loop`` does) against a plain PyTorch loop doing the same steps with
+- ``benchmark_training``: the Ray Train step (TorchTrainer, 1 worker, reading each epoch's planned
+  batches from the split in Ray's object store exactly as ``components.training.loop`` does) against a plain PyTorch loop doing the same steps with
   ``components.diffusion.loss.diffusion_loss`` on the same rows. Both are timed per step after a warm-up,
   from fetching the batch to ``optimizer.step``; the Ray side is timed inside the training function,
   so the Ray figure is the per-step cost a training run pays, and Ray Train's start-up is reported
@@ -181,25 +181,25 @@ def torch_threads(n: int):
 
 
 def _ray_worker(loop_config: dict) -> None:
-    """TorchTrainer's training function: the shard streamed by ``train_loop.epoch_batches``."""
+    """TorchTrainer's training function: the epochs planned and read by ``loop.EpochReader``, as in training."""
     import ray.train
     import ray.train.torch
 
-    from components.training.loop import epoch_batches
+    from components.training.loop import EpochReader
 
     cfg = Config.model_validate(loop_config["config"])
     start = time.perf_counter()
     trainee = build_trainee(cfg, ray.train.torch.get_device())
-    shard = ray.train.get_dataset_shard("train")
+    reader = EpochReader(loop_config["data"], cfg)
     setup_s = time.perf_counter() - start
-    batches = epoch_batches(shard, cfg, 0, 0)
+    batches = reader.batches(0, 0, 1, 0)
     out = timed_steps(batches, trainee, loop_config["warmup"], loop_config["steps"])
     out.update(leftover_batches=sum(1 for _ in batches), epoch_start_s=None,  # epoch 0 ends, as in training
                torch_threads=torch.get_num_threads(), setup_s=setup_s,
                mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-    if loop_config["epoch_probe"]:  # each epoch is a new pass over the shard: its first batch waits for it
+    if loop_config["epoch_probe"]:  # each epoch is a new plan: its first batch waits for it
         start = time.perf_counter()
-        next(epoch_batches(shard, cfg, 1, 0))
+        next(reader.batches(1, 0, 1, 0))
         out["epoch_start_s"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:  # metrics without a checkpoint are not kept (Ray Train V2)
         Path(tmp, "timings.json").write_text(json.dumps(out))
@@ -237,21 +237,21 @@ def _ray_train(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from components.training.driver import training_data
+
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # as components.training.driver.fit runs it
     try:
         start = time.perf_counter()
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "warmup": warmup, "steps": steps,
-                               "epoch_probe": epoch_probe},
+                               "epoch_probe": epoch_probe, "data": training_data(cfg, manifest)},
             scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
                                                    resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
             run_config=ray.train.RunConfig(name="bench-train", storage_path=storage,
                                            failure_config=ray.train.FailureConfig(max_failures=0),
                                            worker_runtime_env={"env_vars": PINNED_MALLOC}),
-            datasets={"train": ray.data.read_parquet(manifest.paths("train"))},
         )
         result = trainer.fit()
         wall = time.perf_counter() - start

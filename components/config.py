@@ -81,9 +81,20 @@ class CropMode(enum.StrEnum):
 
 
 class MissingCaption(enum.StrEnum):
+    """What an image gets when neither its caption column, a sidecar ``.txt`` nor the captioning model
+    (``curate.captioner``) gave it a caption."""
+
     DROP = "drop"  # the image is dropped, counted under reason "no_caption"
     EMPTY = "empty"  # trained with the empty caption (it then only teaches the unconditional branch)
     FILENAME = "filename"  # the file stem, underscores as spaces
+
+
+class SourceKind(enum.StrEnum):
+    """How a curation source is read (docs/sources.md)."""
+
+    FILES = "files"  # a folder, an s3:// prefix, or a manifest (.jsonl, .csv, .parquet) of image paths
+    URLS = "urls"  # parquet of image URLs and their metadata (LAION's layout); images are downloaded
+    HUGGINGFACE = "huggingface"  # a dataset in the Hugging Face Hub's parquet layout (image column + caption)
 
 
 class TinyModelConfig(Strict):
@@ -183,9 +194,18 @@ class FilterConfig(Strict):
     edited_software: list[str] = ["photoshop", "gimp", "lightroom", "snapseed", "picsart", "facetune"]
     """Editors ``drop_edited`` looks for (case-insensitive substrings)."""
     max_watermark: float | None = Field(None, ge=0, le=1)
-    """Keep rows whose manifest ``pwatermark`` is <= this; rows without the column pass."""
+    """Keep rows whose ``pwatermark`` (source metadata) is <= this. A row without a score cannot be checked:
+    it passes and is counted as ``unchecked`` in the report, unless ``require_watermark_check``."""
+    require_watermark_check: bool = False
+    """With ``max_watermark`` set, refuse rows that have no watermark score (reason ``watermark_unchecked``)
+    instead of passing them unchecked: for users who need every kept image checked."""
     watermark_column: str = "pwatermark"
-    """Manifest column with the watermark probability (LAION's name)."""
+    """Metadata column with the watermark probability (LAION's name)."""
+    max_punsafe: float | None = Field(None, ge=0, le=1)
+    """Keep rows whose ``punsafe`` (LAION's NSFW probability) is <= this; rows without a score pass."""
+    min_similarity: float | None = Field(None, ge=-1, le=1)
+    """Keep rows whose ``similarity`` (LAION's CLIP image-text cosine similarity) is >= this; rows without
+    a score pass."""
     max_luminance: float | None = Field(None, ge=0, le=1)
     """Mean Rec. 709 relative luminance (0..1) of the sRGB pixel values, at most this."""
     min_aspect: float = Field(0.25, gt=0)
@@ -227,26 +247,144 @@ class BucketConfig(Strict):
         return self
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SHORTHAND = ("source", "root", "path_column", "caption_column", "missing_caption", "filters")
+"""The ``curate`` keys that describe its one source when ``curate.sources`` is empty."""
+DEFAULT_SOURCE = "default"
+"""The name of the one source the shorthand keys describe."""
+
+
+class SourceConfig(Strict):
+    """One source of a curation (an entry of ``curate.sources``): where its images are, how its rows are
+    read, its own filters, and how often its images are drawn in training."""
+
+    name: str
+    """Name of the source (letters, digits, ``_.-``): in the report, the MLflow lineage, every curated
+    row (``source_name``) and the training mixture."""
+    kind: SourceKind = SourceKind.FILES
+    """``files`` (a folder, s3:// prefix or manifest of paths), ``urls`` (parquet of image URLs and
+    metadata, LAION's layout) or ``huggingface`` (the Hub's parquet layout); docs/sources.md."""
+    location: str
+    """``files``: a directory, an ``s3://`` prefix or a manifest (.jsonl, .csv, .parquet). ``urls``: a
+    parquet file or a folder / ``s3://`` prefix of them. ``huggingface``: a local copy of a dataset
+    repository, an ``s3://`` prefix holding one, or ``hf://datasets/<owner>/<name>`` (read from the Hub)."""
+    root: str | None = None
+    """``files`` manifests: what their paths are relative to (a directory, an ``s3://`` prefix or
+    ``pkg:<package>/<dir>``); None: the manifest's directory. Paths outside it are ``path_escape``."""
+    path_column: str = "path"
+    """``files`` manifests: the column with each image's path."""
+    url_column: str = "url"
+    """``urls``: the column with each image's URL (matched case-insensitively, so LAION's ``URL`` too)."""
+    image_column: str = "image"
+    """``huggingface``: the image column: the Hub's image struct (bytes, path), raw bytes, a path inside
+    the dataset, or an http(s) URL (downloaded like a ``urls`` source)."""
+    split: str = "train"
+    """``huggingface``: the split to read (files named after it, e.g. ``data/train-00000-of-00004.parquet``)."""
+    caption_column: str = "caption"
+    """The column with each image's caption (case-insensitive for parquet sources: LAION's ``TEXT``,
+    a Hugging Face dataset's ``prompt``)."""
+    missing_caption: MissingCaption = MissingCaption.DROP
+    """An image without a caption (no column value, no sidecar ``.txt``, no captioning model or an empty
+    model caption): ``drop`` it, train it with the ``empty`` caption, or caption it with its ``filename``."""
+    caption_with_model: bool = True
+    """Caption this source's uncaptioned images with ``curate.captioner.model`` when one is configured."""
+    filters: FilterConfig = FilterConfig()
+    """This source's filter policy."""
+    repeats: float = Field(1.0, ge=0)
+    """The training mixture: how many times each image of this source is drawn per epoch (2: twice, 0.5:
+    a fresh random half each epoch, 0: never). Recorded with the dataset; ``train.mixture`` overrides it."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if not SOURCE_NAME.fullmatch(self.name):
+            raise ValueError(f"source name {self.name!r}: letters, digits, '_', '.', '-' (at most 64), "
+                             "starting with a letter or digit")
+        if not self.location.strip():
+            raise ValueError(f"source {self.name!r} has an empty location")
+        if self.location.startswith("hf://") and self.kind is SourceKind.FILES:
+            raise ValueError(f"source {self.name!r}: an hf:// location is read as kind 'urls' or 'huggingface'")
+        return self
+
+
+class DownloadConfig(Strict):
+    """How images of URL sources are downloaded (inside the curation tasks)."""
+
+    threads: int = Field(16, ge=1)
+    """Downloads in flight per curation task (the cluster's total: ``curate.workers`` x this)."""
+    max_per_host: int = Field(16, ge=1)
+    """Requests in flight to one host across the whole curation: each of the ``curate.workers`` tasks
+    allows ``max(1, max_per_host // workers)``."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    """Seconds to connect."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Seconds one attempt may take in all (connect, headers and the whole body), counted from when it holds
+    its host's slot: a server that trickles bytes cannot hold a task. Past it: ``timeout``."""
+    retries: int = Field(2, ge=0)
+    """Further attempts after a connection error, a timeout, 429 or 5xx (never after another 4xx)."""
+    backoff_s: float = Field(0.5, ge=0)
+    """Wait before retry k is ``backoff_s * 2**k`` (plus up to 50% jitter)."""
+    max_bytes: int = Field(32 * 2**20, gt=0)
+    """Largest body accepted (by ``Content-Length``, else while reading): larger is ``too_large``."""
+    max_redirects: int = Field(5, ge=0)
+    """Redirects followed per attempt; more (a loop) is ``http_error``."""
+    allow_private_addresses: bool = False
+    """Allow URLs whose host resolves to a loopback, private, link-local or reserved address. Off: a
+    metadata file cannot make the workers call into their own network (a cloud's instance-metadata
+    endpoint). The tests, which serve from 127.0.0.1, turn it on."""
+    user_agent: str = "terminus-curation/0.1"
+    """The User-Agent of every request."""
+
+
+class CaptionerConfig(Strict):
+    """The optional captioning model for images that have no caption (a Ray Data actor pool)."""
+
+    model: str | None = None
+    """A transformers image-to-text model (a hub id such as ``Salesforce/blip-image-captioning-large`` or a
+    local directory), ``tiny`` (a randomly initialised BLIP built offline, for tests), or None: no model."""
+    revision: str | None = None
+    """Hub revision of ``model``; None: the default branch."""
+    workers: int = Field(1, ge=1)
+    """Captioning actors, each holding the model."""
+    num_gpus: float | None = Field(None, ge=0.0)
+    """GPUs per captioning actor: None: one where the cluster has GPUs, else none (captions on CPU); 0:
+    always on CPU; 1 (or a fraction, to share a GPU) as given."""
+    batch_size: int = Field(8, ge=1)
+    """Images per model call."""
+    max_new_tokens: int = Field(40, ge=1)
+    """Longest caption in tokens."""
+    prompt: str | None = None
+    """Text prefix for conditional captioning models (BLIP: ``a photography of``); None: none."""
+
+
 class CurateConfig(Strict):
     """Curation on Ray Data: where images come from, how they are filtered, where shards go."""
 
+    sources: list[SourceConfig] = []
+    """The sources of one curation, each with its own filters and mixture weight (docs/sources.md). Empty:
+    the one source the shorthand keys below describe (``source``, ``root``, ``path_column``,
+    ``caption_column``, ``missing_caption``, ``filters``), named ``default``; setting both is an error."""
     source: str = "data/demo/manifest.jsonl"
-    """A directory, an ``s3://bucket/prefix``, or a manifest (.jsonl, .csv, .parquet)."""
+    """One-source shorthand: a directory, an ``s3://bucket/prefix``, or a manifest (.jsonl, .csv, .parquet)."""
     root: str | None = None
-    """What manifest paths are relative to: a directory, an ``s3://`` prefix, or ``pkg:<package>/<dir>``
-    (a directory inside an installed package, e.g. ``pkg:skimage/data``); None: the manifest's directory.
-    Paths that resolve outside it are dropped as ``path_escape``."""
+    """One-source shorthand: what manifest paths are relative to: a directory, an ``s3://`` prefix, or
+    ``pkg:<package>/<dir>`` (a directory inside an installed package, e.g. ``pkg:skimage/data``); None: the
+    manifest's directory. Paths that resolve outside it are dropped as ``path_escape``."""
     output: str | None = None
     """Where the curated dataset is written (a directory or ``s3://`` prefix); None:
     ``<state_dir>/datasets/<name>``."""
     path_column: str = "path"
-    """Manifest column with each image's path."""
+    """One-source shorthand: manifest column with each image's path."""
     caption_column: str = "caption"
-    """Manifest column with each image's caption."""
-    missing_caption: MissingCaption = MissingCaption.FILENAME
-    """What to do with an image that has no caption (no column value, no sidecar ``.txt``)."""
+    """One-source shorthand: manifest column with each image's caption."""
+    missing_caption: MissingCaption = MissingCaption.DROP
+    """One-source shorthand: what to do with an image that has no caption (no column value, no sidecar
+    ``.txt``, no model caption): ``drop``, ``empty`` or ``filename`` (the file name, only when allowed here)."""
     filters: FilterConfig = FilterConfig()
-    """The filters."""
+    """One-source shorthand: the filters."""
+    download: DownloadConfig = DownloadConfig()
+    """Downloads of URL sources."""
+    captioner: CaptionerConfig = CaptionerConfig()
+    """The optional captioning model."""
     buckets: BucketConfig = BucketConfig()
     """The aspect buckets."""
     crop: CropMode = CropMode.RANDOM
@@ -275,6 +413,27 @@ class CurateConfig(Strict):
     """GPUs per encoding actor: 0 encodes on CPU; 1 on a GPU cluster."""
     cache_dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of cached tensors (float16 halves a 1 MP row to ~0.6 MB)."""
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> CurateConfig:
+        if self.sources:
+            both = sorted(k for k in SHORTHAND if k in self.model_fields_set)
+            if both:
+                raise ValueError(f"curate.sources is set, and so is the one-source shorthand {', '.join(both)}: "
+                                 "describe every source under curate.sources")
+            names = [s.name for s in self.sources]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"curate.sources: the name(s) {twice} are used twice")
+        return self
+
+    def resolved_sources(self) -> list[SourceConfig]:
+        """The sources of this curation: ``sources``, or the one the shorthand keys describe."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceConfig(name=DEFAULT_SOURCE, kind=SourceKind.FILES, location=self.source, root=self.root,
+                             path_column=self.path_column, caption_column=self.caption_column,
+                             missing_caption=self.missing_caption, filters=self.filters)]
 
 
 class LRConfig(Strict):
@@ -430,9 +589,16 @@ class TrainConfig(Strict):
     val_steps: int = Field(10, gt=0)
     """Denoising steps of the validation images."""
     in_memory_mb: float = Field(512, ge=0)
-    """A training split up to this size (MB in memory) is read into Ray's object store once, and every later
-    epoch reads it from there (an epoch then costs well under a second); a larger one streams from storage
-    every epoch. 0: always stream."""
+    """A training split up to this size (MB in memory) is read into Ray's object store once; each epoch is
+    then a fresh global shuffle of it, read from there (an epoch costs well under a second). A larger one
+    streams its shards from storage every epoch, in a fresh shard order with rows shuffled within
+    ``shuffle_window``. 0: always stream. docs/shuffle.md."""
+    shuffle_window: int = Field(4096, ge=1)
+    """Streaming only: rows shuffled together, taken in the epoch's shard order (at least a few shards'
+    worth; the shards of that many rows are held in memory at once)."""
+    mixture: dict[str, float] | None = None
+    """Draws per image per epoch, by source name, overriding the ``repeats`` the dataset was curated with
+    (``{laion-hd: 1, midjourney: 2}``); None: the curated ``repeats``. A source left out keeps its own."""
     log_flush_s: float = Field(10.0, ge=0)
     """Seconds between live writes of the metrics to MLflow while training runs (0: after every step)."""
     log_every: int = Field(1, gt=0)
@@ -455,6 +621,8 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check_parallel(self) -> TrainConfig:
+        if self.mixture and any(v < 0 for v in self.mixture.values()):
+            raise ValueError(f"train.mixture {self.mixture}: draws per image cannot be negative")
         if self.parallel is Parallel.FSDP and self.ema_decay is not None:
             raise ValueError("train.ema_decay is not supported with train.parallel=fsdp (the EMA would need "
                              "the full weights on every rank); use ddp or set ema_decay to null")
@@ -713,14 +881,17 @@ def find_cause(err: BaseException, match: Callable[[BaseException], bool]) -> Ba
 
 STATE_PATHS = ("state_dir", "curate.output", "curate.cache_output", "train.data", "train.storage_path")
 """Where the platform writes (or reads what it wrote): refused when relative inside a Ray job."""
-INPUT_PATHS = ("curate.source", "curate.root", "model.source", "model.single_file_config", "evaluate.prompts")
+INPUT_PATHS = ("curate.source", "curate.root", "model.source", "model.single_file_config", "evaluate.prompts",
+               "curate.captioner.model")
 """Inputs that may be local paths (or s3://, pkg:, a hub id, ``tiny``: left as they are)."""
+SOURCE_PATHS = ("location", "root")
+"""Keys of each ``curate.sources`` entry that may be local paths."""
 
 
 def _is_local_path(value: str, key: str) -> bool:
-    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://")) or value in ("tiny", "inception"):
+    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://", "hf://")) or value in ("tiny", "inception"):
         return False
-    if key in ("model.source", "model.single_file_config"):  # a hub id ("org/name") looks like a relative path
+    if key in ("model.source", "model.single_file_config", "curate.captioner.model"):  # a hub id ("org/name") looks like a relative path
         return value.startswith(("./", "../", "/", "~"))
     return True
 
@@ -741,9 +912,23 @@ def _field_annotation(dotted: list[str]):
             return None
         annotation = field.annotation
         if i < len(dotted) - 1:
+            if typing.get_origin(annotation) is list:  # curate.sources.<name>.<key>: the entry's model
+                (annotation,) = typing.get_args(annotation)
+                return _field_annotation_in(annotation, dotted[i + 2:]) if len(dotted) > i + 2 else annotation
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 return None
             model = annotation
+    return annotation
+
+
+def _field_annotation_in(model, dotted: list[str]):
+    """``_field_annotation`` from ``model`` down (the entries of a list of sections)."""
+    annotation = None
+    for key in dotted:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        model = annotation
     return annotation
 
 
@@ -776,9 +961,18 @@ def coerce_override(dotted: str, raw: str):
         raise ConfigError(f"--set {dotted}: not a YAML value ({str(err).splitlines()[0]})") from None
 
 
+def _named(entries: list, name: str):
+    """The entry of a list of sections (``curate.sources``) called ``name``, or None."""
+    found = [e for e in entries if isinstance(e, dict) and e.get("name") == name]
+    return found[0] if found else None
+
+
 def _get(tree: dict, dotted: str):
     node: Any = tree
     for key in dotted.split("."):
+        if isinstance(node, list):
+            node = _named(node, key)
+            continue
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
@@ -786,12 +980,23 @@ def _get(tree: dict, dotted: str):
 
 
 def _set(tree: dict[str, Any], dotted: str, value) -> None:
+    """Set ``dotted`` in ``tree``; in a list of named sections (``curate.sources``), a key is the name of
+    an entry: ``curate.sources.laion.location=...`` changes the source ``laion`` only."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
+    node: Any = tree
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            entry = _named(node, key)
+            if entry is None:
+                names = ", ".join(str(e.get("name")) for e in node if isinstance(e, dict)) or "none"
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} has no entry named {key!r} (names: {names})")
+            node = entry
+            continue
         node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {dotted}: {key} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"--set {dotted}: set a key of one entry ({dotted}.<key>=...), or the whole list")
     node[keys[-1]] = value
 
 
@@ -802,6 +1007,10 @@ def _resolve_paths(tree: dict, base: Path, keys: tuple[str, ...]) -> None:
             path = Path(value).expanduser()
             if not path.is_absolute():
                 _set(tree, key, str((base / path).resolve()))
+        if key == "curate.sources" and isinstance(value, list):  # each source's location and root
+            for entry in value:
+                if isinstance(entry, dict):
+                    _resolve_paths(entry, base, SOURCE_PATHS)
 
 
 def _read_preset(path: Path) -> dict:
@@ -828,7 +1037,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         base = REPO if path.is_relative_to(REPO) else path.parent
     tree.setdefault("state_dir", Config.model_fields["state_dir"].default)
     written = {k: _get(tree, k) for k in STATE_PATHS}  # as the user wrote them, before resolution
-    _resolve_paths(tree, base, STATE_PATHS + INPUT_PATHS)
+    _resolve_paths(tree, base, STATE_PATHS + INPUT_PATHS + ("curate.sources",))
     given: list[str] = []
     for item in overrides or []:
         if "=" not in item:
@@ -838,7 +1047,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         given.append(key)
         if key in STATE_PATHS:
             written[key] = _get(tree, key)
-    _resolve_paths(tree, Path.cwd(), tuple(k for k in STATE_PATHS + INPUT_PATHS if k in given))
+    given += ["curate.sources"] if any(k.startswith("curate.sources.") for k in given) else []
+    _resolve_paths(tree, Path.cwd(), tuple(k for k in STATE_PATHS + INPUT_PATHS + ("curate.sources",) if k in given))
     relative = sorted(k for k, v in written.items()
                       if isinstance(v, str) and _is_local_path(v, k) and not Path(v).expanduser().is_absolute())
     if relative and (in_ray_package_copy(Path.cwd()) or in_ray_package_copy(base)):
@@ -851,7 +1061,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        loc = list(first["loc"])
+        sources = _get(tree, "curate.sources")
+        if loc[:2] == ["curate", "sources"] and len(loc) > 2 and isinstance(loc[2], int) and isinstance(sources, list):
+            entry = sources[loc[2]] if loc[2] < len(sources) else None  # name the source, as --set does
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                loc[2] = entry["name"]
+        where = ".".join(str(p) for p in loc)
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"invalid config at {where or '(top level)'}: {msg} ({err.error_count()} error(s); "
                           "--print-config lists every key)") from None
@@ -868,15 +1084,36 @@ def reference(node: BaseModel | type[BaseModel] = Config, prefix: str = "") -> l
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
-        value = field.get_default(call_default_factory=True) if isinstance(node, type) else getattr(node, name)
+        if isinstance(node, type):
+            value = "<required>" if field.is_required() else field.get_default(call_default_factory=True)
+        else:
+            value = getattr(node, name)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.append({"key": key, "section": True, "doc": field.description or ""})
             rows += reference(annotation if isinstance(node, type) else value, key + ".")
+            continue
+        item = _list_item_model(annotation)
+        if item is not None:  # a list of sections (curate.sources): its entries' keys, documented
+            rows.append({"key": key, "section": True, "doc": field.description or ""})
+            # Each entry by its name, as --set addresses it (curate.sources.laion-hd.location).
+            entries = [(f"{key}.<name>", item)] if isinstance(node, type) or not value else [
+                (f"{key}.{getattr(entry, 'name', i)}", entry) for i, entry in enumerate(value)]
+            for name_i, entry in entries:
+                rows += reference(entry, name_i + ".")
             continue
         if isinstance(value, enum.Enum):
             value = value.value
         rows.append({"key": key, "type": _type_name(annotation), "value": value, "doc": field.description or ""})
     return rows
+
+
+def _list_item_model(annotation) -> type[BaseModel] | None:
+    """``M`` when ``annotation`` is ``list[M]`` of a config section, else None."""
+    if typing.get_origin(annotation) is list:
+        (arg,) = typing.get_args(annotation) or (None,)
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
 
 
 def _type_name(annotation) -> str:

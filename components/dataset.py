@@ -39,6 +39,9 @@ METADATA = [
     ("bucket", pa.string()),  # "WxH"
     ("source", pa.string()),
     ("sha256", pa.string()),  # of the source file's bytes
+    ("source_name", pa.string()),  # the curation source it came from (``curate.sources[].name``)
+    ("caption_origin", pa.string()),  # column, sidecar, model, filename or empty
+    ("watermark_check", pa.string()),  # passed, unchecked (a threshold but no score) or off (no threshold)
 ]
 SCHEMA = pa.schema([("image", pa.binary()), *METADATA])  # image: JPEG of the crop, exactly target size
 LATENT_SCHEMA = pa.schema(
@@ -73,6 +76,9 @@ class CuratedManifest:
     endpoint_url: str | None = None
     nbytes: dict[str, int] | None = None
     """split -> the rows' size in memory (Arrow), when the writer recorded it."""
+    sources: dict[str, dict] | None = None
+    """source name -> what curation recorded of it (``kind``, ``repeats``, rows per split); None for a
+    dataset curated before sources had names (its rows then count as one source)."""
 
     def paths(self, split: str) -> list[str]:
         return [join(self.root, f) for f in self.files.get(split, [])]
@@ -94,7 +100,7 @@ def read_manifest(root: str, endpoint_url: str | None = None) -> CuratedManifest
                 raise IncompleteDatasetError(f"{root}/{SUCCESS} lists {split} shard {rel!r}, which is outside the "
                                              "dataset: refused (rerun flows/curate.py into this output)") from None
     return CuratedManifest(root=root, digest=data["digest"], files=data["files"], rows=data["rows"],
-                           endpoint_url=endpoint_url, nbytes=data.get("nbytes"))
+                           endpoint_url=endpoint_url, nbytes=data.get("nbytes"), sources=data.get("sources"))
 
 
 def success_text(digest: str, files: dict[str, list[str]], rows: dict[str, int], **extra) -> str:

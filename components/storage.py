@@ -98,9 +98,20 @@ def s3_client(endpoint_url: str | None = None):
     return boto3.client("s3", endpoint_url=endpoint(endpoint_url))
 
 
+def is_hf(uri: str) -> bool:
+    """``hf://datasets/<owner>/<name>/...``: a file of a Hugging Face Hub repository."""
+    return uri.startswith("hf://")
+
+
 def arrow_filesystem(uri: str, endpoint_url: str | None = None):
-    """pyarrow's S3 filesystem with the same endpoint as boto3, for ``uri`` on S3; None for local paths
+    """pyarrow's S3 filesystem with the same endpoint as boto3, for ``uri`` on S3; the Hub's filesystem
+    (``huggingface_hub.HfFileSystem``, through pyarrow's fsspec bridge) for ``hf://``; None for local paths
     (pyarrow and Ray then use the local filesystem)."""
+    if is_hf(uri):
+        import pyarrow.fs
+        from huggingface_hub import HfFileSystem
+
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(HfFileSystem()))
     if not is_s3(uri):
         return None
     import pyarrow.fs
@@ -112,14 +123,47 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None):
     return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
 
 
-def read_parquet(uri: str, endpoint_url: str | None = None):
-    """One parquet file (local or s3://) as an Arrow table."""
+def filesystem_path(uri: str) -> str:
+    """``uri`` as the path its ``arrow_filesystem`` takes: ``bucket/key`` for S3, ``datasets/o/n/...`` for
+    the Hub, the path itself for local files."""
+    for scheme in ("s3://", "hf://"):
+        if uri.startswith(scheme):
+            return uri[len(scheme):]
+    return uri
+
+
+def list_files(uri: str, endpoint_url: str | None = None, suffix: str = "") -> list[str]:
+    """Every file at ``uri`` (itself when it is a file) whose name ends with ``suffix``, as full URIs,
+    sorted. Local paths, ``s3://`` prefixes and ``hf://`` repositories."""
+    if is_hf(uri):
+        fs = arrow_filesystem(uri)
+        import pyarrow.fs
+
+        base = filesystem_path(uri).rstrip("/")
+        info = fs.get_file_info(base)
+        if info.type == pyarrow.fs.FileType.File:
+            return [uri] if uri.endswith(suffix) else []
+        found = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True))
+        return sorted(f"hf://{f.path}" for f in found if f.type == pyarrow.fs.FileType.File and f.path.endswith(suffix))
+    if is_s3(uri):
+        if uri.endswith(suffix) and suffix and Store(endpoint_url).exists(uri):
+            return [uri]
+        return sorted(u for u in Store(endpoint_url).list(uri) if u.endswith(suffix))
+    if os.path.isfile(uri):
+        return [uri] if uri.endswith(suffix) else []
+    return sorted(u for u in Store().list(uri) if u.endswith(suffix))
+
+
+def read_parquet(uri: str, endpoint_url: str | None = None, columns: list[str] | None = None):
+    """One parquet file (local or s3://) as an Arrow table (``columns``: only these, where present)."""
     import pyarrow.parquet as pq
 
     fs = arrow_filesystem(uri, endpoint_url)
-    if fs is None:
-        return pq.read_table(uri)
-    return pq.read_table(uri[len("s3://"):], filesystem=fs)
+    path = uri if fs is None else filesystem_path(uri)
+    if columns is not None:
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        columns = [c for c in columns if c in present]
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def child(root: str, rel: str) -> str:

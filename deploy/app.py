@@ -260,6 +260,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def render_result(out: GenerationResult) -> JSONResponse:
+    """The OpenAI Images response for a result: each PNG base64-encoded in JSON, version headers.
+    Defined above ``Ingress``: Serve serializes the class where it is declared, with the globals that
+    exist by then."""
+    body = {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
+                 for i, png in enumerate(out.images)],
+        "model": out.name,
+        "model_version": out.version,
+    }
+    headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
+    if out.base is not None:  # an adapter answered: name the base it ran on too
+        body["base_model"] = out.base
+        headers["X-Base-Model-Version"] = out.base
+    return JSONResponse(body, headers=headers)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=128,
                   health_check_period_s=10)
 @serve.ingress(api)
@@ -369,22 +387,8 @@ class Ingress:
         handle = self.model.generate if adapter is None else self.model.generate.options(multiplexed_model_id=adapter)
         out: GenerationResult = await self._call(handle.remote(request))
         raise_for_result(out)
-        return await asyncio.to_thread(self._render, out)  # base64 and JSON of n images: CPU
+        return await asyncio.to_thread(render_result, out)  # base64 and JSON of n images: CPU
 
-    @staticmethod
-    def _render(out: GenerationResult) -> JSONResponse:
-        body = {
-            "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
-                     for i, png in enumerate(out.images)],
-            "model": out.name,
-            "model_version": out.version,
-        }
-        headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
-        if out.base is not None:  # an adapter answered: name the base it ran on too
-            body["base_model"] = out.base
-            headers["X-Base-Model-Version"] = out.base
-        return JSONResponse(body, headers=headers)
 
 
 # --- application builder --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 examples:
   python flows/curate.py                                         # the demo photos into <state_dir>/datasets/tiny
   python flows/curate.py --set curate.output=/tmp/ds --set curate.workers=4
+  python flows/curate.py --config flows/configs/terminus_v2.yaml --dry-run   # its sources and their policies
   python flows/curate.py --config flows/configs/terminus_v2.yaml --print-config
   ray job submit --working-dir . -- python flows/curate.py --config flows/configs/terminus_v2.yaml \\
       --set state_dir=/mnt/terminus
@@ -23,9 +24,21 @@ from flows._common import banner, emit, fail, load, parser, setup_logging  # noq
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each source with its filter policy, captions and mixture weight, then exit "
+                        "(reads no data, starts nothing)")
+    args = p.parse_args()
     cfg = load(args)  # validated before any cluster work
     setup_logging()
+    if args.dry_run:
+        from components.curation.pipeline import policy_lines, source_meta
+
+        for line in policy_lines(cfg.curate):
+            print(line)
+        emit({"output": cfg.curate.output, "sources": source_meta(cfg.curate),
+              "captioner": cfg.curate.captioner.model, "download": cfg.curate.download.model_dump(mode="json")})
+        return
 
     from components.cluster import ray_session
     from components.curation.pipeline import curate, prepare
@@ -33,7 +46,7 @@ def main() -> None:
     from components.dataset import REPORT, join
     from components.storage import StorageUnavailable
 
-    banner(f"curate: {cfg.curate.source} -> {cfg.curate.output}")
+    banner(f"curate: {', '.join(s.name for s in cfg.curate.resolved_sources())} -> {cfg.curate.output}")
     try:
         inputs = prepare(cfg)  # sources and output checked before Ray starts
     except (SourceError, StorageUnavailable) as err:

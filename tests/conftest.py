@@ -12,7 +12,7 @@ from tests.fixtures.processes import REPO
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.registry"]
+pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.registry", "tests.fixtures.http_images"]
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 
 Each dropped record carries exactly one reason: the first check it fails, in the order of
 ``Reason`` below (cheap metadata first, so a watermarked LAION row is refused before it is
-downloaded, and full decoding last). Every check is configurable (``curate.filters``); the
-Terminus preset (flows/configs/terminus_v2.yaml) turns them all on, after the model card:
-"LAION-HD filtered to samples with EXIF and without watermarks, luminance capped at 100 (0.5)".
+downloaded, and full decoding last). Every check is configurable per source
+(``curate.sources.<name>.filters``, or ``curate.filters`` for the one-source shorthand); the Terminus
+preset (flows/configs/terminus_v2.yaml) turns them on for its LAION-HD source, after the model card:
+"LAION-HD filtered to samples with EXIF and without watermarks, luminance capped at 100 (0.5)", and
+leaves its Midjourney source unfiltered.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ class Reason(enum.StrEnum):
 
     PATH_ESCAPE = "path_escape"  # manifest path outside its root (``..``, absolute elsewhere)
     NO_CAPTION = "no_caption"  # missing caption under ``missing_caption: drop``
-    WATERMARK = "watermark"  # manifest watermark probability above ``max_watermark``
+    WATERMARK = "watermark"  # metadata watermark probability above ``max_watermark``
+    WATERMARK_UNCHECKED = "watermark_unchecked"  # no watermark score, under ``require_watermark_check``
+    UNSAFE = "unsafe"  # metadata ``punsafe`` above ``max_punsafe``
+    LOW_SIMILARITY = "low_similarity"  # metadata ``similarity`` below ``min_similarity``
+    HTTP_ERROR = "http_error"  # a URL answered 4xx/5xx (after retries), refused to connect, or redirected too often
+    TIMEOUT = "timeout"  # a URL did not answer in ``download.timeout_s`` (after retries)
+    TOO_LARGE = "too_large"  # a URL's body is larger than ``download.max_bytes``
     UNREADABLE = "unreadable"  # the file could not be read (missing, permission, S3 error)
     EMPTY = "empty"  # zero bytes
-    NOT_AN_IMAGE = "not_an_image"  # no image format recognises the bytes
+    NOT_AN_IMAGE = "not_an_image"  # no image format recognises the bytes (or a URL's Content-Type is not image/*)
     DECOMPRESSION_BOMB = "decompression_bomb"  # header's pixel count above ``max_pixels``
     BAD_ASPECT = "bad_aspect"  # width / height outside [min_aspect, max_aspect]
     TOO_SMALL = "too_small"  # smaller than its bucket: would need upsampling

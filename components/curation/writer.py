@@ -43,12 +43,15 @@ from components.storage import Store, dot_segments, is_s3, join, relative, split
 
 
 def stage_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema(list(schema) + [("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+    return pa.schema(list(schema) + [("split", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+                                     ("caption_fallback", pa.string())])
 
 
 STAGE_SCHEMA = stage_schema(dataset.SCHEMA)
 """What the curation stage emits: one row per input (kept rows with SCHEMA filled, dropped rows
-with ``reason``), so the sink can count every input exactly once."""
+with ``reason`` and ``source_name``), so the sink can count every input exactly once, per source.
+``caption_fallback``: for a row waiting for the captioning model, the caption its source's
+missing-caption policy gives if the model gives none (null: drop it)."""
 
 log = logging.getLogger(__name__)
 REJECTS = "rejects"
@@ -64,9 +67,23 @@ def outcomes_table(outcomes: list[Outcome], holdout_fraction: float) -> pa.Table
         if o.kept:
             rows.append({**o.row, "split": split_of(o.row["sha256"], holdout_fraction), "reason": None, "detail": None})
         else:
-            rows.append({**dataset.blank_row(), "source": scrub(o.source), "split": None, "reason": str(o.reason),
-                         "detail": scrub(o.detail)})
+            rows.append(dropped_row(o.source, o.source_name, str(o.reason), o.detail, scrub))
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+
+def dropped_row(source: str, source_name: str, reason: str, detail: str, scrub: Redactor | None = None) -> dict:
+    """The stage row of a dropped input (its source and detail redacted)."""
+    scrub = scrub or Redactor()
+    return {**dataset.blank_row(), "source": scrub(source), "source_name": source_name, "split": None,
+            "reason": reason, "detail": scrub(detail), "caption_fallback": None}
+
+
+def new_source_stats() -> dict:
+    return {"inputs": 0, "reasons": {}, "captions": {}, "watermark": {}, "rows": {}}
+
+
+def _count(stats: dict, key: str, value: str, n: int = 1) -> None:
+    stats[key][value] = stats[key].get(value, 0) + n
 
 
 def _row_hash(split: str, row: dict) -> int:
@@ -75,16 +92,23 @@ def _row_hash(split: str, row: dict) -> int:
     return int(hashlib.sha256(json.dumps(values).encode()).hexdigest(), 16)
 
 
+def _key(r: dict) -> tuple:
+    """What dedupe and the per-source counts need of a kept row: (sha256, source, source name, caption
+    origin, watermark check)."""
+    return (r["sha256"], r["source"], r.get("source_name") or "", r.get("caption_origin") or "",
+            r.get("watermark_check") or "")
+
+
 def _file_info(split: str, rel: str, table: pa.Table) -> dict:
     """Shard stats: rows, the digest sum, the most "other-split-like" row by split score, and each
-    row's (sha256, source) for ``dedupe.remove_duplicates``."""
+    row's ``_key`` for ``dedupe.remove_duplicates`` and the per-source counts."""
     rows = table.to_pylist()
     scores = [int(r["sha256"][:16], 16) for r in rows]
     pick = min if split == "train" else max  # train's lowest score is the nearest to val, and back
     idx = scores.index(pick(scores))
     total = sum(_row_hash(split, r) for r in rows) % 2**256
     return {"split": split, "path": rel, "rows": len(rows), "nbytes": table.nbytes, "sum": f"{total:064x}",
-            "edge": [scores[idx], idx], "keys": [(r["sha256"], r["source"]) for r in rows]}
+            "edge": [scores[idx], idx], "keys": [_key(r) for r in rows]}
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -94,11 +118,14 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_shard(store: Store, root: str, name: str, table: pa.Table, schema: pa.Schema = dataset.SCHEMA) -> dict:
-    """Write one bundle of stage rows (``schema`` + split, reason, detail) as shards; return its stats."""
+    """Write one bundle of stage rows (``schema`` + split, reason, detail) as shards; return its stats,
+    in total and per source (``sources``: inputs and drop reasons; what the kept rows are is counted from
+    the final shard list by ``kept_by_source``, after dedupe and the split balance)."""
     reason = table["reason"]
     kept = table.filter(pc.is_null(reason))
     dropped = table.filter(pc.is_valid(reason))
-    result: dict = {"inputs": table.num_rows, "reasons": {}, "buckets": {}, "examples": {}, "files": [], "rejects": []}
+    result: dict = {"inputs": table.num_rows, "reasons": {}, "buckets": {}, "examples": {}, "files": [], "rejects": [],
+                    "sources": {}}
     for split in dataset.SPLITS:
         part = kept.filter(pc.equal(kept["split"], split)).select(schema.names).cast(schema)
         if part.num_rows:
@@ -106,12 +133,18 @@ def write_shard(store: Store, root: str, name: str, table: pa.Table, schema: pa.
             store.write(join(root, rel), _parquet_bytes(part))
             result["files"].append(_file_info(split, rel, part))
     result["buckets"] = dict(Counter(kept["bucket"].to_pylist())) if "bucket" in schema.names else {}
+    names = table["source_name"].to_pylist() if "source_name" in table.column_names else [""] * table.num_rows
+    for source_name in names:
+        result["sources"].setdefault(source_name or "", new_source_stats())["inputs"] += 1
     if dropped.num_rows:
         rel = f"{REJECTS}/part-{name}.parquet"
-        store.write(join(root, rel), _parquet_bytes(dropped.select(["source", "reason", "detail"])))
+        columns = ["source", "reason", "detail"] + (["source_name"] if "source_name" in dropped.column_names else [])
+        store.write(join(root, rel), _parquet_bytes(dropped.select(columns)))
         result["rejects"].append(rel)
-        for row in dropped.select(["source", "reason", "detail"]).to_pylist():
+        for row in dropped.select(columns).to_pylist():
             result["reasons"][row["reason"]] = result["reasons"].get(row["reason"], 0) + 1
+            _count(result["sources"].setdefault(row.get("source_name") or "", new_source_stats()), "reasons",
+                   row["reason"])
             examples = result["examples"].setdefault(row["reason"], [])
             if len(examples) < MAX_EXAMPLES:
                 examples.append({"source": row["source"], "detail": row["detail"]})
@@ -148,13 +181,38 @@ class CuratedDatasink(Datasink[dict]):
         self.results = list(write_result.write_returns)
 
 
+def merge_sources(into: dict, other: dict) -> dict:
+    """Add per-source stats ``other`` into ``into`` (both ``{name: new_source_stats()}``)."""
+    for name, stats in other.items():
+        mine = into.setdefault(name, new_source_stats())
+        mine["inputs"] += stats["inputs"]
+        for key in ("reasons", "captions", "watermark", "rows"):
+            for value, n in stats[key].items():
+                _count(mine, key, value, n)
+    return into
+
+
+def kept_by_source(files: list[dict]) -> dict[str, dict]:
+    """Per source, the kept rows of ``files``: by split (``rows``), caption origin and watermark check."""
+    sources: dict[str, dict] = {}
+    for f in files:
+        for _sha, _source, source_name, origin, check in f["keys"]:
+            stats = sources.setdefault(source_name, new_source_stats())
+            _count(stats, "captions", origin)
+            _count(stats, "watermark", check)
+            _count(stats, "rows", f["split"])
+    return sources
+
+
 def aggregate(results: list[dict]) -> dict:
     reasons: Counter = Counter()
     buckets: Counter = Counter()
     examples: dict[str, list] = {}
+    sources: dict[str, dict] = {}
     for r in results:
         reasons.update(r["reasons"])
         buckets.update(r["buckets"])
+        merge_sources(sources, r.get("sources", {}))
         for reason, items in r["examples"].items():
             examples.setdefault(reason, []).extend(items)
     return {
@@ -164,6 +222,7 @@ def aggregate(results: list[dict]) -> dict:
         "examples": {k: v[:MAX_EXAMPLES] for k, v in sorted(examples.items())},
         "files": [f for r in results for f in r["files"]],
         "rejects": sorted(p for r in results for p in r["rejects"]),
+        "sources": dict(sorted(sources.items())),
     }
 
 
@@ -232,19 +291,48 @@ def cleanup(store: Store, root: str, keep: set[str]) -> int:
     return removed
 
 
-def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: float, report: dict) -> dict:
-    """Steps 3 of the protocol; returns the report as written (with digest, files and rows)."""
+def source_report(agg: dict, files: list[dict], meta: dict[str, dict] | None) -> dict[str, dict]:
+    """Per source: ``meta`` (what the config says of it: kind, location, repeats, filters) and its counts,
+    which add up: ``inputs = kept + dropped``, ``dropped`` = the sum of ``reasons``, ``kept`` = the sum of
+    ``captions`` = the sum of ``watermark`` = the sum of ``rows``."""
+    kept = kept_by_source(files)
+    out = {}
+    for name in sorted(set(agg.get("sources", {})) | set(kept) | set(meta or {})):
+        counted = agg.get("sources", {}).get(name, new_source_stats())
+        mine = kept.get(name, new_source_stats())
+        dropped = sum(counted["reasons"].values())
+        out[name] = {**(meta or {}).get(name, {}), "inputs": counted["inputs"], "kept": sum(mine["rows"].values()),
+                     "dropped": dropped, "reasons": dict(sorted(counted["reasons"].items())),
+                     "captions": dict(sorted(mine["captions"].items())),
+                     "watermark": dict(sorted(mine["watermark"].items())), "rows": dict(sorted(mine["rows"].items()))}
+    return out
+
+
+def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: float, report: dict,
+            sources: dict[str, dict] | None = None) -> dict:
+    """Steps 3 of the protocol; returns the report as written (with digest, files, rows and the per-source
+    counts; ``sources``: what the config says of each source, recorded in the report and, with each
+    source's kind, repeats and rows, in ``_SUCCESS`` for training's mixture)."""
     files = balance(store, root, run_id, agg["files"], holdout_fraction)
     by_split = {s: sorted(f["path"] for f in files if f["split"] == s) for s in dataset.SPLITS}
     rows = {s: sum(f["rows"] for f in files if f["split"] == s) for s in dataset.SPLITS}
     nbytes = {s: sum(f.get("nbytes", 0) for f in files if f["split"] == s) for s in dataset.SPLITS}
+    per_source = source_report(agg, files, sources)
+    captions: Counter = Counter()
+    watermark: Counter = Counter()
+    for stats in per_source.values():
+        captions.update(stats["captions"])
+        watermark.update(stats["watermark"])
     # The report quotes sources and error details: no credential that turned up there is published.
-    report = redact_tree({**report, "digest": digest(files), "splits": rows})
+    report = redact_tree({**report, "digest": digest(files), "splits": rows, "sources": per_source,
+                          "captions": dict(sorted(captions.items())), "watermark": dict(sorted(watermark.items()))})
     cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
     store.write(join(root, dataset.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
+    recorded = {name: {"kind": s.get("kind"), "repeats": s.get("repeats", 1.0), "rows": s["rows"]}
+                for name, s in report["sources"].items()}
     store.write(
         join(root, dataset.SUCCESS),
         dataset.success_text(report["digest"], by_split, rows, run_id=run_id, rejects=agg["rejects"],
-                             nbytes=nbytes).encode(),
+                             nbytes=nbytes, sources=recorded).encode(),
     )
     return report

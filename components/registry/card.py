@@ -217,17 +217,42 @@ def file_rows(f: Facts, single_file: str, precision: str) -> list[tuple[str, str
     return rows
 
 
+def curated_sources(cp: dict) -> dict[str, dict]:
+    """The sources of a curation run with several (``curate.sources.<name>.<key>`` params, as
+    ``components/curation/lineage.py`` logs them), by name, in order of name; {} for a one-source curation."""
+    names = sorted(k.removeprefix("curate.sources.").removesuffix(".location") for k in cp
+                   if k.startswith("curate.sources.") and k.endswith(".location"))
+    return {n: {k.removeprefix(f"curate.sources.{n}."): v for k, v in cp.items()
+                if k.startswith(f"curate.sources.{n}.")} for n in names}
+
+
 def data_rows(f: Facts) -> tuple[list[tuple[str, str]], str]:
-    """Training-data rows and where they came from."""
+    """Training-data rows and where they came from (each source with its counts and its filters, when the
+    curation had several)."""
     p = f.params
     if f.curation is not None:
         cm, cp = f.curation.data.metrics, f.curation.data.params
-        rows = [("Source", f"`{cp.get('curate.source')}`"), ("Images read", fmt_int(cm["inputs"])),
-                ("Kept", fmt_int(cm["kept"])), ("Dropped", fmt_int(cm["dropped"]))]
+        sources = curated_sources(cp)
+        rows = [] if sources else [("Source", f"`{cp.get('curate.source')}`")]
+        rows += [("Images read", fmt_int(cm["inputs"])), ("Kept", fmt_int(cm["kept"])), ("Dropped", fmt_int(cm["dropped"]))]
         rows += [(f"Dropped: {k.removeprefix('dropped.')}", fmt_int(v)) for k, v in sorted(cm.items())
                  if k.startswith("dropped.")]
-        filters = {k.removeprefix("curate.filters."): v for k, v in cp.items() if k.startswith("curate.filters.")}
-        rows.append(("Filters", ", ".join(f"{k} {v}" for k, v in sorted(filters.items()))))
+        if sources:
+            for name, sp in sources.items():
+                filters = {k.removeprefix("filters."): v for k, v in sp.items() if k.startswith("filters.")}
+                rows += [
+                    (f"Source `{name}`", f"{sp.get('kind')} `{sp.get('location')}`, drawn {sp.get('repeats')} "
+                                         "time(s) per image per epoch"),
+                    (f"Source `{name}`: read, kept", f"{fmt_int(cm.get(f'source.{name}.inputs', 0))}, "
+                                                     f"{fmt_int(cm.get(f'source.{name}.kept', 0))}"),
+                    (f"Source `{name}`: filters", ", ".join(f"{k} {v}" for k, v in sorted(filters.items()))),
+                ]
+        else:
+            filters = {k.removeprefix("curate.filters."): v for k, v in cp.items() if k.startswith("curate.filters.")}
+            rows.append(("Filters", ", ".join(f"{k} {v}" for k, v in sorted(filters.items()))))
+        captions = {k.removeprefix("captions."): v for k, v in cm.items() if k.startswith("captions.")}
+        if captions:
+            rows.append(("Captions by origin", ", ".join(f"{k} {fmt_int(v)}" for k, v in sorted(captions.items()))))
         where = f"curation run `{f.curation.info.run_id}`"
     else:
         rows = [("Source", f"`{p.get('train.data')}`")]
@@ -245,7 +270,8 @@ def preprocessing_rows(f: Facts) -> list[tuple[str, str]]:
                            f"to {fmt_int(cp['curate.buckets.max_side'])}"),
         ("Resampling", "LANCZOS, downsampling only (never upsampled)"),
         ("Crops", f"{cp['curate.crop']}, the crop's top-left recorded as SDXL's crop coordinates"),
-        ("Missing captions", cp["curate.missing_caption"]),
+        ("Missing captions", cp["curate.missing_caption"] if "curate.missing_caption" in cp else ", ".join(
+            f"{n}: {sp.get('missing_caption')}" for n, sp in curated_sources(cp).items())),
         ("JPEG quality", fmt_int(cp["curate.jpeg_quality"])),
         ("Held-out fraction", fmt_float(cp["curate.holdout_fraction"])),
     ]

@@ -98,3 +98,25 @@ def mlflow_dataset(manifest: CuratedManifest, name: str | None = None):
         source = resolve_dataset_source(manifest.root)
     label = name or manifest.root.rstrip("/").rsplit("/", 1)[-1]
     return MetaDataset(source, name=label, digest=manifest.digest, schema=schema)
+
+
+def source_dataset(name: str, location: str, kind: str, digest: str):
+    """A curation source as an MLflow dataset (named by the source, its location as the dataset source;
+    ``hf://datasets/o/n`` as the dataset's Hub page), for the curation run's ``source`` inputs."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if location.startswith("hf://"):
+        source = HTTPDatasetSource(f"https://huggingface.co/{location[len('hf://'):]}")
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(Redactor()(location))
+        except Exception:  # a location MLflow has no source class for
+            source = CodeDatasetSource(tags={"location": Redactor()(location), "kind": kind})
+    return MetaDataset(source, name=name, digest=digest)

@@ -1,17 +1,187 @@
-"""From curated rows to training batches: decode, group by aspect bucket, resume at a position.
+"""From curated rows to training batches: the epoch's order, bucket-pure batches, resume at a position.
 
-Batches never mix buckets (their images differ in size). Rows stream in a deterministic order for a
-given seed and epoch, so a resumed run can skip exactly the rows it had already consumed.
+Batches never mix buckets (their images differ in size). Each epoch draws rows in a fresh order seeded
+by (seed, epoch), and the whole epoch is planned up front as lists of row ids (``epoch_plan``), before
+any row is read: the plan is a pure function of the train split's index (each row's bucket and source),
+the seed, the epoch and the mixture, so every rank computes the same plan, ranks get the same number of
+batches, and a resumed run skips exactly the micro-batches it had consumed (it never re-reads them).
+docs/shuffle.md has the why.
+
+Two orders, by how the rows are held (``train.in_memory_mb``):
+
+- ``global``: the split is in memory (Ray's object store); the epoch's draws are permuted as a whole,
+  grouped into bucket batches in order of completion, and dealt to the ranks in turn.
+- ``blocks``: the split streams from its shards; the epoch permutes the shards, deals them to the
+  ranks, and shuffles each rank's rows within windows of ``train.shuffle_window`` rows, so a rank
+  reads each of its shards once per epoch (bar a rare bucket's leftovers) and holds a window at a time.
+
+The mixture: a source with ``repeats`` r contributes each of its rows floor(r) times, plus a fresh
+random (r - floor(r)) share of its rows, every epoch.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from components.dataset import cached_tensors, decode_image
 from components.diffusion.loss import Batch
+
+UNNAMED = "default"
+"""The source of rows curated before sources had names (no ``source_name`` column)."""
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """The train split, one entry per row, in its canonical order: the shards as ``_SUCCESS`` lists them,
+    rows in shard order. Small (a few bytes per row): every rank holds it whole."""
+
+    files: tuple[str, ...]  # shard URIs
+    file_of: np.ndarray  # (N,) int32: the shard of each row
+    row_in_file: np.ndarray  # (N,) int32
+    bucket: np.ndarray  # (N,) int32 codes into ``buckets``
+    source: np.ndarray  # (N,) int32 codes into ``sources``
+    buckets: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.file_of)
+
+    @classmethod
+    def from_columns(cls, files: list[str], columns: list[tuple[list[str], list[str | None]]]) -> RowIndex:
+        """``columns``: per shard, its (bucket, source_name) columns."""
+        buckets = sorted({b for bs, _ in columns for b in bs})
+        sources = sorted({s or UNNAMED for _, ss in columns for s in ss})
+        b_code, s_code = {b: i for i, b in enumerate(buckets)}, {s: i for i, s in enumerate(sources)}
+        file_of, row_in_file, bucket, source = [], [], [], []
+        for f, (bs, ss) in enumerate(columns):
+            file_of += [f] * len(bs)
+            row_in_file += range(len(bs))
+            bucket += [b_code[b] for b in bs]
+            source += [s_code[s or UNNAMED] for s in ss]
+        as32 = lambda v: np.asarray(v, dtype=np.int32)  # noqa: E731
+        return cls(tuple(files), as32(file_of), as32(row_in_file), as32(bucket), as32(source), tuple(buckets),
+                   tuple(sources))
+
+
+def read_index(paths: list[str], endpoint_url: str | None = None) -> RowIndex:
+    """The index of a split from its shards' ``bucket`` and ``source_name`` columns only (a column read per
+    shard, in threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.storage import read_parquet
+
+    def one(path: str) -> tuple[list[str], list[str | None]]:
+        table = read_parquet(path, endpoint_url, columns=["bucket", "source_name"])
+        sources = table["source_name"].to_pylist() if "source_name" in table.column_names else [None] * table.num_rows
+        return [str(b) for b in table["bucket"].to_pylist()], sources
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return RowIndex.from_columns(list(paths), list(pool.map(one, paths)))
+
+
+def draws(index: RowIndex, repeats: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """The row ids one epoch draws, in canonical order: each row of a source with ``repeats`` r,
+    floor(r) times, and a random (r - floor(r)) share of its rows once more (a fresh share each epoch)."""
+    parts = []
+    for code, name in enumerate(index.sources):
+        r = float(repeats.get(name, 1.0))
+        rows = np.flatnonzero(index.source == code)
+        whole, frac = math.floor(r), r - math.floor(r)
+        parts += [rows] * whole
+        extra = int(round(frac * len(rows)))
+        if extra:
+            parts.append(np.sort(rng.choice(rows, size=extra, replace=False)))
+    return np.sort(np.concatenate(parts), kind="stable") if parts else np.zeros(0, dtype=np.int64)
+
+
+def bucket_batch_ids(order: np.ndarray, bucket: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``bucket_batches`` on row ids: one bucket per batch, in order of completion, leftovers dropped."""
+    buffers: dict[int, list[int]] = {}
+    out = []
+    for i, b in zip(order.tolist(), bucket[order].tolist(), strict=True):
+        buf = buffers.setdefault(b, [])
+        buf.append(i)
+        if len(buf) == batch_size:
+            out.append(np.asarray(buf, dtype=np.int64))
+            buffers[b] = []
+    return out
+
+
+def epoch_plan(index: RowIndex, *, seed: int, epoch: int, world: int, batch_size: int,
+               repeats: dict[str, float], mode: str = "global", window: int = 1024) -> list[list[np.ndarray]]:
+    """Every rank's micro-batches of one epoch (``plan[rank][k]``: the row ids of its k-th micro-batch),
+    the same number for each rank. Deterministic in its arguments; a fresh order for every (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    chosen = draws(index, repeats, rng)
+    if mode == "global":
+        batches = bucket_batch_ids(rng.permutation(chosen), index.bucket, batch_size)
+        usable = len(batches) // world * world
+        return [batches[rank:usable:world] for rank in range(world)]
+    if mode != "blocks":
+        raise ValueError(f"unknown epoch order {mode!r}")
+    shards = rng.permutation(len(index.files))
+    position = np.empty(len(shards), dtype=np.int64)
+    position[shards] = np.arange(len(shards))
+    plans = []
+    for rank in range(world):
+        mine = chosen[np.isin(index.file_of[chosen], shards[rank::world])]
+        mine = mine[np.argsort(position[index.file_of[mine]], kind="stable")]  # the epoch's shard order
+        local = np.random.default_rng([seed, epoch, rank])
+        for start in range(0, len(mine), window):
+            mine[start:start + window] = local.permutation(mine[start:start + window])
+        plans.append(bucket_batch_ids(mine, index.bucket, batch_size))
+    usable = min(len(p) for p in plans)
+    return [p[:usable] for p in plans]
+
+
+def source_counts(index: RowIndex, batches: Iterable[np.ndarray]) -> dict[str, int]:
+    """Rows drawn per source name in ``batches``."""
+    counts = np.zeros(len(index.sources), dtype=np.int64)
+    for ids in batches:
+        counts += np.bincount(index.source[ids], minlength=len(index.sources))
+    return {name: int(n) for name, n in zip(index.sources, counts, strict=True)}
+
+
+class TableRows:
+    """Rows of a split held in memory (Ray's object store): ``pos[i]`` is the table row of index row i."""
+
+    def __init__(self, table, pos: np.ndarray):
+        import pyarrow as pa
+
+        self.table = table
+        self.pos = pa.array(pos)
+
+    def take(self, ids: np.ndarray) -> list[dict]:
+        return self.table.take(self.pos.take(ids)).to_pylist()
+
+
+class ShardRows:
+    """Rows of a split read from its shards as needed, the last ``keep`` shards held (a window's worth)."""
+
+    def __init__(self, index: RowIndex, endpoint_url: str | None, keep: int):
+        self.index, self.endpoint_url, self.keep = index, endpoint_url, max(2, keep)
+        self._open: OrderedDict[int, object] = OrderedDict()
+
+    def _shard(self, f: int):
+        from components.storage import read_parquet
+
+        if f in self._open:
+            self._open.move_to_end(f)
+        else:
+            self._open[f] = read_parquet(self.index.files[f], self.endpoint_url)
+            while len(self._open) > self.keep:
+                self._open.popitem(last=False)
+        return self._open[f]
+
+    def take(self, ids: np.ndarray) -> list[dict]:
+        return [self._shard(int(self.index.file_of[i])).slice(int(self.index.row_in_file[i]), 1).to_pylist()[0]
+                for i in ids]
 
 
 def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch:

@@ -19,7 +19,7 @@ it cannot tell a whole copy from a cut one.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,6 +68,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     samples_seen: int = 0
     best_val_loss: float | None = None
+    source_samples: dict[str, int] = field(default_factory=dict)  # rows drawn per source, all ranks (the mix)
 
 
 def save_checkpoint(

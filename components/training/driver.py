@@ -86,6 +86,46 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
     return run.info.run_id
 
 
+def mixture(cfg: Config, manifest: CuratedManifest, index) -> dict[str, float]:
+    """Draws per image per epoch by source: the ``repeats`` recorded at curation, then ``train.mixture``."""
+    repeats = {name: float(info.get("repeats", 1.0)) for name, info in (manifest.sources or {}).items()}
+    given = cfg.train.mixture or {}
+    unknown = sorted(set(given) - set(index.sources))
+    if unknown:
+        raise RecurringError(f"train.mixture names source(s) {unknown} that {manifest.root} does not have "
+                             f"(its sources: {list(index.sources)})")
+    repeats.update(given)
+    return {name: repeats.get(name, 1.0) for name in index.sources}
+
+
+def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
+    """What every worker needs to read the train split in each epoch's order (``loop.EpochReader``): the
+    split's index (bucket and source of every row), the mixture, and either the split itself, read once into
+    Ray's object store (``train.in_memory_mb``; each epoch then a global shuffle of it), or nothing more (the
+    workers stream their shards, in each epoch's shard order)."""
+    import ray.data
+
+    from components.training.batches import read_index
+
+    paths = manifest.paths("train")
+    index = read_index(paths, manifest.endpoint_url)
+    repeats = mixture(cfg, manifest, index)
+    expected = sum(int(round(repeats[name] * int((index.source == code).sum())))
+                   for code, name in enumerate(index.sources))
+    data = {"index": index, "repeats": repeats, "epoch_rows": expected, "mode": "blocks"}
+    size = (manifest.nbytes or {}).get("train")
+    if size is not None and size <= cfg.train.in_memory_mb * 2**20:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # each shard's rows in order (checked by the workers)
+        ctx.enable_progress_bars = False
+        ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(manifest.root, manifest.endpoint_url),
+                                   include_paths=True).materialize()  # read once; every epoch reads it from there
+        data.update(mode="global", refs=ds.to_arrow_refs(), names=manifest.files["train"])
+    log.info("training data: %d rows in %d shards, %s order; draws per image by source %s",
+             len(index), len(paths), data["mode"], repeats)
+    return data
+
+
 def software_versions() -> dict[str, str]:
     """``software.*`` tags: the versions of what trained the model (the model card's software section)."""
     import platform
@@ -145,25 +185,18 @@ def pin_adapter_base(cfg: Config, run_id: str, model: ModelConfig) -> ModelConfi
 
 def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig | None = None):
     """The TorchTrainer of this run (a new one per attempt; the same name resumes)."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from components.training.loop import train_loop_per_worker
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic row order: exact resume
-    ctx.enable_progress_bars = False  # one bar per epoch is noise: rank 0 prints the training's own progress
-    train_ds = ray.data.read_parquet(manifest.paths("train"), filesystem=arrow_filesystem(manifest.root))
-    size = (manifest.nbytes or {}).get("train")
-    if size is not None and size <= cfg.train.in_memory_mb * 2**20:
-        train_ds = train_ds.materialize()  # read once; each epoch then starts from the object store
+    data = training_data(cfg, manifest)
     storage = cfg.train.storage_path
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "train_rows": manifest.rows["train"],
-            "model": (model or cfg.model).model_dump(mode="json"),
+            "config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "train_rows": data["epoch_rows"],
+            "data": data, "model": (model or cfg.model).model_dump(mode="json"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -180,7 +213,6 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelCon
             # Restarts are decided in ``fit``: an error that recurs on every attempt is not retried.
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
-        datasets={"train": train_ds},
     )
 
 

@@ -1,7 +1,10 @@
-"""The Ray Train worker loop: stream bucketed batches, min-SNR v-prediction steps, checkpoints.
+"""The Ray Train worker loop: each epoch's planned bucket batches, min-SNR v-prediction steps, checkpoints.
 
-Ray appears only at the edges (dataset shard, report, checkpoint); the step itself is
-``components.diffusion.loss.diffusion_loss``. Rank 0 alone talks to MLflow (``RunLogger``).
+Ray appears only at the edges (the split's blocks in the object store, report, checkpoint); the step
+itself is ``components.diffusion.loss.diffusion_loss``. The data order is ``batches.epoch_plan``'s, the
+same on every rank; rank 0 alone talks to MLflow (``RunLogger``), and logs with every step the rows
+drawn so far per source (``samples_seen.<source>``, ``mix.<source>``: the realised mixture) and a hash
+of the rows of its own micro-batches (``data.batch_hash``: which rows a step saw, comparable across runs).
 
 An adapter run (``train.method: lora | lokr``) trains through the same loop: the UNet is frozen and stored in the
 compute dtype like the text encoders (the precision policy, components/diffusion/loss.py), peft's adapter is added
@@ -11,14 +14,17 @@ parameters only (``Trainee.trainable``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -37,7 +43,7 @@ from components.diffusion.loss import (
 from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import SDXLParts, attention_kind
 from components.registry.model import load_source_parts
-from components.training.batches import bucket_batches, iter_rows, rows_to_batch, skip
+from components.training.batches import RowIndex, ShardRows, TableRows, epoch_plan, rows_to_batch, source_counts
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer
 from components.training.parallel import Strategy
@@ -53,14 +59,85 @@ def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(hash((seed, rank, step, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def epoch_batches(shard, cfg: Config, epoch: int, skip_batches: int):
-    """Micro-batch row lists of one epoch, bucket-pure, deterministic for (seed, epoch)."""
-    raw = shard.iter_batches(
-        batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
-        local_shuffle_seed=cfg.seed * 1000 + epoch,
-    )
-    batches = bucket_batches(iter_rows(raw), cfg.train.batch_size)
-    return skip(batches, skip_batches)
+class EpochReader:
+    """One worker's view of the training data: the split's index, its rows (in memory or streamed from the
+    shards) and each epoch's plan. ``data``: what ``driver.training_data`` prepared."""
+
+    def __init__(self, data: dict, cfg: Config):
+        self.index: RowIndex = data["index"]
+        self.mode: str = data["mode"]
+        self.repeats: dict[str, float] = data["repeats"]
+        self.cfg = cfg
+        if self.mode == "global":
+            self.rows = table_rows(self.index, data["refs"], data["names"])
+        else:
+            per_shard = max(1, len(self.index) // max(1, len(self.index.files)))
+            self.rows = ShardRows(self.index, cfg.curate.s3_endpoint_url, keep=-(-cfg.train.shuffle_window // per_shard) + 2)
+        self._plans: dict[tuple[int, int], list[list[np.ndarray]]] = {}
+
+    def plan(self, epoch: int, world: int) -> list[list[np.ndarray]]:
+        """Every rank's micro-batches of ``epoch`` (cached: one epoch at a time)."""
+        if (epoch, world) not in self._plans:
+            self._plans = {(epoch, world): epoch_plan(
+                self.index, seed=self.cfg.seed, epoch=epoch, world=world, batch_size=self.cfg.train.batch_size,
+                repeats=self.repeats, mode=self.mode, window=self.cfg.train.shuffle_window)}
+        return self._plans[(epoch, world)]
+
+    def batches(self, epoch: int, rank: int, world: int, skip_batches: int) -> Iterator[list[dict]]:
+        """Row lists of this rank's micro-batches of ``epoch`` from position ``skip_batches`` (a resume)."""
+        for ids in self.plan(epoch, world)[rank][skip_batches:]:
+            yield self.rows.take(ids)
+
+
+def table_rows(index: RowIndex, refs: list, names: list[str]) -> TableRows:
+    """The in-memory split (Ray's object store; zero-copy on the node) and where each index row lies in it.
+    Rows are matched to the index by shard (Ray's ``path`` column) and position within the shard, and the
+    match is checked against the index's buckets, so the plan's row ids name the rows they were planned as."""
+    import pyarrow as pa
+    import ray
+
+    table = pa.concat_tables(ray.get(refs))
+    paths = table["path"].to_pylist()
+    shard = {name: i for i, name in enumerate(names)}
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(index.file_of, minlength=len(names)))])
+    seen = np.zeros(len(names), dtype=np.int64)
+    pos = np.full(len(index), -1, dtype=np.int64)
+    for row, path in enumerate(paths):
+        f = shard[next(n for n in (path, *_suffixes(path)) if n in shard)]
+        pos[offsets[f] + seen[f]] = row
+        seen[f] += 1
+    buckets = np.asarray(index.buckets, dtype=object)[index.bucket]
+    if (pos < 0).any() or list(np.asarray(table["bucket"].to_pylist(), dtype=object)[pos]) != list(buckets):
+        raise RecurringError("the training split in memory does not match its shards' index: curate again")
+    return TableRows(table, pos)
+
+
+def _suffixes(path: str) -> list[str]:
+    """``a/b/train/part-1.parquet`` -> ``b/train/part-1.parquet``, ``train/part-1.parquet``, ...: Ray names a
+    file by its full path, ``_SUCCESS`` relative to the dataset."""
+    parts = path.split("/")
+    return ["/".join(parts[i:]) for i in range(1, len(parts))]
+
+
+def batch_hash(rows: list[dict], into: Any | None = None):
+    """A SHA-256 over the rows' content hashes and sources, in order (``into``: add to a running hash)."""
+    digest = into if into is not None else hashlib.sha256()
+    for r in rows:
+        digest.update(f"{r['sha256']}|{r['source']}\n".encode())
+    return digest
+
+
+def as_metric(digest) -> float:
+    """The first 52 bits of a hash as a float (exact in a double, as MLflow stores metrics)."""
+    return float(int(digest.hexdigest()[:13], 16))
+
+
+def mix_metrics(samples: dict[str, int]) -> dict[str, float]:
+    """The realised mixture: rows drawn per source so far (all ranks) and each source's share of them."""
+    total = sum(samples.values()) or 1
+    out = {f"samples_seen.{name}": float(n) for name, n in samples.items()}
+    out.update({f"mix.{name}": n / total for name, n in samples.items()})
+    return out
 
 
 def total_steps(cfg: Config, train_rows: int) -> int:
@@ -240,7 +317,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "cpu.capability": torch.backends.cpu.get_cpu_capability(),
                          "attention": attention_kind(t.unet), **hardware(device)})
         progress = Progress(steps, t.state.step, cfg.train.log_every, cfg.train.log_every_s)
-    shard = ray.train.get_dataset_shard("train")
+    reader = EpochReader(loop_config["data"], cfg)
     validator = None
     if rank == 0 or t.strategy.sharded:  # sharded weights: every rank takes part in each forward
         # The held-out split is small (val_max_rows): read it directly rather than through Ray Data.
@@ -249,18 +326,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state, accum = t.state, cfg.train.grad_accum
     micro, loss_sum, data_s, t0 = 0, 0.0, 0.0, time.perf_counter()
+    seen_hash = hashlib.sha256()
     breaks_logged = False
     while state.step < steps:
-        produced = False
-        batches = epoch_batches(shard, cfg, state.epoch, state.batches_in_epoch)
+        plan = reader.plan(state.epoch, world)
+        if not plan[rank]:
+            raise RecurringError(
+                f"worker {rank} got no full batch of {cfg.train.batch_size} from any bucket: "
+                "lower train.batch_size or curate more images"
+            )
+        batches = reader.batches(state.epoch, rank, world, state.batches_in_epoch)
         while True:
             fetch = time.perf_counter()
+            position = state.batches_in_epoch
             rows = next(batches, None)
             if rows is None:
                 break
-            produced = True
             batch = rows_to_batch(rows, device)
-            data_s += time.perf_counter() - fetch  # waiting for the shard, then decoding on this thread
+            data_s += time.perf_counter() - fetch  # planning, taking the rows, decoding on this thread
+            batch_hash(rows, seen_hash)
+            for name, n in source_counts(reader.index, (p[position] for p in plan)).items():  # every rank's
+                state.source_samples[name] = state.source_samples.get(name, 0) + n
             draw = NoiseDraw(step_generator(cfg.seed, rank, state.step, micro))
             with t.strategy.accumulating(t.model, sync=micro == accum - 1):
                 loss = diffusion_loss(t.parts, t.model, batch, spec, draw)
@@ -277,8 +363,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = {
                 "loss": loss_sum / accum, "lr": t.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "images_per_s": cfg.train.effective_batch / max(elapsed, 1e-9), "samples_seen": state.samples_seen,
-                "epoch": state.epoch, "data_wait": data_s / max(elapsed, 1e-9), **peak_memory(device),
+                "epoch": state.epoch, "data_wait": data_s / max(elapsed, 1e-9), "data.batch_hash": as_metric(seen_hash),
+                **mix_metrics(state.source_samples), **peak_memory(device),
             }
+            seen_hash = hashlib.sha256()
             if cfg.train.compile and not breaks_logged:  # this process's first step compiled forward and backward
                 breaks_logged = True
                 metrics["compile_graph_breaks"] = graph_breaks()
@@ -304,11 +392,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
         if state.step >= steps:
             break
-        if not produced and state.batches_in_epoch == 0:
-            raise RecurringError(
-                f"worker {rank} got no full batch of {cfg.train.batch_size} from any bucket: "
-                "lower train.batch_size or curate more images"
-            )
         state.epoch += 1
         state.batches_in_epoch = 0
     if logger:

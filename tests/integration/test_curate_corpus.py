@@ -141,9 +141,15 @@ def corpus(tmp_path_factory):
 
 
 def terminus_cfg(manifest: Path, output: Path, **extra: str):
-    sets = [f"curate.source={manifest}", f"curate.output={output}", f"curate.root={manifest.parent / 'images'}", "curate.workers=2",
+    """The preset's LAION-HD source with its filter policy, reading the corpus' manifest (a ``files``
+    source) instead of LAION's URLs; the Hub source is left out (this test is offline)."""
+    laion = "curate.sources.laion-hd"
+    sets = [f"{laion}.kind=files", f"{laion}.location={manifest}", f"{laion}.root={manifest.parent / 'images'}",
+            f"{laion}.caption_column=caption", f"curate.output={output}", "curate.workers=2",
             "curate.rows_per_shard=4", "curate.track=false", f"state_dir={output.parent / 'state'}"]
-    return load_config(REPO / "flows/configs/terminus_v2.yaml", sets + [f"{k}={v}" for k, v in extra.items()])
+    cfg = load_config(REPO / "flows/configs/terminus_v2.yaml", sets + [f"{k}={v}" for k, v in extra.items()])
+    cfg.curate.sources = [s for s in cfg.curate.sources if s.name == "laion-hd"]
+    return cfg
 
 
 def _key(source: str, root: Path) -> str:

@@ -54,7 +54,17 @@ def test_curate_flow_on_the_demo_then_rerun(ray_local, monkeypatch, capsys, tmp_
 
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.data.metrics["kept"] == result["kept"]
-    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [result["digest"]]
+    def context(d) -> str:
+        return {t.key: t.value for t in d.tags}["mlflow.data.context"]
+
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs if context(d) == "curated"] == [result["digest"]]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs if context(d) == "source"] == ["default"]
+    # The one-source shorthand is the source "default"; its counts add up, every caption from the manifest.
+    (name, src), = report["sources"].items()
+    assert name == "default" and src["inputs"] == result["inputs"] and src["kept"] == result["kept"]
+    assert src["kept"] + sum(src["reasons"].values()) == src["inputs"]
+    assert src["captions"] == {"column": result["kept"]} == report["captions"]
+    assert {r["source_name"] for r in table.to_pylist()} == {"default"}
 
     # Rerun into the same output: same inputs and seed give the same digest; no stale shard remains.
     from components.curation.pipeline import curate

@@ -40,7 +40,7 @@ from components.training.checkpointing import (
 )
 from components.training.driver import run_training
 from tests.fixtures.processes import REPO
-from tests.integration.test_train import history, small_cfg
+from tests.integration.test_train import history, planned_batch_hashes, small_cfg, values
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -175,6 +175,9 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(tmp_path, ray_l
 
     result = run_training(cfg)  # the same run name: Ray resumes from its snapshot
     assert history(cfg, result.run_id, "loss") == list(range(1, steps + 1))  # every step exactly once
+    # The same batches, in the same order, as the uninterrupted run's plan: steps 1-2 (and whatever else the
+    # first run logged before the kill) from the first run, the rest from the resumed one.
+    assert values(cfg, result.run_id, "data.batch_hash") == planned_batch_hashes(cfg, steps)
     assert history(cfg, result.run_id, "val_loss") == [2, 4, 6]
     final = mlflow.MlflowClient().get_run(result.run_id).data.metrics
     assert final["samples_seen"] == steps * 2  # batch 2 x 6 steps: nothing counted twice

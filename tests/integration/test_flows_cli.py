@@ -144,3 +144,23 @@ def test_flows_run_from_another_folder_find_the_demo_manifest(tmp_path):
     proc, _ = run([str(REPO / "flows/curate.py"), "--print-config"], cwd=tmp_path)
     assert proc.returncode == 0
     assert f'curate.source = "{REPO}/data/demo/manifest.jsonl"' in proc.stdout
+
+
+def test_the_terminus_curation_dry_run_shows_two_sources_with_their_policies():
+    """The card's mixture as a user checks it before any work: LAION-HD's URL parquet with the EXIF,
+    watermark and luminance filters, the Midjourney dataset with none; no data read, no Ray."""
+    import json
+
+    proc, _ = run(["flows/curate.py", "--config", "flows/configs/terminus_v2.yaml", "--dry-run",
+                   "--set", "curate.sources.laion-hd.location=s3://elsewhere/laion/"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(mark in proc.stderr for mark in RAY_STARTED)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("laion-hd: urls s3://elsewhere/laion/ ")
+    assert "require_exif=True" in lines[0] and "max_watermark=0.7" in lines[0] and "max_luminance=0.5" in lines[0]
+    assert lines[1].startswith("mj-general: huggingface hf://datasets/ptx0/mj-general ")
+    assert "filters: dedupe=False" in lines[1] and "captions: column 'prompt'" in lines[1]
+    sources = json.loads(lines[-1])["sources"]
+    assert list(sources) == ["laion-hd", "mj-general"]
+    laion, mj = (sources[n]["filters"] for n in sources)
+    assert laion != mj and mj["max_watermark"] is None and mj["max_luminance"] is None and not mj["require_exif"]

@@ -85,6 +85,8 @@ def expected_figures(t, scratch: Path) -> dict[str, str]:
         **{f"Dropped: {k.removeprefix('dropped.')}": fmt_int(x) for k, x in cm.items() if k.startswith("dropped.")},
         "Filters": ", ".join(f"{k.removeprefix('curate.filters.')} {x}" for k, x in sorted(cp.items())
                              if k.startswith("curate.filters.")),
+        "Captions by origin": ", ".join(f"{k.removeprefix('captions.')} {fmt_int(x)}" for k, x in sorted(cm.items())
+                                        if k.startswith("captions.")),
         "Training rows": fmt_int(p["data.rows.train"]), "Held-out rows": fmt_int(p["data.rows.val"]),
         "Dataset digest": f"`{v['dataset_digest']}`",
         "Aspect buckets": f"area {fmt_int(cp['curate.buckets.area'])} px, sides multiples of "

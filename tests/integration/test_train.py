@@ -30,13 +30,13 @@ SMALL = [
 ]
 
 
-def small_cfg(tmp_path: Path, *extra: str):
+def small_cfg(tmp_path: Path, *extra: str, sources: dict[str, float] | None = None):
     """The tiny preset at test size, every state location under ``tmp_path``. The MLflow store is named
     explicitly: left to default, a run in this process would follow an MLFLOW_TRACKING_URI that an earlier
     test's ``mlflow.set_tracking_uri`` exported, while a flow run as a subprocess (whose environment drops
     it) uses the state directory's store; a resumed run then logged into another store than its first part
     (seen in test_faults_checkpoint.py, which runs both)."""
-    data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
+    data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64), sources=sources)
     overrides = [
         f"state_dir={tmp_path / 'state'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'state'}/mlflow.db",
         f"train.data={data}", f"train.storage_path={tmp_path / 'ray'}", *SMALL, *extra,
@@ -47,6 +47,64 @@ def small_cfg(tmp_path: Path, *extra: str):
 def history(cfg, run_id: str, key: str) -> list[int]:
     mlflow.set_tracking_uri(f"sqlite:///{cfg.state_dir}/mlflow.db")
     return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def values(cfg, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of a metric's history (each step once, which ``history`` checks)."""
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.state_dir}/mlflow.db")
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+def planned_source_counts(cfg, steps: int, world: int, mode: str = "global") -> dict[str, int]:
+    """Rows drawn per source over ``steps`` steps of every rank, from the epoch plans alone."""
+    from collections import Counter
+
+    from components.dataset import read_manifest
+    from components.training.batches import epoch_plan, read_index, source_counts
+    from components.training.driver import mixture
+
+    manifest = read_manifest(cfg.train.data)
+    index = read_index(manifest.paths("train"))
+    repeats = mixture(cfg, manifest, index)
+    counts, micro, epoch = Counter(), steps * cfg.train.grad_accum, 0
+    while micro > 0:
+        plans = epoch_plan(index, seed=cfg.seed, epoch=epoch, world=world, batch_size=cfg.train.batch_size,
+                           repeats=repeats, mode=mode, window=cfg.train.shuffle_window)
+        take = min(micro, len(plans[0]))
+        for plan in plans:
+            counts.update(source_counts(index, plan[:take]))
+        micro, epoch = micro - take, epoch + 1
+    return dict(counts)
+
+
+def planned_batch_hashes(cfg, steps: int, rank: int = 0, world: int = 1, mode: str = "global") -> dict[int, float]:
+    """step -> ``data.batch_hash`` of rank ``rank``'s micro-batches in an uninterrupted run, from the epoch
+    plan alone (``batches.epoch_plan`` on the split's index, rows read from the shards)."""
+    from components.dataset import read_manifest
+    from components.training.batches import ShardRows, epoch_plan, read_index
+    from components.training.driver import mixture
+    from components.training.loop import as_metric, batch_hash
+
+    manifest = read_manifest(cfg.train.data)
+    index = read_index(manifest.paths("train"))
+    repeats = mixture(cfg, manifest, index)
+    rows, out, epoch, accum = ShardRows(index, None, keep=len(index.files)), {}, 0, cfg.train.grad_accum
+    pending: list = []
+    while len(out) < steps:
+        plan = epoch_plan(index, seed=cfg.seed, epoch=epoch, world=world, batch_size=cfg.train.batch_size,
+                          repeats=repeats, mode=mode, window=cfg.train.shuffle_window)[rank]
+        for ids in plan:
+            pending.append(rows.take(ids))
+            if len(pending) == accum:
+                digest = None
+                for batch in pending:
+                    digest = batch_hash(batch, digest)
+                out[len(out) + 1] = as_metric(digest)
+                pending = []
+                if len(out) == steps:
+                    break
+        epoch += 1
+    return out
 
 
 def _kill_one_worker_after(path: Path, killed: list, timeout: float = 300) -> None:
@@ -68,7 +126,9 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     steps = 6
     cfg, _ = small_cfg(tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=2", "train.num_workers=2",
                        "train.max_failures=2", "train.run_name=faulty",
-                       "train.export_memory_gb=0.5")  # the export as a Ray task reserving memory, as on a cluster
+                       "train.export_memory_gb=0.5",  # the export as a Ray task reserving memory, as on a cluster
+                       "train.mixture={laion: 2}",  # over the curated repeats: laion 1 -> 2, mj stays 0.5
+                       sources={"laion": 1.0, "mj": 0.5})
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_one_worker_after, args=(tmp_path / "ray" / "faulty" / "checkpoint_00000002", killed)
@@ -94,6 +154,15 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     for bucket in ("val_mse_t500_750", "val_mse_t750_1000"):  # the held-out MSE per timestep bucket, a series
         assert history(cfg, result.run_id, bucket) == [2, 4, 6], bucket
     assert run.data.metrics["samples_seen"] == steps * 2 * 2  # batch 2 x 2 workers x steps: nothing twice
+    # The realised mixture: rows drawn per source by both ranks, as the epoch plans decide them
+    # (laion's 6 rows twice, 3 of mj's 6 each epoch), through the kill and the restart; rank 0's batches are
+    # the uninterrupted run's.
+    drawn = planned_source_counts(cfg, steps, world=2)
+    assert drawn["laion"] > 2 * drawn["mj"] > 0 and sum(drawn.values()) == steps * 2 * 2
+    for name, n in drawn.items():
+        assert run.data.metrics[f"samples_seen.{name}"] == n, name
+        assert run.data.metrics[f"mix.{name}"] == pytest.approx(n / (steps * 2 * 2)), name
+    assert values(cfg, result.run_id, "data.batch_hash") == planned_batch_hashes(cfg, steps, rank=0, world=2)
 
     records = sorted(a.path for a in client.list_artifacts(result.run_id, "checkpoints"))
     assert records == [f"checkpoints/checkpoint_0000000{s}.json" for s in (2, 4, 6)]

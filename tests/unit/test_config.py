@@ -125,7 +125,15 @@ def test_terminus_preset_matches_the_card():
     assert train.caption_dropout == 0.1
     assert train.optimizer is OptimizerName.ADAMW_8BIT and train.grad_checkpointing
     assert cfg.inference.guidance_rescale == 0.7
-    assert cfg.curate.filters.max_luminance == 0.5 and cfg.curate.buckets.area == 1024 * 1024
+    assert cfg.curate.buckets.area == 1024 * 1024
+    # The card's two sources: LAION-HD's URL parquet with EXIF, watermark and luminance filters; the
+    # Midjourney dataset on the Hub with none.
+    laion, mj = cfg.curate.resolved_sources()
+    assert (laion.name, laion.kind, mj.name, mj.kind) == ("laion-hd", "urls", "mj-general", "huggingface")
+    assert mj.location == "hf://datasets/ptx0/mj-general"
+    assert laion.filters.require_exif and laion.filters.max_luminance == 0.5 and laion.filters.max_watermark <= 0.7
+    assert not (mj.filters.require_exif or mj.filters.drop_edited or mj.filters.dedupe)
+    assert mj.filters.max_watermark is mj.filters.max_luminance is mj.filters.max_punsafe is None
     assert cfg.diffusion.beta_start == 0.00085 and cfg.diffusion.beta_end == 0.012
     assert cfg.diffusion.beta_schedule == "scaled_linear" and cfg.diffusion.num_train_timesteps == 1000
 
@@ -244,3 +252,21 @@ def test_every_key_is_documented_in_the_reference():
     assert len([r for r in rows if not r.get("section")]) > 100
     text = reference_text(load_config(CONFIGS / "terminus_v2.yaml"))
     assert 'train.batch_size = 24  (int)' in text and "[train.lr]" in text
+
+
+def test_one_source_of_a_list_is_set_by_its_name():
+    cfg = load_config(CONFIGS / "terminus_v2.yaml", ["curate.sources.laion-hd.location=s3://mine/laion/",
+                                                      "curate.sources.mj-general.filters.dedupe=true",
+                                                      "curate.sources.mj-general.caption_column=TEXT"])
+    laion, mj = cfg.curate.sources
+    assert laion.location == "s3://mine/laion/" and laion.filters.require_exif  # the rest of it stays
+    assert mj.filters.dedupe and mj.caption_column == "TEXT" and mj.location == "hf://datasets/ptx0/mj-general"
+    from components.config import reference_text
+
+    text = reference_text(cfg)  # --print-config names each entry as --set does
+    assert 'curate.sources.laion-hd.location = "s3://mine/laion/"  (str)' in text
+    assert "curate.sources.mj-general.filters.dedupe = true  (bool)" in text
+    with pytest.raises(ConfigError, match="has no entry named 'laion' \\(names: laion-hd, mj-general\\)"):
+        load_config(CONFIGS / "terminus_v2.yaml", ["curate.sources.laion.location=/x"])
+    with pytest.raises(ConfigError, match="curate.sources.mj-general.repeats"):
+        load_config(CONFIGS / "terminus_v2.yaml", ["curate.sources.mj-general.repeats=-1"])

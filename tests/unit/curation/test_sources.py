@@ -185,7 +185,8 @@ def test_folder_symlinks_out_of_the_source_are_refused_as_path_escape(tmp_path):
             self.read_paths.append(os.path.realpath(uri))
             return super().read(uri)
 
-    curator = Curator(CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512}), 0)
+    curator = Curator(CurateConfig(buckets={"area": 65536, "min_side": 128, "max_side": 512},
+                                   missing_caption=MissingCaption.FILENAME), 0)
     curator.store = Reads()
     outcomes = {name: curator.process(r) for name, r in records.items()}
     assert str(outcomes["link_out.jpg"].reason) == "path_escape"
