@@ -40,10 +40,10 @@ from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import SDXLParts, attention_kind
 from components.registry.model import load_source_parts
 from components.training.batches import RowIndex, ShardRows, TableRows, epoch_plan, rows_to_batch, source_counts
-from components.training.prefetch import prefetched
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer
 from components.training.parallel import Strategy
+from components.training.prefetch import prefetched
 from components.training.progress import Progress
 from components.training.run_logger import RunLogger
 from components.training.validation import Validator
