@@ -112,14 +112,14 @@ def build_trainee(cfg: Config, device: torch.device | str = "cpu") -> Trainee:
     return Trainee(cfg, parts, optimizer, training_scheduler(cfg.diffusion), device)
 
 
-def train_step(t: Trainee, rows: list[dict], step: int) -> float:
-    """Decode the rows, min-SNR loss, backward, clip, optimizer step; returns the loss."""
+def train_step(t: Trainee, rows: list[dict], step: int, batch=None) -> float:
+    """Decode the rows (unless ``batch`` is given), min-SNR loss, backward, clip, optimizer step; returns the loss."""
     from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss
     from components.training.batches import rows_to_batch
     from components.training.loop import step_generator
 
     c = t.cfg
-    batch = rows_to_batch(rows, t.device)
+    batch = rows_to_batch(rows, t.device) if batch is None else batch
     spec = LossSpec(t.scheduler, c.diffusion, c.train.precision, c.train.caption_dropout)
     loss = diffusion_loss(t.parts, t.parts.unet, batch, spec, NoiseDraw(step_generator(c.seed, 0, step, 0)))
     loss.backward()
@@ -297,6 +297,62 @@ def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_p
         "plain_drift": after["s_per_step"] / before["s_per_step"] - 1,  # the machine's noise, same work
         "ray_startup_s": ray_side["startup_s"], "ray_epoch_start_s": ray_side["epoch_start_s"],
     }
+
+
+# --- input: the data wait at a step as fast as a GPU's ----------------------------------------------------
+
+
+def benchmark_input(cfg: Config, *, batches: int = 32, speedup: float = 10.0, workdir: str | None = None) -> dict:
+    """The share of step time spent waiting for data when the step is ``speedup`` times faster than this
+    CPU's (a GPU's pace), with the training loop's own reader (``loop.EpochReader.prepared``, streaming the
+    split's shards) at ``train.prefetch_batches`` and without prefetching (0), no Ray.
+
+    The step is emulated: the real step's seconds on a decoded batch are measured here (median of 3 after
+    a warm-up), then each emulated step sleeps that / ``speedup``, which frees the CPU as a GPU step frees it.
+    ``wait_share`` = waits / wall over the batches after the first (the first batch of an epoch has
+    nothing to overlap with; it is reported as ``first_wait_s``).
+    """
+    from components.training.batches import read_index, rows_to_batch
+    from components.training.loop import EpochReader
+
+    side, size = bucket_side(cfg), cfg.train.batch_size
+    threads = cfg.train.cpus_per_worker
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads):
+        manifest = write_bench_dataset(Path(tmp, "data"), size * (batches + 1), side, cfg.seed)
+        trainee = build_trainee(cfg)
+        rows = read_rows(manifest)[:size]
+        start = time.perf_counter()
+        decoded = rows_to_batch(rows)
+        decode_s = time.perf_counter() - start
+        train_step(trainee, rows, 0, decoded)  # warm-up
+        step_times = []
+        for i in range(3):
+            start = time.perf_counter()
+            train_step(trainee, rows, i + 1, decoded)
+            step_times.append(time.perf_counter() - start)
+        step_s = statistics.median(step_times)
+        fake_s = step_s / speedup
+        data = {"index": read_index(manifest.paths("train")), "repeats": {}, "mode": "blocks"}
+        arms = {}
+        for label, depth in (("no_prefetch", 0), ("prefetch", cfg.train.prefetch_batches)):
+            arm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"prefetch_batches": depth})})
+            it = EpochReader(data, arm_cfg).prepared(0, 0, 1, 0)
+            start = time.perf_counter()
+            next(it)
+            first = time.perf_counter() - start
+            waits, start = [], time.perf_counter()
+            for _ in range(batches - 1):
+                time.sleep(fake_s)  # the emulated step
+                fetch = time.perf_counter()
+                next(it)
+                waits.append(time.perf_counter() - fetch)
+            wall = time.perf_counter() - start
+            it.close()
+            arms[label] = {"depth": depth, "first_wait_s": first, "mean_wait_s": statistics.fmean(waits),
+                           "max_wait_s": max(waits), "wait_share": sum(waits) / wall, "wall_s": wall}
+    return {"batch_size": size, "image_side": side, "batches": batches, "speedup": speedup,
+            "step_s": step_s, "emulated_step_s": fake_s, "decode_batch_s": decode_s,
+            "prefetch_threads": cfg.train.prefetch_threads, **arms}
 
 
 # --- caching: cached latents + embeddings vs encoding on the fly ------------------------------------

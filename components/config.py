@@ -588,6 +588,11 @@ class TrainConfig(Strict):
     """Side of the validation images."""
     val_steps: int = Field(10, gt=0)
     """Denoising steps of the validation images."""
+    prefetch_batches: int = Field(4, ge=0)
+    """Micro-batches taken, decoded and collated ahead of the step, in threads, in the plan's order (0: each
+    on the training thread when the step asks for it). ``data_wait`` in the run's metrics is what is left."""
+    prefetch_threads: int = Field(2, ge=1)
+    """Threads preparing the prefetched micro-batches (JPEG decoding releases the GIL)."""
     in_memory_mb: float = Field(512, ge=0)
     """A training split up to this size (MB in memory) is read into Ray's object store once; each epoch is
     then a fresh global shuffle of it, read from there (an epoch costs well under a second). A larger one

@@ -83,6 +83,15 @@ class Batch:
     def device(self) -> torch.device:
         return (self.pixels if self.pixels is not None else self.latent_dist).device
 
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in vars(self).items()}
+        return Batch(**moved)
+
 
 @torch.no_grad()
 def encode_latents(parts: SDXLParts, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

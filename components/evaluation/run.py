@@ -67,12 +67,21 @@ def eval_protocol(cfg: Config, manifest: CuratedManifest, prompts: PromptSet) ->
     return "p" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+GENERATE_BATCH = 8
+"""Images per pipeline call. Each image has its own seeded generator, so a batch draws the same images as
+one call per image (to float rounding), many times faster on a CPU (8 tiny-model images: 3 s against 47 s)."""
+
+
 def _generate(cfg: Config, pipes, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-    """Float images (H, W, 3) in [0, 1], NaN kept (output_type='np' does not hide it)."""
+    """Float images (H, W, 3) in [0, 1], NaN kept (output_type='np' does not hide it), prompt-major."""
     ev = cfg.evaluate
-    return [np.asarray(pipes.generate(GenerationRequest(p, width=ev.image_size, height=ev.image_size,
-                                                        steps=ev.steps, seed=s), output_type="np")[0], np.float32)
+    reqs = [GenerationRequest(p, width=ev.image_size, height=ev.image_size, steps=ev.steps, seed=s)
             for p in prompts for s in seeds]
+    out = []
+    for start in range(0, len(reqs), GENERATE_BATCH):
+        out += [np.asarray(images[0], np.float32)
+                for images in pipes.generate_group(reqs[start:start + GENERATE_BATCH], output_type="np")]
+    return out
 
 
 def held_out_images(manifest: CuratedManifest, cfg: Config) -> list[np.ndarray]:

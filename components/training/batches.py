@@ -165,19 +165,23 @@ class ShardRows:
     """Rows of a split read from its shards as needed, the last ``keep`` shards held (a window's worth)."""
 
     def __init__(self, index: RowIndex, endpoint_url: str | None, keep: int):
+        import threading
+
         self.index, self.endpoint_url, self.keep = index, endpoint_url, max(2, keep)
         self._open: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()  # the prefetch threads take rows concurrently
 
     def _shard(self, f: int):
         from components.storage import read_parquet
 
-        if f in self._open:
-            self._open.move_to_end(f)
-        else:
-            self._open[f] = read_parquet(self.index.files[f], self.endpoint_url)
-            while len(self._open) > self.keep:
-                self._open.popitem(last=False)
-        return self._open[f]
+        with self._lock:
+            if f in self._open:
+                self._open.move_to_end(f)
+            else:
+                self._open[f] = read_parquet(self.index.files[f], self.endpoint_url)
+                while len(self._open) > self.keep:
+                    self._open.popitem(last=False)
+            return self._open[f]
 
     def take(self, ids: np.ndarray) -> list[dict]:
         return [self._shard(int(self.index.file_of[i])).slice(int(self.index.row_in_file[i]), 1).to_pylist()[0]

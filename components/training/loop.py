@@ -33,6 +33,7 @@ from components.config import Config, ModelConfig, Precision, RecurringError, Tr
 from components.dataset import read_manifest, val_rows
 from components.diffusion.conditioning import dropout_uses_zeros, encode_text
 from components.diffusion.loss import (
+    Batch,
     LossSpec,
     NoiseDraw,
     autocast,
@@ -47,6 +48,7 @@ from components.training.batches import RowIndex, ShardRows, TableRows, epoch_pl
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer
 from components.training.parallel import Strategy
+from components.training.prefetch import prefetched
 from components.training.progress import Progress
 from components.training.run_logger import RunLogger
 from components.training.validation import Validator
@@ -87,6 +89,19 @@ class EpochReader:
         """Row lists of this rank's micro-batches of ``epoch`` from position ``skip_batches`` (a resume)."""
         for ids in self.plan(epoch, world)[rank][skip_batches:]:
             yield self.rows.take(ids)
+
+    def prepared(self, epoch: int, rank: int, world: int, skip_batches: int) -> Iterator[tuple[list[dict], Batch]]:
+        """``(rows, batch)`` of the same micro-batches, in the same order, taken, decoded and collated on CPU
+        ``train.prefetch_batches`` ahead of the step (``components/training/prefetch.py``)."""
+        planned = self.plan(epoch, world)[rank][skip_batches:]
+
+        def prepare(ids: np.ndarray) -> tuple[list[dict], Batch]:
+            rows = self.rows.take(ids)
+            return rows, rows_to_batch(rows, "cpu")
+
+        for _, prepared in prefetched(iter(planned), prepare, self.cfg.train.prefetch_batches,
+                                      self.cfg.train.prefetch_threads):
+            yield prepared
 
 
 def table_rows(index: RowIndex, refs: list, names: list[str]) -> TableRows:
@@ -335,15 +350,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"worker {rank} got no full batch of {cfg.train.batch_size} from any bucket: "
                 "lower train.batch_size or curate more images"
             )
-        batches = reader.batches(state.epoch, rank, world, state.batches_in_epoch)
+        batches = reader.prepared(state.epoch, rank, world, state.batches_in_epoch)
         while True:
             fetch = time.perf_counter()
             position = state.batches_in_epoch
-            rows = next(batches, None)
-            if rows is None:
+            prepared = next(batches, None)
+            if prepared is None:
                 break
-            batch = rows_to_batch(rows, device)
-            data_s += time.perf_counter() - fetch  # planning, taking the rows, decoding on this thread
+            rows, batch = prepared
+            batch = batch.to(device)
+            data_s += time.perf_counter() - fetch  # waiting for the prefetched batch (all of its work at depth 0)
             batch_hash(rows, seen_hash)
             for name, n in source_counts(reader.index, (p[position] for p in plan)).items():  # every rank's
                 state.source_samples[name] = state.source_samples.get(name, 0) + n
@@ -390,6 +406,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t0 = time.perf_counter()  # images/s excludes validation and checkpointing
             if state.step >= steps:
                 break
+        batches.close()  # stops the prefetch threads of an epoch left early
         if state.step >= steps:
             break
         state.epoch += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import Figure, figures, table
-from bench.training import benchmark_caching, benchmark_training
+from bench.training import benchmark_caching, benchmark_input, benchmark_training
 from components.config import load_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -58,10 +58,25 @@ def test_caching_benchmark_smoke(small_cfg, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_input_benchmark_smoke(small_cfg, tmp_path):
+    out = benchmark_input(small_cfg, batches=4, workdir=str(tmp_path))
+    assert out["image_side"] == 128 and out["batch_size"] == 2
+    assert math.isclose(out["emulated_step_s"], out["step_s"] / 10, rel_tol=1e-9)
+    assert out["prefetch"]["depth"] == small_cfg.train.prefetch_batches > 0 and out["no_prefetch"]["depth"] == 0
+    for arm in ("prefetch", "no_prefetch"):
+        assert 0 <= out[arm]["wait_share"] < 1 and out[arm]["wall_s"] >= 3 * out["emulated_step_s"]
+    rows = {f.name: f for f in figures({"input": out})}
+    share = next(f for name, f in rows.items() if name.startswith("data wait share, prefetch"))
+    assert share.target == ("<", 2.0) and share.status == ("PASS" if out["prefetch"]["wait_share"] < 0.02 else "MISS")
+    assert not list(tmp_path.iterdir())
+
+
 def test_verdicts_and_table():
     assert Figure("s", "overhead", 6.2, "%", ("<=", 5.0)).status == "MISS"
     assert Figure("s", "overhead", 4.9, "%", ("<=", 5.0)).status == "PASS"
     assert Figure("s", "speed-up", 1.69, "x", (">=", 1.7)).status == "MISS"
+    assert Figure("s", "wait", 1.99, "%", ("<", 2.0)).status == "PASS"
+    assert Figure("s", "wait", 2.0, "%", ("<", 2.0)).status == "MISS"
     assert Figure("s", "ratio", 0.9, "x", (">", 1.0), claim=True).status == "NOT SEEN"
     assert Figure("s", "ratio", 1.8, "x", (">", 1.0), claim=True).status == "HOLDS"
     assert Figure("s", "plain", 0.4, "s/step").status == "-"
