@@ -1,8 +1,9 @@
-"""``make bench``'s report: run the five CPU benchmark sections, put each figure next to its target
+"""``make bench``'s report: run the seven CPU benchmark sections, put each figure next to its target
 (issue 8 item 3) and anchor (docs/recipe.md), print a table, keep the JSON.
 
-Sections and where they live: curation (``bench.curation``), training and caching
-(``bench.training``), serving (``bench.serving``), zt_repro (``bench.zt_repro``).
+Sections and where they live: curation (``bench.curation``), training, input and caching
+(``bench.training``), serving (``bench.serving``), multiplex (``bench.multiplex``: adapters many per replica
+against a replica per adapter), zt_repro (``bench.zt_repro``).
 ``SIZES`` sizes them so that the whole run stays under the 15 minutes issue 8 allows on this 2-core
 machine while it is shared and busy. A missed target is a measurement, reported as MISS with its
 number; a section that fails is reported as ERROR and the others still run.
@@ -27,7 +28,7 @@ from bench.process import PINNED_MALLOC
 from bench.training import benchmark_caching, benchmark_input, benchmark_training, torch_threads
 from components.config import Config
 
-SECTIONS = ("curation", "training", "input", "caching", "serving", "zt_repro")
+SECTIONS = ("curation", "training", "input", "caching", "serving", "multiplex", "zt_repro")
 
 
 # --- sections -------------------------------------------------------------------------
@@ -81,6 +82,14 @@ def _serving(cfg: Config, workdir: str | None, **sizes) -> dict:
         return {**benchmark_serving(bench, port=free_port(), **sizes), "registry_setup_s": registry_s}
 
 
+def _multiplex(cfg: Config, workdir: str | None, **sizes) -> dict:
+    from bench.multiplex import benchmark_multiplex
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        bench = bench_registry(cfg, Path(tmp))
+        return benchmark_multiplex(bench, Path(tmp), port=free_port(), **sizes)
+
+
 def _zt_repro(cfg: Config, workdir: str | None, threads: int | None = None, **sizes) -> dict:
     from bench.zt_repro import run_repro
 
@@ -94,15 +103,17 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "input": lambda cfg, workdir, **kw: benchmark_input(cfg, workdir=workdir, **kw),
     "caching": lambda cfg, workdir, **kw: benchmark_caching(cfg, workdir=workdir, **kw),
     "serving": _serving,
+    "multiplex": _multiplex,
     "zt_repro": _zt_repro,
 }
-NEEDS_RAY = {"curation", "training", "serving"}
+NEEDS_RAY = {"curation", "training", "serving", "multiplex"}
 SIZES: dict[str, dict] = {
     "curation": {"n_images": 256},  # the pipeline is timed warm; its first run (start-up) is reported apart
     "training": {},  # benchmark_training's defaults: 3 warm-up + 12 timed steps
     "input": {},  # benchmark_input's defaults: 32 batches, the step 10x faster than this CPU's
     "caching": {},  # benchmark_caching's defaults: 16 rows, 2 warm-up + 8 timed steps per arm
     "serving": {"requests": 24},  # benchmark_serving's defaults otherwise: concurrency 8, 64 px, 4 steps
+    "multiplex": {"requests": 16},  # benchmark_multiplex's defaults otherwise: 2 adapters, concurrency 4, 64 px, 4 steps
     "zt_repro": {"threads": 1},
 }
 """Sized for the whole run to take under 15 minutes on this 2-core machine under load (issue 8).
@@ -303,6 +314,25 @@ def _serving_figures(d: dict) -> list[Figure]:
     ]
 
 
+def _multiplex_figures(d: dict) -> list[Figure]:
+    f = lambda *a, **k: Figure("multiplex", *a, **k)  # noqa: E731
+    m, o = d["multiplexed"], d["dedicated"]
+    n = d["adapters"]
+    return [
+        f(f"multiplexed: {n} LoRAs (rank {d['rank']}) on 1 replica, alternating, p50", _ms(m["p50_s"]), "ms"),
+        f("multiplexed p99", _ms(m["p99_s"]), "ms"),
+        f(f"dedicated: 1 replica per adapter ({n} replicas), p50", _ms(o["p50_s"]), "ms"),
+        f("dedicated p99", _ms(o["p99_s"]), "ms"),
+        f(f"multiplexed throughput, concurrency {d['concurrency']}", m["throughput_rps"], "req/s"),
+        f("dedicated throughput", o["throughput_rps"], "req/s"),
+        f("multiplexed / dedicated latency p50", d["latency_ratio_p50"], "x"),
+        f("replica peak RSS: multiplexed (1 replica)", m["memory"]["peak_rss_bytes"] / 2**20, "MiB"),
+        f(f"replica peak RSS: dedicated (sum of {n})", o["memory"]["peak_rss_bytes"] / 2**20, "MiB"),
+        f("multiplexed / dedicated memory", d["memory_ratio"], "x", ("<", 1.0), "one base in memory instead of n"),
+        f("failed requests", float(d["errors"]), "", ("<=", 0.0)),
+    ]
+
+
 def _zt_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("zt_repro", *a, **k)  # noqa: E731
     arms, latent = d["arms"], "x".join(map(str, d["settings"]["latent_shape"]))
@@ -318,7 +348,8 @@ def _zt_figures(d: dict) -> list[Figure]:
 
 
 _FIGURES = {"curation": _curation_figures, "training": _training_figures, "caching": _caching_figures,
-            "serving": _serving_figures, "zt_repro": _zt_figures, "input": _input_figures}
+            "serving": _serving_figures, "multiplex": _multiplex_figures, "zt_repro": _zt_figures,
+            "input": _input_figures}
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -84,7 +84,7 @@ def _encoding_s(size: int, count: int = 50) -> dict[str, float]:
 
     from components.config import Config as _Config
     from components.diffusion.request import GenerationResult
-    from deploy.api import parse_params, to_request
+    from deploy.api import adapter_id, parse_params, to_request
     from deploy.app import render_result
 
     rng = np.random.default_rng(0)
@@ -96,7 +96,9 @@ def _encoding_s(size: int, count: int = 50) -> dict[str, float]:
     parse, render = [], []
     for _ in range(count):
         start = time.perf_counter()
-        to_request(parse_params(json.loads(body)), cfg, "bench")
+        params = parse_params(json.loads(body))
+        adapter_id(params.model, None, "bench")  # the ingress routes every request (base or adapter)
+        to_request(params, cfg)
         parse.append(time.perf_counter() - start)
         start = time.perf_counter()
         render_result(result)

@@ -67,6 +67,14 @@ class Parallel(enum.StrEnum):
     FSDP = "fsdp"  # weights, gradients and optimizer states sharded (torch FSDP2 fully_shard)
 
 
+class TrainMethod(enum.StrEnum):
+    """What a fine-tune trains (docs/adapters.md)."""
+
+    FULL = "full"  # every UNet weight (the recipe as Terminus XL Gamma v2 was made)
+    LORA = "lora"  # a low-rank adapter beside the frozen UNet (peft LoRA: B @ A, scaled alpha / rank)
+    LOKR = "lokr"  # a Kronecker-product adapter (peft LoKr, the LyCORIS method: kron(w1, w2), scaled alpha / rank)
+
+
 class CropMode(enum.StrEnum):
     RANDOM = "random"
     CENTER = "center"
@@ -453,8 +461,54 @@ class LRConfig(Strict):
         return self
 
 
+ADAPTER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+"""The UNet's attention projections: the modules diffusers' SDXL LoRA scripts adapt by default."""
+
+
+class AdapterConfig(Strict):
+    """The adapter of a ``train.method: lora | lokr`` run: the shape peft builds, and where it is registered."""
+
+    rank: int = Field(16, ge=1)
+    """Rank r: LoRA's inner dimension; LoKr's rank of its second Kronecker factor where that factor is
+    decomposed (peft keeps a factor whole when r >= half of its larger side)."""
+    alpha: float | None = Field(None, gt=0)
+    """The update is scaled by alpha / rank (LoRA's lora_alpha, LoKr's alpha); None: alpha = rank (scale 1)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA: dropout on the adapter's input (lora_dropout); LoKr: rank dropout of the Kronecker update."""
+    target_modules: list[str] = ADAPTER_TARGETS
+    """UNet modules that get an adapter: names or name suffixes, as peft matches them (``to_q``, ``to_out.0``,
+    ``proj_in``, ``ff.net.2``, ...); only Linear and Conv2d layers can take one."""
+    decompose_factor: int = -1
+    """LoKr: how each dimension is split into the two Kronecker factors (-1: as close to square as it divides)."""
+    registered_model: str | None = None
+    """Registered model the adapter's versions go to; None: ``<tracking.registered_model>-<method>``."""
+    base_registered_model: str | None = None
+    """An adapter names a registered base version. When ``model.source`` is not one (``tiny``, a folder, a hub id),
+    the source's weights are registered first, once (found again by their content hash), under this name; None:
+    ``<tracking.registered_model>-base``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterConfig:
+        if not self.target_modules:
+            raise ValueError("adapter.target_modules is empty: name at least one UNet module (e.g. to_q)")
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(f"adapter.decompose_factor {self.decompose_factor}: -1 or a positive factor")
+        return self
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
 class TrainConfig(Strict):
     """The fine-tune on Ray Train."""
+
+    method: TrainMethod = TrainMethod.FULL
+    """``full`` (every UNet weight trains), ``lora`` or ``lokr`` (only an adapter trains; the UNet beside it is frozen
+    and kept in the compute dtype, bf16 under the recipe, like the text encoders). The recipe is the same for all
+    three: schedule, loss, precision policy, crop conditioning, checkpoints, validation, registration."""
+    adapter: AdapterConfig = AdapterConfig()
+    """The adapter of a ``lora`` / ``lokr`` run."""
 
     data: str | None = None
     """The curated dataset to train on (a directory or ``s3://`` prefix); None: ``curate.output``."""
@@ -577,7 +631,14 @@ class TrainConfig(Strict):
         if self.parallel is Parallel.FSDP and self.ema_decay is not None:
             raise ValueError("train.ema_decay is not supported with train.parallel=fsdp (the EMA would need "
                              "the full weights on every rank); use ddp or set ema_decay to null")
+        if self.parallel is Parallel.FSDP and self.method is not TrainMethod.FULL and self.num_workers > 1:
+            raise ValueError(f"train.method={self.method.value} with train.parallel=fsdp: an adapter is small enough "
+                             "to replicate; use train.parallel=ddp")
         return self
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method is not TrainMethod.FULL
 
     @property
     def effective_batch(self) -> int:
@@ -661,6 +722,9 @@ class ServeConfig(Strict):
     """How long a batch waits to fill before it runs."""
     retry_after_s: float = Field(1.0, ge=0)
     """Retry-After (seconds) on a 503 when Serve's backpressure config names none."""
+    max_adapters_per_replica: int = Field(4, ge=1)
+    """Adapters one model replica keeps attached to its base at once (Ray Serve's multiplexing LRU,
+    ``@serve.multiplexed(max_num_models_per_replica=...)``): the least recently used is detached to make room."""
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -766,6 +830,16 @@ class Config(Strict):
         if self.train.storage_path is None:
             self.train.storage_path = join(self.state_dir, "ray_results")
         return self
+
+    @property
+    def adapter_model_name(self) -> str:
+        """Where an adapter run registers its versions (``train.adapter.registered_model``)."""
+        return self.train.adapter.registered_model or f"{self.tracking.registered_model}-{self.train.method.value}"
+
+    @property
+    def base_model_name(self) -> str:
+        """Where an adapter run registers an unregistered base (``train.adapter.base_registered_model``)."""
+        return self.train.adapter.base_registered_model or f"{self.tracking.registered_model}-base"
 
     def state_path(self, *parts: str) -> Path:
         """An absolute path under the state directory."""

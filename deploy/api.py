@@ -151,13 +151,38 @@ def raise_for_result(out: GenerationResult) -> None:
     if out.failure:
         raise ApiError(500, f"the model failed on this request ({out.failure})", type="server_error")
     if out.error:
-        raise ApiError(400, out.error, param=out.param,
-                       code="prompt_too_long" if out.param in ("prompt", "negative_prompt") else None)
+        code = out.code or ("prompt_too_long" if out.param in ("prompt", "negative_prompt") else None)
+        raise ApiError(out.status, out.error, param=out.param, code=code)
+
+
+ADAPTER_ID = re.compile(r"^(?:models:/)?([A-Za-z0-9][A-Za-z0-9_.\-]{0,127})(?:@([A-Za-z0-9][A-Za-z0-9_\-]{0,63})|/([0-9]{1,9}))?$")
+"""An adapter as a request names it: ``NAME@ALIAS``, ``NAME/VERSION`` or a bare ``NAME`` (its ``@champion``), with or
+without ``models:/``."""
+
+
+def adapter_id(model: str | None, header: str | None, served_name: str) -> str | None:
+    """The Serve multiplexed model id of a request -- ``NAME@ALIAS`` or ``NAME/VERSION`` of an adapter -- or None
+    for the bare base. ``model`` is the body's OpenAI ``model`` field, ``header`` the ``serve_multiplexed_model_id``
+    header; the base is asked for by leaving both out or by its registered name."""
+    if header and model and model not in (header, served_name):
+        raise ApiError(400, f"the model field {model!r} and the serve_multiplexed_model_id header {header!r} name "
+                       "different models; send one", param="model")
+    chosen = header or model
+    if chosen is None or chosen in (served_name, f"models:/{served_name}"):
+        return None
+    match = ADAPTER_ID.match(chosen)
+    if match is None:
+        raise ApiError(400, f"model {chosen[:200]!r} is not a model name: use NAME, NAME@ALIAS or NAME/VERSION "
+                       f"(GET /v1/models lists them)", param="model")
+    name, alias, version = match.groups()
+    if name == served_name:
+        raise ApiError(404, f"model {chosen!r}: this server serves {served_name} as its base only; GET /v1/models "
+                       "lists what it serves", param="model", code="model_not_found")
+    return f"{name}/{version}" if version else f"{name}@{alias or 'champion'}"
 
 
 def to_request(
-    p: ImageParams, cfg: Config, served_name: str, image: Image.Image | None = None,
-    mask: Image.Image | None = None,
+    p: ImageParams, cfg: Config, image: Image.Image | None = None, mask: Image.Image | None = None,
 ) -> GenerationRequest:
     """Validate the parameters against the limits and fill in the serving defaults of the config.
 
@@ -165,9 +190,6 @@ def to_request(
     ``inference`` section) on the model replica.
     """
     s = cfg.serve
-    if p.model is not None and p.model != served_name:
-        raise ApiError(404, f"model {p.model!r} is not served here; GET /v1/models lists {served_name!r}",
-                       param="model", code="model_not_found")
     if p.response_format not in (None, "b64_json"):
         if p.response_format == "url":
             raise ApiError(400, "response_format 'url' is not supported: images are returned inline; "

@@ -4,7 +4,10 @@
 
 ``Model`` loads ``models:/NAME@ALIAS`` (champion by default) through the registry loader training
 uses, follows the alias (hot swap, ``deploy/holder.py``), and runs compatible requests as one
-pipeline call (``@serve.batch``, ``deploy/batching.py``). ``Ingress`` owns the HTTP contract
+pipeline call (``@serve.batch``, ``deploy/batching.py``). A request may name an adapter of that base (the
+OpenAI ``model`` field or the ``serve_multiplexed_model_id`` header): it travels as the request's Serve
+multiplexed model id, the replica keeps an LRU of adapters attached to its base (``@serve.multiplexed``,
+``serve.max_adapters_per_replica``) and batches split by adapter (``deploy/adapters.py``, docs/adapters.md). ``Ingress`` owns the HTTP contract
 (``deploy/api.py``): validation, auth, errors, and the 503 + Retry-After of a full queue.
 
 Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
@@ -47,6 +50,7 @@ from components.diffusion.request import GenerationRequest, GenerationResult
 from components.registry.tracking import tracking_uri
 from deploy.api import (
     ApiError,
+    adapter_id,
     api_token,
     decode_upload,
     error_body,
@@ -73,7 +77,9 @@ UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentU
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8, max_queued_requests=32,
                   health_check_period_s=5)
 class Model:
-    """One replica = one loaded pipeline version, swapped in place when the alias moves."""
+    """One replica = one loaded base pipeline version, swapped in place when the alias moves, and the adapters
+    requests ask for (Ray Serve model multiplexing: ``_adapter`` is the ``@serve.multiplexed`` loader, its LRU
+    sized by ``serve.max_adapters_per_replica``; deploy/adapters.py)."""
 
     def __init__(self, config: dict, model_uri: str, tracking: str, cache_dir: str):
         import mlflow
@@ -96,6 +102,19 @@ class Model:
         # the replica starts on the last good one (deploy/holder.py) and keeps watching the alias.
         self.holder.start()
         self.holder.start_polling()
+        from deploy.adapters import ReplicaAdapters
+
+        self.adapters = ReplicaAdapters(cache_dir, self.cfg.serve.poll_alias_s)
+
+        async def load_adapter(model_id: str):
+            # An adapter of another base is refused before it takes a place in the LRU.
+            adapter = await asyncio.to_thread(self.adapters.fetch, model_id)
+            await asyncio.to_thread(self.adapters.check_base, adapter, self.holder.current)
+            return adapter
+
+        # Wired here, not as a decorated method, so that the LRU's size comes from the config.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters_per_replica)(
+            load_adapter)
         self._batched.set_max_batch_size(self.cfg.serve.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
 
@@ -106,18 +125,54 @@ class Model:
     def info(self) -> dict[str, Any]:
         loaded = self.holder.current
         return {"name": loaded.name, "version": loaded.version, "uri": self.holder.uri,
-                "loaded_at": loaded.loaded_at, "swaps": self.holder.swaps}
+                "loaded_at": loaded.loaded_at, "swaps": self.holder.swaps, "adapters_attached": self.adapters.attached,
+                "adapter_loads": self.adapters.loads, "adapter_swaps": self.adapters.swaps}
+
+    def memory(self) -> dict[str, int]:
+        """This replica's peak resident memory, and on a GPU its peak allocated device memory (the benchmarks)."""
+        import resource
+
+        import torch
+
+        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if torch.cuda.is_available():
+            peak["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+        return peak
+
+    def adapters_listed(self) -> list[dict[str, Any]]:
+        """The registry's adapters with an alias, and whether each was trained on the base served here."""
+        import logging
+
+        import mlflow
+
+        from components.registry.adapters import listed_adapters
+
+        try:
+            return listed_adapters(self.adapters.base_sha256(self.holder.current))
+        except mlflow.exceptions.MlflowException as err:  # the registry is down: the base is still served
+            logging.getLogger(__name__).warning("listing the adapters failed: %s", str(err)[:200])
+            return []
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One request, as deploy.api.to_request built it."""
-        return await self._batched(request)
+        """One request, as deploy.api.to_request built it; the adapter, if any, is the request's multiplexed
+        model id (``serve_multiplexed_model_id``)."""
+        from deploy.adapters import AdapterRefused
+
+        model_id = serve.get_multiplexed_model_id()
+        adapter = None
+        if model_id:
+            try:
+                adapter = await self._adapter(model_id)  # the LRU: a lookup, or a load (evicting the oldest)
+                await asyncio.to_thread(adapter.follow, self.cfg.serve.poll_alias_s)
+            except AdapterRefused as err:
+                return err.result(request)
+        return await self._batched(request, adapter)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _batched(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        from deploy.batching import serve_batch
-
+    async def _batched(self, reqs: list[GenerationRequest], adapters: list) -> list[GenerationResult]:
+        # Serve splits each batch by multiplexed model id: every request here asked for the same adapter (or none).
         loaded = self.holder.current  # one version for the whole batch, reported with every result
-        return await asyncio.to_thread(serve_batch, loaded.name, loaded.version, loaded.pipelines, reqs)
+        return await asyncio.to_thread(self.adapters.run, loaded, adapters[0], reqs)
 
     def __del__(self):
         holder = getattr(self, "holder", None)
@@ -217,6 +272,9 @@ def render_result(out: GenerationResult) -> JSONResponse:
         "model_version": out.version,
     }
     headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
+    if out.base is not None:  # an adapter answered: name the base it ran on too
+        body["base_model"] = out.base
+        headers["X-Base-Model-Version"] = out.base
     return JSONResponse(body, headers=headers)
 
 
@@ -262,22 +320,28 @@ class Ingress:
         self._authorize(request)
         info = await self._call(self._info())
         entry = {"id": info["name"], "object": "model", "created": int(info["loaded_at"]),
-                 "owned_by": "terminus-platform", "version": info["version"], "uri": info["uri"]}
-        return JSONResponse({"object": "list", "data": [entry]})
+                 "owned_by": "terminus-platform", "version": info["version"], "uri": info["uri"], "kind": "base",
+                 "adapters_attached": info["adapters_attached"], "adapter_loads": info["adapter_loads"]}
+        adapters = await self._call(self.model.adapters_listed.remote())
+        data = [entry, *({"object": "model", "owned_by": "terminus-platform", "kind": "adapter", **a} for a in adapters)]
+        return JSONResponse({"object": "list", "data": data})
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
-        return await self._respond(await asyncio.to_thread(self._generation_request, body))
+        header = serve.get_multiplexed_model_id()
+        return await self._respond(*await asyncio.to_thread(self._generation_request, body, header))
 
-    def _generation_request(self, body: bytes) -> GenerationRequest:
-        """JSON body -> request (a worker thread: parsing up to max_upload_bytes of JSON is CPU)."""
+    def _generation_request(self, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
+        """JSON body -> (request, adapter) (a worker thread: parsing up to max_upload_bytes of JSON is CPU)."""
         try:
             raw = json.loads(body)
         except (ValueError, RecursionError):
             raise ApiError(400, "request body is not valid JSON") from None
-        return to_request(parse_params(raw), self.cfg, self.served_name)
+        params = parse_params(raw)
+        adapter = adapter_id(params.model, header or None, self.served_name)
+        return to_request(params, self.cfg), adapter
 
     @api.post("/v1/images/edits")
     async def edits(self, request: Request) -> JSONResponse:
@@ -288,9 +352,10 @@ class Ingress:
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
         content_type = request.headers.get("content-type", "")
-        return await self._respond(await asyncio.to_thread(self._edit_request, content_type, body))
+        header = serve.get_multiplexed_model_id()
+        return await self._respond(*await asyncio.to_thread(self._edit_request, content_type, body, header))
 
-    def _edit_request(self, content_type: str, body: bytes) -> GenerationRequest:
+    def _edit_request(self, content_type: str, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
         """Multipart body -> request (a worker thread: parsing, decoding and resizing the uploads is CPU,
         seconds for a 4096x4096 image and its mask, and would stall every other client on the loop)."""
         fields, files = parse_multipart(content_type, body)
@@ -301,7 +366,9 @@ class Ingress:
             raise ApiError(400, "missing required file 'image'", param="image")
         image = decode_upload(files["image"], "image", self.cfg)
         mask = decode_upload(files["mask"], "mask", self.cfg) if "mask" in files else None
-        return to_request(parse_params(fields), self.cfg, self.served_name, image=image, mask=mask)
+        params = parse_params(fields)
+        adapter = adapter_id(params.model, header or None, self.served_name)
+        return to_request(params, self.cfg, image=image, mask=mask), adapter
 
     async def _call(self, awaitable):
         """Await a model call, mapping Serve's capacity and availability errors to 503 + Retry-After."""
@@ -314,8 +381,11 @@ class Ingress:
             raise ApiError(503, "no model replica is available right now; retry shortly",
                            type="service_unavailable", headers=self._retry_after(None)) from None
 
-    async def _respond(self, request: GenerationRequest) -> JSONResponse:
-        out: GenerationResult = await self._call(self.model.generate.remote(request))
+    async def _respond(self, request: GenerationRequest, adapter: str | None) -> JSONResponse:
+        """Run ``request`` on the base, or with ``adapter`` (a multiplexed model id: Serve routes it to a replica
+        that has the adapter loaded, where it can)."""
+        handle = self.model.generate if adapter is None else self.model.generate.options(multiplexed_model_id=adapter)
+        out: GenerationResult = await self._call(handle.remote(request))
         raise_for_result(out)
         return await asyncio.to_thread(render_result, out)  # base64 and JSON of n images: CPU
 

@@ -1,8 +1,10 @@
 """Export a registered version as one single-file .safetensors for ComfyUI, A1111 and Forge.
 
-The file holds the UNet, both text encoders and the VAE in the original SDXL key layout, the v_pred and
-ztsnr marker keys, and ModelSpec metadata; it is logged with the version's training run and named by
-the version's single_file.* tags (docs/interchange.md).
+A full model: the UNet, both text encoders and the VAE in the original SDXL key layout, the v_pred and
+ztsnr marker keys, and ModelSpec metadata. An adapter version (LoRA, LoKr): the adapter in kohya's key layout,
+with sd-scripts' ss_* keys (rank, alpha), ModelSpec's keys and its base's URI and hash (docs/adapters.md).
+Either is logged with the version's training run and named by the version's single_file.* tags
+(docs/interchange.md).
 
 examples:
   python flows/export.py --model-uri models:/terminus-tiny@champion
@@ -45,13 +47,14 @@ def main() -> None:
     setup_logging()
     import mlflow
 
+    from components.diffusion.adapters import AdapterError
     from components.diffusion.single_file import SingleFileExportError
     from components.registry.export import export_version
 
     banner(f"export {args.model_uri} as one {args.precision} .safetensors")
     try:
         result = export_version(cfg, args.model_uri, args.out, args.precision, args.title, log=not args.no_log)
-    except (ModelUriError, SingleFileExportError) as err:
+    except (ModelUriError, SingleFileExportError, AdapterError) as err:
         fail(str(err))
     except mlflow.exceptions.MlflowException as err:
         fail(f"registry error ({err.error_code}): {str(err.message).splitlines()[0]}")

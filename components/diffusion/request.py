@@ -73,6 +73,13 @@ class GenerationResult:
     """Set when the pipeline failed on this request alone (the exception's type): a server error."""
     batch_size: int = 1
     """Requests that shared the pipeline call (observability; shows batching is happening)."""
+    status: int = 400
+    """The HTTP status of a refusal (``error``): 400, or 404 for an adapter that does not exist, 409 for an adapter
+    of another base."""
+    code: str | None = None
+    """The OpenAI error ``code`` of a refusal (``model_not_found``, ``adapter_base_mismatch``)."""
+    base: str | None = None
+    """For a request served with an adapter (``name``/``version`` are the adapter's): ``NAME/VERSION`` of the base."""
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -127,6 +127,19 @@ def convert_unet(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dic
     return {_unet_key(k, layers, up_attention, top): v for k, v in state_dict.items()}
 
 
+def original_unet_module(module: str, config: Mapping) -> str:
+    """The original (SGM) name of one diffusers UNet module (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in`` in SDXL), by the same rules as its weights' keys (``convert_unet``). The kohya
+    adapter layout names modules this way (components/diffusion/kohya.py)."""
+    tables = _diffusers_tables()["unet"]
+    top = {**tables["layers"], **tables["addition_embed_type"]}
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise UnmappedKeyError(f"layers_per_block {layers!r}: the original layout needs one count for every level")
+    up_attention = {i for i, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
+    return _unet_key(module + ".weight", layers, up_attention, top).removesuffix(".weight")
+
+
 # --- VAE -----------------------------------------------------------------------------------------
 
 

@@ -94,9 +94,10 @@ def held_out_images(manifest: CuratedManifest, cfg: Config) -> list[np.ndarray]:
 
 
 def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest, prompts: PromptSet,
-                      real: list[np.ndarray]) -> Evaluation:
+                      real: list[np.ndarray], adapter=None) -> Evaluation:
     """Every metric of the diffusers directory ``pipeline_dir`` (deterministic: fixed timesteps, noise,
-    prompts and seeds)."""
+    prompts and seeds); with ``adapter`` (``AdapterWeights``), of that base plus the adapter, merged into its UNet
+    (peft's merge, as serving computes it)."""
     device = pick_device()
     saved = diffusion_from_pipeline_dir(pipeline_dir)
     diffusion = cfg.diffusion.model_copy(update={k: getattr(saved, k) for k in SCHEDULE_FIELDS})
@@ -104,6 +105,10 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     # The weights the device is served (a CUDA replica reads the half variant), computed in fp32.
     model = cfg.model.model_copy(update={"variant": variant_for(pipeline_dir, device)[0], "revision": None})
     parts = load_parts(model, cfg.state_path("cache"), source=str(pipeline_dir))
+    if adapter is not None:
+        from components.diffusion.adapters import fuse
+
+        fuse(parts.unet, adapter)
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device).eval()
     metrics = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).losses(parts, parts.unet)
@@ -144,10 +149,21 @@ def _champion_of(resolved: ResolvedModel, cfg: Config) -> ResolvedModel | None:
     if not cfg.evaluate.compare_champion:
         return None
     try:
-        champ = fetch_model(f"models:/{resolved.name}@{CHAMPION}", cfg.state_path("cache", "models"))
+        champ = fetch_model(f"models:/{resolved.name}@{CHAMPION}", cfg.state_path("cache", "models"), adapter_ok=True)
     except ModelUriError:
         return None  # no champion yet: the first version
     return None if champ.version == resolved.version else champ
+
+
+def _base_and_adapter(resolved: ResolvedModel, cfg: Config) -> dict:
+    """What ``evaluate_pipeline`` evaluates for a version: its pipeline, or for an adapter version the base it
+    names (fetched first) and the adapter."""
+    if not resolved.adapter:
+        return {"pipeline_dir": str(resolved.pipeline_dir)}
+    from components.registry.adapters import base_of, fetch_adapter
+
+    adapter = fetch_adapter(resolved.uri, cfg.state_path("cache", "models"))
+    return {"pipeline_dir": str(base_of(adapter, cfg.state_path("cache", "models"))), "adapter": adapter.weights()}
 
 
 def _tag(name: str, version: str, metrics: dict[str, float], extra: dict[str, str]) -> None:
@@ -165,12 +181,13 @@ def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> 
     import mlflow
 
     experiment_id = setup_tracking(cfg)
-    resolved = fetch_model(model_uri, cfg.state_path("cache", "models"))
+    resolved = fetch_model(model_uri, cfg.state_path("cache", "models"), adapter_ok=True)
     champion = _champion_of(resolved, cfg)
     prompts = load_prompt_set(cfg.evaluate.prompts, cfg.evaluate.num_prompts)
     real = held_out_images(manifest, cfg)
-    candidate = evaluate_pipeline(cfg, str(resolved.pipeline_dir), manifest, prompts, real)
-    theirs = evaluate_pipeline(cfg, str(champion.pipeline_dir), manifest, prompts, real) if champion else None
+    candidate = evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real, **_base_and_adapter(resolved, cfg))
+    theirs = (evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real, **_base_and_adapter(champion, cfg))
+              if champion else None)
     protocol = eval_protocol(cfg, manifest, prompts)
     weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, cfg.diffusion)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:

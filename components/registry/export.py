@@ -20,7 +20,7 @@ import mlflow
 
 from components.config import Config
 from components.diffusion.single_file import export_pipeline, read_keys, read_metadata
-from components.registry.model import _model_version, fetch_model, shipped_inference
+from components.registry.model import ADAPTER_METHOD_TAG, _model_version, fetch_model, shipped_inference
 from components.registry.tracking import setup_tracking
 
 SINGLE_FILE_ARTIFACTS = "single_file"
@@ -43,6 +43,8 @@ def export_version(cfg: Config, uri: str, out: str | Path | None = None, precisi
     ``<state>/exports/single_file/<name>-v<version>-<precision>.safetensors``); returns what was written."""
     setup_tracking(cfg)
     mv = _model_version(uri)
+    if ADAPTER_METHOD_TAG in (mv.tags or {}):
+        return export_adapter_version(cfg, mv, out, precision, title, log)
     name, version = mv.name, str(mv.version)
     resolved = fetch_model(f"models:/{name}/{version}", cfg.state_path("cache", "models"))
     inference = shipped_inference(resolved.pipeline_dir)
@@ -63,6 +65,12 @@ def export_version(cfg: Config, uri: str, out: str | Path | None = None, precisi
         license=LICENSE, usage_hint=usage_hint(inference.guidance_rescale),
         tags="sdxl,v-prediction,zero-terminal-snr,terminus",
     )
+    return _record(mv, path, precision, log)
+
+
+def _record(mv, path: Path, precision: str, log: bool) -> dict:
+    """What was written, logged with the version's run and named by its ``single_file.*`` tags when ``log``."""
+    name, version = mv.name, str(mv.version)
     meta = read_metadata(path)
     result = {"model": name, "version": version, "path": str(path), "precision": precision,
               "hash_sha256": meta["modelspec.hash_sha256"], "bytes": path.stat().st_size,
@@ -76,3 +84,40 @@ def export_version(cfg: Config, uri: str, out: str | Path | None = None, precisi
                            f"single_file.{precision}.bytes": str(result["bytes"])}.items():
             client.set_model_version_tag(name, version, key, value)
     return result
+
+
+def export_adapter_version(cfg: Config, mv, out: str | Path | None, precision: str, title: str | None,
+                           log: bool) -> dict:
+    """An adapter version as one kohya-layout ``.safetensors`` (components/diffusion/kohya.py) that ComfyUI, A1111
+    and Forge load on the base it names: sd-scripts' ``ss_*`` keys (rank, alpha, network module, base model),
+    ModelSpec's ``modelspec.*`` keys and the ``terminus.*`` provenance with the base's URI and content hash. Its
+    diffusers-format file is the version's artifact itself (``pytorch_lora_weights.safetensors``)."""
+    from components.diffusion.kohya import export_kohya, metadata
+    from components.registry.adapters import BASE_SHA_TAG, fetch_adapter
+    from components.registry.model import BASE_URI_TAG
+
+    name, version = mv.name, str(mv.version)
+    tags = mv.tags or {}
+    adapter = fetch_adapter(f"models:/{name}/{version}", cfg.state_path("cache", "models"))
+    weights = adapter.weights()
+    base_uri = tags[BASE_URI_TAG]
+    base_dir = fetch_model(base_uri, cfg.state_path("cache", "models")).pipeline_dir
+    inference = shipped_inference(base_dir)
+    out = Path(out) if out else cfg.state_path("exports", "single_file", f"{name}-v{version}-{precision}.safetensors")
+    title = title or f"{name} v{version}"
+    provenance = {
+        "terminus.model": name, "terminus.version": version, "terminus.run_id": mv.run_id or "",
+        "terminus.base_model_uri": base_uri, "terminus.base_weights_sha256": tags.get(BASE_SHA_TAG, ""),
+        "terminus.adapter_method": adapter.method, "terminus.precision": precision,
+        **{f"terminus.{k}": tags[k] for k in ("dataset_digest", "config_hash", "git_commit") if tags.get(k)},
+    }
+    meta = metadata(
+        weights, title=title, date=iso_date(mv.creation_timestamp), resolution=(inference.width, inference.height),
+        prediction_type="v_prediction", base_name=base_uri, provenance=provenance,
+        description=(f"A {adapter.method} adapter of {base_uri}, trained by the Terminus platform as {name} version "
+                     f"{version}: load it on that base (v-prediction, zero-terminal SNR)."),
+        license=LICENSE, usage_hint=usage_hint(inference.guidance_rescale),
+        tags=f"sdxl,{adapter.method},v-prediction,zero-terminal-snr,terminus",
+    )
+    path = export_kohya(weights, adapter.unet_config(), out, meta, precision)
+    return _record(mv, path, precision, log)

@@ -24,7 +24,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from components.config import Config, DiffusionConfig, InferenceConfig, ModelConfig, PredictionType
-from components.diffusion.pyfunc import INFERENCE_KEY, PIPELINE_ARTIFACT, TerminusPipelineModel
+from components.diffusion.pyfunc import ADAPTER_ARTIFACT, INFERENCE_KEY, PIPELINE_ARTIFACT, TerminusPipelineModel
 
 MODEL_NAME_IN_RUN = "model"
 COMPLETE = ".complete"
@@ -56,6 +56,17 @@ class ModelUriError(ValueError):
     pass
 
 
+ADAPTER_METHOD_TAG = "adapter.method"
+"""Set on every adapter version (``lora``, ``lokr``): what tells an adapter from a full model in the registry
+(components/registry/adapters.py writes it and the rest of the adapter's tags)."""
+BASE_URI_TAG = "base_model_uri"
+"""On an adapter version: the exact registered base version it was trained on (``models:/NAME/VERSION``)."""
+
+
+class AdapterNotModel(ModelUriError):
+    """A full model was needed and the URI names an adapter version."""
+
+
 def diffusion_from_pipeline_dir(pipeline_dir: str | Path) -> DiffusionConfig:
     """The schedule a saved pipeline was trained with, read from its scheduler config."""
     sched = json.loads((Path(pipeline_dir) / "scheduler" / "scheduler_config.json").read_text())
@@ -77,6 +88,14 @@ def log_pipeline_model(pipeline_dir: str | Path, registered_model: str | None,
     ``components`` package marker so its absolute imports resolve); ``inference`` (the preset's
     request defaults) travels as its ``model_config``.
     """
+    return log_pyfunc(TerminusPipelineModel(), {PIPELINE_ARTIFACT: str(pipeline_dir)},
+                      {INFERENCE_KEY: inference.model_dump(mode="json")}, registered_model)
+
+
+def log_pyfunc(python_model, artifacts: dict[str, str], model_config: dict, registered_model: str | None,
+               pip_requirements: list[str] | None = None) -> mlflow.models.model.ModelInfo:
+    """Log ``python_model`` (a class of ``components/diffusion/pyfunc.py``) with ``artifacts`` in the active run,
+    shipping the diffusion package as its code; register it as a new version of ``registered_model`` if given."""
     package = Path(__file__).resolve().parents[1]  # components/
     with tempfile.TemporaryDirectory() as stage:
         shipped = Path(stage) / "components"
@@ -85,12 +104,12 @@ def log_pipeline_model(pipeline_dir: str | Path, registered_model: str | None,
         (shipped / "__init__.py").write_text('"""The diffusion package of the Terminus platform, as shipped with a model."""\n')
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
-            python_model=TerminusPipelineModel(),
-            artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)},
-            model_config={INFERENCE_KEY: inference.model_dump(mode="json")},
+            python_model=python_model,
+            artifacts=artifacts,
+            model_config=model_config,
             signature=SIGNATURE,
             code_paths=[str(shipped)],
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=pip_requirements or PIP_REQUIREMENTS,
             registered_model_name=registered_model,
         )
 
@@ -100,6 +119,8 @@ class ResolvedModel:
     name: str
     version: str
     pipeline_dir: Path
+    """The version's artifact folder: a diffusers pipeline, or for an adapter version the adapter's folder."""
+    adapter: bool = False
 
     @property
     def uri(self) -> str:
@@ -142,8 +163,9 @@ def resolve_version(uri: str) -> tuple[str, str]:
     return mv.name, str(mv.version)
 
 
-def fetch_model(uri: str, cache_root: str | Path) -> ResolvedModel:
-    """Download the pipeline of the version ``uri`` names into the cache (once per version).
+def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -> ResolvedModel:
+    """Download the pipeline of the version ``uri`` names into the cache (once per version). An adapter version
+    is refused (``AdapterNotModel``) unless ``adapter_ok``: its folder holds an adapter, not a pipeline.
 
     ``<cache>/<name>/<version>/.complete`` holds the version's registry source: a cache shared by two
     registries (the embedded SQLite and a server both have a v3) re-downloads instead of serving the
@@ -152,6 +174,11 @@ def fetch_model(uri: str, cache_root: str | Path) -> ResolvedModel:
     """
     mv = _model_version(uri)
     name, version, source = mv.name, str(mv.version), str(mv.source)
+    tags = mv.tags or {}
+    if ADAPTER_METHOD_TAG in tags and not adapter_ok:
+        raise AdapterNotModel(f"{uri} is a {tags[ADAPTER_METHOD_TAG]} adapter of {tags.get(BASE_URI_TAG, 'a base')}, "
+                              "not a full model: load it with its base (components/registry/adapters.py), or name "
+                              "the base")
     target = Path(cache_root) / name / version
     if not _cached(target, source):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +194,7 @@ def fetch_model(uri: str, cache_root: str | Path) -> ResolvedModel:
                     partial.rename(target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    return ResolvedModel(name, version, _pipeline_dir(target))
+    return ResolvedModel(name, version, _pipeline_dir(target), ADAPTER_METHOD_TAG in tags)
 
 
 def _cached(target: Path, source: str) -> bool:
@@ -181,7 +208,8 @@ def _pipeline_dir(model_dir: Path) -> Path:
     import yaml
 
     meta = yaml.safe_load((model_dir / "MLmodel").read_text())
-    return model_dir / meta["flavors"]["python_function"]["artifacts"][PIPELINE_ARTIFACT]["path"]
+    artifacts = meta["flavors"]["python_function"]["artifacts"]
+    return model_dir / artifacts[PIPELINE_ARTIFACT if PIPELINE_ARTIFACT in artifacts else ADAPTER_ARTIFACT]["path"]
 
 
 def shipped_inference(pipeline_dir: Path) -> InferenceConfig:

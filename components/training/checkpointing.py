@@ -1,5 +1,10 @@
 """Training checkpoints: UNet (and EMA) in safetensors, optimizer and LR scheduler, data position.
 
+An adapter run (``train.method: lora | lokr``) checkpoints the adapter only: ``adapter.safetensors`` (peft's
+state dict of the adapter, ``get_peft_model_state_dict``), its peft config (``adapter_config.json``), the
+optimizer state of the adapter's parameters (the only ones it has), and the EMA of the adapter keyed like
+``adapter.safetensors``. The frozen UNet is the registered base the run names, never copied into a checkpoint.
+
 Weights are safetensors; optimizer state is loaded with ``torch.load(weights_only=True)``, so nothing
 in a checkpoint can run code.
 
@@ -20,7 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.config import RecurringError
+
 COMPLETE = "COMPLETE"
+UNET_FILE = "unet.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class IncompleteCheckpointError(RuntimeError):
@@ -71,14 +81,25 @@ def save_checkpoint(
     *,
     unet_state: dict | None = None,
     optimizer_state: dict | None = None,
+    adapter: str | None = None,
 ) -> Path:
     """``unet_state``/``optimizer_state``: full state dicts gathered beforehand (FSDP gathers them
-    collectively on every rank, components/training/parallel.py); by default read from the modules."""
+    collectively on every rank, components/training/parallel.py); by default read from the modules.
+    ``adapter``: the name of the peft adapter an adapter run trains; then only the adapter is written."""
     directory.mkdir(parents=True, exist_ok=True)
-    unet_state = unet.state_dict() if unet_state is None else unet_state
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, directory / "unet.safetensors")
+    if adapter is not None:
+        from components.diffusion.adapters import adapter_keys, adapter_state
+
+        save_file(adapter_state(unet, adapter), directory / ADAPTER_FILE)
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(unet.peft_config[adapter].to_dict(), default=list))
+        keys = adapter_keys(unet, adapter)
+    else:
+        unet_state = unet.state_dict() if unet_state is None else unet_state
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, directory / UNET_FILE)
+        keys = None
     if ema is not None:
-        shadow = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
+        names = keys or [f"p{i}" for i in range(len(ema.shadow_params))]
+        shadow = {name: p.detach().cpu().contiguous() for name, p in zip(names, ema.shadow_params, strict=True)}
         save_file(shadow, directory / "ema.safetensors")
         (directory / "ema.json").write_text(json.dumps({"optimization_step": ema.optimization_step}))
     torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
@@ -95,16 +116,26 @@ def write_complete(directory: Path) -> None:
 
 
 def load_checkpoint(
-    directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None, strategy=None
+    directory: Path, unet: torch.nn.Module, optimizer=None, lr_scheduler=None, ema=None, strategy=None,
+    adapter: str | None = None,
 ) -> TrainState:
-    """Restore a complete checkpoint; ``strategy`` (components/training/parallel.py) loads into sharded modules."""
+    """Restore a complete checkpoint; ``strategy`` (components/training/parallel.py) loads into sharded modules;
+    ``adapter``: the run trains that peft adapter, and the checkpoint must hold exactly it."""
     directory = Path(directory)
     verify_complete(directory)
-    weights = load_file(directory / "unet.safetensors")
-    if strategy is not None:
-        strategy.load_model_state(unet, weights)
+    _check_kind(directory, adapter)
+    if adapter is not None:
+        from components.diffusion.adapters import AdapterError, load_adapter_state
+
+        try:
+            load_adapter_state(unet, load_file(directory / ADAPTER_FILE), adapter)
+        except AdapterError as err:
+            raise RecurringError(f"checkpoint {directory} holds another adapter than this run trains ({err}); "
+                                 "resume with the adapter settings it was made with") from None
+    elif strategy is not None:
+        strategy.load_model_state(unet, load_file(directory / UNET_FILE))
     else:
-        unet.load_state_dict(weights, strict=True)
+        unet.load_state_dict(load_file(directory / UNET_FILE), strict=True)
     if optimizer is not None:
         opt_state = torch.load(directory / "optimizer.pt", weights_only=True)
         if strategy is not None:
@@ -115,17 +146,53 @@ def load_checkpoint(
         lr_scheduler.load_state_dict(json.loads((directory / "lr_scheduler.json").read_text()))
     if ema is not None and (directory / "ema.safetensors").exists():
         shadow = load_file(directory / "ema.safetensors")
-        for i, p in enumerate(ema.shadow_params):
-            p.data.copy_(shadow[f"p{i}"])
+        if adapter is not None:
+            from components.diffusion.adapters import adapter_keys
+
+            names = adapter_keys(unet, adapter)
+        else:
+            names = [f"p{i}" for i in range(len(ema.shadow_params))]
+        for name, p in zip(names, ema.shadow_params, strict=True):
+            p.data.copy_(shadow[name])
         ema.optimization_step = json.loads((directory / "ema.json").read_text())["optimization_step"]
     return TrainState(**json.loads((directory / "state.json").read_text()))
+
+
+def _check_kind(directory: Path, adapter: str | None) -> None:
+    """A full run resumes from a full checkpoint, an adapter run from an adapter checkpoint; anything else is a
+    changed ``train.method`` under the same run name, refused in one line."""
+    has_adapter = (directory / ADAPTER_FILE).is_file()
+    if adapter is not None and not has_adapter:
+        raise RecurringError(f"checkpoint {directory} is a full fine-tune's: this run trains an adapter under the "
+                             "same run name; use another train.run_name")
+    if adapter is None and has_adapter:
+        raise RecurringError(f"checkpoint {directory} holds an adapter: this run is a full fine-tune under the same "
+                             "run name; use another train.run_name")
+
+
+def load_adapter_weights(directory: Path, use_ema: bool = False):
+    """The adapter of an adapter run's checkpoint, for export: ``AdapterWeights`` (its tensors and peft config),
+    the EMA's tensors where asked and present. No UNet is needed: the checkpoint is self-describing."""
+    from components.diffusion.adapters import AdapterWeights, config_from_dict
+
+    directory = Path(directory)
+    verify_complete(directory)
+    state = load_file(directory / ADAPTER_FILE)
+    if use_ema and (directory / "ema.safetensors").exists():
+        shadow = load_file(directory / "ema.safetensors")
+        if set(shadow) != set(state):
+            raise IncompleteCheckpointError(f"checkpoint {directory}: the adapter's EMA does not match the adapter")
+        state = shadow
+    config = config_from_dict(json.loads((directory / ADAPTER_CONFIG).read_text()))
+    return AdapterWeights(state, config)
 
 
 def load_unet_weights(directory: Path, unet: torch.nn.Module, use_ema: bool = False) -> None:
     """Final weights for export: the EMA shadow where asked and present, else the raw UNet."""
     directory = Path(directory)
     verify_complete(directory)
-    unet.load_state_dict(load_file(directory / "unet.safetensors"), strict=True)
+    _check_kind(directory, None)
+    unet.load_state_dict(load_file(directory / UNET_FILE), strict=True)
     if use_ema and (directory / "ema.safetensors").exists():
         shadow = load_file(directory / "ema.safetensors")
         for i, p in enumerate(p for p in unet.parameters() if p.requires_grad):

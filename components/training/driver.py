@@ -7,10 +7,17 @@ Lineage: before training, the model source is resolved once (``components.regist
 a hub id to its commit, ``models:/NAME@ALIAS`` to a version) and recorded on the run as ``lineage.*``
 tags with a content hash of the weights; the workers and the export load that pinned source, and a
 resumed run reads it back from the run instead of resolving again.
+
+An adapter run (``train.method: lora | lokr``) trains on a registered base version and names it: the pinned
+source, or the source registered first when it is not a registered version (``pin_adapter_base``). The run
+records ``adapter.base_model_uri`` and ``adapter.base_weights_sha256``; the workers load that version; the export
+writes the adapter in diffusers' layout and registers it under its own model name, tagged with its base
+(components/registry/adapters.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -151,6 +158,31 @@ def pin_source(cfg: Config, run_id: str) -> ModelConfig:
     return pinned
 
 
+ADAPTER_BASE_TAG = "adapter.base_model_uri"
+ADAPTER_BASE_SHA_TAG = "adapter.base_weights_sha256"
+
+
+def pin_adapter_base(cfg: Config, run_id: str, model: ModelConfig) -> ModelConfig:
+    """The registered base an adapter run trains on, as the model config every worker loads: read back from the
+    run (a resumed run), else resolved now (``register_base``: the pinned registered version, or the source
+    registered once) and recorded on the run with its content hash."""
+    from components.registry.adapters import register_base, version_weights_sha256
+
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if tags.get(ADAPTER_BASE_TAG):
+        return model.model_copy(update={"source": tags[ADAPTER_BASE_TAG], "revision": None, "variant": None})
+    lineage = {k: v for k, v in tags.items() if k.startswith("lineage.")}
+    name, version = register_base(cfg, model, lineage)
+    uri = f"models:/{name}/{version}"
+    digest = version_weights_sha256(name, version, cfg.state_path("cache", "models"))
+    setup_tracking(cfg)
+    client.set_tag(run_id, ADAPTER_BASE_TAG, uri)
+    client.set_tag(run_id, ADAPTER_BASE_SHA_TAG, digest)
+    log.info("%s adapter of %s (weights sha256 %s)", cfg.train.method.value, uri, digest[:12])
+    return model.model_copy(update={"source": uri, "revision": None, "variant": None})
+
+
 def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig | None = None):
     """The TorchTrainer of this run (a new one per attempt; the same name resumes)."""
     import ray.train
@@ -231,7 +263,10 @@ def directory_bytes(directory: Path, variant: str | None) -> int:
 def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest,
                         model: ModelConfig | None = None) -> str:
     """Checkpoint -> diffusers directory (fp32 and the ``train.export_variant`` weights) -> pyfunc model in
-    the run -> new registered version, tagged with its lineage, parameter counts and sizes."""
+    the run -> new registered version, tagged with its lineage, parameter counts, sizes and its own weights'
+    content hash. An adapter run goes to ``export_adapter``."""
+    if cfg.train.is_adapter:
+        return export_adapter(cfg, run_id, checkpoint, metrics, manifest)
     from components.diffusion.conditioning import dropout_uses_zeros
     from components.diffusion.sdxl import COMPONENTS, save_pipeline, save_variant
     from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model
@@ -249,6 +284,10 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters())) for name in COMPONENTS}
     del parts  # the fp32 models are on disk now; the half variant is read back from there
     sizes["size.fp32_bytes"] = str(directory_bytes(export_dir, None))
+    from components.diffusion.sdxl import weights_sha256
+    from components.registry.adapters import WEIGHTS_TAG
+
+    sizes[WEIGHTS_TAG] = weights_sha256(export_dir)  # what an adapter of this version names as its base
     if variant:
         save_variant(export_dir, variant)
         sizes[f"size.{variant}_bytes"] = str(directory_bytes(export_dir, variant))
@@ -268,6 +307,46 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     }
     for key, value in tags.items():
         client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
+    return version
+
+
+def export_adapter(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: CuratedManifest) -> str:
+    """An adapter run's checkpoint -> the adapter in diffusers' layout (``pytorch_lora_weights.safetensors``, the
+    peft config in its header, the EMA's weights where ``train.ema_decay`` is set), beside ``adapter.json`` and the
+    base UNet's config -> a ``TerminusAdapterModel`` version of ``cfg.adapter_model_name`` tagged with its base.
+    Reads no model weights: the checkpoint holds the adapter and the run names the base."""
+    from components.diffusion.adapters import save_adapter
+    from components.registry.adapters import log_adapter, write_adapter_folder
+    from components.registry.model import LINEAGE, PINNED, fetch_model
+    from components.training.checkpointing import load_adapter_weights
+
+    setup_tracking(cfg)
+    client = mlflow.MlflowClient()
+    run_tags = client.get_run(run_id).data.tags
+    base_uri, base_sha = run_tags[ADAPTER_BASE_TAG], run_tags[ADAPTER_BASE_SHA_TAG]
+    with checkpoint.as_directory() as ckpt_dir:
+        weights = load_adapter_weights(Path(ckpt_dir), use_ema=cfg.train.ema_decay is not None)
+    export_dir = cfg.state_path("exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")
+    save_adapter(export_dir, weights.state, weights.config)
+    base_dir = fetch_model(base_uri, cfg.state_path("cache", "models")).pipeline_dir
+    unet_config = json.loads((base_dir / "unet" / "config.json").read_text())
+    write_adapter_folder(export_dir, weights, base_uri, base_sha, unet_config)
+    name = cfg.adapter_model_name
+    with mlflow.start_run(run_id=run_id):
+        final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        mlflow.log_metrics(final)
+        version = log_adapter(export_dir, name, cfg.inference, base_uri, base_sha)
+        mlflow.set_tag("registered_version", version)
+        mlflow.set_tag("registered_model", name)
+    lineage = {k: v for k, v in run_tags.items() if k.startswith(LINEAGE) and k != PINNED}
+    tags = {
+        "run_id": run_id, "dataset_digest": manifest.digest, "base_model": cfg.model.source,
+        "config_hash": cfg.digest(), "git_commit": git_commit(), "checkpoint": checkpoint.path,
+        "params.adapter": str(sum(t.numel() for t in weights.state.values())), **lineage,
+        **{k: str(v) for k, v in final.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
     return version
 
 
@@ -292,11 +371,13 @@ def run_training(cfg: Config) -> TrainingResult:
     run_id = open_run(cfg, manifest)
     try:
         model = pin_source(cfg, run_id)
+        if cfg.train.is_adapter:
+            model = pin_adapter_base(cfg, run_id, model)
         result = fit(cfg, manifest, run_id, model)
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
     checkpoint, metrics = select_checkpoint(cfg, result)
     version = export(cfg, run_id, checkpoint, metrics, manifest, model)
-    return TrainingResult(run_id, cfg.train.run_name, cfg.tracking.registered_model, version, checkpoint.path,
-                          metrics.get("val_loss"))
+    name = cfg.adapter_model_name if cfg.train.is_adapter else cfg.tracking.registered_model
+    return TrainingResult(run_id, cfg.train.run_name, name, version, checkpoint.path, metrics.get("val_loss"))

@@ -5,6 +5,11 @@ itself is ``components.diffusion.loss.diffusion_loss``. The data order is ``batc
 same on every rank; rank 0 alone talks to MLflow (``RunLogger``), and logs with every step the rows
 drawn so far per source (``samples_seen.<source>``, ``mix.<source>``: the realised mixture) and a hash
 of the rows of its own micro-batches (``data.batch_hash``: which rows a step saw, comparable across runs).
+
+An adapter run (``train.method: lora | lokr``) trains through the same loop: the UNet is frozen and stored in the
+compute dtype like the text encoders (the precision policy, components/diffusion/loss.py), peft's adapter is added
+with fp32 master weights, and the optimizer, the gradient clipping, the EMA and the checkpoints see the adapter's
+parameters only (``Trainee.trainable``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from components.config import Config, ModelConfig, Precision, RecurringError
+from components.config import Config, ModelConfig, Precision, RecurringError, TrainConfig
 from components.dataset import read_manifest, val_rows
 from components.diffusion.conditioning import dropout_uses_zeros, encode_text
 from components.diffusion.loss import (
@@ -157,10 +162,15 @@ def total_steps(cfg: Config, train_rows: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * train_rows / per_step))
 
 
+ADAPTER_NAME = "default"
+"""peft's name for the adapter an adapter run trains (peft's own default name)."""
+
+
 @dataclass
 class Trainee:
     """Everything a worker trains and checkpoints. ``unet`` owns the parameters; ``model`` is what the
-    step calls (``unet`` itself, or its DDP/FSDP wrapping)."""
+    step calls (``unet`` itself, or its DDP/FSDP wrapping); ``trainable`` the parameters that train: all of the
+    UNet's, or the adapter's (``adapter`` is then its peft name)."""
 
     parts: SDXLParts
     unet: torch.nn.Module
@@ -171,6 +181,35 @@ class Trainee:
     strategy: Strategy
     scaler: torch.amp.GradScaler
     state: TrainState
+    trainable: list[torch.nn.Parameter]
+    adapter: str | None = None
+
+
+def adapter_peft_config(train: TrainConfig):
+    """The peft config ``train.adapter`` describes for ``train.method``."""
+    from components.diffusion.adapters import peft_config
+
+    a = train.adapter
+    return peft_config(train.method.value, a.rank, a.alpha, a.dropout, a.target_modules, a.decompose_factor)
+
+
+def prepare_unet(unet: torch.nn.Module, train: TrainConfig, device: torch.device) -> list[torch.nn.Parameter]:
+    """Place the UNet for training and return the parameters that train. Full: every weight, fp32 on ``device``.
+    Adapter: the UNet frozen in ``frozen_dtype`` (bf16 under the recipe), then peft's adapter added in fp32 (its
+    master weights; autocast computes in the compute dtype, as for a full fine-tune)."""
+    if not train.is_adapter:
+        unet.to(device)
+        return list(unet.parameters())
+    from components.diffusion.adapters import AdapterError, add_adapter
+
+    unet.to(device, frozen_dtype(train.precision))
+    try:
+        trainable = add_adapter(unet, adapter_peft_config(train), ADAPTER_NAME)
+    except (AdapterError, ValueError) as err:  # e.g. a target module that does not exist
+        raise RecurringError(f"train.adapter: {str(err).splitlines()[0][:300]}") from None
+    for param in trainable:
+        param.data = param.data.float()
+    return trainable
 
 
 def build_trainee(cfg: Config, device: torch.device, world: int, steps: int, model: ModelConfig | None = None) -> Trainee:
@@ -182,31 +221,34 @@ def build_trainee(cfg: Config, device: torch.device, world: int, steps: int, mod
     parts.vae.requires_grad_(False).eval().to(device)  # fp32: SDXL's VAE overflows in fp16
     for encoder in (parts.text_encoder, parts.text_encoder_2):
         encoder.requires_grad_(False).eval().to(device, frozen_dtype(cfg.train.precision))
-    unet = parts.unet.to(device)
+    unet = parts.unet
+    trainable = prepare_unet(unet, cfg.train, device)
     unet.train()
     if cfg.train.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     strategy = Strategy(cfg.train.parallel, world)
     model = strategy.wrap(unet, device)  # before the optimizer: FSDP replaces parameters by shards
+    if not cfg.train.is_adapter:
+        trainable = list(unet.parameters())  # FSDP's shards, where it sharded
     if cfg.train.compile:
         # In place (nn.Module.compile): the module keeps its type, its parameters and DDP's no_sync.
         model.compile(backend=cfg.train.compile_backend)
-    optimizer = build_optimizer(unet.parameters(), cfg.train, device)
+    optimizer = build_optimizer(trainable, cfg.train, device)
     ema = None
     if cfg.train.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay)
+        ema = EMAModel(trainable, decay=cfg.train.ema_decay)
         ema.to("cpu" if cfg.train.ema_on_cpu else device)
     scaler = torch.amp.GradScaler(enabled=cfg.train.precision is Precision.FP16 and device.type == "cuda")
     return Trainee(parts, unet, model, optimizer, build_lr_scheduler(optimizer, cfg.train.lr, steps), ema,
-                   strategy, scaler, TrainState())
+                   strategy, scaler, TrainState(), trainable, ADAPTER_NAME if cfg.train.is_adapter else None)
 
 
 def optimizer_step(t: Trainee, clip_grad_norm: float) -> float:
     """Unscale, clip, step, schedule, EMA; returns the gradient norm before clipping."""
     t.scaler.unscale_(t.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.unet.parameters(), clip_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.trainable, clip_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     t.scaler.step(t.optimizer)
@@ -214,7 +256,7 @@ def optimizer_step(t: Trainee, clip_grad_norm: float) -> float:
     t.optimizer.zero_grad(set_to_none=True)
     t.lr_scheduler.step()
     if t.ema is not None:
-        t.ema.step(t.unet.parameters())
+        t.ema.step(t.trainable)
     return float(grad_norm)
 
 
@@ -269,7 +311,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            t.state = load_checkpoint(Path(ckpt_dir), t.unet, t.optimizer, t.lr_scheduler, t.ema, t.strategy)
+            t.state = load_checkpoint(Path(ckpt_dir), t.unet, t.optimizer, t.lr_scheduler, t.ema, t.strategy,
+                                      adapter=t.adapter)
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, t.state.step, t.state.epoch,
                  t.state.batches_in_epoch)
 
@@ -404,6 +447,6 @@ def _checkpoint(t: Trainee, logger: RunLogger | None, report: dict) -> None:
         return
     logger.flush()  # before the checkpoint exists: a resume from it never finds a gap in MLflow
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), t.unet, t.optimizer, t.lr_scheduler, t.state, t.ema, **full)
+        save_checkpoint(Path(tmp), t.unet, t.optimizer, t.lr_scheduler, t.state, t.ema, adapter=t.adapter, **full)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     logger.checkpoint(name, t.state.step, report)

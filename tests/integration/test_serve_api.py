@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import secrets
+import time
 
 import httpx
 import numpy as np
@@ -53,7 +54,7 @@ def server(ray_local, registered_model):
         "overrides": [
             *registered_model.overrides, f"serve.api_key_env={ENV}", "serve.default_steps=2",
             "serve.default_size=64", "serve.max_upload_bytes=200000", "serve.max_upload_pixels=262144",
-            "serve.batch_wait_timeout_s=0.1",
+            "serve.batch_wait_timeout_s=0.1", "serve.max_adapters_per_replica=2", "serve.poll_alias_s=0.5",
         ],
         "model_options": {"max_ongoing_requests": 2, "max_queued_requests": 2,
                           "backpressure_config": {"retry_after_s": RETRY_AFTER_S}},
@@ -142,7 +143,7 @@ def test_bearer_auth(client):
 def test_models_lists_the_served_version(client, registered_model):
     r = client.get("/v1/models", headers=AUTH)
     assert r.status_code == 200
-    (entry,) = r.json()["data"]
+    (entry,) = [d for d in r.json()["data"] if d["kind"] == "base"]
     assert entry["id"] == registered_model.name and entry["version"] == registered_model.version
     assert entry["object"] == "model" and entry["uri"] == f"models:/{registered_model.name}@champion"
 
@@ -261,3 +262,165 @@ def test_full_queue_answers_503_with_retry_after(server):
     for r in busy:
         assert r.headers["retry-after"] == str(RETRY_AFTER_S)
         assert r.json()["error"]["type"] == "server_overloaded"
+
+
+# --- adapters: many per replica (Ray Serve model multiplexing) -------------------------------------
+
+
+def register_adapter(registered_model, name: str, seed: int, method: str = "lora", base_sha: str | None = None,
+                     alias: str = "champion"):
+    """A LoRA/LoKr of the served base (random weights: as training leaves them, but instant), registered the way
+    training registers one and aliased; returns (version, its weights)."""
+    import mlflow
+
+    from components.diffusion.adapters import save_adapter
+    from components.registry.adapters import log_adapter, version_weights_sha256, write_adapter_folder
+    from tests.unit.diffusion.test_adapters import random_adapter
+
+    cfg = registered_model.cfg
+    mlflow.set_tracking_uri(registered_model.tracking_uri)
+    mlflow.set_registry_uri(registered_model.tracking_uri)
+    base_uri = f"models:/{registered_model.name}/{registered_model.version}"
+    sha = base_sha or version_weights_sha256(registered_model.name, registered_model.version,
+                                             cfg.state_path("cache", "models"))
+    weights = random_adapter(registered_model.pipeline_dir, method, seed)
+    folder = cfg.state_path("adapters", f"{name}-{seed}")
+    save_adapter(folder, weights.state, weights.config)
+    write_adapter_folder(folder, weights, base_uri, sha, json.loads((registered_model.pipeline_dir / "unet" /
+                                                                     "config.json").read_text()))
+    with mlflow.start_run(experiment_id=registered_model.experiment_id):
+        version = log_adapter(folder, name, cfg.inference, base_uri, sha)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    return version, weights
+
+
+def expected_png(registered_model, weights, body: dict) -> np.ndarray:
+    """The image of ``body`` from the base loaded alone in this process, with ``weights`` attached (None: bare)."""
+    from components.diffusion.adapters import AdapterSlots
+    from components.diffusion.pipelines import build_pipelines
+    from components.diffusion.request import GenerationRequest
+    from components.diffusion.schedule import inference_scheduler
+    from components.registry.model import diffusion_from_pipeline_dir
+
+    directory = registered_model.pipeline_dir
+    pipes = build_pipelines(str(directory), inference_scheduler(diffusion_from_pipeline_dir(directory)),
+                            registered_model.cfg.inference.model_dump())
+    req = GenerationRequest(prompt=body["prompt"], width=64, height=64, steps=body["steps"], seed=body["seed"])
+    slots = AdapterSlots(pipes.t2i.unet)
+    if weights is not None:
+        slots.ensure("alone", weights)
+    with slots.running("alone" if weights is not None else None):
+        return np.asarray(pipes.generate(req)[0]).astype(int)
+
+
+def pixels(r: httpx.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text[:300]
+    return np.asarray(images_of(r)[0]).astype(int)
+
+
+@pytest.fixture(scope="module")
+def adapters(server, registered_model):
+    """Two adapters of the served base (a LoRA and a LoKr) and one of another base."""
+    from types import SimpleNamespace
+
+    a_version, a = register_adapter(registered_model, "terminus-style", seed=11)
+    b_version, b = register_adapter(registered_model, "terminus-sketch", seed=12, method="lokr")
+    register_adapter(registered_model, "terminus-alien", seed=13, base_sha="0" * 64)
+    return SimpleNamespace(a=a, b=b, a_version=a_version, b_version=b_version)
+
+
+ADAPTER_BODY = {"prompt": "a lighthouse", "size": "64x64", "steps": 2, "seed": 21}
+
+
+def test_one_replica_serves_two_adapters_and_the_base_each_with_its_own_images(client, server, registered_model,
+                                                                               adapters):
+    base = pixels(gen(client, **ADAPTER_BODY))
+    style = gen(client, **ADAPTER_BODY, model="terminus-style@champion")  # the OpenAI model field
+    sketch = client.post("/v1/images/generations", json=ADAPTER_BODY,  # Serve's multiplexing header
+                         headers={**AUTH, "serve_multiplexed_model_id": "terminus-sketch@champion"})
+    assert style.json()["model"] == "terminus-style" and style.json()["model_version"] == adapters.a_version
+    assert style.json()["base_model"] == f"{registered_model.name}/{registered_model.version}"
+    assert sketch.headers["x-model-version"] == f"terminus-sketch/{adapters.b_version}"
+    for got, weights in ((base, None), (pixels(style), adapters.a), (pixels(sketch), adapters.b)):
+        assert np.abs(got - expected_png(registered_model, weights, ADAPTER_BODY)).max() <= TOLERANCE
+    assert np.abs(pixels(style) - base).max() > 10 and np.abs(pixels(sketch) - base).max() > 10
+
+    a_body, b_body = {**ADAPTER_BODY, "model": "terminus-style@champion"}, {**ADAPTER_BODY, "model": "terminus-sketch"}
+
+    async def run(bodies):
+        async with httpx.AsyncClient(base_url=server, timeout=120, headers=AUTH) as c:
+            return await asyncio.gather(*(c.post("/v1/images/generations", json=x) for x in bodies))
+
+    for _ in range(5):  # the same adapter batches together (batch_wait_timeout_s is 0.1 s here)
+        same = asyncio.run(run([a_body, a_body]))
+        if all(r.headers.get("x-batch-size") == "2" for r in same):
+            break
+    else:
+        raise AssertionError("two concurrent requests for one adapter were never batched together")
+    for _ in range(3):  # different adapters never share a pipeline call, and each keeps its own images
+        mixed = asyncio.run(run([a_body, b_body]))
+        assert [r.headers["x-batch-size"] for r in mixed] == ["1", "1"]
+        assert np.abs(pixels(mixed[0]) - pixels(style)).max() <= TOLERANCE
+        assert np.abs(pixels(mixed[1]) - pixels(sketch)).max() <= TOLERANCE
+
+    listed = {d["id"]: d for d in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert listed[registered_model.name]["kind"] == "base"
+    assert listed["terminus-style@champion"]["kind"] == "adapter" and listed["terminus-style@champion"]["compatible"]
+    assert listed["terminus-sketch@champion"]["method"] == "lokr"
+    assert listed["terminus-alien@champion"]["compatible"] is False
+
+
+def test_adapter_mistakes_get_4xx_naming_what_is_wrong(client, registered_model, adapters):
+    r = gen(client, **ADAPTER_BODY, model="terminus-alien@champion")
+    assert r.status_code == 409, r.text[:300]
+    message = r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "adapter_base_mismatch"
+    assert "0" * 12 in message and f"models:/{registered_model.name}/{registered_model.version}" in message
+    r = gen(client, **ADAPTER_BODY, model="terminus-nowhere@champion")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.post("/v1/images/generations", json={**ADAPTER_BODY, "model": "terminus-style"},
+                    headers={**AUTH, "serve_multiplexed_model_id": "terminus-sketch@champion"})
+    assert r.status_code == 400 and "different models" in r.json()["error"]["message"]
+    r = gen(client, **ADAPTER_BODY, model="terminus-style@no-such-alias")
+    assert r.status_code == 404
+
+
+def test_the_lru_evicts_and_reloads_and_an_alias_move_hot_swaps(client, registered_model, adapters):
+    """``serve.max_adapters_per_replica=2`` here: a third adapter evicts the least recently used one, which is
+    read again on its next request and gives the same images; moving an adapter's alias swaps it in place."""
+    def loads():
+        (base,) = [d for d in client.get("/v1/models", headers=AUTH).json()["data"] if d["kind"] == "base"]
+        return base["adapter_loads"], base["adapters_attached"]
+
+    first = pixels(gen(client, **ADAPTER_BODY, model="terminus-style@champion"))
+    pixels(gen(client, **ADAPTER_BODY, model="terminus-sketch@champion"))
+    count, attached = loads()
+    assert len(attached) == 2
+    _, third = register_adapter(registered_model, "terminus-third", seed=14)
+    pixels(gen(client, **ADAPTER_BODY, model="terminus-third@champion"))  # evicts terminus-style
+    count_after, attached = loads()
+    assert count_after == count + 1 and len(attached) == 2 and not any(k.startswith("terminus-style") for k in attached)
+    again = pixels(gen(client, **ADAPTER_BODY, model="terminus-style@champion"))  # read again
+    assert loads()[0] == count + 2
+    assert np.abs(again - first).max() <= TOLERANCE
+
+    # Promotion and rollback of an adapter are the registry's aliases, as for a full model; the replica follows.
+    from components.registry.promotion import promote, rollback
+
+    v2, moved = register_adapter(registered_model, "terminus-style", seed=15, alias="candidate")
+    promote("terminus-style", v2, force_reason="serving test: not evaluated")
+
+    def served_version(wanted: str) -> httpx.Response:
+        deadline = time.monotonic() + 30
+        while True:
+            r = gen(client, **ADAPTER_BODY, model="terminus-style@champion")
+            if r.json().get("model_version") == wanted or time.monotonic() > deadline:
+                return r
+            time.sleep(0.3)
+
+    r = served_version(v2)
+    assert r.json()["model_version"] == v2
+    assert np.abs(pixels(r) - expected_png(registered_model, moved, ADAPTER_BODY)).max() <= TOLERANCE
+    assert rollback("terminus-style").version == adapters.a_version
+    r = served_version(adapters.a_version)
+    assert r.json()["model_version"] == adapters.a_version and np.abs(pixels(r) - first).max() <= TOLERANCE

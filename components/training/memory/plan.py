@@ -147,14 +147,36 @@ class Row:
 
 
 def persistent_rows(models: dict[str, torch.nn.Module], precision: Precision, optimizer: OptimizerName,
-                    ema: bool, ema_on_cpu: bool) -> list[Row]:
+                    ema: bool, ema_on_cpu: bool, adapter: list[torch.Size] | None = None,
+                    method: str = "lora") -> list[Row]:
     """What lives for the whole run. Precision policy (components/diffusion/loss.py): fp32 master weights and
     fp32 gradients for every precision (autocast computes in bf16/fp16, stores fp32); frozen text
-    encoders in the compute dtype; the VAE in fp32 (SDXL's VAE overflows in fp16)."""
+    encoders in the compute dtype; the VAE in fp32 (SDXL's VAE overflows in fp16).
+
+    ``adapter``: the shapes of an adapter run's trainable tensors (``train.method: lora | lokr``). Then the UNet is
+    frozen in the compute dtype like the text encoders, and the master weights, gradients, optimizer state and
+    EMA are the adapter's alone (components/training/loop.py ``prepare_unet``)."""
     unet = models["unet"]
     n = count_params(unet)
     compute_bytes = 4 if precision is Precision.FP32 else 2
     text = count_params(models["text_encoder"]) + count_params(models["text_encoder_2"])
+    frozen = f"{precision.value if compute_bytes == 2 else 'fp32'}"
+    if adapter is not None:
+        a = sum(math.prod(s) for s in adapter)
+        n -= a  # the UNet's own weights (the adapter's are counted apart)
+        rows = [
+            Row(f"UNet weights (frozen, {frozen})", compute_bytes * n, note=f"{n / 1e9:.3f} B params x {compute_bytes} B"),
+            Row(f"{method} adapter weights (fp32 master)", 4 * a, note=f"{a / 1e6:.2f} M params x 4 B", trained=True),
+            Row(f"{method} adapter gradients (fp32)", 4 * a, note="the adapter's only", trained=True),
+            Row(f"optimizer state ({optimizer.value}, adapter only)", optimizer_state_bytes(adapter, optimizer),
+                note=f"{len(adapter)} adapter tensors", trained=True),
+        ]
+        if ema:
+            rows.append(Row("EMA of the adapter (fp32)", 4 * a, "cpu" if ema_on_cpu else "gpu", "diffusers EMAModel shadow"))
+        return rows + [
+            Row(f"frozen text encoders ({frozen})", compute_bytes * text, note=f"two CLIP text towers, {text / 1e6:.1f} M params"),
+            Row("frozen VAE (fp32)", 4 * count_params(models["vae"]), note=f"{count_params(models['vae']) / 1e6:.1f} M params"),
+        ]
     rows = [
         Row("UNet weights (fp32 master)", 4 * n, note=f"{n / 1e9:.3f} B params x 4 B", trained=True),
         Row("UNet gradients (fp32)", 4 * n, note="4 B/param", trained=True),
@@ -199,6 +221,8 @@ class MemoryPlan:
     """Host memory of the export step (``components/training/driver.py``, a Ray task on a worker):
     the whole pipeline in fp32, plus the checkpoint's UNet state dict while it is copied in (the
     same size as the largest safetensors shard diffusers holds while it writes the folder)."""
+    method: str = "full"
+    """``train.method``: ``full``, or the adapter (``lora``, ``lokr``) trained beside the frozen UNet."""
     capacity: int = A100_80G_BYTES
     context: int = CUDA_CONTEXT_BYTES
     slack_fraction: float = ALLOCATOR_SLACK
@@ -259,7 +283,8 @@ class MemoryPlan:
         row = lambda name, b, where="gpu", note="": lines.append(f"{name:<46}{b / GB:>8.2f}  {where:<5}  {note}")  # noqa: E731
         for r in self.persistent:
             row(r.name, r.bytes, r.where, r.note)
-        row("  = before activations (UNet w + g + opt)", self.before_activations, "", "docs/recipe.md: ~41 GB AdamW, ~26 GB 8-bit")
+        row("  = before activations (trained w + g + opt)", self.before_activations, "",
+            "docs/recipe.md: ~41 GB AdamW, ~26 GB 8-bit" if self.method == "full" else "the adapter's only")
         row(f"step peak, traced (checkpointing {ck})", self.step.peak, note="activations, grads in flight, recompute")
         row("  of which autocast weight copies", self.step.weight_copies, note="cached until the autocast region ends")
         row("VAE encode peak (fp32, no grad, one image at a time)", self.vae_encode_peak, note="before the UNet step; max() of the two")
@@ -272,8 +297,9 @@ class MemoryPlan:
                      f"planned peak {self._planned(self.step_other.peak) / GB:.1f} GB)")
         lines.append(f"(the whole batch through the VAE in one call would peak at {self.vae_encode_peak_batch / GB:.1f} GB; "
                      "training encodes one image at a time)")
+        what = "the pipeline in fp32 + the checkpoint's UNet" if self.method == "full" else "the adapter alone"
         lines.append(f"export (host memory of the export task, train.export_memory_gb): {self.export_peak / GB:.1f} GB "
-                     f"= the pipeline in fp32 + the checkpoint's UNet")
+                     f"= {what}")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.verdict())
         return "\n".join(lines)
@@ -302,23 +328,48 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
         raise ValueError(f"train.batch_size must be >= 1, got {t.batch_size}")
     precision, optimizer = Precision(t.precision), OptimizerName(t.optimizer)
     models = sdxl_models(cfg)
+    unet_params = count_params(models["unet"])
+    trainable = adapter_on(models["unet"], cfg, precision) if t.is_adapter else None
     hw = resolution_of(cfg)
     factor = 2 ** (len(models["vae"].config.block_out_channels) - 1)
     latent_hw = (hw[0] // factor, hw[1] // factor)
-    step = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, t.grad_checkpointing)
-    other = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, not t.grad_checkpointing)
+    step = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, t.grad_checkpointing, trainable)
+    other = trace_unet_step(models["unet"], t.batch_size, latent_hw, precision, not t.grad_checkpointing, trainable)
     vae_one = trace_vae_encode(models["vae"], 1, hw)
     vae_batch = trace_vae_encode(models["vae"], t.batch_size, hw)
     notes = []
     if cfg.model.source != "tiny":
         notes.append(f"shapes of SDXL-base (model.source {cfg.model.source!r} is assumed to share its layout)")
+    if trainable is not None:
+        a = t.adapter
+        notes.append(f"train.method={t.method.value} (rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, "
+                     f"targets {','.join(a.target_modules)}): the UNet frozen in {precision.value}, optimizer state "
+                     "for the adapter only; the export writes the adapter alone")
+    adapter_shapes = [p.shape for p in trainable] if trainable is not None else None
     return MemoryPlan(
-        name=cfg.name, unet_params=count_params(models["unet"]), batch=t.batch_size, resolution=hw,
+        name=cfg.name, unet_params=unet_params, batch=t.batch_size, resolution=hw,
         precision=precision.value, optimizer=optimizer.value, grad_checkpointing=t.grad_checkpointing,
-        persistent=persistent_rows(models, precision, optimizer, t.ema_decay is not None, t.ema_on_cpu),
+        persistent=persistent_rows(models, precision, optimizer, t.ema_decay is not None, t.ema_on_cpu,
+                                   adapter_shapes, t.method.value),
         # Training encodes one image at a time (AutoencoderKL slicing, components/diffusion/loss.py): the
         # fp32 VAE on a whole 1 MP batch of 24 would peak at ~65 GB on its own.
         step=step, step_other=other, vae_encode_peak=vae_one, vae_encode_peak_batch=vae_batch,
-        export_peak=4 * sum(count_params(m) for m in models.values()) + 4 * count_params(models["unet"]),
-        capacity=capacity, notes=notes,
+        export_peak=(4 * sum(count_params(m) for m in models.values()) + 4 * unet_params if trainable is None
+                     else 4 * sum(math.prod(s) for s in adapter_shapes)),
+        capacity=capacity, notes=notes, method=t.method.value,
     )
+
+
+def adapter_on(unet: torch.nn.Module, cfg: Config, precision: Precision) -> list[torch.nn.Parameter]:
+    """Put ``train.adapter`` on the (meta) UNet as an adapter run does: the UNet in the compute dtype, peft's
+    adapter in fp32; returns the adapter's parameters."""
+    from components.diffusion.adapters import add_adapter, peft_config
+
+    a = cfg.train.adapter
+    if precision is not Precision.FP32:
+        torch.nn.Module.to(unet, {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}[precision])
+    trainable = add_adapter(unet, peft_config(cfg.train.method.value, a.rank, a.alpha, a.dropout, a.target_modules,
+                                              a.decompose_factor))
+    for p in trainable:
+        p.data = p.data.float()
+    return trainable

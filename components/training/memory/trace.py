@@ -170,15 +170,16 @@ def _checkpoint_under(emu: CudaAutocastEmulation):
 
 
 def trace_unet_step(unet: torch.nn.Module, batch: int, latent_hw: tuple[int, int], precision: Precision,
-                    checkpointing: bool) -> StepTrace:
+                    checkpointing: bool, trainable: list[torch.nn.Parameter] | None = None) -> StepTrace:
     """Trace one micro-step of ``unet`` (meta) as components/diffusion/loss.py runs it.
 
     Gradients are pre-allocated, the steady state under gradient accumulation (they are counted as
-    persistent memory), so the trace holds only what a step adds.
+    persistent memory), so the trace holds only what a step adds. ``trainable``: the parameters that train
+    (an adapter's; the rest of the UNet is frozen and gets no gradient); None: all of them.
     """
     dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16, Precision.FP32: None}[precision]
     emu = CudaAutocastEmulation(dtype)
-    for p in unet.parameters():
+    for p in (unet.parameters() if trainable is None else trainable):
         p.requires_grad_(True)
         if p.grad is None:
             p.grad = torch.empty_like(p)

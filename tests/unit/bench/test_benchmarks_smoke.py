@@ -96,3 +96,16 @@ def test_flow_rejects_unknown_section():
     proc = subprocess.run([sys.executable, str(REPO / "flows/bench.py"), "--only", "training,nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown section(s) ['nope']" in proc.stderr
+
+
+def test_multiplex_rows_compare_one_replica_with_one_per_adapter():
+    side = {"p50_s": 0.05, "p99_s": 0.09, "throughput_rps": 20.0, "errors": 0}
+    d = {"adapters": 2, "rank": 16, "concurrency": 4, "errors": 0, "latency_ratio_p50": 1.1, "memory_ratio": 0.55,
+         "multiplexed": {**side, "memory": {"peak_rss_bytes": 550 * 2**20}},
+         "dedicated": {**side, "memory": {"peak_rss_bytes": 1000 * 2**20}}}
+    rows = {f.name: f for f in figures({"multiplex": d})}
+    memory = rows["multiplexed / dedicated memory"]
+    assert memory.value == 0.55 and memory.status == "PASS"
+    assert Figure("multiplex", "memory", 1.2, "x", ("<", 1.0)).status == "MISS"
+    assert rows["replica peak RSS: dedicated (sum of 2)"].value == 1000
+    assert rows["failed requests"].status == "PASS"

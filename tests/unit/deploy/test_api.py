@@ -16,6 +16,7 @@ from components.config import Config, load_config
 from components.diffusion.request import GenerationRequest
 from deploy.api import (
     ApiError,
+    adapter_id,
     api_token,
     decode_upload,
     fit_edit_images,
@@ -50,7 +51,7 @@ def request(*args, **kwargs) -> GenerationRequest:
 
 
 def test_defaults_come_from_the_config():
-    req = request(parse_params({"prompt": "a cat"}), CFG, NAME)
+    req = request(parse_params({"prompt": "a cat"}), CFG)
     assert (req.width, req.height) == (CFG.serve.default_size, CFG.serve.default_size)
     assert req.steps == CFG.serve.default_steps
     assert req.guidance_rescale == 0.7  # Lin et al. eq. 16, the ZT-SNR default
@@ -63,7 +64,7 @@ def test_openai_fields_and_extras_are_accepted():
     raw = {"prompt": "a cat", "model": NAME, "n": 2, "size": "64x128", "response_format": "b64_json",
            "quality": "standard", "style": "vivid", "user": "u1", "output_format": "png",
            "negative_prompt": "blur", "steps": 3, "guidance_scale": 5.5, "guidance_rescale": 0.5, "seed": 9}
-    req = request(parse_params(raw), CFG, NAME)
+    req = request(parse_params(raw), CFG)
     assert (req.width, req.height, req.n, req.steps, req.seed) == (64, 128, 2, 3, 9)
     assert (req.guidance_scale, req.guidance_rescale, req.negative_prompt) == (5.5, 0.5, "blur")
 
@@ -101,23 +102,35 @@ def test_sizes_refused(size):
     ],
 )
 def test_limits_refused_with_the_field_named(raw, param):
-    err = refused(lambda: to_request(parse_params(raw), CFG, NAME))
+    err = refused(lambda: to_request(parse_params(raw), CFG))
     assert err.param == param
 
 
 def test_url_response_format_says_why():
-    err = refused(lambda: to_request(parse_params({"prompt": "a", "response_format": "url"}), CFG, NAME))
+    err = refused(lambda: to_request(parse_params({"prompt": "a", "response_format": "url"}), CFG))
     assert "b64_json" in err.message and "not supported" in err.message
 
 
 def test_long_prompt_is_refused_not_truncated():
-    err = refused(lambda: to_request(parse_params({"prompt": "y" * 5000}), CFG, NAME))
+    err = refused(lambda: to_request(parse_params({"prompt": "y" * 5000}), CFG))
     assert "never truncated" in err.message and err.code == "prompt_too_long"
 
 
-def test_unknown_model_is_404_and_unknown_field_400():
-    err = refused(lambda: to_request(parse_params({"prompt": "a", "model": "dall-e-3"}), CFG, NAME), status=404)
-    assert err.code == "model_not_found"
+def test_the_model_field_and_header_name_the_base_or_an_adapter():
+    assert adapter_id(None, None, NAME) is None and adapter_id(NAME, None, NAME) is None
+    assert adapter_id("terminus-style@champion", None, NAME) == "terminus-style@champion"
+    assert adapter_id("models:/terminus-style/3", None, NAME) == "terminus-style/3"
+    assert adapter_id("terminus-style", None, NAME) == "terminus-style@champion"
+    assert adapter_id(None, "terminus-style@canary", NAME) == "terminus-style@canary"
+    assert adapter_id(NAME, "terminus-style@canary", NAME) == "terminus-style@canary"  # the base + an adapter header
+    err = refused(adapter_id, "other@champion", "terminus-style@champion", NAME)
+    assert "different models" in err.message and err.param == "model"
+    err = refused(adapter_id, "a style; rm -rf", None, NAME)
+    assert "NAME@ALIAS" in err.message
+    assert refused(adapter_id, f"{NAME}@challenger", None, NAME, status=404).code == "model_not_found"
+
+
+def test_unknown_field_400():
     err = refused(parse_params, {"prompt": "a", "sampler": "euler"})
     assert err.param == "sampler"
     refused(parse_params, {"n": 1})  # prompt missing
@@ -140,7 +153,7 @@ fields = st.sampled_from(["prompt", "n", "size", "steps", "seed", "guidance_scal
 def test_any_json_body_is_accepted_or_refused_with_4xx(raw):
     """Property: whatever a client sends, the contract answers a request or an ApiError 4xx, nothing else."""
     try:
-        req = request(parse_params(raw), CFG, NAME)
+        req = request(parse_params(raw), CFG)
     except ApiError as err:
         assert 400 <= err.status < 500 and err.message
     else:
@@ -180,9 +193,9 @@ def test_edit_images_checks_mask_size_and_resizes():
     out, mask = fit_edit_images(image, Image.new("L", (64, 64)), (128, 128), CFG)
     assert out.size == mask.size == (128, 128)
     refused(fit_edit_images, Image.new("RGB", (100, 75)), None, None, CFG)  # not multiples of 8
-    req = request(parse_params({"prompt": "a", "strength": 0.4}), CFG, NAME, image=image)
+    req = request(parse_params({"prompt": "a", "strength": 0.4}), CFG, image=image)
     assert req.mode == "img2img" and req.strength == 0.4 and (req.width, req.height) == (64, 64)
-    req = request(parse_params({"prompt": "a"}), CFG, NAME, image=image, mask=Image.new("L", (64, 64)))
+    req = request(parse_params({"prompt": "a"}), CFG, image=image, mask=Image.new("L", (64, 64)))
     assert req.mode == "inpaint" and req.strength == CFG.inference.inpaint_strength == 1.0  # the preset's default
 
 

@@ -170,3 +170,23 @@ def test_plan_command_on_the_terminus_preset(sdxl):
     assert plan["fits"]  # the seed recipe fits one A100-80G (components/diffusion/loss.py slices the VAE encode)
     assert plan["total"] > plan["allocated_peak"] >= plan["allocated_peak_cached_latents"]
     assert plan["verdict"].startswith("FITS" if plan["fits"] else "DOES NOT FIT")
+
+
+def test_an_adapter_plan_freezes_the_unet_in_bf16_and_keeps_optimizer_state_for_the_adapter_only():
+    full = mp.plan_for(load_config(REPO / "flows/configs/tiny.yaml", ["train.precision=bf16"]))
+    lora = mp.plan_for(load_config(REPO / "flows/configs/tiny.yaml", ["train.precision=bf16", "train.method=lora",
+                                                                      "train.adapter.rank=4"]))
+    rows = {r.name: r for r in lora.persistent}
+    frozen = rows["UNet weights (frozen, bf16)"]
+    assert frozen.bytes == 2 * full.unet_params and not frozen.trained
+    adapter = [r for r in lora.persistent if r.trained]
+    optimizer = load_config(REPO / "flows/configs/tiny.yaml").train.optimizer
+    assert [r.name for r in adapter] == ["lora adapter weights (fp32 master)", "lora adapter gradients (fp32)",
+                                         f"optimizer state ({optimizer.value}, adapter only)"]
+    unet = mp.sdxl_models(load_config(REPO / "flows/configs/tiny.yaml"))["unet"]
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["train.precision=bf16", "train.method=lora", "train.adapter.rank=4"])
+    shapes = [p.shape for p in mp.adapter_on(unet, cfg, Precision.BF16)]
+    assert adapter[2].bytes == mp.optimizer_state_bytes(shapes, OptimizerName(cfg.train.optimizer))
+    assert adapter[0].bytes == 4 * sum(math.prod(s) for s in shapes) < full.persistent[0].bytes / 10
+    assert lora.before_activations < full.before_activations / 10
+    assert "frozen in bf16" in lora.table() and "the adapter alone" in lora.table()
