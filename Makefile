@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests --durations=15
+
+# The edit-test loop: everything but the end-to-end and fault-injection runs marked slow (`make test` runs all).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow" --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check components deploy bench flows tests

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from tests.fixtures.processes import REPO, free_port
 
@@ -25,6 +26,7 @@ def running_replicas() -> int:
     return int(app.deployments["Model"].replica_states.get("RUNNING", 0))
 
 
+@pytest.mark.slow
 def test_scales_up_under_load_and_back_down(ray_local, registered_model):
     from ray import serve
 

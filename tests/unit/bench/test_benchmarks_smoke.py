@@ -30,6 +30,7 @@ def _sane_steps(stats: dict, steps: int) -> None:
     assert 0 <= stats["fetch_s"] < stats["s_per_step"]
 
 
+@pytest.mark.slow
 def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
     out = benchmark_training(small_cfg, warmup=1, steps=2, epoch_probe=False, workdir=str(tmp_path))
     assert out["rows"] == 2 * 3 and out["image_side"] == 128 and out["batch_size"] == 2
