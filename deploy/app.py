@@ -16,7 +16,8 @@ image-to-image without one), GET /v1/models, GET /healthz (open, for probes). Wh
 ``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run.
 
 The ingress's event loop serves every client, so nothing CPU-bound runs on it: parsing a body (JSON,
-multipart), decoding and resizing uploads, and encoding the response run in worker threads. ``/healthz``
+multipart), decoding and resizing uploads, and encoding the response run in worker threads, except a JSON
+body or a response of at most ``INLINE_BYTES``, where the hop to a thread would cost more than the work. ``/healthz``
 answers from a readiness the ingress keeps current itself (one model call per ``HEALTH_POLL_S``), so
 probes, which need no key, never take the model's queue slots.
 
@@ -63,6 +64,10 @@ from deploy.api import (
 # Model-side modules (torch, diffusers, mlflow) are imported inside Model only: the Ingress replica
 # imports this module too, and stays light without them.
 
+INLINE_BYTES = 64 * 1024
+"""A request body, or a response's PNG bytes, up to this size is parsed or encoded on the event loop (tens of
+microseconds); larger ones go to a worker thread, so that no client's upload stalls the others. The thread hop
+costs more than the work below this size (docs/benchmarks.md, the Serve overhead breakdown)."""
 HEALTH_POLL_S = 1.0
 """How often the ingress asks the model deployment whether a version is loaded (``/healthz`` reads the answer)."""
 HEALTH_TIMEOUT_S = 2.0
@@ -331,6 +336,8 @@ class Ingress:
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
         header = serve.get_multiplexed_model_id()
+        if len(body) <= INLINE_BYTES:  # a typical prompt: parsed here, without a hop to a worker thread
+            return await self._respond(*self._generation_request(body, header))
         return await self._respond(*await asyncio.to_thread(self._generation_request, body, header))
 
     def _generation_request(self, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
@@ -387,6 +394,8 @@ class Ingress:
         handle = self.model.generate if adapter is None else self.model.generate.options(multiplexed_model_id=adapter)
         out: GenerationResult = await self._call(handle.remote(request))
         raise_for_result(out)
+        if sum(map(len, out.images)) <= INLINE_BYTES:  # small images: encoded here, in well under a millisecond
+            return render_result(out)
         return await asyncio.to_thread(render_result, out)  # base64 and JSON of n images: CPU
 
 

@@ -453,6 +453,12 @@ def save_variant(directory: str | Path, variant: str) -> Path:
     left as they are and need not be held meanwhile: the export drops them first."""
     if variant not in HALF_VARIANTS:
         raise ValueError(f"weight variant {variant!r}: one of {sorted(HALF_VARIANTS)}")
+    # The variant adds weight files only. save_pretrained also rewrites every config, and transformers records
+    # the half dtype in the text encoders' (``"dtype": "float16"``), which a plain from_pretrained then applies
+    # to the fp32 weights (text encoders in half, UNet in fp32: one pipeline, two dtypes). The fp32 configs stay.
+    configs = {path: path.read_bytes() for path in Path(directory).rglob("*.json")}
     half = StableDiffusionXLPipeline.from_pretrained(str(directory), dtype=HALF_VARIANTS[variant], use_safetensors=True)
     half.save_pretrained(str(directory), safe_serialization=True, variant=variant)
+    for path, content in configs.items():
+        path.write_bytes(content)
     return Path(directory)

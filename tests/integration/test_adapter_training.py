@@ -123,3 +123,19 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     kohya = StableDiffusionXLPipeline.from_pretrained(str(base.pipeline_dir))
     kohya.load_lora_weights(load_file(result["path"]))
     torch.testing.assert_close(unet_output(kohya.unet) - before, after - before, atol=1e-5, rtol=1e-4)
+
+    # Evaluation end to end on the adapter version: its base plus the adapter, measured and tagged as any version;
+    # the same protocol on the bare base gives other figures (the adapter is in what was measured).
+    from components.config import load_config
+    from components.dataset import read_manifest
+    from components.evaluation.run import evaluate_version
+    from tests.fixtures.registry import EVAL_SMALL
+
+    ev_cfg = load_config(REPO / "flows/configs/tiny.yaml", [*overrides, *EVAL_SMALL])
+    manifest = read_manifest(ev_cfg.train.data)
+    adapted_eval = evaluate_version(ev_cfg, f"models:/terminus-tiny-lora/{trained.version}", manifest)
+    base_eval = evaluate_version(ev_cfg, tags["base_model_uri"], manifest)
+    assert adapted_eval["model"] == "terminus-tiny-lora" and adapted_eval["protocol"] == base_eval["protocol"]
+    version_tags = client.get_model_version("terminus-tiny-lora", trained.version).tags
+    assert version_tags["eval.protocol"] == adapted_eval["protocol"] and "eval.clip_score" in version_tags
+    assert adapted_eval["val_loss"] != base_eval["val_loss"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from components.config import DiffusionConfig, InferenceConfig, TinyModelConfig
@@ -177,6 +177,11 @@ def test_the_variant_that_suits_the_device(parts, saved, tmp_path):
     (with_fp16 / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     assert half_variants(with_fp16) == []  # a variant missing for one model is no variant
 
+    # Vanilla diffusers: the plain load is fp32 throughout (the variant left the configs alone), the variant half.
+    plain = StableDiffusionXLPipeline.from_pretrained(str(with_bf16), use_safetensors=True)
+    assert {m.dtype for m in (plain.unet, plain.vae, plain.text_encoder, plain.text_encoder_2)} == {torch.float32}
+    half = StableDiffusionXLPipeline.from_pretrained(str(with_bf16), variant="bf16", dtype=torch.bfloat16)
+    assert {m.dtype for m in (half.unet, half.text_encoder, half.text_encoder_2)} == {torch.bfloat16}
     loaded = build_pipelines(with_bf16, inference_scheduler(DiffusionConfig()), InferenceConfig().model_dump(), device=CPU)
     assert loaded.t2i.unet.dtype == torch.float32
     ours, theirs = parts.unet.state_dict(), loaded.t2i.unet.state_dict()
