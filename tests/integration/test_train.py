@@ -276,16 +276,16 @@ def _submit(env: dict, dash_port: int, sets: list[str], wait: bool = True) -> su
 def test_a_job_that_dies_with_its_cluster_resumes_on_a_new_one(tmp_path):
     """README's submission, token auth on. The job's state paths derive from the absolute state_dir (never
     Ray's temporary copy of the working directory). Its metrics reach MLflow while it runs, before any
-    checkpoint exists. The whole cluster -- the job's driver with it -- is SIGKILLed after checkpoint 3,
-    with a later step already logged live. On a new cluster, the same run_name resumes from that checkpoint
+    checkpoint exists. The whole cluster -- the job's driver with it -- is SIGKILLed after checkpoint 10,
+    with a later step already logged live (30 steps: the tiny step is fast, the window to kill in must not be). On a new cluster, the same run_name resumes from that checkpoint
     and the same MLflow run, recomputes steps MLflow already holds, and ends with every step once."""
     data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
     state = tmp_path / "state"
-    base = [f"state_dir={state}", f"train.data={data}", *SMALL, "train.checkpoint_every=3", "train.max_steps=9",
+    base = [f"state_dir={state}", f"train.data={data}", *SMALL, "train.checkpoint_every=10", "train.max_steps=30",
             "train.run_name=jobrun"]
     env = subprocess_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     store = f"sqlite:///{state}/mlflow.db"
-    marker = state / "ray_results" / "jobrun" / "checkpoint_00000003"
+    marker = state / "ray_results" / "jobrun" / "checkpoint_00000010"
     head, dash_port = _start_head(env)
     try:
         job = _submit(env, dash_port, base, wait=False)
@@ -294,16 +294,16 @@ def test_a_job_that_dies_with_its_cluster_resumes_on_a_new_one(tmp_path):
         assert anonymous.status_code == 401  # token authentication stays on
         live, status = _live_history(store, "jobrun", time.time() + 300)
         assert live and status == "RUNNING", (live, status)  # the loss curve shows while the run goes ...
-        assert not marker.exists() or max(live) < 3  # ... before its first checkpoint
+        assert not marker.exists() or max(live) < 10  # ... before its first checkpoint
         deadline = time.time() + 300
         logged: list[int] = []
-        while (not (marker / "COMPLETE").exists() or max(logged, default=0) < 4) and time.time() < deadline:
+        while (not (marker / "COMPLETE").exists() or max(logged, default=0) < 11) and time.time() < deadline:
             time.sleep(0.2)  # a step past the checkpoint reaches MLflow live: the rerun must not log it twice
             logged = _live_history(store, "jobrun", time.time() + 60)[0]
-        assert max(logged) < 9, "the job ended before the cluster could be killed"
+        assert max(logged) < 30, "the job ended before the cluster could be killed"
     finally:
         _stop_head(head, signal.SIGKILL)
-    assert (marker / "COMPLETE").is_file() and max(logged) >= 4
+    assert (marker / "COMPLETE").is_file() and max(logged) >= 11
 
     head, dash_port = _start_head(env)  # a new cluster: Ray's session and working-dir copies are gone
     try:
@@ -315,7 +315,7 @@ def test_a_job_that_dies_with_its_cluster_resumes_on_a_new_one(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's globals
     (run,) = client.search_runs([client.get_experiment_by_name("terminus-tiny").experiment_id],
                                 filter_string=f"tags.`{RUN_NAME_TAG}` = 'jobrun'")
-    for key in ("loss", "lr"):  # resumed at step 3 of the first cluster's checkpoint: no gap, nothing twice
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 10)), key
-    assert run.data.tags["checkpoint.latest"] == str(state / "ray_results" / "jobrun" / "checkpoint_00000009")
+    for key in ("loss", "lr"):  # resumed at step 10 of the first cluster's checkpoint: no gap, nothing twice
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 31)), key
+    assert run.data.tags["checkpoint.latest"] == str(state / "ray_results" / "jobrun" / "checkpoint_00000030")
     assert len(client.get_registered_model("terminus-tiny").latest_versions) == 1
