@@ -188,7 +188,7 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelCon
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from components.training.loop import train_loop_per_worker
+    from components.training.entry import train_loop_per_worker
 
     data = training_data(cfg, manifest)
     storage = cfg.train.storage_path
