@@ -1,13 +1,33 @@
 """Ray connection for every flow: the cluster named by RAY_ADDRESS (a Ray job, KubeRay), or a
 local one started here, on loopback, and shut down by the same flow. The local one runs its dashboard on
-127.0.0.1 (port 8265, or the next free one): users watch a flow there, and Ray Train's controller
-queries the state API it serves."""
+127.0.0.1 (port 8265, or a free one when that is taken): users watch a flow there, and Ray Train's
+controller queries the state API it serves.
+
+The local cluster's processes are told where that API is (``RAY_API_SERVER_ADDRESS``, which they inherit).
+Otherwise Ray looks the cluster up in ``/tmp/ray/ray_current_cluster``, which names the last cluster
+``ray start`` started, long gone on most machines: each of Train's state queries then waited out a GCS
+connection timeout, and every run's end stalled for about 12 seconds on its placement-group cleaner."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from contextlib import contextmanager
+
+DASHBOARD_PORT = 8265
+
+
+def dashboard_port() -> int:
+    """8265 when it is free on loopback, else a free port the system picks."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", DASHBOARD_PORT))
+            return DASHBOARD_PORT
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
 
 @contextmanager
@@ -19,15 +39,18 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
         yield
         return
     runtime_env = {"env_vars": env_vars} if env_vars else None
+    saved_api = os.environ.get("RAY_API_SERVER_ADDRESS")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
+        port = dashboard_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before the raylet starts: inherited
         # Ray 2.60 maps a loopback node address to the host's own address for its internal
         # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
         ray.init(
             address="local",  # always a new cluster, never one a stale /tmp/ray file points at
-            num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env, configure_logging=True, log_to_driver=True,
+            num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+            _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True, log_to_driver=True,
         )
     if not sys.stderr.isatty():  # redrawn bars turn into hundreds of lines in a log file
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -35,3 +58,7 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
         yield
     finally:
         ray.shutdown()
+        if saved_api is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved_api
