@@ -84,12 +84,12 @@ def fail(message: str, code: int = BAD_INPUT):
     raise SystemExit(code)
 
 
-def run_flow(script: str, *args: str) -> dict:
+def run_flow(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
     """Run another flow as its own process (as a user would) and return its last-line JSON."""
     import subprocess
 
     cmd = [sys.executable, str(REPO / "flows" / script), *args]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         fail(f"{script} exited with {proc.returncode}", code=proc.returncode)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]

@@ -5,14 +5,17 @@ examples:
   python flows/demo.py                               # the tiny preset: local Ray, SQLite MLflow, .state/
   python flows/demo.py --set train.max_steps=30 --set serve.port=8081
 
-Each stage runs through its own flow, as a user would run it; a summary of the stage times ends the
-run, and the last stdout line is one JSON object: {"model", "version", "alias", "image", "endpoint",
-"stages_s"}.
+Each stage runs through its own flow, as a user would run it, on one local Ray cluster that the demo
+starts first and stops last (the flows join it through RAY_ADDRESS, as they join a cluster started with
+`ray start`; its dashboard is on http://127.0.0.1:8265 while the demo runs). A summary of the stage
+times ends the run, and the last stdout line is one JSON object: {"model", "version", "alias", "image",
+"endpoint", "stages_s"}.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,29 +29,28 @@ PROMPT = "a photograph of an astronaut, high detail"
 
 
 def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_png: Path) -> str:
-    """Start the Serve app on loopback, wait until healthy, send one OpenAI-style request."""
+    """Start the Serve app on loopback (on the demo's cluster), wait until healthy, send one OpenAI-style
+    request."""
     import requests
 
-    from components.cluster import ray_session
     from deploy.launch import NotHealthy, start, stop
 
-    with ray_session():
-        try:
-            base = start(cfg, config_path, overrides)
-            size = cfg.serve.default_size
-            resp = requests.post(
-                f"{base}/v1/images/generations",
-                json={"model": model, "prompt": PROMPT, "n": 1, "size": f"{size}x{size}",
-                      "response_format": "b64_json", "seed": 0},
-                timeout=300,
-            )
-            if resp.status_code != 200:
-                fail(f"endpoint answered {resp.status_code}: {resp.text[:300]}", code=1)
-            out_png.write_bytes(base64.b64decode(resp.json()["data"][0]["b64_json"]))
-        except NotHealthy as err:
-            fail(str(err), code=1)
-        finally:
-            stop()
+    try:
+        base = start(cfg, config_path, overrides)
+        size = cfg.serve.default_size
+        resp = requests.post(
+            f"{base}/v1/images/generations",
+            json={"model": model, "prompt": PROMPT, "n": 1, "size": f"{size}x{size}",
+                  "response_format": "b64_json", "seed": 0},
+            timeout=300,
+        )
+        if resp.status_code != 200:
+            fail(f"endpoint answered {resp.status_code}: {resp.text[:300]}", code=1)
+        out_png.write_bytes(base64.b64decode(resp.json()["data"][0]["b64_json"]))
+    except NotHealthy as err:
+        fail(str(err), code=1)
+    finally:
+        stop()
     return f"{base}/v1/images/generations"
 
 
@@ -56,6 +58,15 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     cfg = load(args)
     setup_logging()
+    import ray
+
+    from components.cluster import ray_session
+
+    with ray_session():
+        run_stages(cfg, args, dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address))
+
+
+def run_stages(cfg, args, env: dict[str, str]) -> None:
     common = ["--config", args.config, *[x for o in args.overrides for x in ("--set", o)]]
     stages: dict[str, float] = {}
 
@@ -67,18 +78,18 @@ def main() -> None:
         stages[name] = round(time.perf_counter() - stages[name], 1)
 
     stage("curate", "1/5 curate: Ray Data filters, LANCZOS downsampling, crops with SDXL coordinates")
-    curated = run_flow("curate.py", *common)
+    curated = run_flow("curate.py", *common, env=env)
     done("curate")
     stage("train", f"2/5 train: Ray Train, ZT-SNR v-prediction, min-SNR-gamma (curated {curated.get('kept')} images)")
-    trained = run_flow("train.py", *common)
+    trained = run_flow("train.py", *common, env=env)
     done("train")
     model, version = trained["model_name"], trained["version"]
     uri = f"models:/{model}/{version}"
     stage("evaluate", f"3/5 evaluate {uri}")
-    run_flow("evaluate.py", *common, "--model-uri", uri)
+    run_flow("evaluate.py", *common, "--model-uri", uri, env=env)
     done("evaluate")
     stage("promote", f"4/5 promote {uri} to @champion")
-    promoted = run_flow("promote.py", *common, "--model", model, "--version", version)
+    promoted = run_flow("promote.py", *common, "--model", model, "--version", version, env=env)
     done("promote")
     stage("serve", f"5/5 serve models:/{model}@champion on Ray Serve and call it")
     out_png = cfg.state_path("demo", f"{model}-v{version}.png")
