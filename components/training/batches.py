@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -110,30 +111,53 @@ class TableRows:
 
 
 class ShardRows:
-    """Rows of a split read from its shards as needed, the last ``keep`` shards held (a window's worth)."""
+    """Rows of a split read from its shards as needed, the last ``keep`` shards held (a window's worth).
+
+    Safe for the prefetch threads: a shard is read once however many threads ask for it at a time, and
+    the lock is held only to look it up, so one thread's read does not hold up another's take from a shard
+    already in memory."""
 
     def __init__(self, index: RowIndex, endpoint_url: str | None, keep: int):
         import threading
 
         self.index, self.endpoint_url, self.keep = index, endpoint_url, max(2, keep)
-        self._open: OrderedDict[int, object] = OrderedDict()
-        self._lock = threading.Lock()  # the prefetch threads take rows concurrently
+        self._open: OrderedDict[int, Future] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _shard(self, f: int):
         from components.storage import read_parquet
 
         with self._lock:
-            if f in self._open:
+            entry, reader = self._open.get(f), False
+            if entry is not None:
                 self._open.move_to_end(f)
             else:
-                self._open[f] = read_parquet(self.index.files[f], self.endpoint_url)
+                entry, reader = Future(), True
+                self._open[f] = entry
                 while len(self._open) > self.keep:
                     self._open.popitem(last=False)
-            return self._open[f]
+        if reader:  # this thread reads it; any other asking meanwhile waits on the same future
+            try:
+                entry.set_result(read_parquet(self.index.files[f], self.endpoint_url))
+            except BaseException as err:
+                entry.set_exception(err)
+                with self._lock:
+                    if self._open.get(f) is entry:
+                        del self._open[f]  # the next take reads it again
+        return entry.result()
 
     def take(self, ids: np.ndarray) -> list[dict]:
-        return [self._shard(int(self.index.file_of[i])).slice(int(self.index.row_in_file[i]), 1).to_pylist()[0]
-                for i in ids]
+        """The rows of ``ids``, in order: one Arrow ``take`` per shard they lie in."""
+        import pyarrow as pa
+
+        ids = np.asarray(ids)
+        files, places = self.index.file_of[ids], self.index.row_in_file[ids]
+        out: list[dict | None] = [None] * len(ids)
+        for f in dict.fromkeys(files.tolist()):
+            at = np.flatnonzero(files == f)
+            for i, row in zip(at, self._shard(f).take(pa.array(places[at])).to_pylist(), strict=True):
+                out[i] = row
+        return out
 
 
 def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch:

@@ -118,3 +118,29 @@ def test_streamed_rows_are_the_rows_the_plan_names(split):
 
     table = pq.read_table(manifest.paths("train"))
     assert [r["sha256"] for r in taken] == [table["sha256"][int(i)].as_py() for i in ids]
+
+
+def test_threads_taking_at_once_read_each_shard_once_and_get_the_plans_rows(split, monkeypatch):
+    """The prefetch threads share one ``ShardRows``: concurrent takes return exactly the serial rows, and a
+    shard two threads want at the same moment is read once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import components.storage as storage
+
+    manifest, index = split
+    reads: Counter = Counter()
+    real = storage.read_parquet
+
+    def counted(path, *args, **kwargs):
+        reads[path] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_parquet", counted)
+    plan = _plan(index, 0, mode="blocks")[0]
+    serial = [[r["sha256"] for r in ShardRows(index, None, keep=len(index.files)).take(ids)] for ids in plan]
+    reads.clear()
+    rows = ShardRows(index, None, keep=len(index.files))
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda ids: [r["sha256"] for r in rows.take(ids)], plan))
+    assert threaded == serial
+    assert set(reads.values()) == {1} and len(reads) == len({index.files[int(f)] for f in index.file_of})
