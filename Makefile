@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+UV := $(VENV)/bin/uv
 # CPU build by default (this machine's pip finds its wheel locally; elsewhere add
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu). GPU hosts: TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
@@ -14,11 +15,13 @@ DEMO_ARGS ?=
 
 setup: $(STAMP)
 
+# torch through pip (its CPU or CUDA build, as above), the rest through uv: the same pins, resolved and
+# installed in parallel, about 3x faster than pip. A private package index: UV_INDEX_URL / UV_EXTRA_INDEX_URL.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip uv==0.9.9
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(UV) pip install -q --python $(PY) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
