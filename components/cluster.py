@@ -18,16 +18,15 @@ from contextlib import contextmanager
 DASHBOARD_PORT = 8265
 
 
-def dashboard_port() -> int:
-    """8265 when it is free on loopback, else a free port the system picks."""
+def dashboard_port(preferred: int = DASHBOARD_PORT) -> int:
+    """``preferred`` when it is free on loopback, else (or when it is 0) a free port the system picks."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", DASHBOARD_PORT))
-            return DASHBOARD_PORT
+            s.bind(("127.0.0.1", preferred))
         except OSError:
             s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        return s.getsockname()[1]
 
 
 @contextmanager
@@ -43,22 +42,35 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
-        port = dashboard_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before the raylet starts: inherited
-        # Ray 2.60 maps a loopback node address to the host's own address for its internal
-        # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
-        ray.init(
-            address="local",  # always a new cluster, never one a stale /tmp/ray file points at
-            num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-            _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True, log_to_driver=True,
-        )
+        for attempt in range(3):
+            # 8265 when free; another flow starting at the same moment may take it first, then a free port.
+            port = dashboard_port() if attempt == 0 else dashboard_port(preferred=0)
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before the raylet: inherited
+            try:
+                # Ray 2.60 maps a loopback node address to the host's own address for its internal
+                # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
+                ray.init(
+                    address="local",  # always a new cluster, never one a stale /tmp/ray file points at
+                    num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                    _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True,
+                    log_to_driver=True,
+                )
+                break
+            except ValueError as err:
+                if "already occupied" not in str(err) or attempt == 2:
+                    _restore_api_address(saved_api)
+                    raise
     if not sys.stderr.isatty():  # redrawn bars turn into hundreds of lines in a log file
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
     finally:
         ray.shutdown()
-        if saved_api is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved_api
+        _restore_api_address(saved_api)
+
+
+def _restore_api_address(saved: str | None) -> None:
+    if saved is None:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    else:
+        os.environ["RAY_API_SERVER_ADDRESS"] = saved

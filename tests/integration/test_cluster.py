@@ -34,3 +34,37 @@ def test_tasks_reach_this_clusters_state_api_past_a_stale_cluster_file(ray_local
     assert state == "ALIVE"
     assert seconds < 5
     ray.kill(probe)
+
+
+TAKEN_PORT_SCRIPT = """
+import json, os, socket
+import components.cluster as cluster
+
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+taken = held.getsockname()[1]
+real = cluster.dashboard_port
+cluster.dashboard_port = lambda preferred=cluster.DASHBOARD_PORT: taken if preferred else real(0)
+with cluster.ray_session(num_cpus=1):
+    from ray.util.state import list_nodes
+    url = os.environ["RAY_API_SERVER_ADDRESS"]  # what the state API below (and every Ray process) uses
+    print(json.dumps({"taken": taken, "url": url, "nodes": len(list_nodes(timeout=30))}))
+"""
+
+
+def test_a_dashboard_port_taken_at_start_up_falls_back_to_a_free_one(tmp_path):
+    """Another flow took the dashboard's port between the check and the start: the cluster starts on a
+    free port, and the address its processes inherit is that dashboard's."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.fixtures.processes import REPO, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", TAKEN_PORT_SCRIPT], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["url"].endswith(f":{out['taken']}")
+    assert out["nodes"] == 1
