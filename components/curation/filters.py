@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageStat
 
 
 class Reason(enum.StrEnum):
@@ -127,5 +127,5 @@ def mean_luma(rgb: Image.Image, max_side: int = 512) -> float:
         raise ValueError(f"mean_luma expects an RGB image, got {rgb.mode}")
     factor = max(1, max(rgb.size) // max_side)
     small = rgb.reduce(factor) if factor > 1 else rgb
-    pixels = np.asarray(small, dtype=np.float64).reshape(-1, 3)  # (N, 3)
-    return float(pixels.mean(axis=0) @ LUMA_709 / 255.0)
+    means = np.array(ImageStat.Stat(small).mean, dtype=np.float64)  # per channel, from the histograms
+    return float(means @ LUMA_709 / 255.0)

@@ -66,10 +66,16 @@ def curate_block(block: pa.Table, cfg: CurateConfig, seed: int) -> pa.Table:
     return outcomes_table(curator.process_all(block.to_pylist()), cfg.holdout_fraction)
 
 
+TASKS_PER_WORKER = 4
+"""About this many curation tasks per worker: enough that the last round is short and the workers finish
+together, few enough that what each task costs beyond its images (Ray Data noticing it finished, at its
+next 100 ms ``ray.wait``, and dispatching the next; the task's set-up and its shard's write) stays small.
+At 8 per worker, 16-image tasks on the benchmark spent about 0.2 s each between tasks (docs/benchmarks.md)."""
+
+
 def block_size(n: int, workers: int, rows_per_shard: int) -> int:
-    """Records per curation task: about 8 tasks per worker, so the last round of tasks is short and the
-    workers finish together, and at most ``rows_per_shard``."""
-    return max(1, min(rows_per_shard, -(-n // (workers * 8))))
+    """Records per curation task: about ``TASKS_PER_WORKER`` tasks per worker, at most ``rows_per_shard``."""
+    return max(1, min(rows_per_shard, -(-n // (workers * TASKS_PER_WORKER))))
 
 
 def blocks(records: pa.Table, workers: int, rows_per_shard: int) -> list[pa.Table]:
@@ -77,6 +83,15 @@ def blocks(records: pa.Table, workers: int, rows_per_shard: int) -> list[pa.Tabl
     n = records.num_rows
     size = block_size(n, workers, rows_per_shard)
     return [records.slice(i, size) for i in range(0, n, size)] or [records]
+
+
+def tasks_in_flight(workers: int, cluster_cpus: float, fused: bool) -> int:
+    """Curation tasks Ray Data keeps submitted at once. ``workers`` of them run; where they take every CPU of
+    the cluster (the default, ``curate.workers`` = its CPUs) and the stage is one fused operator, as many
+    again wait at Ray's scheduler, each handed a CPU the moment a task frees one, instead of after Ray
+    Data's next 100 ms ``ray.wait`` and a dispatch (about 0.2 s per task measured on 2 cores). Ray's CPU
+    accounting still runs at most ``workers`` at once; the waiting ones hold only their input records."""
+    return 2 * workers if fused and cluster_cpus and workers >= cluster_cpus else workers
 
 
 def source_dataset(cfg: Config, src: SourceInputs, total: int):
@@ -116,10 +131,12 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
     parts = [source_dataset(cfg, s, inputs.rows) for s in inputs.sources if s.rows]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     args = worker_args(cfg, num_cpus=1)  # the same for the map and the write, so that they fuse
-    ds = ds.map_batches(curate_block, fn_kwargs={"cfg": c, "seed": cfg.seed},
-                        compute=ray.data.TaskPoolStrategy(size=c.workers), batch_size=None,
-                        batch_format="pyarrow", **args)
     captioning = c.captioner.model is not None
+    fused = not captioning and all(s.records is not None for s in inputs.sources if s.rows)
+    in_flight = tasks_in_flight(c.workers, ray.cluster_resources().get("CPU", 0), fused)
+    ds = ds.map_batches(curate_block, fn_kwargs={"cfg": c, "seed": cfg.seed},
+                        compute=ray.data.TaskPoolStrategy(size=in_flight), batch_size=None,
+                        batch_format="pyarrow", **args)
     if captioning:
         from components.curation.captioner import CaptionBatch
 
@@ -133,8 +150,13 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
                             compute=ray.data.ActorPoolStrategy(size=c.captioner.workers),
                             num_gpus=gpus, **args)
     sink = CuratedDatasink(c.output, run_id, c.s3_endpoint_url, min_rows_per_write=None)
+    if fused:
+        # One operator (curate fused with the write) fed from the driver's blocks: Ray Data's per-operator
+        # reservation has nothing to protect here, and it held the second task back for about a task's
+        # length, and kept tasks from queueing ahead (docs/benchmarks.md).
+        ds.context.op_resource_reservation_enabled = False
     ds.write_datasink(sink, ray_remote_args=worker_args(cfg, num_cpus=0) if captioning else args,
-                      concurrency=c.workers)
+                      concurrency=in_flight if fused else c.workers)
     return sink.results
 
 

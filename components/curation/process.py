@@ -291,17 +291,21 @@ class Curator:
                 software = flt.editing_software(exif, f.edited_software)
                 if software:
                     return Outcome(source, Reason.EDITED, f"Software: {software}"[:300])
+            swapped = exif.get(flt.TAG_ORIENTATION) in (5, 6, 7, 8)
+            tf.draft_for(im, plan.resized, swapped)  # a large JPEG downscale starts at a DCT scale
             try:
                 im.load()
             except Image.DecompressionBombError as err:
                 return Outcome(source, Reason.DECOMPRESSION_BOMB, str(err)[:300])
             except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... on bad data
                 return self._decode_failure(source, err)
+        dw, dh = im.size  # as decoded (a JPEG draft: a DCT scale of the header's size), before orient
+        decoded = (dh, dw) if swapped else (dw, dh)
         try:
             rgb = tf.to_rgb(tf.orient(im))
         except Exception as err:
             return Outcome(source, Reason.CORRUPT, f"conversion failed: {type(err).__name__}: {err}"[:300])
-        if rgb.size != (w, h):  # orientation tag and pixel data disagree; trust the pixels
+        if rgb.size != decoded:  # orientation tag and pixel data disagree; trust the pixels
             return Outcome(source, Reason.CORRUPT, f"oriented size {rgb.size} != header {w}x{h}")
         if f.max_luminance is not None:
             luma = flt.mean_luma(rgb)

@@ -14,6 +14,7 @@ downsample, crop, JPEG encode.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -74,18 +75,51 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+REDUCING_GAP = 2.0
+"""A downscale by more than twice this is split (Pillow's ``resize(..., reducing_gap=)``): a box reduction by
+an integer factor (``Image.reduce``), then LANCZOS for the last factor of at least ``REDUCING_GAP``."""
+DRAFT_GAP = 4.0
+"""A JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``) only where that still
+leaves at least ``DRAFT_GAP`` times the target size, so from 8x downscales on. The DCT scaling is a cruder
+low-pass than LANCZOS: with a gap of 2 it cost up to 6 dB more than the box reduction (docs/benchmarks.md)."""
+MIN_PSNR_DB = 40.0
+"""Both shortcuts together stay within this PSNR of a plain LANCZOS from the full decode on real photos
+(tests/unit/curation/test_transforms.py; measured worst 41.8 dB, scikit-image's photos, 2.5x to 12x)."""
+
+
 def orient(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation tag (ImageOps.exif_transpose), so pixels are stored as displayed."""
-    return ImageOps.exif_transpose(im)
+    """Apply the EXIF orientation tag (ImageOps.exif_transpose), so pixels are stored as displayed.
+    In place: an upright image is returned as it is rather than copied."""
+    ImageOps.exif_transpose(im, in_place=True)
+    return im
+
+
+def draft_for(im: Image.Image, resized: tuple[int, int], swapped: bool) -> None:
+    """Before ``load``: let a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) whose size is still at
+    least ``DRAFT_GAP`` times the plan's ``resized`` (h, w) -- never below the target, so nothing is
+    ever upsampled. ``swapped``: the EXIF orientation turns the stored image by 90 degrees. Other formats
+    (and a downscale too small for it) are decoded in full."""
+    if im.format != "JPEG":
+        return
+    rh, rw = resized
+    want = (rh, rw) if swapped else (rw, rh)  # (width, height) as stored
+    im.draft(None, (math.ceil(want[0] * DRAFT_GAP), math.ceil(want[1] * DRAFT_GAP)))
 
 
 def resize_and_crop(rgb: Image.Image, plan: Plan) -> Image.Image:
-    """LANCZOS downsample to the plan's cover size, then cut the bucket window at the plan's crop."""
+    """LANCZOS downsample to the plan's cover size and the bucket window at the plan's crop, in one resize of
+    the window's source box (the filter still reads the pixels around it, so this equals resizing the whole
+    image and cutting the window, to within float rounding: at most 1 level on a few pixels, measured);
+    a large downscale is reduced by an integer factor first (``REDUCING_GAP``), and the image may come
+    drafted (``draft_for``)."""
     rh, rw = plan.resized
-    if (rh, rw) != plan.original:
-        rgb = rgb.resize((rw, rh), Image.Resampling.LANCZOS)
     top, left = plan.crop
-    return rgb.crop((left, top, left + plan.bucket.width, top + plan.bucket.height))
+    bw, bh = plan.bucket.width, plan.bucket.height
+    if rgb.size == (rw, rh):
+        return rgb.crop((left, top, left + bw, top + bh))
+    sx, sy = rgb.width / rw, rgb.height / rh
+    box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
+    return rgb.resize((bw, bh), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
 def encode_jpeg(rgb: Image.Image, quality: int) -> bytes:

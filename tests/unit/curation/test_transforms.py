@@ -115,3 +115,99 @@ def test_jpeg_is_baseline_444_at_size():
     data = encode_jpeg(Image.new("RGB", (64, 32), (10, 200, 30)), 95)
     im = Image.open(io.BytesIO(data))
     assert im.format == "JPEG" and im.size == (64, 32) and im.layer[0][1:3] == (1, 1)  # no chroma subsampling
+
+
+# --- the shortcuts of a large downscale: JPEG draft and integer reduction, against a plain LANCZOS ---------------
+
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                  "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "gravel.png", "camera.png")
+
+
+def _photo_jpegs() -> list[tuple[str, bytes]]:
+    from tests.fixtures.http_images import skimage_data
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        buf = io.BytesIO()
+        Image.open(skimage_data() / name).convert("RGB").save(buf, "JPEG", quality=95)
+        out.append((name, buf.getvalue()))
+    return out
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("factor", [2.5, 4, 6, 8, 12])
+def test_large_downscale_shortcuts_match_plain_lanczos(factor):
+    """draft_for + resize_and_crop (what Curator runs) against LANCZOS from the full decode: within
+    MIN_PSNR_DB on every photo, never below the target size, and the shortcuts really taken from 4x
+    (reduce) and 8x (draft) on, so a change that drops the quality or the speed-up fails here."""
+    from components.curation import transforms as tf
+    from components.curation.buckets import Bucket, Plan
+
+    for name, data in _photo_jpegs():
+        full = Image.open(io.BytesIO(data))
+        full.load()
+        tw, th = round(full.width / factor), round(full.height / factor)
+        plan = Plan(bucket=Bucket(tw, th), original=(full.height, full.width), resized=(th, tw), crop=(0, 0))
+        plain = full.resize((tw, th), Image.Resampling.LANCZOS)
+        im = Image.open(io.BytesIO(data))
+        tf.draft_for(im, plan.resized, swapped=False)
+        im.load()
+        drafted = im.size != full.size
+        assert not drafted or (im.width >= tw * tf.DRAFT_GAP and im.height >= th * tf.DRAFT_GAP), (name, im.size)
+        if factor > 2 * tf.DRAFT_GAP:
+            assert drafted, (name, factor)
+        elif factor < 2 * tf.DRAFT_GAP:
+            assert not drafted, (name, factor, im.size)
+        fast = tf.resize_and_crop(im.convert("RGB"), plan)
+        assert fast.size == (tw, th)
+        assert _psnr(fast, plain) >= tf.MIN_PSNR_DB, (name, factor, _psnr(fast, plain))
+        if factor < 2 * tf.REDUCING_GAP:
+            assert _psnr(fast, plain) == float("inf")  # small downscales are a plain LANCZOS, bit for bit
+
+
+def test_drafted_decode_keeps_the_luma_decision():
+    """The luminance filter reads the drafted image: libjpeg's DCT scaling keeps each block's DC term (its
+    mean), so the mean luma stays within 0.002 of the full decode's."""
+    from components.curation import transforms as tf
+
+    for name, data in _photo_jpegs():
+        full = Image.open(io.BytesIO(data)).convert("RGB")
+        im = Image.open(io.BytesIO(data))
+        tf.draft_for(im, (im.height // 8, im.width // 8), swapped=False)
+        im.load()
+        assert im.size != full.size, name  # really drafted
+        assert flt.mean_luma(im.convert("RGB")) == pytest.approx(flt.mean_luma(full), abs=2e-3), name
+
+
+def test_draft_is_turned_by_the_exif_orientation():
+    """A portrait target on a landscape-stored JPEG with orientation 6: the request is in stored axes."""
+    from components.curation import transforms as tf
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 800), (90, 60, 30)).save(buf, "JPEG")
+    im = Image.open(io.BytesIO(buf.getvalue()))
+    tf.draft_for(im, (100, 50), swapped=True)  # oriented 800 wide x 1600 high -> 50 x 100
+    im.load()
+    assert im.size == (400, 200)  # 1/4: 200 >= 4 x 50, 400 >= 4 x 100; 1/8 would be too small
+
+
+def test_resizing_the_crop_window_equals_resize_then_crop():
+    """resize_and_crop resizes only the bucket window's source box; the LANCZOS filter still reads the pixels
+    around it, so the result is the crop of the whole resized image, to within 1 level of float rounding."""
+    from components.curation import transforms as tf
+    from components.curation.buckets import Bucket, Plan
+
+    for name, data in _photo_jpegs()[:4]:
+        full = Image.open(io.BytesIO(data)).convert("RGB")
+        rw, rh = round(full.width / 1.7), round(full.height / 1.7)
+        bucket = Bucket(rw - 13, rh - 7)
+        plan = Plan(bucket=bucket, original=(full.height, full.width), resized=(rh, rw), crop=(5, 9))
+        whole = full.resize((rw, rh), Image.Resampling.LANCZOS).crop((9, 5, 9 + bucket.width, 5 + bucket.height))
+        window = tf.resize_and_crop(full, plan)
+        diff = np.abs(np.asarray(window, int) - np.asarray(whole, int))
+        assert window.size == whole.size and diff.max() <= 1, (name, diff.max())
+        assert (diff > 0).mean() < 0.01, name
