@@ -163,6 +163,7 @@ class Model:
         model id (``serve_multiplexed_model_id``)."""
         from deploy.adapters import AdapterRefused
 
+        received = time.perf_counter()
         model_id = serve.get_multiplexed_model_id()
         adapter = None
         if model_id:
@@ -171,13 +172,24 @@ class Model:
                 await asyncio.to_thread(adapter.follow, self.cfg.serve.poll_alias_s)
             except AdapterRefused as err:
                 return err.result(request)
-        return await self._batched(request, adapter)
+        out = await self._batched(request, adapter)
+        out.model_s = time.perf_counter() - received
+        return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def _batched(self, reqs: list[GenerationRequest], adapters: list) -> list[GenerationResult]:
         # Serve splits each batch by multiplexed model id: every request here asked for the same adapter (or none).
         loaded = self.holder.current  # one version for the whole batch, reported with every result
-        return await asyncio.to_thread(self.adapters.run, loaded, adapters[0], reqs)
+        return await asyncio.to_thread(self._run, loaded, adapters[0], reqs)
+
+    def _run(self, loaded, adapter, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+        """The batch's work on a worker thread, timed there (``work_s`` of each result: ``Server-Timing``)."""
+        start = time.perf_counter()
+        out = self.adapters.run(loaded, adapter, reqs)
+        work = time.perf_counter() - start
+        for result in out:
+            result.work_s = work
+        return out
 
     def __del__(self):
         holder = getattr(self, "holder", None)
@@ -283,6 +295,20 @@ def render_result(out: GenerationResult) -> JSONResponse:
     return JSONResponse(body, headers=headers)
 
 
+def server_timing(response: JSONResponse, out: GenerationResult, since: float) -> JSONResponse:
+    """Adds ``Server-Timing`` (W3C; milliseconds): ``ingress`` from the route's start to the response built here,
+    ``model`` the model deployment's own time for the request, ``work`` its batch's pipeline and PNG encoding. What
+    a client measures beyond ``ingress`` is the HTTP proxy and the network; ``ingress`` beyond ``model`` the hop to
+    the model replica and back; ``model`` beyond ``work`` the batch queue and the worker thread."""
+    parts = [f"ingress;dur={(time.perf_counter() - since) * 1e3:.3f}"]
+    if out.model_s is not None:
+        parts.append(f"model;dur={out.model_s * 1e3:.3f}")
+    if out.work_s is not None:
+        parts.append(f"work;dur={out.work_s * 1e3:.3f}")
+    response.headers["Server-Timing"] = ", ".join(parts)
+    return response
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=128,
                   health_check_period_s=10)
 @serve.ingress(api)
@@ -333,12 +359,13 @@ class Ingress:
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
+        since = time.perf_counter()
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
         header = serve.get_multiplexed_model_id()
         if len(body) <= INLINE_BYTES:  # a typical prompt: parsed here, without a hop to a worker thread
-            return await self._respond(*self._generation_request(body, header))
-        return await self._respond(*await asyncio.to_thread(self._generation_request, body, header))
+            return await self._respond(*self._generation_request(body, header), since=since)
+        return await self._respond(*await asyncio.to_thread(self._generation_request, body, header), since=since)
 
     def _generation_request(self, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
         """JSON body -> (request, adapter) (a worker thread: parsing up to max_upload_bytes of JSON is CPU)."""
@@ -356,11 +383,13 @@ class Ingress:
         image-to-image: the image is noised to ``strength`` and denoised with the prompt. Default strengths:
         ``inference.inpaint_strength`` (1.0: the masked area from pure noise, so a ZT-SNR model reaches its
         full range) and ``inference.img2img_strength`` (0.8)."""
+        since = time.perf_counter()
         self._authorize(request)
         body = await read_body(request, self.cfg.serve.max_upload_bytes)
         content_type = request.headers.get("content-type", "")
         header = serve.get_multiplexed_model_id()
-        return await self._respond(*await asyncio.to_thread(self._edit_request, content_type, body, header))
+        return await self._respond(*await asyncio.to_thread(self._edit_request, content_type, body, header),
+                                   since=since)
 
     def _edit_request(self, content_type: str, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
         """Multipart body -> request (a worker thread: parsing, decoding and resizing the uploads is CPU,
@@ -388,15 +417,15 @@ class Ingress:
             raise ApiError(503, "no model replica is available right now; retry shortly",
                            type="service_unavailable", headers=self._retry_after(None)) from None
 
-    async def _respond(self, request: GenerationRequest, adapter: str | None) -> JSONResponse:
+    async def _respond(self, request: GenerationRequest, adapter: str | None, since: float) -> JSONResponse:
         """Run ``request`` on the base, or with ``adapter`` (a multiplexed model id: Serve routes it to a replica
-        that has the adapter loaded, where it can)."""
+        that has the adapter loaded, where it can). ``since``: when the route started (``Server-Timing``)."""
         handle = self.model.generate if adapter is None else self.model.generate.options(multiplexed_model_id=adapter)
         out: GenerationResult = await self._call(handle.remote(request))
         raise_for_result(out)
         if sum(map(len, out.images)) <= INLINE_BYTES:  # small images: encoded here, in well under a millisecond
-            return render_result(out)
-        return await asyncio.to_thread(render_result, out)  # base64 and JSON of n images: CPU
+            return server_timing(render_result(out), out, since)
+        return server_timing(await asyncio.to_thread(render_result, out), out, since)  # base64 and JSON: CPU
 
 
 

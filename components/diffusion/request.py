@@ -80,6 +80,12 @@ class GenerationResult:
     """The OpenAI error ``code`` of a refusal (``model_not_found``, ``adapter_base_mismatch``)."""
     base: str | None = None
     """For a request served with an adapter (``name``/``version`` are the adapter's): ``NAME/VERSION`` of the base."""
+    work_s: float | None = None
+    """Seconds of the model replica's work for this request's batch (token check, pipeline, PNG), as timed on the
+    thread that ran it; the ingress reports it in ``Server-Timing`` (observability, the Serve overhead breakdown)."""
+    model_s: float | None = None
+    """Seconds from the model deployment receiving the request to its answer (the work plus the batch queue and the
+    hop to the worker thread)."""
 
 
 def encode_png(image: Image.Image) -> bytes:
