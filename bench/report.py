@@ -292,6 +292,14 @@ def _input_figures(d: dict) -> list[Figure]:
     ]
 
 
+BREAKDOWN = {
+    "client_and_proxy_s": "client + HTTP proxy (latency - ingress)",
+    "ingress_to_model_hop_s": "ingress -> model hop and back, parse, render (ingress - model)",
+    "model_queue_and_thread_s": "model's batch queue + worker thread (model - work)",
+}
+"""Row names of the serving overhead's breakdown (``bench.serving._paired``)."""
+
+
 def _serving_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("serving", *a, **k)  # noqa: E731
     direct, serial, lone = d["direct"], d["serial_unbatched"], d["serial_batched"]
@@ -303,8 +311,14 @@ def _serving_figures(d: dict) -> list[Figure]:
         f("Serve HTTP p99 (one request at a time, unbatched)", _ms(serial["p99_s"]), "ms"),
         f("Serve overhead per request (p50 - direct p50)", _ms(d["serve_overhead_p50_s"]), "ms", ("<=", 5.0),
           "Ray PR 55900: ~2.2 ms p50"),
-        *[f(f"  of which {part.replace('_', ' ')}", _ms(seconds), "ms")
+        *([f("Serve overhead, paired per request (latency - the replica's own work, median)",
+             _ms(d["serve_overhead_paired_s"]), "ms")] if "serve_overhead_paired_s" in d else []),
+        *[f(f"  of which {BREAKDOWN.get(part, part)}", _ms(seconds), "ms")
           for part, seconds in d.get("overhead_breakdown_s", {}).items()],
+        *([f("the replica's own work p50 (vs the direct call above)", _ms(d["replica_work_p50_s"]), "ms")]
+          if "replica_work_p50_s" in d else []),
+        *([f("GET /healthz p50 (client, proxy, ingress; no model call)", _ms(d["healthz"]["p50_s"]), "ms")]
+          if "healthz" in d else []),
         f(f"lone request on the batched deployment p50 (waits up to {_ms(d['batch_wait_timeout_s']):g} ms)",
           _ms(lone["p50_s"]), "ms"),
         f(f"unbatched throughput, concurrency {d['concurrency']}", d["unbatched"]["throughput_rps"], "req/s"),

@@ -106,11 +106,44 @@ def _encoding_s(size: int, count: int = 50) -> dict[str, float]:
     return {"parse_s": float(np.median(parse)), "render_s": float(np.median(render)), "png_bytes": len(buf.getvalue())}
 
 
+def server_timing(header: str | None) -> dict[str, float]:
+    """``Server-Timing: ingress;dur=12.3, model;dur=...`` -> {"ingress": 0.0123, ...} in seconds."""
+    out: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                out[name] = float(value) / 1e3
+    return out
+
+
+def _paired(latencies: list[float], timings: list[dict[str, float]]) -> dict[str, float]:
+    """Medians of each request's own split (HTTP latency against the ``Server-Timing`` the same request brought back):
+    client + HTTP proxy (latency - ingress), the ingress -> model hop and back (ingress - model), the model
+    deployment's batch queue and worker thread (model - work), and Serve's whole cost for it (latency - work).
+    Paired per request, so a change of the machine's load between two runs does not enter it."""
+    rows = [(lat, t) for lat, t in zip(latencies, timings, strict=True) if {"ingress", "model", "work"} <= set(t)]
+    if not rows:
+        return {}
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {
+        "overhead_s": med([lat - t["work"] for lat, t in rows]),
+        "client_and_proxy_s": med([lat - t["ingress"] for lat, t in rows]),
+        "ingress_to_model_hop_s": med([t["ingress"] - t["model"] for lat, t in rows]),
+        "model_queue_and_thread_s": med([t["model"] - t["work"] for lat, t in rows]),
+        "work_s": med([t["work"] for lat, t in rows]),
+        "count": len(rows),
+    }
+
+
 async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[str, Any]:
-    """``count`` requests from ``concurrency`` closed-loop clients; throughput, latency, batch sizes."""
+    """``count`` requests from ``concurrency`` closed-loop clients; throughput, latency, batch sizes, and (one at a
+    time) each request's own split of where its time went (``Server-Timing``)."""
     import httpx
 
     latencies: list[float] = []
+    timings: list[dict[str, float]] = []
     batch_sizes: list[int] = []
     errors = 0
     first_error: list[str] = []
@@ -122,6 +155,7 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
             start = time.perf_counter()
             r = await c.post("/v1/images/generations", json={**body, "seed": i})
             latencies.append(time.perf_counter() - start)
+            timings.append(server_timing(r.headers.get("server-timing")))
             if r.status_code != 200:
                 errors += 1
                 first_error.append(f"{r.status_code} {r.text[:300]}")
@@ -134,8 +168,11 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
         wall = time.perf_counter() - start
     if errors:  # a benchmark of error responses measures nothing
         raise RuntimeError(f"{errors} of {count} requests failed, the first: {first_error[0]}")
-    return {"count": count, "throughput_rps": count / wall, "wall_s": wall, "errors": errors,
-            "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0, **_stats(latencies)}
+    out = {"count": count, "throughput_rps": count / wall, "wall_s": wall, "errors": errors,
+           "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0, **_stats(latencies)}
+    if concurrency == 1:  # one at a time, the split is Serve's alone (no request waits for another)
+        out["paired"] = _paired(latencies, timings)
+    return out
 
 
 def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, size: int = 64, steps: int = 4,
@@ -176,9 +213,8 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
                 # One request at a time: Serve end to end against the direct call. Unbatched, that
                 # difference is Serve's own cost; batched, a lone request also waits batch_wait_timeout_s.
                 out[f"serial_{label}"] = asyncio.run(_drive(base, body, requests, 1))
-                if label == "unbatched":  # the breakdown: the same hops without the model's work
+                if label == "unbatched":  # client, HTTP proxy and ingress, without a model call
                     out["healthz"] = asyncio.run(_drive_get(base, "/healthz", requests))
-                    out["models_route"] = asyncio.run(_drive_get(base, "/v1/models", requests))
                 out[label] = asyncio.run(_drive(base, body, requests, concurrency))
                 out[label]["max_batch_size"] = batch
         finally:
@@ -186,14 +222,13 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
     out["batching_speedup"] = out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"]
     out["serve_overhead_p50_s"] = out["serial_unbatched"]["p50_s"] - out["direct"]["p50_s"]
     out["encoding"] = _encoding_s(size)
-    # Where the overhead goes: HTTP client + proxy + ingress (``/healthz`` answers from the ingress alone),
-    # the ingress -> model handle call (``/v1/models`` minus that), the ingress's parse and render, and the rest
-    # (the request and its PNG crossing the hop, the batch queue, the model's worker thread).
-    hop = out["models_route"]["p50_s"] - out["healthz"]["p50_s"]
-    encode = out["encoding"]["parse_s"] + out["encoding"]["render_s"]
-    out["overhead_breakdown_s"] = {
-        "http_proxy_ingress": out["healthz"]["p50_s"], "ingress_to_model_call": hop, "parse_and_render": encode,
-        "rest": out["serve_overhead_p50_s"] - out["healthz"]["p50_s"] - hop - encode,
-    }
+    # Where the overhead goes, request by request (``Server-Timing``, see ``_paired``); the ingress's own parse and
+    # render (timed in-process) are part of the ingress -> model figure.
+    paired = out["serial_unbatched"].get("paired", {})
+    out["overhead_breakdown_s"] = {k: paired[k] for k in (
+        "client_and_proxy_s", "ingress_to_model_hop_s", "model_queue_and_thread_s") if k in paired}
+    if paired:
+        out["serve_overhead_paired_s"] = paired["overhead_s"]
+        out["replica_work_p50_s"] = paired["work_s"]
     out["batch_wait_timeout_s"] = cfg.serve.batch_wait_timeout_s
     return out

@@ -127,6 +127,12 @@ def test_openai_client_request(client, registered_model):
     assert raw.startswith(b"\x89PNG\r\n\x1a\n")
     image = Image.open(io.BytesIO(raw))
     assert image.format == "PNG" and image.size == (64, 64)
+    # Where the request's time went, nested: the ingress's route holds the model's answer, which holds its work.
+    from bench.serving import server_timing
+
+    timing = server_timing(r.headers["server-timing"])
+    assert timing.keys() == {"ingress", "model", "work"}
+    assert timing["ingress"] >= timing["model"] >= timing["work"] > 0, timing
 
 
 def test_bearer_auth(client):

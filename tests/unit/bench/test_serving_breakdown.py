@@ -1,0 +1,55 @@
+"""The Serve overhead breakdown: the ``Server-Timing`` header the ingress writes, read back by the benchmark, and
+each request's own split (not timed)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from bench.serving import _paired, server_timing
+from components.diffusion.request import GenerationResult
+
+
+def test_the_ingress_header_reads_back_in_seconds():
+    from fastapi.responses import JSONResponse
+
+    from deploy.app import server_timing as write
+
+    out = GenerationResult("m", "1", 0, [b"png"], model_s=0.0405, work_s=0.0312)
+    since = time.perf_counter() - 0.05  # the route started 50 ms ago
+    header = write(JSONResponse({}), out, since).headers["server-timing"]
+    timing = server_timing(header)
+    assert timing.keys() == {"ingress", "model", "work"}
+    assert timing["model"] == pytest.approx(0.0405, abs=1e-6) and timing["work"] == pytest.approx(0.0312, abs=1e-6)
+    assert 0.05 <= timing["ingress"] < 5.0
+
+
+def test_a_refusal_without_model_timings_names_the_ingress_only():
+    from fastapi.responses import JSONResponse
+
+    from deploy.app import server_timing as write
+
+    header = write(JSONResponse({}), GenerationResult("m", "1", 0, []), time.perf_counter()).headers["server-timing"]
+    assert server_timing(header).keys() == {"ingress"}
+    assert server_timing(None) == {} and server_timing("") == {}
+
+
+def test_paired_split_is_per_request_medians():
+    latencies = [0.100, 0.200, 0.300]
+    timings = [{"ingress": 0.090, "model": 0.085, "work": 0.080},
+               {"ingress": 0.150, "model": 0.140, "work": 0.120},
+               {"ingress": 0.280, "model": 0.279, "work": 0.270}]
+    split = _paired(latencies, timings)
+    assert math.isclose(split["overhead_s"], 0.030)  # 0.020, 0.080, 0.030
+    assert math.isclose(split["client_and_proxy_s"], 0.020)  # 0.010, 0.050, 0.020
+    assert math.isclose(split["ingress_to_model_hop_s"], 0.005)  # 0.005, 0.010, 0.001
+    assert math.isclose(split["model_queue_and_thread_s"], 0.009)  # 0.005, 0.020, 0.009
+    assert math.isclose(split["work_s"], 0.120) and split["count"] == 3
+
+
+def test_paired_split_skips_requests_without_the_header():
+    assert _paired([0.1], [{}]) == {}
+    split = _paired([0.1, 0.2], [{}, {"ingress": 0.15, "model": 0.12, "work": 0.1}])
+    assert split["count"] == 1 and math.isclose(split["overhead_s"], 0.1)
