@@ -305,14 +305,18 @@ def _serving_figures(d: dict) -> list[Figure]:
     direct, serial, lone = d["direct"], d["serial_unbatched"], d["serial_batched"]
     shape = f"{d['size']}px, {d['steps']} steps"
     return [
-        f(f"direct call of the replica's work p50 ({shape}, PNG)", _ms(direct["p50_s"]), "ms"),
+        f(f"direct call of the replica's work p50 ({shape}, PNG; mean of before and after Serve)",
+          _ms(direct["p50_s"]), "ms"),
+        *([f("direct call p50 drift, after / before Serve", 100 * d["direct_drift"], "%")]
+          if "direct_drift" in d else []),
         f("direct call p99", _ms(direct["p99_s"]), "ms"),
         f("Serve HTTP p50 (one request at a time, unbatched)", _ms(serial["p50_s"]), "ms"),
         f("Serve HTTP p99 (one request at a time, unbatched)", _ms(serial["p99_s"]), "ms"),
         f("Serve overhead per request (p50 - direct p50)", _ms(d["serve_overhead_p50_s"]), "ms", ("<=", 5.0),
           "Ray PR 55900: ~2.2 ms p50"),
         *([f("Serve overhead, paired per request (latency - the replica's own work, median)",
-             _ms(d["serve_overhead_paired_s"]), "ms")] if "serve_overhead_paired_s" in d else []),
+             _ms(d["serve_overhead_paired_s"]), "ms", ("<=", 5.0), "immune to load drift between the two sides")]
+          if "serve_overhead_paired_s" in d else []),
         *[f(f"  of which {BREAKDOWN.get(part, part)}", _ms(seconds), "ms")
           for part, seconds in d.get("overhead_breakdown_s", {}).items()],
         *([f("the replica's own work p50 (vs the direct call above)", _ms(d["replica_work_p50_s"]), "ms")]

@@ -53,3 +53,29 @@ def test_paired_split_skips_requests_without_the_header():
     assert _paired([0.1], [{}]) == {}
     split = _paired([0.1, 0.2], [{}, {"ingress": 0.15, "model": 0.12, "work": 0.1}])
     assert split["count"] == 1 and math.isclose(split["overhead_s"], 0.1)
+
+
+def _serving_report(paired_overhead_s: float) -> dict:
+    run = {"p50_s": 0.080, "p99_s": 0.1, "mean_s": 0.08, "throughput_rps": 10.0, "mean_batch_size": 1.0}
+    return {
+        "size": 64, "steps": 4, "concurrency": 8, "batch_wait_timeout_s": 0.02, "batching_speedup": 1.5,
+        "direct": {"p50_s": 0.090, "p99_s": 0.1}, "direct_drift": 0.8, "serial_unbatched": run,
+        "serial_batched": run, "unbatched": run, "batched": {**run, "max_batch_size": 4},
+        "serve_overhead_p50_s": -0.010, "serve_overhead_paired_s": paired_overhead_s, "replica_work_p50_s": 0.07,
+        "overhead_breakdown_s": {"client_and_proxy_s": 0.006, "ingress_to_model_hop_s": 0.004,
+                                 "model_queue_and_thread_s": 0.001},
+        "healthz": {"p50_s": 0.005},
+    }
+
+
+@pytest.mark.parametrize(("paired_s", "status"), [(0.012, "MISS"), (0.004, "PASS")])
+def test_a_load_drift_cannot_pass_the_target_alone(paired_s, status):
+    """The direct side ran 80 % slower after Serve than before it: HTTP p50 - direct p50 came out negative; the
+    paired figure, which the drift does not enter, carries the verdict too."""
+    from bench.report import figures
+
+    rows = {f.name: f for f in figures({"serving": _serving_report(paired_s)})}
+    paired = rows["Serve overhead, paired per request (latency - the replica's own work, median)"]
+    assert paired.target == ("<=", 5.0) and paired.status == status
+    assert rows["direct call p50 drift, after / before Serve"].value == pytest.approx(80.0)
+    assert any(name.strip().startswith("of which client + HTTP proxy") for name in rows)
