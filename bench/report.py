@@ -161,7 +161,8 @@ def run_benchmarks(cfg: Config, sections: list[str] | tuple[str, ...] = SECTIONS
     with contextlib.ExitStack() as ray_scope:  # one Ray from the first section that needs it to the last
         for i, name in enumerate(sections):
             if uses_ray and i == uses_ray[0]:
-                ray_scope.enter_context(ray_session())
+                # Serve as flows/serve.py runs it: the local Ray's processes with its latency settings
+                ray_scope.enter_context(ray_session(serve_latency=True))
             log(f"benchmark {name} {sizes[name]} (load {os.getloadavg()[0]:.1f})")
             load, t0 = os.getloadavg(), time.perf_counter()
             try:

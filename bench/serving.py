@@ -13,11 +13,13 @@ the direct p50 (HTTP proxy, the ingress, the hop to the model replica). Not a te
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 import numpy as np
 
+from components.cluster import SERVE_ENV
 from components.config import Config
 
 WARMUP = 8  # requests before timing: a new replica's first pipeline calls are slower
@@ -56,6 +58,11 @@ def _direct_latencies(config: dict, uri: str, tracking: str, cache_dir: str, siz
         serve_batch(loaded.name, loaded.version, loaded.pipelines, [replace(req, seed=i)])
         latencies.append(time.perf_counter() - start)
     return {**_stats(latencies), "count": count, "version": loaded.version, "device": str(loaded.pipelines.device)}
+
+
+def _environment(names: list[str]) -> dict[str, str | None]:
+    """Runs in a Ray worker: these variables as the cluster's processes see them."""
+    return {name: os.environ.get(name) for name in names}
 
 
 async def _drive_get(base: str, path: str, count: int) -> dict[str, Any]:
@@ -193,7 +200,9 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
     body = {"prompt": "benchmark", "size": f"{size}x{size}", "steps": steps}
     out: dict[str, Any] = {"model_uri": uri, "size": size, "steps": steps, "requests": requests,
                            "concurrency": concurrency, "resources": resources}
-    with ray_session():
+    with ray_session(serve_latency=True):
+        # Serve's settings as Ray's own processes have them (components/cluster.py SERVE_ENV; None: Ray's default)
+        out["serve_env"] = ray.get(ray.remote(_environment).options(num_cpus=0).remote(list(SERVE_ENV)))
         direct = ray.remote(_direct_latencies).options(**resources)
         direct_args = (cfg.model_dump(mode="json"), uri, tracking_uri(cfg), str(cfg.state_path("cache", "serve")),
                        size, steps, requests)

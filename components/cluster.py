@@ -16,6 +16,17 @@ import sys
 from contextlib import contextmanager
 
 DASHBOARD_PORT = 8265
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+"""Ray Serve's latency settings for a Ray this platform starts to serve (flows/serve.py, flows/demo.py, the serving
+benchmark). ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (Ray 2.55+, Ray's high-throughput guide) makes the ingress -> model
+call go over gRPC, runs user code and the request router on each replica's main event loop, and buffers the request
+path's logs (up to 1,000 lines, flushed at once on an ERROR line; replica logs go to Serve's log files, not the
+driver's stderr). Direct ingress, which it would also turn on, stays off: without HAProxy in front (not in this
+image, and it binds every interface) it only moves the ingress to ports 30000-31000 nobody routes to.
+Measured: Serve's cost per request 28 -> 22 ms median on this 2-core VM (docs/benchmarks.md). Serve reads them
+when its processes start, so they must be in the environment of the process that starts Ray (``ray start`` on a
+cluster: see deploy/serve.yaml). Not in a driver that calls deployment handles from synchronous code: there the
+router on the caller's own loop refuses to run ("No event loop running")."""
 
 
 def dashboard_port(preferred: int = DASHBOARD_PORT) -> int:
@@ -30,7 +41,21 @@ def dashboard_port(preferred: int = DASHBOARD_PORT) -> int:
 
 
 @contextmanager
-def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = None):
+def _environ(extra: dict[str, str]):
+    """``extra`` in ``os.environ`` where not set already (a user's value wins), then the environment as it was."""
+    added = {k: v for k, v in extra.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = None, serve_latency: bool = False):
+    """A Ray for the flow: ``RAY_ADDRESS``'s cluster, else a new local one. ``serve_latency``: the local Ray's own
+    processes (Serve's controller, proxy, replicas) start with ``SERVE_ENV``; this process keeps its environment."""
     import ray
     import ray.data
 
@@ -49,12 +74,13 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
             try:
                 # Ray 2.60 maps a loopback node address to the host's own address for its internal
                 # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
-                ray.init(
-                    address="local",  # always a new cluster, never one a stale /tmp/ray file points at
-                    num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                    _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True,
-                    log_to_driver=True,
-                )
+                with _environ(SERVE_ENV if serve_latency else {}):  # inherited by the raylet and its workers
+                    ray.init(
+                        address="local",  # always a new cluster, never one a stale /tmp/ray file points at
+                        num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                        _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True,
+                        log_to_driver=True,
+                    )
                 break
             except ValueError as err:
                 if "already occupied" not in str(err) or attempt == 2:

@@ -13,7 +13,8 @@ multiplexed model id, the replica keeps an LRU of adapters attached to its base 
 Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
 image-to-image without one), GET /v1/models, GET /healthz (open, for probes). When
 ``serve.api_key_env`` names an environment variable, every /v1 route requires
-``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run.
+``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run. An image response
+carries ``Server-Timing`` (``server_timing``): the ingress route's, the model deployment's and its work's durations.
 
 The ingress's event loop serves every client, so nothing CPU-bound runs on it: parsing a body (JSON,
 multipart), decoding and resizing uploads, and encoding the response run in worker threads, except a JSON

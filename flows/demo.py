@@ -62,7 +62,7 @@ def main() -> None:
 
     from components.cluster import ray_session
 
-    with ray_session():
+    with ray_session(serve_latency=True):  # its serve stage runs with Serve's latency settings (components/cluster.py)
         run_stages(cfg, args, dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address))
 
 

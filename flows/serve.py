@@ -8,7 +8,9 @@ examples:
   curl -s http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' \\
        -d '{"prompt": "a lighthouse at dusk", "size": "256x256"}'
 
-Deployment options (autoscaling, queue limits, resources) come from deploy/serve.yaml.
+Deployment options (autoscaling, queue limits, resources) come from deploy/serve.yaml. A local Ray started here
+runs Serve with its latency settings (components/cluster.py SERVE_ENV; a value already in the environment wins); on
+a cluster (RAY_ADDRESS) they belong in the environment Ray was started with.
 Exit codes: 0 stopped (or deployed with --detach), 1 the app did not become healthy, 2 bad input.
 """
 
@@ -40,7 +42,7 @@ def main() -> None:
     except ModelUriError as err:
         fail(str(err))
     banner(f"serve {uri} on http://{cfg.serve.host}:{cfg.serve.port}")
-    with ray_session():
+    with ray_session(serve_latency=True):  # Serve's latency settings for a local Ray (components/cluster.py)
         try:
             base = start(cfg, str(Path(args.config).resolve()), args.overrides)
         except NotHealthy as err:

@@ -79,3 +79,32 @@ def test_a_load_drift_cannot_pass_the_target_alone(paired_s, status):
     assert paired.target == ("<=", 5.0) and paired.status == status
     assert rows["direct call p50 drift, after / before Serve"].value == pytest.approx(80.0)
     assert any(name.strip().startswith("of which client + HTTP proxy") for name in rows)
+
+
+def test_serve_latency_settings_fill_in_never_override_and_leave_this_process_as_it_was(monkeypatch):
+    import os
+
+    from components.cluster import SERVE_ENV, _environ
+
+    assert SERVE_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"  # no HAProxy here: direct ingress would route nowhere
+    for name in SERVE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # a user's choice
+    with _environ(SERVE_ENV):
+        assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # stands
+        assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"  # filled in
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ  # the driver keeps its own environment
+
+
+def test_the_serve_settings_are_ones_this_ray_reads():
+    """Each variable is a setting of the installed Ray Serve (a renamed one would be set and silently ignored)."""
+    from pathlib import Path
+
+    import ray.serve._private.constants as constants
+
+    from components.cluster import SERVE_ENV
+
+    text = Path(constants.__file__).read_text()
+    for name in SERVE_ENV:
+        assert f'"{name}"' in text, name

@@ -163,9 +163,14 @@ def test_rayservice_serves_the_terminus_preset_on_gpus_with_auth():
     _check_cluster(cluster)
     containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
         g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    from components.cluster import SERVE_ENV
+
     for container in containers:  # the key comes from a Secret that must exist: never an open endpoint
         ref = {e["name"]: e for e in container["env"]}["TERMINUS_API_KEY"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "terminus-api" and not ref.get("optional", False)
+        # Serve's latency settings, the ones flows/serve.py starts a local Ray with, on every pod
+        values = {e["name"]: e.get("value") for e in container["env"]}
+        assert {name: values.get(name) for name in SERVE_ENV} == SERVE_ENV
     assert ".state" not in spec["serveConfigV2"]
 
 
