@@ -23,9 +23,9 @@ call go over gRPC, runs user code and the request router on each replica's main 
 path's logs (up to 1,000 lines, flushed at once on an ERROR line; replica logs go to Serve's log files, not the
 driver's stderr). Direct ingress, which it would also turn on, stays off: without HAProxy in front (not in this
 image, and it binds every interface) it only moves the ingress to ports 30000-31000 nobody routes to.
-Measured: Serve's cost per request 28 -> 22 ms median on this 2-core VM (docs/benchmarks.md). Serve reads them
-when its processes start, so they must be in the environment of the process that starts Ray (``ray start`` on a
-cluster: see deploy/serve.yaml). Not in a driver that calls deployment handles from synchronous code: there the
+Measured on this 2-core VM: Serve's cost per request 28 -> 22 ms median under load, unchanged (17 ms) when quiet
+(docs/benchmarks.md). Serve reads them when its processes start, so they must be in the environment of the process
+that starts Ray (``ray start`` on a cluster: see deploy/serve.yaml). Not in a driver that calls deployment handles from synchronous code: there the
 router on the caller's own loop refuses to run ("No event loop running")."""
 
 
