@@ -33,6 +33,20 @@ def test_serve_yaml_validates_as_serve_run_would_load_it():
     assert model.backpressure_config.retry_after_s  # a full queue tells clients when to come back
 
 
+def test_serve_yaml_autoscaling_is_accepted_without_deprecation():
+    """Serve warns (and will refuse) a look-back period that does not exceed its metrics interval."""
+    import warnings
+
+    from ray.serve.config import AutoscalingConfig
+
+    (app,) = ServeDeploySchema.model_validate(load(SERVE_YAML)).applications
+    for deployment in app.deployments:
+        if isinstance(deployment.autoscaling_config, dict):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                AutoscalingConfig(**deployment.autoscaling_config)
+
+
 def test_serve_yaml_args_build_the_application(tmp_path):
     """What `serve run deploy/serve.yaml` does before deploying: import the builder, call it with the
     YAML's args, flatten the app. Its deployments must be the ones the YAML configures."""
