@@ -3,8 +3,6 @@ placement-group cleaner query it), whatever cluster an old ``ray start`` left na
 
 from __future__ import annotations
 
-import time
-
 
 def test_tasks_reach_this_clusters_state_api_past_a_stale_cluster_file(ray_local, tmp_path):
     ray = ray_local
@@ -17,22 +15,18 @@ def test_tasks_reach_this_clusters_state_api_past_a_stale_cluster_file(ray_local
         def ping(self) -> bool:
             return True
 
-    @ray.remote(num_cpus=0)
-    def actor_state(actor_id: str, tmpdir: str) -> tuple[str, float]:
+    @ray.remote(num_cpus=0, max_calls=1)  # its worker exits after it: the planted RAY_TMPDIR goes with it
+    def actor_state(actor_id: str, tmpdir: str) -> str:
         import os
 
         from ray.util.state import get_actor
 
         os.environ["RAY_TMPDIR"] = tmpdir  # Ray reads ``<tmpdir>/ray/ray_current_cluster`` from here
-        start = time.monotonic()
-        state = get_actor(actor_id, timeout=5)
-        return state.state, time.monotonic() - start
+        return get_actor(actor_id, timeout=10).state  # the stale address: a GCS connection timeout, then an error
 
     probe = Probe.remote()
     assert ray.get(probe.ping.remote())
-    state, seconds = ray.get(actor_state.remote(probe._actor_id.hex(), str(tmp_path)), timeout=120)
-    assert state == "ALIVE"
-    assert seconds < 5
+    assert ray.get(actor_state.remote(probe._actor_id.hex(), str(tmp_path)), timeout=120) == "ALIVE"
     ray.kill(probe)
 
 

@@ -140,7 +140,7 @@ def test_a_dead_server_costs_one_quick_probe():
     dead = f"http://127.0.0.1:{free_port()}"
     start = time.perf_counter()
     assert not server_reachable(dead)
-    assert time.perf_counter() - start < PROBE_TIMEOUT_S + 1  # not MLflow's minutes of retries
+    assert time.perf_counter() - start < PROBE_TIMEOUT_S + 10  # one probe, not MLflow's minutes of retries
     assert server_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
 
 
