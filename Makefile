@@ -16,12 +16,14 @@ DEMO_ARGS ?=
 setup: $(STAMP)
 
 # torch through pip (its CPU or CUDA build, as above), the rest through uv: the same pins, resolved and
-# installed in parallel, about 3x faster than pip. A private package index: UV_INDEX_URL / UV_EXTRA_INDEX_URL.
+# installed in parallel, about 3x faster than pip. Compiled to bytecode at install, as pip does: where
+# PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile its imports from source, every time.
+# A private package index: UV_INDEX_URL / UV_EXTRA_INDEX_URL.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip uv==0.9.9
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(UV) pip install -q --python $(PY) -c constraints.txt -e ".[dev]"
+	$(UV) pip install -q --compile-bytecode --python $(PY) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
