@@ -29,12 +29,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) flows/demo.py --config flows/configs/tiny.yaml $(DEMO_ARGS)
 
+# Two workers: the integration tests in order on one (tests/conftest.py, SERIAL), the unit tests on the other.
 test: $(STAMP)
-	$(PY) -m pytest -q tests --durations=15
+	$(PY) -m pytest -q tests -n 2 --durations=15
 
 # The edit-test loop: everything but the end-to-end and fault-injection runs marked slow (`make test` runs all).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow" --durations=10
+	$(PY) -m pytest -q tests -m "not slow" -n 2 --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check components deploy bench flows tests

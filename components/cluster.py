@@ -6,14 +6,21 @@ controller queries the state API it serves.
 The local cluster's processes are told where that API is (``RAY_API_SERVER_ADDRESS``, which they inherit).
 Otherwise Ray looks the cluster up in ``/tmp/ray/ray_current_cluster``, which names the last cluster
 ``ray start`` started, long gone on most machines: each of Train's state queries then waited out a GCS
-connection timeout, and every run's end stalled for about 12 seconds on its placement-group cleaner."""
+connection timeout, and every run's end stalled for about 12 seconds on its placement-group cleaner.
+
+Local clusters on one machine start one at a time (a lock file in the system's temporary directory, held
+from the choice of the dashboard's port until that dashboard listens). Two flows started together both saw
+8265 free, and the second one's dashboard failed to bind it a minute later."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sys
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 DASHBOARD_PORT = 8265
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
@@ -38,6 +45,19 @@ def dashboard_port(preferred: int = DASHBOARD_PORT) -> int:
         except OSError:
             s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def start_lock():
+    """This user's lock on starting a local cluster on this machine (``fcntl.flock``: released when its holder
+    exits, however it exits)."""
+    path = Path(tempfile.gettempdir()) / f"terminus-ray-start-{os.getuid()}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -67,25 +87,8 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
-        for attempt in range(3):
-            # 8265 when free; another flow starting at the same moment may take it first, then a free port.
-            port = dashboard_port() if attempt == 0 else dashboard_port(preferred=0)
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before the raylet: inherited
-            try:
-                # Ray 2.60 maps a loopback node address to the host's own address for its internal
-                # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
-                with _environ(SERVE_ENV if serve_latency else {}):  # inherited by the raylet and its workers
-                    ray.init(
-                        address="local",  # always a new cluster, never one a stale /tmp/ray file points at
-                        num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                        _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True,
-                        log_to_driver=True,
-                    )
-                break
-            except ValueError as err:
-                if "already occupied" not in str(err) or attempt == 2:
-                    _restore_api_address(saved_api)
-                    raise
+        with start_lock():
+            _start_local(num_cpus, runtime_env, serve_latency, saved_api)
     if not sys.stderr.isatty():  # redrawn bars turn into hundreds of lines in a log file
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
@@ -93,6 +96,31 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
     finally:
         ray.shutdown()
         _restore_api_address(saved_api)
+
+
+def _start_local(num_cpus: int | None, runtime_env: dict | None, serve_latency: bool, saved_api: str | None) -> None:
+    import ray
+
+    for attempt in range(3):
+        # 8265 when free; something outside the lock (another user's flow, a `ray start`) may take it between
+        # this check and the dashboard's bind: then a free port.
+        port = dashboard_port() if attempt == 0 else dashboard_port(preferred=0)
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before the raylet: inherited
+        try:
+            # Ray 2.60 maps a loopback node address to the host's own address for its internal
+            # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
+            with _environ(SERVE_ENV if serve_latency else {}):  # inherited by the raylet and its workers
+                ray.init(
+                    address="local",  # always a new cluster, never one a stale /tmp/ray file points at
+                    num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                    _node_ip_address="127.0.0.1", runtime_env=runtime_env, configure_logging=True,
+                    log_to_driver=True,
+                )
+            break
+        except ValueError as err:
+            if "already occupied" not in str(err) or attempt == 2:
+                _restore_api_address(saved_api)
+                raise
 
 
 def _restore_api_address(saved: str | None) -> None:

@@ -62,3 +62,42 @@ def test_a_dashboard_port_taken_at_start_up_falls_back_to_a_free_one(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not out["url"].endswith(f":{out['taken']}")
     assert out["nodes"] == 1
+
+
+SAME_MOMENT_SCRIPT = """
+import json, os, sys, time
+import components.cluster as cluster
+
+preferred, go = int(sys.argv[1]), float(sys.argv[2])
+real = cluster.dashboard_port
+cluster.dashboard_port = lambda preferred=preferred: real(preferred)  # both prefer the same free port
+time.sleep(max(0.0, go - time.time()))  # imports done: both start at the same moment
+with cluster.ray_session(num_cpus=1):
+    import ray
+    print(json.dumps({"url": os.environ["RAY_API_SERVER_ADDRESS"], "cpus": ray.cluster_resources()["CPU"]}))
+"""
+
+
+def test_two_flows_started_at_the_same_moment_both_get_a_cluster():
+    """Two local clusters started together on one machine: both see the preferred dashboard port free, and
+    without the start lock the second dashboard failed to bind it (after a minute). Each gets its own."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.fixtures.processes import REPO, free_port, subprocess_env
+
+    port, go = free_port(), time.time() + 20
+    procs = [subprocess.Popen([sys.executable, "-c", SAME_MOMENT_SCRIPT, str(port), str(go)], cwd=REPO,
+                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a no-op for one that exited
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    urls = [json.loads(out.strip().splitlines()[-1])["url"] for out, _ in outs]
+    assert len(set(urls)) == 2 and f"http://127.0.0.1:{port}" in urls

@@ -26,7 +26,9 @@ SET_BY_AN_OUTER_MAKE = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")  # `make test` runs 
 
 
 def user_environment() -> dict[str, str]:
-    return without((*TEST_MARKERS, *OPT_OUTS, *SET_BY_THE_TEST_SESSION, *SET_BY_AN_OUTER_MAKE), subprocess_env())
+    env = subprocess_env()
+    pytest_own = [k for k in env if k.startswith("PYTEST_")]  # pytest-xdist's workers add more of them
+    return without((*TEST_MARKERS, *OPT_OUTS, *SET_BY_THE_TEST_SESSION, *SET_BY_AN_OUTER_MAKE, *pytest_own), env)
 
 
 def test_the_environment_is_a_users():
