@@ -121,14 +121,34 @@ def val_rows(manifest: CuratedManifest, limit: int) -> list[dict]:
 # --- reading rows ----------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes):
-    """A curated JPEG -> (3, H, W) float32 tensor in [-1, 1]."""
-    import torch
+def decode_rgb(data: bytes) -> np.ndarray:
+    """A curated JPEG -> (H, W, 3) uint8 array: Pillow and numpy only (no torch op, so no intra-op thread
+    pool is woken by a loader thread)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_image(data: bytes):
+    """A curated JPEG -> (3, H, W) float32 tensor in [-1, 1] (the scaling of ``components.diffusion.loss.unit_range``)."""
+    import torch
+
+    return torch.from_numpy(decode_rgb(data).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def collate_rgb(images: list[np.ndarray]):
+    """Same-size (H, W, 3) uint8 images -> a contiguous (B, 3, H, W) uint8 tensor, in one numpy copy (no torch
+    op: a loader thread wakes no intra-op thread pool). Training batches stay uint8 until the step's device (a
+    quarter of the bytes of float32 to move; the scaling to [-1, 1] is done there by
+    ``components.diffusion.loss.unit_range``). Contiguous, as the float batches were: a channels-last batch
+    takes other convolution kernels, and its losses differ in the fourth digit."""
+    import torch
+
+    out = np.empty((len(images), 3, *images[0].shape[:2]), dtype=np.uint8)
+    for i, im in enumerate(images):
+        out[i] = im.transpose(2, 0, 1)
+    return torch.from_numpy(out)
 
 
 def cached_tensors(row: dict):

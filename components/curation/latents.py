@@ -45,8 +45,9 @@ class EncodeBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from components.dataset import decode_image
+        from components.dataset import collate_rgb, decode_rgb
         from components.diffusion.conditioning import encode_text
+        from components.diffusion.loss import unit_range
 
         rows = batch.to_pylist()
         out: list[dict | None] = [None] * len(rows)
@@ -55,8 +56,8 @@ class EncodeBatch:
             by_bucket.setdefault(r["bucket"], []).append(i)  # one VAE call per image size
         with torch.no_grad():
             for idx in by_bucket.values():
-                pixels = torch.stack([decode_image(rows[i]["image"]) for i in idx]).to(self.device)  # (B, 3, H, W)
-                params = self.parts.vae.encode(pixels.float()).latent_dist.parameters  # (B, 2C, h, w)
+                pixels = collate_rgb([decode_rgb(rows[i]["image"]) for i in idx]).to(self.device)  # (B, 3, H, W) uint8
+                params = self.parts.vae.encode(unit_range(pixels)).latent_dist.parameters  # (B, 2C, h, w)
                 embeds, pooled = encode_text(self.parts, [rows[i]["caption"] for i in idx], self.device)
                 for j, i in enumerate(idx):
                     out[i] = self._row(rows[i], params[j], embeds[j], pooled[j])

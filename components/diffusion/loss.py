@@ -65,7 +65,8 @@ def frozen_dtype(precision: Precision) -> torch.dtype:
 class Batch:
     """A batch from one aspect bucket; sizes are (B, 2) each.
 
-    Raw input: pixels (B, 3, H, W) in [-1, 1]. Cached input (curation's latent cache):
+    Raw input: pixels (B, 3, H, W), uint8 in 0..255 as decoded (the loaders' form: scaled on the step's
+    device by ``unit_range``) or float in [-1, 1]. Cached input (curation's latent cache):
     latent_dist (B, 2C, H/8, W/8) posterior mean and log-variance, prompt_embeds (B, 77, D1 + D2),
     pooled_embeds (B, P2); then pixels is None and the frozen encoders are not run.
     """
@@ -93,6 +94,13 @@ class Batch:
         return Batch(**moved)
 
 
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> float32 in [-1, 1]; float pixels are taken as in [-1, 1] already."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float().div_(127.5).sub_(1.0)
+    return pixels
+
+
 @torch.no_grad()
 def encode_latents(parts: SDXLParts, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """VAE posterior sample times the scaling factor, in fp32. (B,3,H,W) -> (B,4,H/8,W/8).
@@ -101,7 +109,7 @@ def encode_latents(parts: SDXLParts, pixels: torch.Tensor, generator: torch.Gene
     (components/training/memory/plan.py), one image at ~2.7 GB; the latents are identical either way.
     """
     parts.vae.enable_slicing()
-    dist = parts.vae.encode(pixels.float()).latent_dist
+    dist = parts.vae.encode(unit_range(pixels).float()).latent_dist
     return dist.sample(generator) * parts.vae.config.scaling_factor
 
 

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from components.dataset import cached_tensors, decode_image
+from components.dataset import cached_tensors, collate_rgb, decode_rgb
 from components.diffusion.loss import Batch
 from components.training.row_index import UNNAMED, RowIndex, read_index  # noqa: F401 - re-exported
 
@@ -173,7 +173,7 @@ def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch
     if "latent_dist" in rows[0]:  # a latent cache written by components/curation/latents.py
         dist, embeds, pooled = (torch.stack(t).to(device) for t in zip(*map(cached_tensors, rows), strict=True))
         return Batch(pixels=None, latent_dist=dist, prompt_embeds=embeds, pooled_embeds=pooled, **sizes)
-    pixels = torch.stack([decode_image(r["image"]) for r in rows]).to(device)  # (B, 3, H, W)
+    pixels = collate_rgb([decode_rgb(r["image"]) for r in rows]).to(device)  # (B, 3, H, W) uint8
     return Batch(pixels=pixels, **sizes)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from components.config import Config, Precision
 from components.diffusion.conditioning import encode_text
-from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss
+from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss, unit_range
 from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import build_tiny
 from components.training.batches import rows_to_batch
@@ -16,7 +16,7 @@ from tests.synthetic import write_synthetic_curated
 
 def _cached_row(parts, raw: dict) -> dict:
     """What components/curation/latents.py stores for one curated row (float32 here)."""
-    pixels = rows_to_batch([raw]).pixels
+    pixels = unit_range(rows_to_batch([raw]).pixels)
     with torch.no_grad():
         dist = parts.vae.encode(pixels).latent_dist
         params = torch.cat([dist.mean, dist.logvar], dim=1)[0]
@@ -48,3 +48,27 @@ def test_cached_and_raw_batches_give_the_same_loss(tmp_path):
     raw, cached = loss(raw_rows), loss(cached_rows)
     assert rows_to_batch(cached_rows).pixels is None
     assert abs(raw - cached) <= 1e-4 * max(1.0, abs(raw)), (raw, cached)
+
+
+def test_batches_carry_uint8_pixels_and_the_loss_scales_them_on_its_device(tmp_path):
+    """The loader collates decoded JPEGs as uint8 (a quarter of the bytes to move to the device, no torch op
+    in a loader thread); the loss on them equals the loss on the same pixels given in [-1, 1]."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    cfg = Config()
+    parts = build_tiny(cfg.model.tiny)
+    root = write_synthetic_curated(tmp_path / "d", n_train=2, n_val=1, size=(64, 64))
+    rows = pq.read_table(root / "train" / "part-00000.parquet").to_pylist()
+    batch = rows_to_batch(rows)
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (2, 3, 64, 64) and batch.pixels.is_contiguous()
+    scaled = dataclasses.replace(batch, pixels=unit_range(batch.pixels))
+    assert scaled.pixels.dtype == torch.float32 and -1.0 <= scaled.pixels.min() < scaled.pixels.max() <= 1.0
+    spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, Precision.FP32)
+
+    def loss(b):
+        draw = NoiseDraw(torch.Generator().manual_seed(3), timesteps=torch.tensor([10, 900]))
+        return diffusion_loss(parts, parts.unet, b, spec, draw).item()
+
+    assert loss(batch) == loss(scaled)

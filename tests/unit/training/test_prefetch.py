@@ -65,14 +65,36 @@ def test_closing_early_cancels_what_has_not_started():
 
     def work(i: int) -> int:
         started.append(i)
-        gate.wait(5)
+        if i > 0:
+            gate.wait(5)  # item 1 holds the one thread until after the close
         return i
 
     it = prefetched(iter(range(100)), work, depth=8, threads=1)
-    gate.set()
     assert next(it) == (0, 0)
-    gate.clear()  # the one thread now blocks on its next item
+    deadline = time.time() + 5
+    while len(started) < 2 and time.time() < deadline:
+        time.sleep(0.01)
     it.close()
     gate.set()
     time.sleep(0.2)
-    assert len(started) <= 3  # the item running at close, at most one more; never the rest of the depth
+    assert started == [0, 1]  # the item running at the close finishes; no other starts, depth or not
+    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]  # its thread is gone
+
+
+def test_an_error_of_the_items_themselves_surfaces_at_its_position():
+    def planned():
+        yield 0
+        yield 1
+        raise OSError("shard list unreadable")
+
+    it = prefetched(planned(), lambda i: i, depth=4, threads=2)
+    assert [next(it), next(it)] == [(0, 0), (1, 1)]
+    with pytest.raises(OSError, match="unreadable"):
+        next(it)
+
+
+def test_an_empty_plan_and_more_threads_than_items_end_cleanly():
+    assert list(prefetched(iter([]), lambda i: i, depth=4, threads=3)) == []
+    assert list(prefetched(iter([7]), lambda i: i + 1, depth=4, threads=3)) == [(7, 8)]
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]
