@@ -273,7 +273,8 @@ def _caching_figures(d: dict) -> list[Figure]:
         f(f"encode on the fly (VAE + text, batch {d['batch_size']}, {d['image_side']}px)", d["pixels_s_per_step"],
           "s/step"),
         f(f"cached latents + embeddings ({d['cache_dtype']})", d["cached_s_per_step"], "s/step"),
-        f("speed-up (on the fly / cached)", d["speedup"], "x"),
+        f("speed-up (on the fly / cached)", d["speedup"], "x", (">=", 3.0),
+          "ceiling: on-the-fly step / UNet-only step (docs/benchmarks.md)"),
         f("cache encoding, once per image", d["cache_encode_s_per_image"], "s/img"),
     ]
 
