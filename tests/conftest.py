@@ -26,6 +26,7 @@ TIMED_UNIT_MODULES = ("tests/unit/registry/test_promotion.py",)
 BESIDE_THE_SERIAL_GROUP = {
     "tests/integration/test_demo.py": "demo",
     "tests/integration/test_adapter_training.py": "adapter",
+    "tests/integration/test_cluster.py": "cluster",
     "tests/integration/test_models_in_out.py": "trained_champion",  # the two share that session fixture
     "tests/integration/test_model_card.py": "trained_champion",
     "tests/integration/test_curate_corpus.py": "curate",
