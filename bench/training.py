@@ -302,7 +302,7 @@ def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_p
 # --- input: the data wait at a step as fast as a GPU's ----------------------------------------------------
 
 
-def benchmark_input(cfg: Config, *, batches: int = 32, speedup: float = 10.0, workdir: str | None = None) -> dict:
+def benchmark_input(cfg: Config, *, batches: int = 128, speedup: float = 10.0, workdir: str | None = None) -> dict:
     """The share of step time spent waiting for data when the step is ``speedup`` times faster than this
     CPU's (a GPU's pace), with the training loop's own reader (``loop.EpochReader.prepared``, streaming the
     split's shards) at ``train.prefetch_batches`` and without prefetching (0), no Ray.
