@@ -151,6 +151,23 @@ def collate_rgb(images: list[np.ndarray]):
     return torch.from_numpy(out)
 
 
+def cached_batch(rows: list[dict]):
+    """Latent-cache rows of one bucket -> (latent_dist (B, 2C, h, w), prompt_embeds (B, 77, D), pooled_embeds
+    (B, P)) float32 tensors: each column's bytes joined and read as one array (no tensor per row)."""
+    import torch
+
+    dtype = rows[0]["dtype"]
+    if any(r["dtype"] != dtype or r["latent_shape"] != rows[0]["latent_shape"] for r in rows):
+        raise ValueError("latent-cache rows of one batch differ in dtype or latent shape")
+
+    def column(name: str, shape) -> torch.Tensor:
+        values = np.frombuffer(b"".join(r[name] for r in rows), dtype=dtype)
+        return torch.from_numpy(values.astype(np.float32).reshape(len(rows), *shape))
+
+    return (column("latent_dist", rows[0]["latent_shape"]), column("prompt_embeds", rows[0]["embeds_shape"]),
+            column("pooled_embeds", (-1,)))
+
+
 def cached_tensors(row: dict):
     """One latent-cache row -> (latent_dist (2C, h, w), prompt_embeds (77, D), pooled_embeds (P,)),
     float32 tensors."""

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from components.dataset import cached_tensors, collate_rgb, decode_rgb
+from components.dataset import cached_batch, collate_rgb, decode_rgb
 from components.diffusion.loss import Batch
 from components.training.row_index import UNNAMED, RowIndex, read_index  # noqa: F401 - re-exported
 
@@ -171,7 +171,7 @@ def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch
         target_size=pair("target_h", "target_w"),
     )
     if "latent_dist" in rows[0]:  # a latent cache written by components/curation/latents.py
-        dist, embeds, pooled = (torch.stack(t).to(device) for t in zip(*map(cached_tensors, rows), strict=True))
+        dist, embeds, pooled = (t.to(device) for t in cached_batch(rows))
         return Batch(pixels=None, latent_dist=dist, prompt_embeds=embeds, pooled_embeds=pooled, **sizes)
     pixels = collate_rgb([decode_rgb(r["image"]) for r in rows]).to(device)  # (B, 3, H, W) uint8
     return Batch(pixels=pixels, **sizes)
