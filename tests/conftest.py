@@ -23,10 +23,8 @@ of modules sharing a session fixture) at a time."""
 TIMED_UNIT_MODULES = ("tests/unit/registry/test_promotion.py",)
 """Unit modules with sub-second heartbeats or timeouts (the promotion lock's), run with the serial group."""
 
-BESIDE_THE_SERIAL_GROUP = {
+BESIDE_THE_SERIAL_GROUP = {  # longest unit first (the order in which the other worker takes them)
     "tests/integration/test_demo.py": "demo",
-    "tests/integration/test_adapter_training.py": "adapter",
-    "tests/integration/test_cluster.py": "cluster",
     "tests/integration/test_models_in_out.py": "trained_champion",  # the two share that session fixture
     "tests/integration/test_model_card.py": "trained_champion",
     "tests/integration/test_curate_corpus.py": "curate",
@@ -35,6 +33,8 @@ BESIDE_THE_SERIAL_GROUP = {
     "tests/integration/test_curate_s3.py": "curate",
     "tests/integration/test_curate_sources.py": "curate",
     "tests/integration/test_curate_bench.py": "curate",
+    "tests/integration/test_cluster.py": "cluster",
+    "tests/integration/test_adapter_training.py": "adapter",
 }
 """Integration modules that inject no fault, time nothing and load no server, by their unit of work. An
 integration module not named here runs in the serial group."""
@@ -48,17 +48,41 @@ def serial_scope(nodeid: str) -> str:
     return SERIAL if path.startswith("tests/integration/") or path in TIMED_UNIT_MODULES else path
 
 
+def unit_rank(scope: str) -> int:
+    """Where a unit of work stands in the queue: the serial group first, then the integration groups beside it
+    (longest first), then the unit-test modules in collection order."""
+    if scope == SERIAL:
+        return 0
+    groups = list(dict.fromkeys(BESIDE_THE_SERIAL_GROUP.values()))
+    return 1 + groups.index(scope) if scope in groups else 1 + len(groups)
+
+
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's scope scheduling with ``serial_scope`` as the scope (``--dist loadgroup`` would need
-    markers that pytest 9 no longer lets pytest-xdist 3.8 turn into groups)."""
+    markers that pytest 9 no longer lets pytest-xdist 3.8 turn into groups), its queue in ``unit_rank`` order.
+
+    xdist hands a worker its next unit whenever it has two tests or fewer left. In collection order the first
+    units (adapter, cluster, curation, demo) went to both workers before the serial group did, and the demo and
+    the cluster tests ran after the serial group on its worker while the other sat idle for ten minutes. With
+    the serial group first, its worker takes nothing else until its last two tests; by then the other has taken
+    the long groups, and only unit-test modules are left to share."""
     from xdist.scheduler import LoadScopeScheduling
 
-    config.option.loadscopereorder = False  # units in collection order: the long integration units first,
-    # the many short unit-test modules last (sorted by test count, the demo's two tests would start last)
+    config.option.loadscopereorder = False  # ``unit_rank`` orders the queue, not the test count
 
     class SerialGroupScheduling(LoadScopeScheduling):
+        _ranked = False
+
         def _split_scope(self, nodeid: str) -> str:
             return serial_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self._ranked:  # the queue is complete by the first assignment (``schedule``)
+                units = sorted(self.workqueue.items(), key=lambda unit: unit_rank(unit[0]))  # stable
+                self.workqueue.clear()
+                self.workqueue.update(units)
+                self._ranked = True
+            super()._assign_work_unit(node)
 
     return SerialGroupScheduling(config, log)
 
