@@ -19,8 +19,8 @@ carries ``Server-Timing`` (``server_timing``): the ingress route's, the model de
 The ingress's event loop serves every client, so nothing CPU-bound runs on it: parsing a body (JSON,
 multipart), decoding and resizing uploads, and encoding the response run in worker threads, except a JSON
 body or a response of at most ``INLINE_BYTES``, where the hop to a thread would cost more than the work. ``/healthz``
-answers from a readiness the ingress keeps current itself (one model call per ``HEALTH_POLL_S``), so
-probes, which need no key, never take the model's queue slots.
+answers from a readiness the ingress keeps current itself (the model's answers to requests, else one model call
+per ``HEALTH_POLL_S``), so probes, which need no key, never take the model's queue slots.
 
 Resources and scaling live in ``deploy/serve.yaml``; the decorator values below are the fallbacks
 for ``serve.run(build_app(...))`` from Python. Nothing runs at import.
@@ -70,7 +70,8 @@ INLINE_BYTES = 64 * 1024
 microseconds); larger ones go to a worker thread, so that no client's upload stalls the others. The thread hop
 costs more than the work below this size (docs/benchmarks.md, the Serve overhead breakdown)."""
 HEALTH_POLL_S = 1.0
-"""How often the ingress asks the model deployment whether a version is loaded (``/healthz`` reads the answer)."""
+"""How long the ingress goes without an answer from the model deployment (a request's, or its ``info``) before it
+asks whether a version is loaded (``/healthz`` reads the answer)."""
 HEALTH_TIMEOUT_S = 2.0
 HEALTH_STALE_S = HEALTH_POLL_S + HEALTH_TIMEOUT_S + 2.0
 """An answer older than this is not trusted (the watcher itself is stuck): ``/healthz`` says 503."""
@@ -221,9 +222,12 @@ async def _server_error(_: Request, err: Exception) -> JSONResponse:
 
 
 class Readiness:
-    """What ``/healthz`` answers, kept current by one watcher task that asks the model deployment every
-    ``poll_s`` (``ask``: its ``info`` call). The watcher starts with the first probe, on the loop that
-    serves requests, and the first probe waits for its first answer."""
+    """What ``/healthz`` answers, kept current by one watcher task that asks the model deployment (``ask``: its
+    ``info`` call) when it has heard nothing from it for ``poll_s``. A request the model answered is an answer
+    too (``seen``): under traffic the watcher asks nothing, so it never takes a queue slot a request could have
+    had (with a small queue, its poll arriving beside two requests once turned one of them away). The watcher
+    starts with the first probe, on the loop that serves requests, and the first probe waits for its first
+    answer."""
 
     def __init__(self, ask: Callable[[], Awaitable[dict]], poll_s: float = HEALTH_POLL_S,
                  timeout_s: float = HEALTH_TIMEOUT_S, stale_s: float = HEALTH_STALE_S):
@@ -240,10 +244,18 @@ class Readiness:
             self._last = (time.monotonic(), None, type(err).__name__)
         self._checked.set()
 
+    def seen(self, info: dict) -> None:
+        """The model just answered a request, as ``info`` (its base's name and version): ready, as of now."""
+        self._last = (time.monotonic(), info, "")
+        self._checked.set()
+
     async def _watch(self) -> None:
         while True:
+            quiet_for = time.monotonic() - self._last[0]
+            if self._checked.is_set() and quiet_for < self.poll_s:
+                await asyncio.sleep(self.poll_s - quiet_for)
+                continue
             await self._check()
-            await asyncio.sleep(self.poll_s)
 
     async def current(self) -> tuple[dict | None, str]:
         """(the model's info, "") when ready, else (None, why not)."""
@@ -276,6 +288,14 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def served_base(out: GenerationResult) -> dict[str, str]:
+    """The base model that answered a request, as ``/healthz`` names it (an adapter's result names its base)."""
+    if out.base is None:
+        return {"name": out.name, "version": out.version}
+    name, _, version = out.base.rpartition("/")
+    return {"name": name, "version": version}
 
 
 def render_result(out: GenerationResult) -> JSONResponse:
@@ -340,7 +360,7 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         """Ready only once a model replica has its version loaded and answers (the probe for load
         balancers); 503 while none is loaded. Answered from ``Readiness``: any number of anonymous
-        probes costs one model call per HEALTH_POLL_S, and never a queue slot of a paying request."""
+        probes costs at most one model call per HEALTH_POLL_S, and none while requests are being answered."""
         info, why = await self.readiness.current()
         if info is None:
             return JSONResponse({"status": "unavailable", "reason": why}, status_code=503,
@@ -424,6 +444,7 @@ class Ingress:
         handle = self.model.generate if adapter is None else self.model.generate.options(multiplexed_model_id=adapter)
         out: GenerationResult = await self._call(handle.remote(request))
         raise_for_result(out)
+        self.readiness.seen(served_base(out))
         if sum(map(len, out.images)) <= INLINE_BYTES:  # small images: encoded here, in well under a millisecond
             return server_timing(render_result(out), out, since)
         return server_timing(await asyncio.to_thread(render_result, out), out, since)  # base64 and JSON: CPU

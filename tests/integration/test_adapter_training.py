@@ -56,6 +56,11 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     assert history(cfg, first["run_id"], "loss") == [1, 2]  # the recipe's MLflow run (resume: unit tests)
     trained = SimpleNamespace(**first)
 
+    # This process's MLflow (tracking and registry) on the run's store, as the flows set it: an earlier test on
+    # this worker may have left the registry URI on its own store.
+    from components.registry.tracking import setup_tracking
+
+    setup_tracking(cfg)
     client = mlflow.MlflowClient()
     tags = client.get_model_version("terminus-tiny-lora", trained.version).tags
     assert tags["adapter.method"] == "lora" and tags["adapter.rank"] == "4" and tags["adapter.alpha"] == "8"
