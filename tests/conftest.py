@@ -23,10 +23,7 @@ of modules sharing a session fixture) at a time."""
 TIMED_UNIT_MODULES = ("tests/unit/registry/test_promotion.py",)
 """Unit modules with sub-second heartbeats or timeouts (the promotion lock's), run with the serial group."""
 
-BESIDE_THE_SERIAL_GROUP = {  # longest unit first (the order in which the other worker takes them)
-    "tests/integration/test_demo.py": "demo",
-    "tests/integration/test_models_in_out.py": "trained_champion",  # the two share that session fixture
-    "tests/integration/test_model_card.py": "trained_champion",
+BESIDE_THE_SERIAL_GROUP = {  # in the order the other worker takes them, after the unit-test modules
     "tests/integration/test_curate_corpus.py": "curate",
     "tests/integration/test_curate_flow.py": "curate",
     "tests/integration/test_curate_latents.py": "curate",
@@ -35,9 +32,17 @@ BESIDE_THE_SERIAL_GROUP = {  # longest unit first (the order in which the other 
     "tests/integration/test_curate_bench.py": "curate",
     "tests/integration/test_cluster.py": "cluster",
     "tests/integration/test_adapter_training.py": "adapter",
+    "tests/integration/test_flows_cli.py": "flows_cli",  # refusals before Ray starts: subprocesses, no cluster
+    "tests/integration/test_models_in_out.py": "trained_champion",  # the two share that session fixture
+    "tests/integration/test_model_card.py": "trained_champion",
+    "tests/integration/test_demo.py": "demo",  # the heaviest load (a cluster, training, Serve): last
 }
 """Integration modules that inject no fault, time nothing and load no server, by their unit of work. An
 integration module not named here runs in the serial group."""
+
+SERIAL_FIRST = "tests/integration/test_serve_"
+"""The serial group runs these modules first: their load and backpressure tests are the most sensitive to what
+runs beside them, and at the start the other worker runs the unit-test modules, the lightest load of all."""
 
 
 def serial_scope(nodeid: str) -> str:
@@ -49,12 +54,18 @@ def serial_scope(nodeid: str) -> str:
 
 
 def unit_rank(scope: str) -> int:
-    """Where a unit of work stands in the queue: the serial group first, then the integration groups beside it
-    (longest first), then the unit-test modules in collection order."""
+    """Where a unit of work stands in the queue: the serial group first, then the unit-test modules in collection
+    order, then the integration groups beside the serial group, in ``BESIDE_THE_SERIAL_GROUP``'s order."""
     if scope == SERIAL:
         return 0
     groups = list(dict.fromkeys(BESIDE_THE_SERIAL_GROUP.values()))
-    return 1 + groups.index(scope) if scope in groups else 1 + len(groups)
+    return 2 + groups.index(scope) if scope in groups else 1
+
+
+def serial_order(nodeids: list[str]) -> list[str]:
+    """The serial group's tests in the order they run: the ``SERIAL_FIRST`` modules, then the rest, each part in
+    collection order (so a module's tests stay together)."""
+    return sorted(nodeids, key=lambda nodeid: not nodeid.startswith(SERIAL_FIRST))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -64,8 +75,8 @@ def pytest_xdist_make_scheduler(config, log):
     xdist hands a worker its next unit whenever it has two tests or fewer left. In collection order the first
     units (adapter, cluster, curation, demo) went to both workers before the serial group did, and the demo and
     the cluster tests ran after the serial group on its worker while the other sat idle for ten minutes. With
-    the serial group first, its worker takes nothing else until its last two tests; by then the other has taken
-    the long groups, and only unit-test modules are left to share."""
+    the serial group first, its worker takes nothing else until its last two tests, and then whatever is left:
+    the units left at the end are the ones the other worker has not reached yet."""
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False  # ``unit_rank`` orders the queue, not the test count
@@ -81,6 +92,9 @@ def pytest_xdist_make_scheduler(config, log):
                 units = sorted(self.workqueue.items(), key=lambda unit: unit_rank(unit[0]))  # stable
                 self.workqueue.clear()
                 self.workqueue.update(units)
+                if SERIAL in self.workqueue:  # a worker runs a unit's tests in the order they are sent
+                    tests = self.workqueue[SERIAL]
+                    self.workqueue[SERIAL] = {nodeid: tests[nodeid] for nodeid in serial_order(list(tests))}
                 self._ranked = True
             super()._assign_work_unit(node)
 

@@ -1,11 +1,12 @@
 """The suite's own scheduling on two xdist workers (tests/conftest.py): the serial group goes to one worker
-first and alone, the long integration groups to the other, and the unit-test modules fill in behind."""
+first and alone, its Serve modules first; the other worker takes the unit-test modules, then the integration
+groups; the serial worker takes more only at its last two tests."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tests.conftest import SERIAL, pytest_xdist_make_scheduler, serial_scope, unit_rank
+from tests.conftest import SERIAL, pytest_xdist_make_scheduler, serial_order, serial_scope, unit_rank
 
 COLLECTION = [  # the real collection order: alphabetical, the integration modules before the unit tests
     "tests/integration/test_adapter_training.py::test_lora",
@@ -16,15 +17,26 @@ COLLECTION = [  # the real collection order: alphabetical, the integration modul
     "tests/integration/test_demo.py::test_b",
     "tests/integration/test_evaluate.py::test_a",
     "tests/integration/test_faults_checkpoint.py::test_a",
+    "tests/integration/test_flows_cli.py::test_a",
     "tests/integration/test_model_card.py::test_a",
     "tests/integration/test_models_in_out.py::test_a",
     "tests/integration/test_serve_api.py::test_a",
     "tests/integration/test_serve_api.py::test_b",
+    "tests/integration/test_serve_faults.py::test_a",
     "tests/integration/test_train.py::test_a",
     "tests/unit/registry/test_promotion.py::test_a",
     "tests/unit/test_config.py::test_a",
     "tests/unit/test_config.py::test_b",
     "tests/unit/test_storage.py::test_a",
+]
+SERIAL_IN_ORDER = [
+    "tests/integration/test_serve_api.py::test_a",
+    "tests/integration/test_serve_api.py::test_b",
+    "tests/integration/test_serve_faults.py::test_a",
+    "tests/integration/test_evaluate.py::test_a",
+    "tests/integration/test_faults_checkpoint.py::test_a",
+    "tests/integration/test_train.py::test_a",
+    "tests/unit/registry/test_promotion.py::test_a",
 ]
 
 
@@ -53,33 +65,39 @@ def scheduled():
     return sched, first, second
 
 
-def serial_tests():
-    return [t for t in COLLECTION if serial_scope(t) == SERIAL]
+def complete(sched, worker, nodeid):
+    sched.mark_test_complete(worker, COLLECTION.index(nodeid))
 
 
-def test_the_serial_group_goes_first_and_alone_to_one_worker():
+def test_the_serial_group_goes_first_and_alone_to_one_worker_its_serve_modules_first():
     sched, first, second = scheduled()
-    assert first.sent == serial_tests()  # in collection order, the promotion lock's unit module included
-    assert second.sent[:2] == ["tests/integration/test_demo.py::test_a", "tests/integration/test_demo.py::test_b"]
+    assert first.sent == SERIAL_IN_ORDER
+    assert second.sent[:2] == ["tests/unit/test_config.py::test_a", "tests/unit/test_config.py::test_b"]
     assert not any(serial_scope(t) == SERIAL for t in second.sent)
 
 
-def test_the_serial_worker_takes_more_only_at_its_last_two_tests_and_then_the_unit_modules():
+def test_the_other_worker_takes_the_unit_modules_then_the_groups_with_the_demo_last():
     sched, first, second = scheduled()
-    # the other worker goes through the integration groups, longest first
-    while sched.workqueue and not any(t.startswith("tests/unit/") for t in second.sent):
+    while sched.workqueue:
         done = next(t for t in second.sent if not sched.assigned_work[second][serial_scope(t)][t])
-        sched.mark_test_complete(second, COLLECTION.index(done))
-    assert [serial_scope(t) for t in dict.fromkeys(second.sent)][:6] == [
-        "demo", "demo", "trained_champion", "trained_champion", "curate", "cluster"]
-    serial = serial_tests()
-    for done in serial[:-3]:
-        sched.mark_test_complete(first, COLLECTION.index(done))
-        assert first.sent == serial  # three or more left: nothing else yet
-    sched.mark_test_complete(first, COLLECTION.index(serial[-3]))
-    assert first.sent[len(serial):] and all(t.startswith("tests/unit/") for t in first.sent[len(serial):])
+        complete(sched, second, done)
+    scopes = list(dict.fromkeys(serial_scope(t) for t in second.sent))
+    assert scopes == ["tests/unit/test_config.py", "tests/unit/test_storage.py", "curate", "cluster", "adapter",
+                      "flows_cli", "trained_champion", "demo"]
+    assert first.sent == SERIAL_IN_ORDER  # busy with its own: nothing else was handed to it
 
 
-def test_unit_rank_orders_serial_then_groups_then_modules():
-    assert unit_rank(SERIAL) == 0 < unit_rank("demo") < unit_rank("trained_champion") < unit_rank("adapter")
-    assert unit_rank("adapter") < unit_rank("tests/unit/test_config.py") == unit_rank("tests/unit/test_storage.py")
+def test_the_serial_worker_takes_more_only_at_its_last_two_tests():
+    sched, first, second = scheduled()
+    for done in SERIAL_IN_ORDER[:-3]:
+        complete(sched, first, done)
+        assert first.sent == SERIAL_IN_ORDER  # three or more left: nothing else yet
+    complete(sched, first, SERIAL_IN_ORDER[-3])
+    # the next unit in the queue (the other worker holds both unit modules: it had two tests or fewer to run)
+    assert first.sent[len(SERIAL_IN_ORDER):] == ["tests/integration/test_curate_flow.py::test_a"]
+
+
+def test_ranks_and_serial_order():
+    assert unit_rank(SERIAL) == 0 < unit_rank("tests/unit/test_config.py") == unit_rank("tests/unit/test_storage.py")
+    assert unit_rank("tests/unit/test_storage.py") < unit_rank("curate") < unit_rank("trained_champion") < unit_rank("demo")
+    assert serial_order([t for t in COLLECTION if serial_scope(t) == SERIAL]) == SERIAL_IN_ORDER
