@@ -62,9 +62,10 @@ def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-async def probe_while(server: str, work) -> tuple[list[float], list]:
-    """Probe /healthz every PROBE_EVERY_S while ``work(client)`` runs; (probe latencies, work's result)."""
-    latencies: list[float] = []
+async def probe_while(server: str, work, latencies: list[float] | None = None) -> tuple[list[float], list]:
+    """Probe /healthz every PROBE_EVERY_S while ``work(client)`` runs; (probe latencies, work's result). ``latencies``:
+    the list the probes append to as they go (the work may watch it)."""
+    latencies = [] if latencies is None else latencies
     done = asyncio.Event()
 
     async def probe(c: httpx.AsyncClient):
@@ -89,6 +90,7 @@ async def probe_while(server: str, work) -> tuple[list[float], list]:
 def test_healthz_answers_within_1s_while_hostile_uploads_are_refused(server):
     body = hostile_tiny_parts()
     assert 8_000_000 < len(body) <= 8 * 1024 * 1024
+    latencies: list[float] = []
 
     async def hostile(c: httpx.AsyncClient):
         async def one():
@@ -97,11 +99,13 @@ def test_healthz_answers_within_1s_while_hostile_uploads_are_refused(server):
             return r
 
         out, start = [], time.monotonic()
-        while len(out) < 6 or time.monotonic() - start < 3.0:  # 2 at a time; at least 6, at least 3 s
+        # 2 at a time; at least 6, for at least 3 s, and until 10 probes were answered meanwhile (on a busy
+        # machine each probe may take most of its bound, and 3 s held only 7 of them)
+        while len(out) < 6 or time.monotonic() - start < 3.0 or len(latencies) < 10:
             out += await asyncio.gather(one(), one())
         return out
 
-    latencies, refused = asyncio.run(probe_while(server, hostile))
+    latencies, refused = asyncio.run(probe_while(server, hostile, latencies))
     print(f"hostile uploads: {len(refused)} refused; /healthz probes {len(latencies)}, "
           f"max {max(latencies) * 1000:.0f} ms, median {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms")
     for r in refused:
