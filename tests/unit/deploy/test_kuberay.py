@@ -177,14 +177,15 @@ def test_rayservice_serves_the_terminus_preset_on_gpus_with_auth():
     _check_cluster(cluster)
     containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
         g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
-    from components.cluster import SERVE_ENV
+    from components.cluster import CLUSTER_SERVE_ENV
 
     for container in containers:  # the key comes from a Secret that must exist: never an open endpoint
         ref = {e["name"]: e for e in container["env"]}["TERMINUS_API_KEY"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "terminus-api" and not ref.get("optional", False)
-        # Serve's latency settings, the ones flows/serve.py starts a local Ray with, on every pod
+        # Serve's high-throughput settings with HAProxy ingress, on every pod (direct ingress is not turned off)
         values = {e["name"]: e.get("value") for e in container["env"]}
-        assert {name: values.get(name) for name in SERVE_ENV} == SERVE_ENV
+        assert {name: values.get(name) for name in CLUSTER_SERVE_ENV} == CLUSTER_SERVE_ENV
+        assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in values
     assert ".state" not in spec["serveConfigV2"]
 
 
