@@ -122,6 +122,14 @@ The ZT-SNR reproduction keeps its own defaults (120 steps): at 80 steps the effe
 oversubscribed, two threads made a training step 10-20x slower, not faster."""
 
 
+def cpu_precision() -> dict:
+    """Which kernels torch runs on this CPU (``ATEN_CPU_CAPABILITY``: AVX2, AVX512, ...), and whether it computes
+    bf16 in hardware; where it does not, the training rows run fp32 (components/diffusion/loss.py) and say so."""
+    from components.diffusion.loss import native_bf16
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": native_bf16(torch.device("cpu"))}
+
+
 def machine() -> dict:
     import diffusers
     import ray
@@ -131,7 +139,7 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or "unknown")
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpu": cpu,
-            "cores": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()],
+            **cpu_precision(), "cores": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
             "diffusers": diffusers.__version__, "git_commit": git_commit(),
             "malloc": {k: os.environ.get(k) for k in PINNED_MALLOC}}
@@ -254,7 +262,8 @@ def _curation_figures(d: dict) -> list[Figure]:
 def _training_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("training", *a, **k)  # noqa: E731
     return [
-        f(f"plain PyTorch loop (own process, batch {d['batch_size']}, {d['image_side']}px, {d['plain_threads']} thread)",
+        f(f"plain PyTorch loop (own process, batch {d['batch_size']}, {d['image_side']}px, {d['plain_threads']} thread, "
+          f"{d['precision_used']})",
           d["plain_s_per_step"], "s/step"),
         f("Ray Train step (TorchTrainer, 1 worker, Ray Data shard)", d["ray_s_per_step"], "s/step"),
         f("Ray Train overhead per step", 100 * d["overhead"], "%", ("<=", 5.0), "plain loop, same steps"),
@@ -270,8 +279,8 @@ def _training_figures(d: dict) -> list[Figure]:
 def _caching_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("caching", *a, **k)  # noqa: E731
     return [
-        f(f"encode on the fly (VAE + text, batch {d['batch_size']}, {d['image_side']}px)", d["pixels_s_per_step"],
-          "s/step"),
+        f(f"encode on the fly (VAE + text, batch {d['batch_size']}, {d['image_side']}px, "
+          f"{d['precision_used']})", d["pixels_s_per_step"], "s/step"),
         f(f"cached latents + embeddings ({d['cache_dtype']})", d["cached_s_per_step"], "s/step"),
         f("speed-up (on the fly / cached)", d["speedup"], "x", (">=", 3.0),
           "ceiling: on-the-fly step / UNet-only step (docs/benchmarks.md)"),
@@ -284,7 +293,7 @@ def _input_figures(d: dict) -> list[Figure]:
     shape = f"batch {d['batch_size']} at {d['image_side']}px"
     pre, none = d["prefetch"], d["no_prefetch"]
     return [
-        f(f"real step on a decoded batch ({shape})", d["step_s"], "s/step"),
+        f(f"real step on a decoded batch ({shape}, {d['precision_used']})", d["step_s"], "s/step"),
         f(f"emulated step, {d['speedup']:g}x faster (a GPU's pace)", _ms(d["emulated_step_s"]), "ms"),
         f("taking and decoding one batch", _ms(d["decode_batch_s"]), "ms"),
         f(f"data wait share, prefetch {pre['depth']} x {d['prefetch_threads']} threads", 100 * pre["wait_share"], "%",
@@ -384,6 +393,7 @@ def table(report: dict) -> str:
     m = report["meta"]
     head = (f"CPU benchmarks {m['date']} on {m['host']} ({m['cpu']}, {m['cores']} cores); load average "
             f"(1/5/15 min) {m['load_start']} at start, {m.get('load_end')} at end; {m.get('total_s', 0):.0f} s")
+    precision = _precision_line(m, report["sections"])
     rows = [("section", "figure", "measured", "target", "anchor", "status")]
     for fig in report["figures"]:
         target = f"{fig['target'][0]} {fig['target'][1]:g} {fig['unit']}".strip() if fig["target"] else "-"
@@ -394,4 +404,20 @@ def table(report: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     loads = "; ".join(f"{k} {v['load_before'][0]:.1f}->{v['load_after'][0]:.1f} ({v['wall_s']:.0f} s)"
                       for k, v in report["sections"].items())
-    return "\n".join([head, f"per section: load (1 min) before->after (wall): {loads}", "", *lines])
+    return "\n".join([head, *precision, f"per section: load (1 min) before->after (wall): {loads}", "", *lines])
+
+
+def _precision_line(meta: dict, sections: dict[str, dict]) -> list[str]:
+    """``torch CPU kernels AVX512, bf16 in hardware: yes; training, input, caching computed in bf16 (configured
+    bf16)``, from the report's meta and the sections that trained (none: no line)."""
+    used = {name: (d["precision_used"], d["precision"]) for name, d in sections.items() if "precision_used" in d}
+    if "cpu_capability" not in meta and not used:
+        return []
+    parts = []
+    if "cpu_capability" in meta:
+        parts.append(f"torch CPU kernels {meta['cpu_capability']}, bf16 in hardware: "
+                     f"{'yes' if meta['bf16_native'] else 'no (emulated: bf16 runs as fp32)'}")
+    for pair in sorted(set(used.values())):
+        names = ", ".join(name for name, p in used.items() if p == pair)
+        parts.append(f"{names} computed in {pair[0]} (configured {pair[1]})")
+    return ["; ".join(parts)]

@@ -92,14 +92,17 @@ class Trainee:
 
 
 def build_trainee(cfg: Config, device: torch.device | str = "cpu") -> Trainee:
-    """Model, optimizer and noise schedule set up as ``train_loop_per_worker`` sets them up
-    (precision policy of components/diffusion/loss.py; grad_accum 1, no EMA, no checkpoints)."""
+    """Model, optimizer and noise schedule set up as ``train_loop_per_worker`` sets them up (grad_accum 1, no EMA,
+    no checkpoints), in the precision the training loop uses on ``device`` (``loop.with_precision_used``: the
+    configured bf16 only where the device computes it natively); ``Trainee.cfg.train.precision`` is that one."""
     from components.diffusion.loss import frozen_dtype
     from components.diffusion.schedule import training_scheduler
     from components.diffusion.sdxl import load_parts
+    from components.training.loop import with_precision_used
     from components.training.optim import build_optimizer
 
     device = torch.device(device)
+    cfg = with_precision_used(cfg, device)
     torch.manual_seed(cfg.seed)
     parts = load_parts(cfg.model, cfg.state_path("cache"))
     parts.vae.requires_grad_(False).eval().to(device)
@@ -195,7 +198,7 @@ def _ray_worker(loop_config: dict) -> None:
     batches = reader.batches(0, 0, 1, 0)
     out = timed_steps(batches, trainee, loop_config["warmup"], loop_config["steps"])
     out.update(leftover_batches=sum(1 for _ in batches), epoch_start_s=None,  # epoch 0 ends, as in training
-               torch_threads=torch.get_num_threads(), setup_s=setup_s,
+               torch_threads=torch.get_num_threads(), setup_s=setup_s, precision=str(trainee.cfg.train.precision),
                mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     if loop_config["epoch_probe"]:  # each epoch is a new plan: its first batch waits for it
         start = time.perf_counter()
@@ -214,8 +217,10 @@ def plain_loop(spec: dict) -> dict:
     cfg = Config.model_validate(spec["config"])
     data = read_rows(read_manifest(spec["root"]))
     with torch_threads(spec["threads"]):
-        out = timed_steps(bucket_batches(data, cfg.train.batch_size), build_trainee(cfg), spec["warmup"], spec["steps"])
-    return {**out, "torch_threads": torch.get_num_threads(), "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+        trainee = build_trainee(cfg)
+        out = timed_steps(bucket_batches(data, cfg.train.batch_size), trainee, spec["warmup"], spec["steps"])
+    return {**out, "torch_threads": torch.get_num_threads(), "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "precision": str(trainee.cfg.train.precision)}
 
 
 def _plain_process(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, threads: int) -> dict:
@@ -267,6 +272,14 @@ def _ray_train(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, 
     return out
 
 
+def used_precision(*sides: dict) -> str:
+    """The one precision every side of a comparison computed in (they must agree: else it compares two)."""
+    used = {side["precision"] for side in sides}
+    if len(used) != 1:
+        raise RuntimeError(f"the benchmark's sides trained in different precisions: {sorted(used)}")
+    return used.pop()
+
+
 def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_probe: bool = True,
                        workdir: str | None = None) -> dict:
     """Per-step seconds of the Ray Train step and of a plain PyTorch loop; ``overhead`` = ray / plain - 1.
@@ -288,6 +301,7 @@ def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_p
     return {
         "rows": rows, "batch_size": cfg.train.batch_size, "image_side": bucket_side(cfg), "warmup": warmup,
         "steps": steps, "precision": str(cfg.train.precision), "plain_threads": threads,
+        "precision_used": used_precision(before, ray_side, after),
         "threads_match": ray_side["torch_threads"] == before["torch_threads"] == threads,
         "malloc_pinned": ray_side["mmap_threshold"] == before["mmap_threshold"] == PINNED_MALLOC["MALLOC_MMAP_THRESHOLD_"],
         "plain_before": before, "plain_after": after, "ray": ray_side,
@@ -351,6 +365,7 @@ def benchmark_input(cfg: Config, *, batches: int = 128, speedup: float = 10.0, w
             arms[label] = {"depth": depth, "first_wait_s": first, "mean_wait_s": statistics.fmean(waits),
                            "max_wait_s": max(waits), "wait_share": sum(waits) / wall, "wall_s": wall}
     return {"batch_size": size, "image_side": side, "batches": batches, "speedup": speedup,
+            "precision": str(cfg.train.precision), "precision_used": str(trainee.cfg.train.precision),
             "step_s": step_s, "emulated_step_s": fake_s, "decode_batch_s": decode_s,
             "prefetch_threads": cfg.train.prefetch_threads, **arms}
 
@@ -398,6 +413,8 @@ def benchmark_caching(cfg: Config, *, rows: int = 16, warmup: int = 2, steps: in
     return {
         "rows": rows, "batch_size": cfg.train.batch_size, "image_side": bucket_side(cfg), "warmup": warmup,
         "steps": steps, "threads": threads, "cache_dtype": cfg.curate.cache_dtype, "latent_dist_shape": cached_shape,
+        "precision": str(cfg.train.precision),
+        "precision_used": used_precision(*({"precision": str(t.cfg.train.precision)} for t in trainees.values())),
         "cache_encode_s_per_image": encode_s / rows, **out,
         "pixels_s_per_step": out["pixels"]["s_per_step"], "cached_s_per_step": out["cached"]["s_per_step"],
         "speedup": out["pixels"]["s_per_step"] / out["cached"]["s_per_step"],

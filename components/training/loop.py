@@ -294,17 +294,26 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return peak
 
 
+def with_precision_used(cfg: Config, device: torch.device) -> Config:
+    """``cfg`` with ``train.precision`` as a run on ``device`` uses it (``effective_precision``: bf16 only where
+    the device computes it natively). The training loop and the benchmarks' steps both go through it."""
+    precision = effective_precision(cfg.train.precision, device)
+    if precision is cfg.train.precision:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    precision = effective_precision(cfg.train.precision, device)
-    if precision is not cfg.train.precision:
-        if rank == 0:
-            log.warning("train.precision=%s: %s does not compute it natively, training in %s "
-                        "(the recipe's bf16 is for the GPU run)", cfg.train.precision.value, device, precision.value)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+    used = with_precision_used(cfg, device)
+    if used.train.precision is not cfg.train.precision and rank == 0:
+        log.warning("train.precision=%s: %s does not compute it natively, training in %s "
+                    "(the recipe's bf16 is for the GPU run)", cfg.train.precision.value, device,
+                    used.train.precision.value)
+    cfg = used
     steps = total_steps(cfg, loop_config["train_rows"])
     model = ModelConfig.model_validate(loop_config["model"]) if "model" in loop_config else cfg.model
     t = build_trainee(cfg, device, world, steps, model)
@@ -328,7 +337,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         logger = RunLogger(cfg, loop_config["mlflow_run_id"])
         logger.set_tags({"precision.configured": loop_config["config"]["train"]["precision"],
-                         "precision.effective": precision.value, "device": str(device),
+                         "precision.effective": cfg.train.precision.value, "device": str(device),
                          "cpu.capability": torch.backends.cpu.get_cpu_capability(),
                          "attention": attention_kind(t.unet), **hardware(device)})
         progress = Progress(steps, t.state.step, cfg.train.log_every, cfg.train.log_every_s)

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench.report import Figure, figures, table
-from bench.training import benchmark_caching, benchmark_input, benchmark_training
-from components.config import load_config
+from bench.report import Figure, cpu_precision, figures, table
+from bench.training import benchmark_caching, benchmark_input, benchmark_training, build_trainee, used_precision
+from components.config import Precision, load_config
+from components.diffusion.loss import effective_precision
 
 REPO = Path(__file__).resolve().parents[3]
 SMALL = ["curate.buckets.area=16384", "train.batch_size=2"]  # 128 x 128 images, 2 per step
@@ -39,6 +41,7 @@ def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
     assert out["ray"]["leftover_batches"] == 0  # exactly one epoch: every row was trained on
     assert out["threads_match"] and out["ray"]["torch_threads"] == small_cfg.train.cpus_per_worker
     assert out["malloc_pinned"]  # both sides ran with the same glibc thresholds
+    assert out["precision_used"] == _precision_here(small_cfg) == out["ray"]["precision"]
     plain = (sum(out["plain_before"]["times_s"]) + sum(out["plain_after"]["times_s"])) / 4
     assert math.isclose(out["plain_s_per_step"], plain, rel_tol=1e-3)
     assert math.isclose(out["overhead"], out["ray_s_per_step"] / out["plain_s_per_step"] - 1, rel_tol=1e-6)
@@ -49,8 +52,44 @@ def test_training_benchmark_smoke(ray_local, small_cfg, tmp_path):
     assert overhead.target == ("<=", 5.0) and overhead.status == ("PASS" if out["overhead"] <= 0.05 else "MISS")
 
 
+def _precision_here(cfg) -> str:
+    return str(effective_precision(cfg.train.precision, torch.device("cpu")))
+
+
+def test_the_benchmarks_train_in_the_precision_the_training_loop_uses(small_cfg, monkeypatch):
+    """On a CPU that emulates bf16 the training loop runs fp32 (components/diffusion/loss.py); the benchmarks'
+    steps must too, or they time a step no run takes (emulated bf16 is about 10x slower there)."""
+    import components.diffusion.loss as loss
+
+    assert small_cfg.train.precision is Precision.BF16
+    monkeypatch.setattr(loss, "native_bf16", lambda device: False)  # an AVX2-only CPU
+    emulated = build_trainee(small_cfg)
+    assert emulated.cfg.train.precision is Precision.FP32 and emulated.parts.text_encoder.dtype == torch.float32
+    monkeypatch.setattr(loss, "native_bf16", lambda device: True)  # AVX512-BF16 or AMX
+    native = build_trainee(small_cfg)
+    assert native.cfg.train.precision is Precision.BF16 and native.parts.text_encoder.dtype == torch.bfloat16
+
+
+def test_sides_that_trained_in_different_precisions_are_refused():
+    assert used_precision({"precision": "bf16"}, {"precision": "bf16"}) == "bf16"
+    with pytest.raises(RuntimeError, match="different precisions"):
+        used_precision({"precision": "bf16"}, {"precision": "fp32"})
+
+
+def test_the_table_names_the_cpu_kernels_and_the_precision_used():
+    meta = {"date": "today", "host": "h", "cpu": "c", "cores": 2, "load_start": [1, 2, 3], "cpu_capability": "AVX2",
+            "bf16_native": False}
+    sections = {name: {"precision": "bf16", "precision_used": "fp32", "wall_s": 1.0, "load_before": [1.0],
+                       "load_after": [1.0]} for name in ("training", "caching")}
+    header = table({"meta": meta, "sections": sections, "figures": []}).splitlines()[1]
+    assert header == ("torch CPU kernels AVX2, bf16 in hardware: no (emulated: bf16 runs as fp32); "
+                      "training, caching computed in fp32 (configured bf16)")
+    assert cpu_precision()["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_caching_benchmark_smoke(small_cfg, tmp_path):
     out = benchmark_caching(small_cfg, rows=4, warmup=1, steps=2, workdir=str(tmp_path))
+    assert out["precision"] == "bf16" and out["precision_used"] == _precision_here(small_cfg)
     _sane_steps(out["pixels"], 2)
     _sane_steps(out["cached"], 2)
     assert out["latent_dist_shape"] == [8, 16, 16]  # posterior mean + log-variance of 128 px images
@@ -61,6 +100,7 @@ def test_caching_benchmark_smoke(small_cfg, tmp_path):
 
 def test_input_benchmark_smoke(small_cfg, tmp_path):
     out = benchmark_input(small_cfg, batches=4, workdir=str(tmp_path))
+    assert out["precision_used"] == _precision_here(small_cfg)
     assert out["image_side"] == 128 and out["batch_size"] == 2
     assert math.isclose(out["emulated_step_s"], out["step_s"] / 10, rel_tol=1e-9)
     assert out["prefetch"]["depth"] == small_cfg.train.prefetch_batches > 0 and out["no_prefetch"]["depth"] == 0
