@@ -93,9 +93,33 @@ def endpoint(endpoint_url: str | None = None) -> str | None:
 
 def s3_client(endpoint_url: str | None = None):
     """A boto3 S3 client (boto3's credential chain: environment, profile, instance role)."""
-    import boto3
-
+    imported_whole("botocore")
+    boto3 = imported_whole("boto3")
     return boto3.client("s3", endpoint_url=endpoint(endpoint_url))
+
+
+def imported_whole(package: str):
+    """``package``, imported, with every submodule of it that has finished loading bound on its parent module.
+
+    A completed import binds them itself. An interrupted one may not: Ray cancels a failed run's other tasks
+    with a KeyboardInterrupt in their workers (Ray Data does, after an S3 outage). If a task was importing boto3
+    for the first time, the submodules that had finished loading stay in ``sys.modules`` while the package is
+    dropped. The next import of the package, in the same worker process, does not bind them again. The worker
+    then runs the next run's tasks, and each one fails with "module 'boto3' has no attribute 'utils'". Modules
+    still being imported (by another thread) are left to their import."""
+    import importlib
+    import sys
+
+    module = importlib.import_module(package)
+    prefix = package + "."
+    for name, sub in list(sys.modules.items()):
+        if not name.startswith(prefix) or sub is None or getattr(getattr(sub, "__spec__", None), "_initializing", False):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = sys.modules.get(parent_name)
+        if parent is not None and not hasattr(parent, child):
+            setattr(parent, child, sub)
+    return module
 
 
 def is_hf(uri: str) -> bool:

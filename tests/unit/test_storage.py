@@ -119,3 +119,69 @@ def test_a_success_list_that_points_outside_the_dataset_is_refused(tmp_path):
                                                "files": {"train": ["../elsewhere.parquet"], "val": []}}))
     with pytest.raises(IncompleteDatasetError, match="outside the dataset"):
         read_manifest(str(root))
+
+
+INTERRUPTED_IMPORT = r"""
+import sys
+
+class Cancel:  # a Ray task cancelled while it imports boto3 for the first time: KeyboardInterrupt mid-import
+    fired = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "boto3.resources.factory" and not Cancel.fired:  # boto3.session has loaded boto3.utils by now
+            Cancel.fired = True
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Cancel())
+try:
+    import boto3
+except KeyboardInterrupt:
+    pass
+assert Cancel.fired and "boto3.utils" in sys.modules and "boto3" not in sys.modules
+sys.meta_path.pop(0)
+from components.storage import s3_client  # the worker's next task, in the same process
+print(type(s3_client("http://127.0.0.1:9")).__name__)
+"""
+
+
+def test_a_client_is_made_after_a_cancelled_task_interrupted_the_first_boto3_import():
+    """The state a cancelled Ray task leaves in a worker that goes on to run the next run's tasks (a rerun after an
+    S3 outage failed this way): without ``imported_whole``, "module 'boto3' has no attribute 'utils'"."""
+    import subprocess
+    import sys
+
+    from components.environment import snapshot
+    from tests.fixtures.processes import REPO
+
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT], capture_output=True, text=True, cwd=REPO,
+                          env={**snapshot(), "AWS_DEFAULT_REGION": "us-east-1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "S3"
+
+
+def test_imported_whole_binds_loaded_submodules_and_leaves_a_clean_import_as_it_was(tmp_path, monkeypatch):
+    import sys
+
+    from components.storage import imported_whole
+
+    pkg = tmp_path / "half_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from half_pkg.session import S\n")
+    (pkg / "session.py").write_text("import half_pkg.utils\n\nclass S:\n    pass\n")
+    (pkg / "utils.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("half_pkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    import half_pkg  # a clean import: everything bound already
+
+    assert imported_whole("half_pkg") is half_pkg and half_pkg.utils.VALUE == 1
+    # The package dropped after its submodules loaded (an interrupted import), then imported again:
+    for name in ("half_pkg", "half_pkg.session"):
+        del sys.modules[name]
+    import half_pkg as again
+
+    assert again is not half_pkg and not hasattr(again, "utils")  # the state the worker was left in
+    assert imported_whole("half_pkg").utils.VALUE == 1
+    for name in [m for m in sys.modules if m.startswith("half_pkg")]:
+        del sys.modules[name]
