@@ -79,6 +79,36 @@ def _loop(cfg: Config, records: list[dict]) -> dict:
     return publish(store, c.output, "loop", agg, c.holdout_fraction, {"inputs": agg["inputs"]})
 
 
+def process_tree_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) so far of this process and every process below it: on a local cluster, Ray's
+    own processes and its workers are all children of the driver that started it."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:  # it ended in between
+            continue
+        out[proc.pid] = times.user + times.system
+    return out
+
+
+def cpu_breakdown(before: dict[int, float], after: dict[int, float], wall_s: float, cores: int, workers: int,
+                  loop_cpu_s: float) -> dict:
+    """Where the pipeline's time went, from CPU seconds per process over its run (``process_tree_cpu`` before and
+    after): the share of the cores its processes kept busy, and the CPU it spent against the loop's for the same
+    work, split into the task workers (the ``workers`` busiest processes) and the rest (Ray's own processes and the
+    driver). Up to the loop's own threads, speed-up = cores x busy share / (pipeline CPU / loop CPU)."""
+    deltas = sorted((cpu - before.get(pid, 0.0) for pid, cpu in after.items()), reverse=True)
+    total, busiest = sum(deltas), sum(deltas[:workers])
+    return {"pipeline_cpu_s": total, "workers_cpu_s": busiest, "others_cpu_s": total - busiest,
+            "loop_cpu_s": loop_cpu_s, "cores": cores, "cores_busy": total / (wall_s * cores),
+            "cpu_vs_loop": total / loop_cpu_s, "workers_cpu_vs_loop": busiest / loop_cpu_s,
+            "others_cpu_vs_loop": (total - busiest) / loop_cpu_s}
+
+
 def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1536,
                        workers: int | None = None, cfg: Config | None = None,
                        workdir: str | None = None, warmup_images: int | None = None) -> dict:
@@ -114,9 +144,9 @@ def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1
         loop_cfg = bench_config(base, manifest, os.path.join(outputs, "out-loop"), workers)
         records = load_inputs(loop_cfg.curate, Store()).records.to_pylist()
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loop_report = _loop(loop_cfg, records)
-        loop_s = time.perf_counter() - start
+        loop_s, loop_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
 
         warm = min(n_images, warmup_images or 4 * workers)
         warm_manifest = os.path.join(inputs, "warmup.jsonl")
@@ -127,9 +157,13 @@ def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1
         first_run_s = time.perf_counter() - start
 
         pipe_cfg = bench_config(base, manifest, os.path.join(outputs, "out-ray"), workers)
-        start = time.perf_counter()
+        cpu_before, start = process_tree_cpu(), time.perf_counter()
         pipe_report = curate(pipe_cfg)
         pipe_s = time.perf_counter() - start
+        # Only for a cluster this process started (its processes all run below this one), not one at RAY_ADDRESS
+        local = len(cpu_before) > 1
+        cores = len(os.sched_getaffinity(0))  # the machine's, whatever the cluster was told it has
+        breakdown = cpu_breakdown(cpu_before, process_tree_cpu(), pipe_s, cores, workers, loop_cpu_s) if local else None
 
     loop_ips, pipe_ips = n_images / loop_s, n_images / pipe_s
     return {
@@ -146,4 +180,6 @@ def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1
         "speedup": round(pipe_ips / loop_ips, 3),
         "kept": pipe_report["kept"],
         "same_output": pipe_report["digest"] == loop_report["digest"],
+        "cpu": breakdown,
     }
+

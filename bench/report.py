@@ -255,7 +255,23 @@ def _curation_figures(d: dict) -> list[Figure]:
         f(f"first run in a new cluster ({d['first_run_images']} images: worker start-up, imports)",
           d["first_run_s"], "s"),
         f("pipeline / loop", d["speedup"], "x", (">=", 1.8), f"ideal {d['cpus']:.0f}x on {d['cpus']} CPUs"),
+        *_curation_cpu(d),
         f("same dataset written (digests equal)", float(d["same_output"]), "", (">=", 1.0), "1 = identical"),
+    ]
+
+
+def _curation_cpu(d: dict) -> list[Figure]:
+    """Where the pipeline's time went (``bench.curation.cpu_breakdown``): speed-up = cores x busy / CPU ratio."""
+    cpu = d.get("cpu")
+    if not cpu:  # a cluster this process did not start: its processes cannot be measured from here
+        return []
+    f = lambda *a, **k: Figure("curation", *a, **k)  # noqa: E731
+    return [
+        f(f"  of which: the cores the pipeline's processes kept busy (CPU s / wall x {cpu['cores']})",
+          100 * cpu["cores_busy"], "%", anchor="ideal 100 %"),
+        f("  of which: the pipeline's CPU for the same work / the loop's", cpu["cpu_vs_loop"], "x", anchor="ideal 1x"),
+        f(f"    the task workers ({d['workers']} busiest processes) / the loop's CPU", cpu["workers_cpu_vs_loop"], "x"),
+        f("    Ray's own processes and the driver / the loop's CPU", 100 * cpu["others_cpu_vs_loop"], "%"),
     ]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from components.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,4 +21,8 @@ def test_benchmark_returns_sane_figures(ray_local, tmp_path):
     assert out["first_run_images"] == 4 and out["first_run_s"] > 0  # the warm-up run, reported apart
     assert out["loop_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
     assert abs(out["speedup"] - out["pipeline_images_per_s"] / out["loop_images_per_s"]) < 0.01
+    cpu = out["cpu"]  # the test's own local cluster: its processes all run below this one
+    assert cpu["loop_cpu_s"] > 0 and cpu["workers_cpu_s"] > 0 and cpu["others_cpu_s"] >= 0
+    assert 0 < cpu["cores_busy"] <= 1.05 and cpu["cores"] >= 1
+    assert cpu["pipeline_cpu_s"] == pytest.approx(cpu["workers_cpu_s"] + cpu["others_cpu_s"])
     assert not list(tmp_path.iterdir())  # generated images and both outputs cleaned up

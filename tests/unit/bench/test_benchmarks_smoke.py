@@ -133,6 +133,25 @@ def test_verdicts_and_table():
     assert "load average" in text and "caching 3.0->4.0" in text
 
 
+def test_the_curation_breakdown_splits_cpu_by_process_and_its_rows_follow_it():
+    from bench.curation import cpu_breakdown
+
+    before = {1: 1.0, 2: 0.0, 3: 5.0}  # pid -> CPU s: the driver, two workers
+    after = {1: 1.5, 2: 8.0, 3: 13.0, 4: 0.25}  # a process that started during the run counts whole
+    cpu = cpu_breakdown(before, after, wall_s=10.0, cores=2, workers=2, loop_cpu_s=15.0)
+    assert cpu["pipeline_cpu_s"] == pytest.approx(16.75) and cpu["workers_cpu_s"] == pytest.approx(16.0)
+    assert cpu["others_cpu_s"] == pytest.approx(0.75) and cpu["cores_busy"] == pytest.approx(16.75 / 20)
+    assert cpu["cpu_vs_loop"] == pytest.approx(16.75 / 15) and cpu["workers_cpu_vs_loop"] == pytest.approx(16 / 15)
+    data = {"n_images": 8, "size": "64x64", "workers": 2, "cpus": 2, "loop_images_per_s": 1.0,
+            "pipeline_images_per_s": 1.6, "first_run_images": 2, "first_run_s": 1.0, "speedup": 1.6,
+            "same_output": True, "cpu": cpu}
+    rows = {f.name.strip(): f for f in figures({"curation": data})}
+    assert rows["of which: the cores the pipeline's processes kept busy (CPU s / wall x 2)"].value == pytest.approx(83.75)
+    assert rows["Ray's own processes and the driver / the loop's CPU"].value == pytest.approx(5.0)
+    data["cpu"] = None  # a cluster at RAY_ADDRESS: no breakdown rows, the rest unchanged
+    assert not any("of which" in f.name for f in figures({"curation": data}))
+
+
 def test_flow_rejects_unknown_section():
     proc = subprocess.run([sys.executable, str(REPO / "flows/bench.py"), "--only", "training,nope"],
                           capture_output=True, text=True, timeout=120)
