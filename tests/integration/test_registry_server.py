@@ -63,6 +63,9 @@ def server_only_env(mlflow_server, monkeypatch):
     yield mlflow_server
     mlflow.set_tracking_uri(None)  # do not leave this process pointed at a server that is about to stop
     mlflow.set_registry_uri(None)
+    # MLflow 3's set_registry_uri(None) leaves the MLFLOW_REGISTRY_URI it exported before; the variable was
+    # deleted above if it existed, and monkeypatch brings that value back.
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def test_register_evaluate_promote_and_load_the_champion_through_a_server(server_only_env, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures.processes import REPO, free_port
+from tests.fixtures.servers import serve_app
 
 ENV = "TERMINUS_TEST_API_KEY"
 TOKEN = "sk-test-" + secrets.token_hex(12)
@@ -43,14 +43,7 @@ OPENAI_HEADERS = {
 
 @pytest.fixture(scope="module")
 def server(ray_local, registered_model):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
-        "config": str(REPO / "flows/configs/tiny.yaml"),
         "overrides": [
             *registered_model.overrides, f"serve.api_key_env={ENV}", "serve.default_steps=2",
             "serve.default_size=64", "serve.max_upload_bytes=200000", "serve.max_upload_pixels=262144",
@@ -63,11 +56,8 @@ def server(ray_local, registered_model):
         "ingress_options": {"ray_actor_options": {"num_cpus": 0.5,
                                                   "runtime_env": {"env_vars": {ENV: TOKEN + "\n"}}}},
     }
-    try:
-        serve.run(build_app(args), name="api", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app("api", args) as base:
+        yield base
 
 
 @pytest.fixture

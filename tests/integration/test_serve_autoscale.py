@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.fixtures.processes import REPO, free_port
+from tests.fixtures.servers import serve_app
 
 APP = "autoscale"
 LOAD_BUDGET_S = 90  # the load stops by itself after this (or MAX_REQUESTS) even if no scale-up was seen
@@ -28,24 +28,15 @@ def running_replicas() -> int:
 
 @pytest.mark.slow
 def test_scales_up_under_load_and_back_down(ray_local, registered_model):
-    from ray import serve
-
-    from deploy.app import build_app
-
     autoscaling = {
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
         "upscale_delay_s": 0.5, "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1.5,
     }
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({
-            "config": str(REPO / "flows/configs/tiny.yaml"),
-            "overrides": [*registered_model.overrides, "serve.default_steps=4", "serve.max_batch_size=1"],
-            "model_options": {"autoscaling_config": autoscaling, "max_ongoing_requests": 2,
-                              "max_queued_requests": -1, "graceful_shutdown_timeout_s": 5},
-        }), name=APP, route_prefix="/")
+    with serve_app(APP, {
+        "overrides": [*registered_model.overrides, "serve.default_steps=4", "serve.max_batch_size=1"],
+        "model_options": {"autoscaling_config": autoscaling, "max_ongoing_requests": 2,
+                          "max_queued_requests": -1, "graceful_shutdown_timeout_s": 5},
+    }) as base:
         assert running_replicas() == 1
 
         statuses: list[int] = []
@@ -81,5 +72,3 @@ def test_scales_up_under_load_and_back_down(ray_local, registered_model):
         print(f"scale-up after {timeline[-1][0]:.1f} s of load ({len(statuses)} requests); "
               f"back to 1 replica {DOWN_BUDGET_S - (deadline - time.monotonic()):.1f} s after it stopped")
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
-    finally:
-        serve.shutdown()

@@ -35,7 +35,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.fixtures.processes import REPO, free_port
+from tests.fixtures.processes import REPO
+from tests.fixtures.servers import serve_app
 
 APP = f"faults-{secrets.token_hex(3)}"  # unique, so the replica's process title is ours alone
 ENV = "TERMINUS_FAULTS_API_KEY"
@@ -67,23 +68,13 @@ RETRY_AFTER_S = MODEL["backpressure_config"]["retry_after_s"]
 
 @pytest.fixture(scope="module")
 def server(ray_local, registered_model):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
-        "config": str(REPO / "flows/configs/tiny.yaml"),
         "overrides": [*registered_model.overrides, f"serve.api_key_env={ENV}", *LIMITS],
         "model_options": MODEL,
         "ingress_options": {"ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {ENV: TOKEN}}}},
     }
-    try:
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app(APP, args) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

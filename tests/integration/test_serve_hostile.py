@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.fixtures.processes import REPO, free_port
+from tests.fixtures.servers import serve_app
 from tests.integration.test_serve_faults import production_model_options
 from tests.unit.deploy.test_api import hostile_tiny_parts, nested
 
@@ -36,24 +36,14 @@ PROBE_EVERY_S = 0.1
 
 @pytest.fixture(scope="module")
 def server(ray_local, registered_model):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
-        "config": str(REPO / "flows/configs/tiny.yaml"),
         "overrides": [*registered_model.overrides, f"serve.api_key_env={ENV}", "serve.default_steps=1",
                       "serve.max_steps=2"],
         "model_options": production_model_options(),
         "ingress_options": {"ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {ENV: TOKEN}}}},
     }
-    try:
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app(APP, args) as base:
+        yield base
 
 
 def png(size: tuple[int, int], mode: str = "RGB") -> bytes:

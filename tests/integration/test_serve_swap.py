@@ -18,7 +18,7 @@ from PIL import Image
 
 from components.config import InferenceConfig
 from components.registry.model import ModelUriError, log_pipeline_model
-from tests.fixtures.processes import REPO, free_port
+from tests.fixtures.servers import serve_app
 
 NAME = "terminus-swap"
 PROBE = {"prompt": "a probe", "size": "64x64", "seed": 11, "steps": 2}
@@ -88,22 +88,13 @@ def test_a_compiling_holder_warms_up_before_it_serves_and_draws_the_same_images(
 
 
 def test_alias_move_under_load_fails_no_request(ray_local, registered_model, second_pipeline):
-    from ray import serve
-
-    from deploy.app import build_app
-
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
     v1 = register(registered_model.pipeline_dir, registered_model.experiment_id)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({
-            "config": str(REPO / "flows/configs/tiny.yaml"),
-            "model_uri": f"models:/{NAME}@champion",
-            "overrides": [*registered_model.overrides, "serve.poll_alias_s=0.5", "serve.default_steps=2"],
-        }), name="swap", route_prefix="/")
+    with serve_app("swap", {
+        "model_uri": f"models:/{NAME}@champion",
+        "overrides": [*registered_model.overrides, "serve.poll_alias_s=0.5", "serve.default_steps=2"],
+    }) as base:
         before = httpx.post(f"{base}/v1/images/generations", json=PROBE, timeout=60)
         assert before.json()["model_version"] == v1
 
@@ -142,8 +133,6 @@ def test_alias_move_under_load_fails_no_request(ray_local, registered_model, sec
         pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))).astype(int)
                   for r in (before, after)]
         assert np.abs(pixels[0] - pixels[1]).max() > 40  # new weights, same seed: a different image
-    finally:
-        serve.shutdown()
 
 
 def test_not_ready_until_loaded(registered_model, tmp_path):
