@@ -96,6 +96,9 @@ def test_caching_benchmark_smoke(small_cfg, tmp_path):
     assert math.isclose(out["speedup"], out["pixels_s_per_step"] / out["cached_s_per_step"], rel_tol=1e-6)
     assert out["cache_encode_s_per_image"] > 0
     assert not list(tmp_path.iterdir())
+    rows = {f.name.strip(): f for f in figures({"caching": out})}
+    removed = rows["of which: the on-the-fly step's share that the cache removes (1 - cached / on the fly)"].value
+    assert removed == pytest.approx(100 * (1 - 1 / out["speedup"]))  # the speed-up is 1 / (1 - that share)
 
 
 def test_input_benchmark_smoke(small_cfg, tmp_path):
