@@ -9,6 +9,7 @@ import io
 import json
 import secrets
 import time
+from ipaddress import ip_address
 
 import httpx
 import numpy as np
@@ -134,6 +135,39 @@ def test_bearer_auth(client):
         assert r.json()["error"]["code"] == "invalid_api_key"
     assert client.get("/v1/models").status_code == 401
     assert client.get("/healthz").status_code == 200  # probes carry no key
+
+
+def test_only_rays_authenticated_grpc_listens_beyond_loopback(server):
+    """The HTTP front listens on 127.0.0.1 alone. The replicas' ports open to every interface are Ray's gRPC
+    servers (README, "Security notes"): their request method refuses a call without Ray's token, or with a wrong
+    one, and takes one with it (what the call then does with an empty request does not matter here)."""
+    import grpc
+    import psutil
+    from ray._raylet import AuthenticationTokenLoader
+
+    port = int(server.rsplit(":", 1)[1])
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid]
+    assert {c.laddr.ip for c in listening if c.laddr.port == port} == {"127.0.0.1"}
+    replicas = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"].startswith("ray::ServeReplica:api:")}
+    open_ports = sorted(c.laddr.port for c in listening if c.pid in replicas and not ip_address(c.laddr.ip).is_loopback)
+    token = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items())
+    answered = []
+    for open_port in open_ports:
+        with grpc.insecure_channel(f"127.0.0.1:{open_port}") as channel:
+            call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest", request_serializer=bytes,
+                                       response_deserializer=bytes)
+            codes = []
+            for metadata in ((), (("authorization", "Bearer not-the-token"),), token):
+                try:
+                    call(b"", timeout=30, metadata=metadata)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+        if codes[0] is grpc.StatusCode.UNIMPLEMENTED:  # another of Ray's servers (the worker's own)
+            continue
+        assert codes[:2] == [grpc.StatusCode.UNAUTHENTICATED] * 2 and codes[2] is not grpc.StatusCode.UNAUTHENTICATED
+        answered.append(open_port)
+    assert answered, f"no Serve replica port answered among {open_ports}"
 
 
 def test_models_lists_the_served_version(client, registered_model):
