@@ -1,10 +1,11 @@
 """GPU benchmark at the real SDXL size: training throughput, MFU and peak memory; 1024x1024 inference latency.
 
-    python bench/gpu_bench.py                  # one CUDA GPU, under 8 minutes; one JSON object on stdout
-    python bench/gpu_bench.py --smoke          # CPU, tiny sizes, seconds (the test suite runs this)
+    python -m bench.gpu_bench                  # one CUDA GPU, under 8 minutes; one JSON object on stdout
+    python -m bench.gpu_bench --smoke          # CPU, tiny sizes, seconds (the test suite runs this)
 
-Standalone on purpose: it needs only torch, diffusers, transformers (and accelerate if diffusers wants it),
-no project imports, no Ray, no MLflow, no network, so it runs on a bare GPU machine (Python 3.12, torch 2.11,
+Standalone on purpose: run from the repository root, it needs only torch, diffusers, transformers and
+accelerate, and of the project only the pure ``components.diffusion.sdxl_base`` (SDXL's configs); no Ray,
+no MLflow, no network, so it runs on a bare GPU machine (Python 3.12, torch 2.11,
 diffusers from a wheel). Weights are random: speed and memory do not depend on their values.
 
 Phases (each skipped, and said so, once the time budget is spent; logs on stderr):
@@ -41,28 +42,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# stabilityai/stable-diffusion-xl-base-1.0 configs (unet/, vae/, text_encoder/, text_encoder_2/config.json);
-# tests/unit/test_gpu_bench_smoke.py checks they equal components/training/memory/plan.py's copies.
-SDXL_UNET_CONFIG: dict = {
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False, "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
-}
-SDXL_VAE_CONFIG: dict = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
-                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                             latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
-                             scaling_factor=0.13025, force_upcast=True)
-SDXL_TEXT_CONFIGS = (
-    dict(hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-         projection_dim=768, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1),
-    dict(hidden_act="gelu", hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-         projection_dim=1280, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+from components.diffusion.sdxl_base import (
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_TEXT_ENCODER_CONFIG,
+    SDXL_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
 )
+
+SDXL_TEXT_CONFIGS = (SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG)
 # --smoke: the same layout a few thousand times smaller (block types, text_time embedding, two encoders).
 SMOKE_UNET_CONFIG = {**SDXL_UNET_CONFIG, "block_out_channels": [32, 64, 64], "attention_head_dim": [2, 4, 4],
                      "transformer_layers_per_block": [1, 1, 1], "cross_attention_dim": 64, "norm_num_groups": 8,

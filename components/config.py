@@ -120,7 +120,8 @@ class ModelConfig(Strict):
     """The SDXL model a run starts from."""
 
     source: str = "tiny"
-    """``tiny`` (built offline), a local diffusers directory, a Hugging Face hub id, an ``s3://`` prefix, a
+    """``tiny`` (built offline), ``sdxl-random`` (SDXL base at its published size, 3.5 B parameters, seeded
+    random weights, built offline: the real sizes without a download), a local diffusers directory, a Hugging Face hub id, an ``s3://`` prefix, a
     single-file ``.safetensors`` checkpoint in the original SDXL layout (a local path, an ``s3://`` object
     or an http(s) URL), or a registered version ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (continue
     from the champion). The run records its lineage: the source, the resolved revision and a content hash
@@ -137,6 +138,8 @@ class ModelConfig(Strict):
     scheduler always comes from the preset's ``diffusion`` section."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Sizes of the ``tiny`` model."""
+    seed: int = 0
+    """Seed of the ``sdxl-random`` weights (the same seed gives the same weights everywhere)."""
 
 
 class DiffusionConfig(Strict):

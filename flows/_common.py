@@ -51,7 +51,7 @@ def load(args):
     if getattr(args, "print_config", False):
         print(reference_text(cfg))
         raise SystemExit(0)
-    if cfg.model.source == "tiny":
+    if cfg.model.source in ("tiny", "sdxl-random"):  # built offline: nothing to look up on the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # transformers warns at import that torchvision is missing (its image processors fall back to PIL,
     # which is what the pipelines use): noise in every process of every flow. TRANSFORMERS_VERBOSITY=info

@@ -1,6 +1,8 @@
 """One loader for every SDXL-layout model the platform touches.
 
-Sources (``model.source``): ``tiny`` (built offline from a fixed seed, wired exactly as SDXL), a local
+Sources (``model.source``): ``tiny`` (built offline from a fixed seed, wired exactly as SDXL),
+``sdxl-random`` (SDXL base at its published size with seeded random weights, built offline:
+``components.diffusion.sdxl_base``), a local
 diffusers directory, a Hugging Face hub id (``model.revision``, ``model.variant``), an ``s3://`` prefix
 fetched into a local cache (``components.storage.fetch_prefix``), or a single-file ``.safetensors``
 checkpoint in the original SDXL layout -- a local path, an ``s3://`` object or an http(s) URL --
@@ -31,6 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from components.config import DiffusionConfig, ModelConfig, RecurringError, TinyModelConfig
 from components.diffusion.schedule import inference_scheduler
+from components.diffusion.sdxl_base import COMPONENTS, build_component
 from components.storage import fetch_object, fetch_prefix, is_s3
 
 
@@ -127,11 +130,20 @@ def build_tiny(cfg: TinyModelConfig) -> SDXLParts:
     return SDXLParts(unet, vae, text_encoder, text_encoder_2, tiny_tokenizer(), tiny_tokenizer())
 
 
+SDXL_RANDOM = "sdxl-random"
+
+
+def build_sdxl_random(seed: int) -> SDXLParts:
+    """SDXL base at real size (3.5 B parameters, fp32) with seeded random weights and the offline tokenizer
+    (its ids fit SDXL's 49408-entry vocabulary)."""
+    modules = {name: build_component(name, seed) for name in COMPONENTS}
+    return SDXLParts(**modules, tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
+
+
 # --- sources -----------------------------------------------------------------------------------
 
 SINGLE_FILE_SUFFIX = ".safetensors"
 REGISTERED_PREFIX = "models:/"
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def attention_kind(unet: torch.nn.Module) -> str:
@@ -146,11 +158,13 @@ def attention_kind(unet: torch.nn.Module) -> str:
 
 
 def source_kind(source: str) -> str:
-    """``tiny``, ``registered`` (models:/), ``single_file`` (a .safetensors path, s3:// object or URL),
+    """``tiny``, ``sdxl_random``, ``registered`` (models:/), ``single_file`` (a .safetensors path, s3:// object or URL),
     ``s3`` (a prefix), ``url`` (an http(s) address that is not a .safetensors file: refused),
     ``directory`` (local) or ``hub`` (anything else: a hub id, checked when loaded)."""
     if source == "tiny":
         return "tiny"
+    if source == SDXL_RANDOM:
+        return "sdxl_random"
     if source.startswith(REGISTERED_PREFIX):
         return "registered"
     if source.lower().split("?", 1)[0].endswith(SINGLE_FILE_SUFFIX):
@@ -274,15 +288,19 @@ def weights_sha256(directory: str | Path, variant: str | None = None) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def tensors_sha256(parts: SDXLParts) -> str:
-    """A content hash of in-memory weights (the tiny model, which has no files): sha256 over every
-    tensor's name, dtype, shape and bytes, module by module."""
+def tensors_sha256(parts: SDXLParts | None = None, build=None) -> str:
+    """A content hash of in-memory weights (the built models, which have no files): sha256 over every
+    tensor's name, dtype, shape and bytes, module by module. ``build`` (a component name -> module function)
+    instead of ``parts`` builds one component at a time and drops it once hashed, so the peak is the largest
+    component, not the model."""
     digest = hashlib.sha256()
     for name in COMPONENTS:
-        for key, value in sorted(getattr(parts, name).state_dict().items()):
+        module = getattr(parts, name) if build is None else build(name)
+        for key, value in sorted(module.state_dict().items()):
             value = value.detach().contiguous().cpu()
             digest.update(f"{name}.{key}|{value.dtype}|{tuple(value.shape)}".encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+            digest.update(memoryview(value.view(torch.uint8).numpy()) if value.numel() else b"")
+        del module
     return digest.hexdigest()
 
 
@@ -309,6 +327,9 @@ def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
     source, kind = model.source, source_kind(model.source)
     if kind == "tiny":
         return SourceInfo(kind, source, "tiny", tensors_sha256(build_tiny(model.tiny)), pinned=model)
+    if kind == "sdxl_random":
+        digest = tensors_sha256(build=lambda name: build_component(name, model.seed))
+        return SourceInfo(kind, source, SDXL_RANDOM, digest, pinned=model, extra={"seed": model.seed})
     if kind == "single_file":
         path = fetch_single_file(source, cache_dir)
         return SourceInfo(kind, source, str(path), file_sha256(path), pinned=model)
@@ -318,8 +339,8 @@ def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
             raise ModelLoadError(f"model source {source} is not a directory")
         return SourceInfo(kind, source, location, weights_sha256(location, model.variant), pinned=model)
     if kind != "hub" or "/" not in source:
-        raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id, a .safetensors "
-                             "file, s3:// nor models:/")
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', 'sdxl-random', a directory, a hub id, "
+                             "a .safetensors file, s3:// nor models:/")
     offline = hub_offline()
     try:
         snapshot = Path(StableDiffusionXLPipeline.download(
@@ -353,6 +374,8 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
     kind = source_kind(source)
     if kind == "tiny":
         return build_tiny(model.tiny)
+    if kind == "sdxl_random":
+        return build_sdxl_random(model.seed)
     if kind == "registered":
         raise ModelLoadError(f"model source {source}: a registered version is loaded through the registry "
                              "(components.registry.model.load_source_parts)")
@@ -365,8 +388,8 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
     location = resolve_source(source, cache_dir)
     is_local = Path(location).is_dir()
     if not is_local and ("/" not in location or location.startswith((".", "/"))):
-        raise ModelLoadError(f"model source {source!r} is neither 'tiny', a directory, a hub id, a .safetensors "
-                             "file, s3:// nor models:/")
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', 'sdxl-random', a directory, a hub id, "
+                             "a .safetensors file, s3:// nor models:/")
     offline = not is_local and hub_offline()
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(

@@ -65,7 +65,7 @@ def check_model_source(cfg: Config) -> None:
 
     source = cfg.model.source
     kind = source_kind(source)
-    if kind in ("tiny", "s3"):
+    if kind in ("tiny", "sdxl_random", "s3"):
         return
     if kind == "registered":
         from components.registry.model import ModelUriError, check_version
@@ -94,7 +94,8 @@ def check_model_source(cfg: Config) -> None:
             raise PreflightError(f"model.source {source} is not a directory")
         return
     if "/" not in source:
-        raise PreflightError(f"model.source {source!r} is neither 'tiny', a directory, a hub id (org/name), a "
+        raise PreflightError(f"model.source {source!r} is neither 'tiny', 'sdxl-random', a directory, a hub id "
+                             "(org/name), a "
                              ".safetensors file, s3:// nor models:/")
     if hub_offline():
         from huggingface_hub import try_to_load_from_cache

@@ -1,8 +1,8 @@
 """The single-GPU memory plan: will this preset's fine-tune fit one A100-80G, and with how much room?
 
 Persistent memory is counted exactly from parameter shapes: the real SDXL UNet (2.567 B parameters),
-both CLIP text encoders and the VAE, built from SDXL-base's published configs on the meta device
-(accelerate's ``init_empty_weights``: shapes, no storage), times the bytes per element that the
+both CLIP text encoders and the VAE, built from SDXL-base's published configs (``components.diffusion.sdxl_base``) on the meta device
+(shapes, no storage), times the bytes per element that the
 precision policy and the optimizer give (``persistent_rows``, ``optimizer_state_bytes``).
 
 The dynamic part -- activations, autocast's weight copies, gradients in flight, recomputation under
@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from components.config import Config, OptimizerName, Precision
+from components.diffusion.sdxl_base import COMPONENTS, empty_component
 from components.training.memory.trace import StepTrace, trace_unet_step, trace_vae_encode
 
 GB = 1e9  # decimal, as docs/recipe.md's anchors ("about 41 GB") are
@@ -34,71 +35,17 @@ CUDA_CONTEXT_BYTES = 600 * 2**20
 ALLOCATOR_SLACK = 0.10
 """Assumption: caching-allocator fragmentation and kernel workspaces, as a fraction of the traced peak."""
 
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers 0.19 layout; keys left at
-# their diffusers default are omitted). SDXL paper, Podell et al. 2023, Table 1: 2.6 B parameters.
-SDXL_UNET_CONFIG: dict = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,  # 1280 (pooled text_encoder_2) + 6 * 256 (time ids)
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-SDXL_UNET_PARAMS = 2_567_463_684
-# Same repository: text_encoder/config.json (OpenAI CLIP ViT-L/14 text tower, 123,060,480 params),
-# text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower + projection, 694,659,840 params),
-# vae/config.json (83,653,863 params).
-SDXL_TEXT_ENCODER_CONFIG = dict(
-    hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-    projection_dim=768, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-SDXL_TEXT_ENCODER_2_CONFIG = dict(
-    hidden_act="gelu", hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-    projection_dim=1280, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-SDXL_VAE_CONFIG = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
-                       down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                       latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
-                       scaling_factor=0.13025, force_upcast=True)
-
-
 # --- models on the meta device ------------------------------------------------------------------
 
 
 def sdxl_models(cfg: Config | None = None) -> dict[str, torch.nn.Module]:
     """UNet, VAE and both text encoders with SDXL's shapes (the tiny model's for ``model.source: tiny``)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     if cfg is not None and cfg.model.source == "tiny":
         from components.diffusion.sdxl import build_tiny
 
         parts = build_tiny(cfg.model.tiny)  # small enough to build for real, then drop the storage
         return {k: getattr(parts, k).to("meta") for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
-    with init_empty_weights(include_buffers=True):
-        return {
-            "unet": UNet2DConditionModel(**SDXL_UNET_CONFIG),
-            "vae": AutoencoderKL(**SDXL_VAE_CONFIG),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
-        }
+    return {name: empty_component(name).to("meta") for name in COMPONENTS}
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -338,7 +285,7 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
     vae_one = trace_vae_encode(models["vae"], 1, hw)
     vae_batch = trace_vae_encode(models["vae"], t.batch_size, hw)
     notes = []
-    if cfg.model.source != "tiny":
+    if cfg.model.source not in ("tiny", "sdxl-random"):
         notes.append(f"shapes of SDXL-base (model.source {cfg.model.source!r} is assumed to share its layout)")
     if trainable is not None:
         a = t.adapter

@@ -26,7 +26,8 @@ def load_bench():
 @pytest.fixture(scope="module")
 def smoke() -> dict:
     env = {**snapshot(), "CUDA_VISIBLE_DEVICES": ""}  # the bare-machine path; never touches a GPU here
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--peak-tflops", "1.0"], cwd=REPO, env=env,
+    # As on a bare GPU host: a module run from the repository root.
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--smoke", "--peak-tflops", "1.0"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -75,13 +76,13 @@ def test_smoke_targets_next_to_anchors(smoke):
     assert all(t["anchor"] for t in targets.values())
 
 
-def test_sdxl_configs_match_the_memory_plan():
-    from components.training.memory import plan as mp
+def test_the_benchmark_builds_from_the_library_configs():
+    from components.diffusion import sdxl_base
 
     bench = load_bench()
-    assert bench.SDXL_UNET_CONFIG == mp.SDXL_UNET_CONFIG
-    assert bench.SDXL_VAE_CONFIG == mp.SDXL_VAE_CONFIG
-    assert bench.SDXL_TEXT_CONFIGS == (mp.SDXL_TEXT_ENCODER_CONFIG, mp.SDXL_TEXT_ENCODER_2_CONFIG)
+    assert bench.SDXL_UNET_CONFIG is sdxl_base.SDXL_UNET_CONFIG
+    assert bench.SDXL_VAE_CONFIG is sdxl_base.SDXL_VAE_CONFIG
+    assert bench.SDXL_TEXT_CONFIGS == (sdxl_base.SDXL_TEXT_ENCODER_CONFIG, sdxl_base.SDXL_TEXT_ENCODER_2_CONFIG)
 
 
 def test_device_peak_lookup():

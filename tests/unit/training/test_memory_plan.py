@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from components.config import OptimizerName, Precision, load_config
+from components.diffusion.sdxl_base import SDXL_UNET_PARAMS
 from components.training.memory import plan as mp
 from components.training.memory.trace import CudaAutocastEmulation, LiveBytes, trace_unet_step
 
@@ -34,8 +35,8 @@ def low_precision_params(module: torch.nn.Module) -> int:
 
 def test_sdxl_models_have_the_published_sizes(sdxl):
     assert all(p.device.type == "meta" for m in sdxl.values() for p in m.parameters())
-    assert mp.count_params(sdxl["unet"]) == mp.SDXL_UNET_PARAMS
-    assert round(mp.SDXL_UNET_PARAMS / 1e9, 3) == 2.567  # docs/recipe.md
+    assert mp.count_params(sdxl["unet"]) == SDXL_UNET_PARAMS
+    assert round(SDXL_UNET_PARAMS / 1e9, 3) == 2.567  # docs/recipe.md
     assert mp.count_params(sdxl["text_encoder"]) == 123_060_480  # CLIP ViT-L/14 text tower
     assert mp.count_params(sdxl["text_encoder_2"]) == 694_659_840  # OpenCLIP bigG text tower + projection
     assert mp.count_params(sdxl["vae"]) == 83_653_863
@@ -53,7 +54,7 @@ def test_before_activations_matches_recipe_anchors(sdxl, optimizer, anchor_gb):
 def test_eight_bit_adamw_saves_about_six_bytes_per_param(sdxl):
     shapes = [p.shape for p in sdxl["unet"].parameters()]
     saved = mp.optimizer_state_bytes(shapes, OptimizerName.ADAMW) - mp.optimizer_state_bytes(shapes, OptimizerName.ADAMW_8BIT)
-    assert 5.9 <= saved / mp.SDXL_UNET_PARAMS <= 6.0  # 8 -> 2 bytes, less the block absmax
+    assert 5.9 <= saved / SDXL_UNET_PARAMS <= 6.0  # 8 -> 2 bytes, less the block absmax
 
 
 def test_optimizer_state_rules_per_tensor():
@@ -69,7 +70,7 @@ def test_optimizer_state_rules_per_tensor():
 def test_ema_on_cpu_is_not_gpu_memory(sdxl):
     rows = mp.persistent_rows(sdxl, Precision.BF16, OptimizerName.ADAMW, ema=True, ema_on_cpu=True)
     ema = [r for r in rows if r.name.startswith("EMA")]
-    assert len(ema) == 1 and ema[0].where == "cpu" and ema[0].bytes == 4 * mp.SDXL_UNET_PARAMS
+    assert len(ema) == 1 and ema[0].where == "cpu" and ema[0].bytes == 4 * SDXL_UNET_PARAMS
     on_gpu = mp.persistent_rows(sdxl, Precision.BF16, OptimizerName.ADAMW, ema=True, ema_on_cpu=False)
     assert [r.where for r in on_gpu if r.name.startswith("EMA")] == ["gpu"]
 
@@ -162,7 +163,7 @@ def test_plan_command_on_the_terminus_preset(sdxl):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     plan = json.loads(proc.stdout)
     assert proc.returncode == (0 if plan["fits"] else 1), proc.stderr[-2000:]
-    assert plan["unet_params"] == mp.SDXL_UNET_PARAMS and plan["batch"] == 24 and plan["resolution"] == [1024, 1024]
+    assert plan["unet_params"] == SDXL_UNET_PARAMS and plan["batch"] == 24 and plan["resolution"] == [1024, 1024]
     assert abs(plan["before_activations"] / 1e9 - 26.0) <= 0.5
     assert plan["step"]["weight_copies"] == 2 * low_precision_params(sdxl["unet"])
     assert plan["step_other"]["peak"] > 5 * plan["step"]["peak"]  # checkpointing off costs > 5x
