@@ -27,15 +27,17 @@ def deployment_options(path: Path = SERVE_YAML) -> dict[str, dict]:
     return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in spec["deployments"]}
 
 
-def start(cfg: Config, config_path: str, overrides: list[str], name: str = "terminus") -> str:
-    """Deploy the app on loopback (``serve.host``/``serve.port``); returns its base URL once it answers."""
+def start(cfg: Config, config_path: str, overrides: list[str], name: str = "terminus",
+          healthy_timeout_s: float = 300.0) -> str:
+    """Deploy the app on loopback (``serve.host``/``serve.port``); returns its base URL once it answers (within
+    ``healthy_timeout_s``: a replica loading SDXL on a CPU takes minutes)."""
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     options = deployment_options()
     app = build_app({"config": config_path, "overrides": overrides, "model_options": options.get("Model", {}),
                      "ingress_options": options.get("Ingress", {})})
     serve.run(app, name=name, route_prefix="/")
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    wait_healthy(base)
+    wait_healthy(base, healthy_timeout_s)
     return base
 
 

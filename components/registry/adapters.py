@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def register_base(cfg: Config, model: ModelConfig, lineage: dict[str, str]) -> t
 
     ``model`` (the run's pinned source) names a registered full version: that one. Otherwise the source is
     registered under ``cfg.base_model_name`` -- exported exactly as training exports a model (fp32 and the
-    ``train.export_variant`` weights), logged from a run of its own -- unless a version of that name already holds
+    ``train.export_variant`` weights) into a staging folder that is removed once logged, from a run of its
+    own -- unless a version of that name already holds
     the same source (its ``lineage.weights_sha256`` tag equals ``lineage``'s).
     """
     from components.diffusion.sdxl import save_pipeline, save_variant, source_kind, weights_sha256
@@ -163,15 +165,20 @@ def register_base(cfg: Config, model: ModelConfig, lineage: dict[str, str]) -> t
             log.info("base of the adapter: %s v%s (already registered: %s)", name, version, model.source)
             return name, version
     directory = cfg.state_path("exports", "bases", (source_hash or cfg.digest())[:16])
-    save_pipeline(load_source_parts(cfg, model), cfg.diffusion, directory)
-    if cfg.train.export_variant:
-        save_variant(directory, cfg.train.export_variant)
-    experiment = setup_tracking(cfg)
-    with mlflow.start_run(experiment_id=experiment, run_name=f"register-base-{(source_hash or 'source')[:12]}") as run:
-        mlflow.set_tags({ROLE_TAG: "base", "base_model": model.source})
-        version = str(log_pipeline_model(directory, name, cfg.inference).registered_model_version)
+    try:
+        save_pipeline(load_source_parts(cfg, model), cfg.diffusion, directory)
+        if cfg.train.export_variant:
+            save_variant(directory, cfg.train.export_variant)
+        digest = weights_sha256(directory)
+        experiment = setup_tracking(cfg)
+        with mlflow.start_run(experiment_id=experiment,
+                              run_name=f"register-base-{(source_hash or 'source')[:12]}") as run:
+            mlflow.set_tags({ROLE_TAG: "base", "base_model": model.source})
+            version = str(log_pipeline_model(directory, name, cfg.inference).registered_model_version)
+    finally:  # a staging folder: the registry holds the base's one copy from here on
+        shutil.rmtree(directory, ignore_errors=True)
     tags = {ROLE_TAG: "base", "base_model": model.source, "run_id": run.info.run_id,
-            WEIGHTS_TAG: weights_sha256(directory), "weight_variant": cfg.train.export_variant or "",
+            WEIGHTS_TAG: digest, "weight_variant": cfg.train.export_variant or "",
             **{k: v for k, v in lineage.items() if k != PINNED}}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -164,8 +164,11 @@ def resolve_version(uri: str) -> tuple[str, str]:
 
 
 def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -> ResolvedModel:
-    """Download the pipeline of the version ``uri`` names into the cache (once per version). An adapter version
-    is refused (``AdapterNotModel``) unless ``adapter_ok``: its folder holds an adapter, not a pipeline.
+    """The version ``uri`` names, as a local folder: read in place where the registry's artifact store is a
+    folder on this machine (``local_artifacts``: a second copy of an SDXL version would be 7-14 GB more on
+    the same disk), else downloaded into the cache (once per version). An adapter version is refused
+    (``AdapterNotModel``) unless ``adapter_ok``: its folder holds an adapter, not a pipeline. Callers read the
+    folder; none writes into it.
 
     ``<cache>/<name>/<version>/.complete`` holds the version's registry source: a cache shared by two
     registries (the embedded SQLite and a server both have a v3) re-downloads instead of serving the
@@ -179,6 +182,9 @@ def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -
         raise AdapterNotModel(f"{uri} is a {tags[ADAPTER_METHOD_TAG]} adapter of {tags.get(BASE_URI_TAG, 'a base')}, "
                               "not a full model: load it with its base (components/registry/adapters.py), or name "
                               "the base")
+    local = local_artifacts(name, version)
+    if local is not None:
+        return ResolvedModel(name, version, _pipeline_dir(local), ADAPTER_METHOD_TAG in tags)
     target = Path(cache_root) / name / version
     if not _cached(target, source):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +201,25 @@ def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return ResolvedModel(name, version, _pipeline_dir(target), ADAPTER_METHOD_TAG in tags)
+
+
+def local_artifacts(name: str, version: str) -> Path | None:
+    """The folder of version ``version`` of ``name`` when the artifact store holding it is a local folder that
+    this machine sees (a ``file:`` URI or a plain path, as the embedded default and a server with a local
+    ``--default-artifact-root`` give); None for a remote store (``s3://``, ``mlflow-artifacts:``, ...)."""
+    from urllib.parse import unquote, urlparse
+
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    uri = ModelsArtifactRepository.get_underlying_uri(f"models:/{name}/{version}")
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+    elif "://" not in uri and not parsed.scheme:
+        path = Path(uri)
+    else:
+        return None
+    return path if (path / "MLmodel").is_file() else None
 
 
 def _cached(target: Path, source: str) -> bool:
