@@ -46,7 +46,7 @@ bench: $(STAMP)
 # SDXL at its real size (3.5 B parameters, random weights, built offline) through the demo's chain, measured per
 # stage: about half an hour on 2 cores, at most ~16 GB of memory and ~35 GB of disk under .state/sdxl/.
 smoke-sdxl: $(STAMP)
-	$(PY) -m bench.smoke --config flows/configs/sdxl_cpu.yaml --set state_dir=$(CURDIR)/.state/sdxl
+	$(PY) flows/smoke.py --config flows/configs/sdxl_cpu.yaml --set state_dir=$(CURDIR)/.state/sdxl
 
 clean:
 	rm -rf .state

@@ -11,6 +11,7 @@ every tensor (``torch.equal``). The last stdout line is the JSON that ``--json``
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -21,11 +22,11 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from components.config import load_config
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.single_file import DTYPES, read_keys, read_metadata
 from components.registry.model import fetch_model
 from components.registry.tracking import setup_tracking
-from flows._common import load, parser
 
 LOADERS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
            "text_encoder_2": CLIPTextModelWithProjection}
@@ -73,12 +74,14 @@ def check(path: Path, pipeline_dir: Path, diffusion) -> dict:
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the preset the version was trained with")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--file", required=True, help="the exported .safetensors")
     p.add_argument("--model-uri", required=True, help="the registered version it was exported from")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
-    cfg = load(args)
+    cfg = load_config(args.config, args.overrides)
     setup_tracking(cfg)
     pipeline_dir = fetch_model(args.model_uri, cfg.state_path("cache", "models")).pipeline_dir
     result = {"model_uri": args.model_uri, **check(Path(args.file), pipeline_dir, cfg.diffusion)}

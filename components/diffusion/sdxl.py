@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from components.config import DiffusionConfig, ModelConfig, RecurringError, TinyModelConfig
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl_base import COMPONENTS, build_component
+from components.host_memory import release_memory
 from components.storage import fetch_object, fetch_prefix, is_s3
 
 
@@ -329,6 +330,7 @@ def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
         return SourceInfo(kind, source, "tiny", tensors_sha256(build_tiny(model.tiny)), pinned=model)
     if kind == "sdxl_random":
         digest = tensors_sha256(build=lambda name: build_component(name, model.seed))
+        release_memory()  # 10 GB of UNet built and dropped: the caller (the training driver) goes on
         return SourceInfo(kind, source, SDXL_RANDOM, digest, pinned=model, extra={"seed": model.seed})
     if kind == "single_file":
         path = fetch_single_file(source, cache_dir)

@@ -36,6 +36,7 @@ import mlflow
 from components.config import Config, InferenceConfig, ModelConfig
 from components.diffusion.adapters import ADAPTER_FILE, AdapterWeights, rank_alpha, read_adapter
 from components.diffusion.pyfunc import ADAPTER_ARTIFACT, BASE_KEY, INFERENCE_KEY, TerminusAdapterModel
+from components.host_memory import release_memory
 from components.registry.model import (
     ADAPTER_METHOD_TAG,
     BASE_URI_TAG,
@@ -177,6 +178,7 @@ def register_base(cfg: Config, model: ModelConfig, lineage: dict[str, str]) -> t
             version = str(log_pipeline_model(directory, name, cfg.inference).registered_model_version)
     finally:  # a staging folder: the registry holds the base's one copy from here on
         shutil.rmtree(directory, ignore_errors=True)
+        release_memory()  # the source's models, built or loaded and dropped: the run's workers need the memory
     tags = {ROLE_TAG: "base", "base_model": model.source, "run_id": run.info.run_id,
             WEIGHTS_TAG: digest, "weight_variant": cfg.train.export_variant or "",
             **{k: v for k, v in lineage.items() if k != PINNED}}

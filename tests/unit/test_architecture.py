@@ -14,7 +14,7 @@ from tests.fixtures.processes import REPO
 
 ROOTS = ("components", "deploy", "bench", "flows")
 LAYERS: list[tuple[str, ...]] = [
-    ("components.environment", "components.config", "components.cluster"),
+    ("components.environment", "components.config", "components.cluster", "components.host_memory"),
     ("components.redact",),
     ("components.storage",),
     ("components.dataset", "components.diffusion"),

@@ -1,8 +1,8 @@
 """The demo's chain at SDXL's real size, on one machine: every stage measured for time, memory and disk.
 
     make smoke-sdxl                                          # the sdxl_cpu preset: SDXL base, random weights
-    python -m bench.smoke --config flows/configs/sdxl_cpu.yaml [--set key=value ...] [--json OUT]
-    python -m bench.smoke --config flows/configs/tiny.yaml --set train.method=lora   # the same chain, in minutes
+    python flows/smoke.py --config flows/configs/sdxl_cpu.yaml [--set key=value ...] [--json OUT]
+    python flows/smoke.py --config flows/configs/tiny.yaml --set train.method=lora   # the same chain, in minutes
 
 Stages, each through the flow a user runs, on one local Ray cluster (as ``make demo``):
 curate -> train (a LoRA through Ray Train on Ray Data; the adapter's base registered once) -> evaluate ->
@@ -35,7 +35,10 @@ from pathlib import Path
 import psutil
 import requests
 
-from flows._common import REPO, banner, load, parser, run_flow, setup_logging
+if __package__ in (None, ""):  # run as `python flows/smoke.py`: the repository's packages are importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import REPO, banner, load, parser, run_flow, setup_logging  # noqa: E402
 
 GB = 1e9
 TARGET_TOTAL_S = 40 * 60
