@@ -14,13 +14,20 @@ dataset digest, config hash and git commit.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import mlflow
 
 from components.config import Config
 from components.diffusion.single_file import export_pipeline, read_keys, read_metadata
-from components.registry.model import ADAPTER_METHOD_TAG, _model_version, fetch_model, shipped_inference
+from components.registry.model import (
+    ADAPTER_METHOD_TAG,
+    _model_version,
+    fetch_model,
+    local_folder,
+    shipped_inference,
+)
 from components.registry.tracking import setup_tracking
 
 SINGLE_FILE_ARTIFACTS = "single_file"
@@ -78,12 +85,32 @@ def _record(mv, path: Path, precision: str, log: bool) -> dict:
     if log and mv.run_id:
         client = mlflow.MlflowClient()
         client.log_artifact(mv.run_id, str(path), artifact_path=SINGLE_FILE_ARTIFACTS)
+        result["shared_with_artifact"] = share_with_artifact(path, client.get_run(mv.run_id).info.artifact_uri)
         result["artifact"] = f"runs:/{mv.run_id}/{SINGLE_FILE_ARTIFACTS}/{path.name}"
         for key, value in {f"single_file.{precision}": result["artifact"],
                            f"single_file.{precision}.sha256": result["hash_sha256"],
                            f"single_file.{precision}.bytes": str(result["bytes"])}.items():
             client.set_model_version_tag(name, version, key, value)
     return result
+
+
+def share_with_artifact(path: Path, artifact_uri: str) -> bool:
+    """Make ``path`` and the copy just logged under ``artifact_uri`` one file on disk (a hard link), when the
+    run's artifacts are a local folder on the same file system: a 7 GB SDXL export is then stored once, under
+    both names. False (two copies) for a remote store or another file system."""
+    root = local_folder(artifact_uri)
+    logged = root / SINGLE_FILE_ARTIFACTS / path.name if root is not None else None
+    if logged is None or not logged.is_file() or logged.stat().st_size != path.stat().st_size:
+        return False
+    if os.path.samefile(logged, path):
+        return True
+    staged = path.with_name(f".{path.name}.link")
+    try:
+        os.link(logged, staged)
+    except OSError:  # another file system, or one without hard links
+        return False
+    os.replace(staged, path)
+    return True
 
 
 def export_adapter_version(cfg: Config, mv, out: str | Path | None, precision: str, title: str | None,

@@ -203,23 +203,27 @@ def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -
     return ResolvedModel(name, version, _pipeline_dir(target), ADAPTER_METHOD_TAG in tags)
 
 
-def local_artifacts(name: str, version: str) -> Path | None:
-    """The folder of version ``version`` of ``name`` when the artifact store holding it is a local folder that
-    this machine sees (a ``file:`` URI or a plain path, as the embedded default and a server with a local
-    ``--default-artifact-root`` give); None for a remote store (``s3://``, ``mlflow-artifacts:``, ...)."""
+def local_folder(uri: str) -> Path | None:
+    """The folder an artifact URI names when it is on this machine (a ``file:`` URI or a plain path); None for
+    a remote store (``s3://``, ``mlflow-artifacts:``, ...)."""
     from urllib.parse import unquote, urlparse
 
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
-    uri = ModelsArtifactRepository.get_underlying_uri(f"models:/{name}/{version}")
     parsed = urlparse(uri)
     if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif "://" not in uri and not parsed.scheme:
-        path = Path(uri)
-    else:
-        return None
-    return path if (path / "MLmodel").is_file() else None
+        return Path(unquote(parsed.path))
+    if "://" not in uri and not parsed.scheme:
+        return Path(uri)
+    return None
+
+
+def local_artifacts(name: str, version: str) -> Path | None:
+    """The folder of version ``version`` of ``name`` when the artifact store holding it is a local folder that
+    this machine sees (``local_folder``: the embedded default, or a server with a local
+    ``--default-artifact-root``); None for a remote store."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    path = local_folder(ModelsArtifactRepository.get_underlying_uri(f"models:/{name}/{version}"))
+    return path if path is not None and (path / "MLmodel").is_file() else None
 
 
 def _cached(target: Path, source: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from components.diffusion import single_file as sf
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl import build_tiny, weights_sha256
-from components.registry.model import fetch_model
+from components.registry.model import fetch_model, local_folder
 from tests.fixtures.hub import HubStub
 from tests.fixtures.processes import REPO, subprocess_env
 from tests.unit.diffusion.test_single_file import outputs
@@ -76,6 +77,9 @@ def test_the_champion_exports_to_a_single_file_vanilla_diffusers_loads(trained_c
     assert version.tags["single_file.fp16.sha256"] == out["hash_sha256"]
     logged = client_for(t).download_artifacts(t.run_id, "single_file/champion.safetensors", str(tmp_path / "dl"))
     assert Path(logged).read_bytes() == Path(out["path"]).read_bytes()
+    # A local artifact store on the same file system: the export and the logged copy are one file on disk.
+    stored = local_folder(client_for(t).get_run(t.run_id).info.artifact_uri) / "single_file/champion.safetensors"
+    assert out["shared_with_artifact"] and os.path.samefile(stored, out["path"])
 
 
 def test_the_registered_folder_has_an_fp16_variant_next_to_the_fp32_weights(trained_champion):
