@@ -5,8 +5,9 @@ examples:
   python flows/plan.py --config flows/configs/terminus_v2.yaml --set train.optimizer=adamw --json
   python flows/plan.py --config flows/configs/terminus_v2.yaml --capacity-gib 40
 
-The plan also states the export step's peak (the base model in fp32 plus the checkpoint), which
-train.export_memory_gb should cover on a cluster.
+The plan also states the host memory of registering the trained version (the base model in fp32 once,
+the checkpoint streamed in), which train.export_memory_gb should cover on a cluster, and of exporting a
+version as one fp16 file (streamed: the largest model in fp16).
 Exit status 0 when the plan fits, 1 when it does not, 2 on a bad config.
 """
 

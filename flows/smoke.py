@@ -98,18 +98,30 @@ class MemorySampler:
         self.sample()
 
 
+def _files(root: Path) -> dict[tuple[int, int], list[Path]]:
+    """The regular files under ``root`` by inode: hard links to one file are one entry (stored once)."""
+    found: dict[tuple[int, int], list[Path]] = {}
+    for p in sorted(root.rglob("*")) if root.exists() else []:
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            found.setdefault((st.st_dev, st.st_ino), []).append(p)
+    return found
+
+
 def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.exists() else 0
+    return sum(paths[0].stat().st_size for paths in _files(root).values())
 
 
 def large_files(root: Path) -> list[dict]:
-    """Every file over ``LARGE_FILE`` under ``root``: its place (the first folder under root), path and size."""
+    """Every file over ``LARGE_FILE`` under ``root``, once however many hard links it has: its place (the first
+    folder under root of its first path), path, size and the other names it has (``links``)."""
     rows = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.is_symlink() and p.stat().st_size > LARGE_FILE:
-            rel = p.relative_to(root)
-            rows.append({"place": rel.parts[0], "path": str(rel), "bytes": p.stat().st_size})
-    return rows
+    for paths in _files(root).values():
+        size = paths[0].stat().st_size
+        if size > LARGE_FILE:
+            rel = [str(p.relative_to(root)) for p in paths]
+            rows.append({"place": Path(rel[0]).parts[0], "path": rel[0], "bytes": size, "links": rel[1:]})
+    return sorted(rows, key=lambda r: r["path"])
 
 
 class Chain:
@@ -198,7 +210,7 @@ class Chain:
     def checkpoint(self) -> dict:
         out = self.cfg.state_path("smoke", "checkpoint.json")
         size = "full" if self.cfg.model.source == "sdxl-random" else "tiny"
-        cmd = [sys.executable, "bench/checkpoint_size.py", "--size", size, "--optimizer", "adamw8bit",
+        cmd = [sys.executable, "-m", "bench.checkpoint_size", "--size", size, "--optimizer", "adamw8bit",
                "--target", str(self.cfg.state_path("smoke", "checkpoint")), "--target", "s3://smoke/checkpoint",
                "--s3-endpoint-url", "moto", "--json", str(out)]
         subprocess.run(cmd, cwd=REPO, env=self.env, check=True)
@@ -245,6 +257,11 @@ def checks(chain: Chain, predicted: int, base_bytes: int, files: list[dict]) -> 
     rows += [(f"checkpoint to {c['target']}: verified", f"{c['bytes'] / GB:.2f} GB, write {c['write_s']:.0f} s, "
               f"read {c['read_s']:.0f} s", "read back equal", bool(c["verified"]), True)
              for c in by_name["checkpoint"].result["targets"]]
+    rows += [(f"checkpoint to {c['target']}: a killed write", "cut one refused, previous verified"
+              if c["killed_write_refused"] and c["previous_after_kill_verified"] else
+              f"cut refused {c['killed_write_refused']}, previous verified {c['previous_after_kill_verified']}",
+              "cut one refused, previous verified", c["killed_write_refused"] and c["previous_after_kill_verified"],
+              True) for c in by_name["checkpoint"].result["targets"]]
     return [{"check": c, "measured": m, "target": t, "status": ("PASS" if ok else ("FAIL" if hard else "MISS")),
              "fails_run": hard} for c, m, t, ok, hard in rows]
 
@@ -255,7 +272,8 @@ def table(stages: list[Stage], checked: list[dict], files: list[dict]) -> str:
               f"{s.peak_process[:21]:<22}{s.disk_added / GB:>9.2f}" for s in stages]
     lines.append(f"{'total':<11}{sum(s.wall_s for s in stages):>8.0f}")
     lines.append("\nweights on disk (files over 64 MB):")
-    lines += [f"  {f['bytes'] / GB:7.2f} GB  {f['path']}" for f in files]
+    lines += [f"  {f['bytes'] / GB:7.2f} GB  {f['path']}" + (f"  (also {', '.join(f['links'])}: a hard link)"
+                                                          if f["links"] else "") for f in files]
     lines.append("\nchecks:")
     lines += [f"  {c['status']:<5} {c['check']}: {c['measured']} (target {c['target']})" for c in checked]
     return "\n".join(lines)

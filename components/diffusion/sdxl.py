@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from components.config import DiffusionConfig, ModelConfig, RecurringError, TinyModelConfig
+from components.diffusion.safetensors_stream import copy_cast
 from components.diffusion.schedule import inference_scheduler
-from components.diffusion.sdxl_base import COMPONENTS, build_component
+from components.diffusion.sdxl_base import COMPONENTS, build_component, weight_files
 from components.host_memory import release_memory
 from components.storage import fetch_object, fetch_prefix, is_s3
 
@@ -261,23 +261,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-_VARIANT_RE = re.compile(r"\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
-
-
-def weight_files(directory: str | Path, variant: str | None = None) -> list[Path]:
-    """The weight files diffusers reads from a pipeline directory for ``variant``: each component's
-    ``*.safetensors`` named with ``.<variant>.`` (or, for None, with no variant infix: ``model.safetensors``,
-    ``diffusion_pytorch_model-00001-of-00002.safetensors``)."""
-    found = []
-    for component in COMPONENTS:
-        for path in sorted((Path(directory) / component).glob("*.safetensors")):
-            m = _VARIANT_RE.search(path.name)
-            infix = m["variant"] if m and m["variant"] not in ("model", "diffusion_pytorch_model") else None
-            if infix == variant:
-                found.append(path)
-    return found
-
-
 def weights_sha256(directory: str | Path, variant: str | None = None) -> str:
     """A content hash of a pipeline directory's weights: sha256 over each weight file's relative path and
     sha256, in order. The same weights give the same hash wherever they are stored (a registry copy, an
@@ -472,18 +455,17 @@ def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str |
 
 
 def save_variant(directory: str | Path, variant: str) -> Path:
-    """Add the ``variant`` (``fp16`` or ``bf16``) weights to a saved directory, next to its fp32 ones
-    (``*.fp16.safetensors``), as ``from_pretrained(..., variant="fp16")`` reads them. Written from the saved
-    fp32 files read back in the half dtype (each tensor cast as it loads), so the caller's fp32 models are
-    left as they are and need not be held meanwhile: the export drops them first."""
+    """Add the ``variant`` (``fp16`` or ``bf16``) weights to a saved directory, next to its fp32 ones, as
+    ``from_pretrained(..., variant="fp16")`` reads them: per component one unsharded ``<name>.<variant>.safetensors``
+    (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``) with the fp32 files' tensors
+    under the same keys, cast as each is read and written (one tensor in memory at a time). The configs are
+    not touched: they stay the fp32 ones, so a plain ``from_pretrained`` still loads fp32 everywhere."""
     if variant not in HALF_VARIANTS:
         raise ValueError(f"weight variant {variant!r}: one of {sorted(HALF_VARIANTS)}")
-    # The variant adds weight files only. save_pretrained also rewrites every config, and transformers records
-    # the half dtype in the text encoders' (``"dtype": "float16"``), which a plain from_pretrained then applies
-    # to the fp32 weights (text encoders in half, UNet in fp32: one pipeline, two dtypes). The fp32 configs stay.
-    configs = {path: path.read_bytes() for path in Path(directory).rglob("*.json")}
-    half = StableDiffusionXLPipeline.from_pretrained(str(directory), dtype=HALF_VARIANTS[variant], use_safetensors=True)
-    half.save_pretrained(str(directory), safe_serialization=True, variant=variant)
-    for path, content in configs.items():
-        path.write_bytes(content)
+    for component in COMPONENTS:
+        files = [p for p in weight_files(directory, None) if p.parent.name == component]
+        if not files:
+            raise ModelLoadError(f"{Path(directory) / component} has no fp32 safetensors weights to make a variant of")
+        stem = "diffusion_pytorch_model" if files[0].name.startswith("diffusion_pytorch_model") else "model"
+        copy_cast(files, files[0].parent / f"{stem}.{variant}.safetensors", HALF_VARIANTS[variant])
     return Path(directory)

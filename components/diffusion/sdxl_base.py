@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -140,3 +142,20 @@ def seeded_init(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.f
 def build_component(name: str, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Component ``name`` of SDXL base at real size with seeded weights in ``dtype``, in eval mode."""
     return seeded_init(empty_component(name), component_seed(seed, name), dtype).eval()
+
+
+_VARIANT_RE = re.compile(r"\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def weight_files(directory: str | Path, variant: str | None = None) -> list[Path]:
+    """The weight files diffusers reads from a pipeline directory for ``variant``: each component's
+    ``*.safetensors`` named with ``.<variant>.`` (or, for None, with no variant infix: ``model.safetensors``,
+    ``diffusion_pytorch_model-00001-of-00002.safetensors``)."""
+    found = []
+    for component in COMPONENTS:
+        for path in sorted((Path(directory) / component).glob("*.safetensors")):
+            m = _VARIANT_RE.search(path.name)
+            infix = m["variant"] if m and m["variant"] not in ("model", "diffusion_pytorch_model") else None
+            if infix == variant:
+                found.append(path)
+    return found

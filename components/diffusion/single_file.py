@@ -28,15 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from components.diffusion.safetensors_stream import DTYPES as DTYPES_BY_NAME
+from components.diffusion.safetensors_stream import Entry, entries, iter_tensors, read_header, write_tensors
+from components.diffusion.sdxl_base import weight_files
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
@@ -271,16 +271,10 @@ def modelspec(title: str, resolution: tuple[int, int], prediction_type: str, dat
     return meta
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    with path.open("rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        return size, json.loads(fh.read(size))
-
-
 def data_sha256(path: str | Path) -> str:
     """ModelSpec's ``hash_sha256``: sha256 of everything after the header (the tensor bytes), ``0x``-prefixed."""
     path = Path(path)
-    size, _ = _header(path)
+    size, _ = read_header(path)
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         fh.seek(8 + size)
@@ -289,49 +283,54 @@ def data_sha256(path: str | Path) -> str:
     return "0x" + digest.hexdigest()
 
 
+HASH_KEY = "modelspec.hash_sha256"
+
+
 def save_single_file(state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
-    """Write ``state_dict`` with ``metadata`` plus ``modelspec.hash_sha256`` of its tensor bytes.
-
-    safetensors writes the header first, so the hash is added by a second header: the tensor bytes are
-    copied unchanged after it (offsets in the header are relative to the data, so they stay valid).
-    The file appears at ``path`` only when complete.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, first = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    second = Path(first + "2")
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, first, metadata=dict(metadata))
-        size, header = _header(Path(first))
-        header["__metadata__"]["modelspec.hash_sha256"] = data_sha256(first)
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes with spaces
-        with open(first, "rb") as src, second.open("wb") as dst:
-            dst.write(struct.pack("<Q", len(blob)) + blob)
-            src.seek(8 + size)
-            shutil.copyfileobj(src, dst, 1 << 24)
-        second.replace(path)
-    finally:
-        Path(first).unlink(missing_ok=True)
-        second.unlink(missing_ok=True)
-    return path
+    """Write ``state_dict`` with ``metadata`` plus ``modelspec.hash_sha256`` of its tensor bytes (the header is
+    written first with a placeholder of the hash's width, filled in once the data is written). The file
+    appears at ``path`` only when complete."""
+    layout = [Entry.of(k, v) for k, v in state_dict.items()]
+    return write_tensors(path, layout, state_dict.items(), metadata, hash_key=HASH_KEY)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (header only, no tensor is read)."""
-    return dict(_header(Path(path))[1].get("__metadata__") or {})
+    return dict(read_header(path)[1].get("__metadata__") or {})
 
 
 def read_keys(path: str | Path) -> dict[str, tuple[str, list[int]]]:
     """Every tensor key of a safetensors file with its dtype and shape (header only)."""
-    return {k: (v["dtype"], v["shape"]) for k, v in _header(Path(path))[1].items() if k != "__metadata__"}
+    return {k: (v["dtype"], v["shape"]) for k, v in read_header(path)[1].items() if k != "__metadata__"}
 
 
 class SingleFileExportError(ValueError):
     """A pipeline that cannot be written as a single file vanilla diffusers reads back correctly."""
+
+
+_CONVERTERS = (("unet", UNET_PREFIX, convert_unet), ("vae", VAE_PREFIX, convert_vae),
+               ("text_encoder", CLIP_L_PREFIX, convert_clip_l), ("text_encoder_2", CLIP_G_PREFIX, convert_clip_g))
+
+
+def _component_files(pipeline_dir: Path, component: str) -> list[Path]:
+    files = [p for p in weight_files(pipeline_dir) if p.parent.name == component]
+    if not files:
+        raise SingleFileExportError(f"{pipeline_dir / component} has no full-precision safetensors weights")
+    return files
+
+
+def _component_config(pipeline_dir: Path, component: str):
+    if component.startswith("text_encoder"):
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig.from_pretrained(str(pipeline_dir / component))
+    return json.loads((pipeline_dir / component / "config.json").read_text())
+
+
+def _converted(component: str, convert, config, state: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = convert(state, config)
+    state.clear()  # the converted dict holds what is still needed (the UNet's tensors are the same objects)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
 
 
 def export_pipeline(pipeline_dir: str | Path, path: str | Path, precision: str = "fp16", *, title: str,
@@ -339,23 +338,43 @@ def export_pipeline(pipeline_dir: str | Path, path: str | Path, precision: str =
                     **modelspec_optional: str | None) -> Path:
     """A saved diffusers pipeline directory -> one ``.safetensors`` in the original SDXL layout.
 
-    The weights are read in ``precision`` (``fp16``, ``bf16`` or ``fp32``; each tensor is cast as it is
-    loaded, so the fp32 model is never held twice). The schedule markers come from the directory's own
-    scheduler (what the model was trained with); ``metadata`` adds keys outside ModelSpec.
+    Streams: the layout is worked out from the weight files' headers (the conversion run on meta tensors),
+    written first, and the four models follow one at a time, each read from its fp32 files tensor by tensor
+    and cast to ``precision`` (``fp16``, ``bf16`` or ``fp32``) as it is read, then written and let go tensor
+    by tensor. The peak is about the largest model in ``precision`` plus one tensor, never the pipeline. The
+    schedule markers come from the directory's own scheduler (what the model was trained with); ``metadata``
+    adds keys outside ModelSpec.
     """
-    from diffusers import StableDiffusionXLPipeline
-
     if precision not in DTYPES:
         raise SingleFileExportError(f"precision {precision!r}: one of {sorted(DTYPES)}")
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(pipeline_dir), dtype=DTYPES[precision], use_safetensors=True)
-    widths = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    pipeline_dir, dtype = Path(pipeline_dir), DTYPES[precision]
+    configs = {name: _component_config(pipeline_dir, name) for name, _, _ in _CONVERTERS}
+    widths = configs["text_encoder"].hidden_size, configs["text_encoder_2"].hidden_size
     if widths[0] == widths[1]:
         raise SingleFileExportError(
             f"both text encoders are {widths[0]} wide: diffusers' from_single_file tells SDXL's two encoders apart "
             "by width (768 and 1280) and would read the first into the second (docs/interchange.md)")
-    sched = pipe.scheduler.config
-    state = to_original(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, DTYPES[precision])
-    state.update(schedule_markers(sched.prediction_type, bool(sched.get("rescale_betas_zero_snr", False))))
-    meta = modelspec(title, resolution, sched.prediction_type, date, **modelspec_optional)
+    files = {name: _component_files(pipeline_dir, name) for name, _, _ in _CONVERTERS}
+    sched = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    markers = schedule_markers(sched["prediction_type"], bool(sched.get("rescale_betas_zero_snr", False)))
+
+    layout: list[Entry] = []
+    for name, prefix, convert in _CONVERTERS:
+        meta_state = {e.key: torch.empty(e.shape, dtype=DTYPES_BY_NAME[e.dtype], device="meta")
+                      for f in files[name] for e in entries(f)}
+        for key, value in _converted(name, convert, configs[name], meta_state, dtype).items():
+            layout.append(Entry.of(prefix + key, value))
+    layout += [Entry.of(k, v) for k, v in markers.items()]
+
+    def produce():
+        for name, prefix, convert in _CONVERTERS:
+            state = {k: v for f in files[name] for k, v in iter_tensors(f, dtype)}
+            converted = _converted(name, convert, configs[name], state, dtype)
+            while converted:
+                key = next(iter(converted))
+                yield prefix + key, converted.pop(key)
+        yield from markers.items()
+
+    meta = modelspec(title, resolution, sched["prediction_type"], date, **modelspec_optional)
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    return save_single_file(state, path, meta)
+    return write_tensors(path, layout, produce(), meta, hash_key=HASH_KEY)

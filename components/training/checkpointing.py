@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components.config import RecurringError
+from components.diffusion.safetensors_stream import iter_tensors
 
 COMPLETE = "COMPLETE"
 UNET_FILE = "unet.safetensors"
@@ -188,12 +189,29 @@ def load_adapter_weights(directory: Path, use_ema: bool = False):
 
 
 def load_unet_weights(directory: Path, unet: torch.nn.Module, use_ema: bool = False) -> None:
-    """Final weights for export: the EMA shadow where asked and present, else the raw UNet."""
+    """Final weights for export: the EMA shadow where asked and present, else the raw UNet. Copied into the
+    module's own tensors one at a time as they are read, so the checkpoint's UNet is never held beside it
+    (at SDXL's size that would be a second 10 GB)."""
     directory = Path(directory)
     verify_complete(directory)
     _check_kind(directory, None)
-    unet.load_state_dict(load_file(directory / UNET_FILE), strict=True)
+    copy_into(unet.state_dict(), directory / UNET_FILE)
     if use_ema and (directory / "ema.safetensors").exists():
-        shadow = load_file(directory / "ema.safetensors")
-        for i, p in enumerate(p for p in unet.parameters() if p.requires_grad):
-            p.data.copy_(shadow[f"p{i}"])
+        trained = (p for p in unet.parameters() if p.requires_grad)
+        copy_into({f"p{i}": p.data for i, p in enumerate(trained)}, directory / "ema.safetensors")
+
+
+def copy_into(targets: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy every tensor of ``path`` into the tensor of ``targets`` with its key, one read at a time; the keys
+    and shapes must match exactly (what ``load_state_dict(strict=True)`` asks)."""
+    seen = set()
+    with torch.no_grad():
+        for key, tensor in iter_tensors(path):
+            target = targets.get(key)
+            if target is None or target.shape != tensor.shape:
+                what = "is not in the model" if target is None else f"is {list(tensor.shape)}, the model's {list(target.shape)}"
+                raise IncompleteCheckpointError(f"{path}: tensor {key!r} {what}")
+            target.copy_(tensor)
+            seen.add(key)
+    if missing := sorted(set(targets) - seen):
+        raise IncompleteCheckpointError(f"{path} lacks {len(missing)} of the model's tensors, e.g. {missing[0]!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,11 +265,17 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
                         model: ModelConfig | None = None) -> str:
     """Checkpoint -> diffusers directory (fp32 and the ``train.export_variant`` weights) -> pyfunc model in
     the run -> new registered version, tagged with its lineage, parameter counts, sizes and its own weights'
-    content hash. An adapter run goes to ``export_adapter``."""
+    content hash. An adapter run goes to ``export_adapter``.
+
+    Host memory: the base pipeline in fp32 once; the checkpoint's UNet is copied into it tensor by tensor and
+    the variant is cast file to file (``memory/plan.py`` ``export_peak``). The staged directory is removed
+    once the registry holds its copy, so a version is stored once."""
     if cfg.train.is_adapter:
         return export_adapter(cfg, run_id, checkpoint, metrics, manifest)
     from components.diffusion.conditioning import dropout_uses_zeros
-    from components.diffusion.sdxl import COMPONENTS, save_pipeline, save_variant
+    from components.diffusion.sdxl import COMPONENTS, save_pipeline, save_variant, weights_sha256
+    from components.host_memory import release_memory
+    from components.registry.adapters import WEIGHTS_TAG
     from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model
     from components.training.checkpointing import load_unet_weights
 
@@ -278,26 +285,28 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
                                                             parts.force_zeros_for_empty_prompt)
     with checkpoint.as_directory() as ckpt_dir:
         load_unet_weights(Path(ckpt_dir), parts.unet, use_ema=cfg.train.ema_decay is not None)
+    # Staged here, then copied into the run's artifacts by the registry: the staging copy goes once logged.
     export_dir = cfg.state_path("exports", cfg.train.run_name, f"step_{int(metrics.get('step', 0)):08d}")
     variant = cfg.train.export_variant
-    save_pipeline(parts, cfg.diffusion, export_dir)
-    sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters())) for name in COMPONENTS}
-    del parts  # the fp32 models are on disk now; the half variant is read back from there
-    sizes["size.fp32_bytes"] = str(directory_bytes(export_dir, None))
-    from components.diffusion.sdxl import weights_sha256
-    from components.registry.adapters import WEIGHTS_TAG
-
-    sizes[WEIGHTS_TAG] = weights_sha256(export_dir)  # what an adapter of this version names as its base
-    if variant:
-        save_variant(export_dir, variant)
-        sizes[f"size.{variant}_bytes"] = str(directory_bytes(export_dir, variant))
-    setup_tracking(cfg)
-    with mlflow.start_run(run_id=run_id):
-        final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        mlflow.log_metrics(final)
-        info = log_pipeline_model(export_dir, cfg.tracking.registered_model, cfg.inference)
-        version = str(info.registered_model_version)
-        mlflow.set_tag("registered_version", version)
+    try:
+        save_pipeline(parts, cfg.diffusion, export_dir)
+        sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters())) for name in COMPONENTS}
+        del parts  # the fp32 models are on disk now; the half variant is read back from there
+        release_memory()
+        sizes["size.fp32_bytes"] = str(directory_bytes(export_dir, None))
+        sizes[WEIGHTS_TAG] = weights_sha256(export_dir)  # what an adapter of this version names as its base
+        if variant:
+            save_variant(export_dir, variant)
+            sizes[f"size.{variant}_bytes"] = str(directory_bytes(export_dir, variant))
+        setup_tracking(cfg)
+        with mlflow.start_run(run_id=run_id):
+            final = {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            mlflow.log_metrics(final)
+            info = log_pipeline_model(export_dir, cfg.tracking.registered_model, cfg.inference)
+            version = str(info.registered_model_version)
+            mlflow.set_tag("registered_version", version)
+    finally:
+        shutil.rmtree(export_dir, ignore_errors=True)
     client = mlflow.MlflowClient()
     lineage = {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(LINEAGE) and k != PINNED}
     tags = {

@@ -165,9 +165,13 @@ class MemoryPlan:
     vae_encode_peak_batch: int
     """Encoding the whole batch in one call, for comparison (why training slices)."""
     export_peak: int
-    """Host memory of the export step (``components/training/driver.py``, a Ray task on a worker):
-    the whole pipeline in fp32, plus the checkpoint's UNet state dict while it is copied in (the
-    same size as the largest safetensors shard diffusers holds while it writes the folder)."""
+    """Host memory of registering the trained version (``components/training/driver.py``, a Ray task on a
+    worker where ``train.export_memory_gb`` is set): the base pipeline in fp32 once, plus one tensor of the
+    checkpoint's UNet as it is copied in (the UNet file is read tensor by tensor, the variant cast file to
+    file). An adapter run writes the adapter alone."""
+    single_file_peak: int = 0
+    """Host memory of exporting a version as one fp16 file (``components/diffusion/single_file.py``, which
+    streams): the largest model in fp16 plus one tensor read in fp32."""
     method: str = "full"
     """``train.method``: ``full``, or the adapter (``lora``, ``lokr``) trained beside the frozen UNet."""
     capacity: int = A100_80G_BYTES
@@ -244,9 +248,12 @@ class MemoryPlan:
                      f"planned peak {self._planned(self.step_other.peak) / GB:.1f} GB)")
         lines.append(f"(the whole batch through the VAE in one call would peak at {self.vae_encode_peak_batch / GB:.1f} GB; "
                      "training encodes one image at a time)")
-        what = "the pipeline in fp32 + the checkpoint's UNet" if self.method == "full" else "the adapter alone"
-        lines.append(f"export (host memory of the export task, train.export_memory_gb): {self.export_peak / GB:.1f} GB "
+        what = ("the base pipeline in fp32 + one checkpoint tensor (streamed in)" if self.method == "full"
+                else "the adapter alone")
+        lines.append(f"register (host memory of the export task, train.export_memory_gb): {self.export_peak / GB:.1f} GB "
                      f"= {what}")
+        lines.append(f"single-file export, fp16 (streamed): {self.single_file_peak / GB:.1f} GB "
+                     "= the largest model in fp16 + one tensor in fp32")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.verdict())
         return "\n".join(lines)
@@ -293,6 +300,7 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
                      f"targets {','.join(a.target_modules)}): the UNet frozen in {precision.value}, optimizer state "
                      "for the adapter only; the export writes the adapter alone")
     adapter_shapes = [p.shape for p in trainable] if trainable is not None else None
+    largest = max(t.numel() for m in models.values() for t in m.state_dict().values())
     return MemoryPlan(
         name=cfg.name, unet_params=unet_params, batch=t.batch_size, resolution=hw,
         precision=precision.value, optimizer=optimizer.value, grad_checkpointing=t.grad_checkpointing,
@@ -301,8 +309,9 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
         # Training encodes one image at a time (AutoencoderKL slicing, components/diffusion/loss.py): the
         # fp32 VAE on a whole 1 MP batch of 24 would peak at ~65 GB on its own.
         step=step, step_other=other, vae_encode_peak=vae_one, vae_encode_peak_batch=vae_batch,
-        export_peak=(4 * sum(count_params(m) for m in models.values()) + 4 * unet_params if trainable is None
+        export_peak=(4 * sum(count_params(m) for m in models.values()) + 4 * largest if trainable is None
                      else 4 * sum(math.prod(s) for s in adapter_shapes)),
+        single_file_peak=2 * max(count_params(m) for m in models.values()) + 4 * largest,
         capacity=capacity, notes=notes, method=t.method.value,
     )
 
