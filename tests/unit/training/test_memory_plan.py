@@ -171,6 +171,11 @@ def test_plan_command_on_the_terminus_preset(sdxl):
     assert plan["fits"]  # the seed recipe fits one A100-80G (components/diffusion/loss.py slices the VAE encode)
     assert plan["total"] > plan["allocated_peak"] >= plan["allocated_peak_cached_latents"]
     assert plan["verdict"].startswith("FITS" if plan["fits"] else "DOES NOT FIT")
+    # Exporting streams (the largest model in fp16, the UNet); registering holds the base pipeline in fp32 once.
+    unet_fp16 = 2 * SDXL_UNET_PARAMS
+    assert unet_fp16 < plan["single_file_peak"] <= 8e9
+    fp32_pipeline = 4 * sum(sum(p.numel() for p in m.parameters()) for m in sdxl.values())
+    assert fp32_pipeline < plan["export_peak"] < 1.05 * fp32_pipeline
 
 
 def test_an_adapter_plan_freezes_the_unet_in_bf16_and_keeps_optimizer_state_for_the_adapter_only():
