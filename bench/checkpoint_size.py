@@ -8,7 +8,8 @@ The UNet (seeded random weights, fp32: what a full fine-tune keeps) and an optim
 for ``adamw8bit`` bitsandbytes' uint8 moments with an fp32 absmax per 256-element block, fp32 moments for
 tensors under 4096 elements) go through the training code's ``save_checkpoint`` into the first local target.
 An ``s3://`` target gets that directory as Ray Train uploads a checkpoint (pyarrow's ``copy_files`` to the
-same filesystem ``components.storage.arrow_filesystem`` gives Ray). Reading back checks the ``COMPLETE``
+same filesystem ``components.storage.arrow_filesystem`` gives Ray), at ``--s3-size`` (moto's server assembles
+a multipart upload in memory: a 10 GB object does not fit beside a 24 GB machine's other processes). Reading back checks the ``COMPLETE``
 marker's file sizes (``verify_complete`` for a local copy, the same rule on the object sizes for S3) and then
 every tensor of the UNet and the optimizer state against a sha256 taken from the source before it was freed,
 streaming the files (a local file or the S3 object, never downloaded whole).
@@ -19,7 +20,7 @@ previous must still verify and the cut one must be refused.
 
 ``--s3-endpoint-url moto`` starts moto's standalone S3 server on 127.0.0.1 for the run and stops it by its
 process id. The last stdout line is the JSON (``--json`` writes it too):
-``{"targets": [{"target", "bytes", "write_s", "read_s", "verified", "killed_write_refused",
+``{"targets": [{"target", "size", "bytes", "write_s", "read_s", "verified", "killed_write_refused",
 "previous_after_kill_verified"}], ...}``.
 """
 
@@ -174,30 +175,38 @@ def read_back(target: str, endpoint_url: str | None, expected: dict[str, str]) -
     return found == expected
 
 
-def measure(size: str, optimizer: OptimizerName, targets: list[str], endpoint_url: str | None) -> list[dict]:
+def measure(size: str, s3_size: str, optimizer: OptimizerName, targets: list[str], endpoint_url: str | None,
+            scratch: Path) -> list[dict]:
+    """Each local target at ``size``, each S3 target at ``s3_size`` (uploaded from a local copy at that size)."""
     local = next((t for t in targets if not is_s3(t)), None)
     if local is None:
         raise SystemExit("give one local --target: the checkpoint is written there first, then uploaded")
-    unet = build_unet(size)
-    opt_state = optimizer_state(unet, optimizer)
-    expected = digests(unet.state_dict(), opt_state)
-    t0 = time.perf_counter()
-    write_local(Path(local), unet, opt_state)
-    local_write = time.perf_counter() - t0
-    del unet, opt_state
-    release_memory()
     rows = []
-    for target in targets:
-        write_s = local_write
-        if is_s3(target):
-            t0 = time.perf_counter()
-            upload(Path(local), target, endpoint_url)
-            write_s = time.perf_counter() - t0
+    for group_size in dict.fromkeys([size, s3_size]):
+        group = [t for t in targets if (s3_size if is_s3(t) else size) == group_size]
+        if not group:
+            continue
+        staged = Path(local) if group_size == size else scratch / f"staged-{group_size}"
+        unet = build_unet(group_size)
+        opt_state = optimizer_state(unet, optimizer)
+        expected = digests(unet.state_dict(), opt_state)
         t0 = time.perf_counter()
-        verified = read_back(target, endpoint_url, expected)
-        rows.append({"target": target, "bytes": Reader(target, endpoint_url).bytes(), "write_s": round(write_s, 1),
-                     "read_s": round(time.perf_counter() - t0, 1), "verified": verified})
+        write_local(staged, unet, opt_state)
+        local_write = time.perf_counter() - t0
+        del unet, opt_state
         release_memory()
+        for target in group:
+            write_s = local_write
+            if is_s3(target):
+                t0 = time.perf_counter()
+                upload(staged, target, endpoint_url)
+                write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            verified = read_back(target, endpoint_url, expected)
+            rows.append({"target": target, "size": group_size, "bytes": Reader(target, endpoint_url).bytes(),
+                         "write_s": round(write_s, 1), "read_s": round(time.perf_counter() - t0, 1),
+                         "verified": verified})
+            release_memory()
     return rows
 
 
@@ -283,6 +292,9 @@ def s3_endpoint(value: str | None, buckets: list[str]):
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("full", "tiny"), default="full")
+    p.add_argument("--s3-size", choices=("full", "tiny"),
+                   help="the size for s3:// targets (default --size). moto's server assembles a multipart upload "
+                        "in memory, so on a 24 GB machine a 10 GB object kills it: the smoke sends the tiny size")
     p.add_argument("--optimizer", default="adamw8bit", choices=("adamw", "adamw8bit"))
     p.add_argument("--target", action="append", default=[], help="a local folder or s3://bucket/prefix (repeat)")
     p.add_argument("--s3-endpoint-url", help="'moto' to start moto's server on loopback, or an endpoint URL")
@@ -297,16 +309,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         p.error("give at least one --target")
     buckets = sorted({t[5:].split("/")[0] for t in args.target if is_s3(t)})
     with s3_endpoint(args.s3_endpoint_url, buckets) as endpoint_url:
-        rows = measure(args.size, OptimizerName(args.optimizer), args.target, endpoint_url)
-        local = Path(next(t for t in args.target if not is_s3(t)))
+        local = Path(next((t for t in args.target if not is_s3(t)), "."))
         scratch = local.parent / f".{local.name}.kill"
         try:
+            rows = measure(args.size, args.s3_size or args.size, OptimizerName(args.optimizer), args.target,
+                           endpoint_url, scratch)
             for row in rows:
                 row.update(killed_write(row["target"].rstrip("/") + "-kill", endpoint_url, scratch))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(f"{local}-kill", ignore_errors=True)
-    result = {"size": args.size, "optimizer": args.optimizer, "targets": rows}
+    result = {"size": args.size, "s3_size": args.s3_size or args.size, "optimizer": args.optimizer, "targets": rows}
     line = json.dumps(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

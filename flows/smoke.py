@@ -9,7 +9,8 @@ curate -> train (a LoRA through Ray Train on Ray Data; the adapter's base regist
 promote -> serve (one image over the OpenAI endpoint) -> export (the base as one fp16 single file, the adapter
 in kohya's layout) -> reload (the single file through vanilla diffusers' ``from_single_file``, every tensor
 checked against the registered base) -> checkpoint (a full fine-tune's UNet and optimizer state written and
-read back, locally and on an S3-compatible server on loopback: ``bench/checkpoint_size.py``).
+read back, locally and on an S3-compatible server on loopback: ``bench/checkpoint_size.py``; the S3 copy at
+the tiny size, since moto's server assembles a multipart upload in memory and a 10 GB object does not fit).
 
 For each stage: wall time; peak resident memory of this process's tree (every Ray process included), sampled
 twice a second, and of its largest process; bytes added under ``state_dir``. Then where the weights lie
@@ -212,7 +213,7 @@ class Chain:
         size = "full" if self.cfg.model.source == "sdxl-random" else "tiny"
         cmd = [sys.executable, "-m", "bench.checkpoint_size", "--size", size, "--optimizer", "adamw8bit",
                "--target", str(self.cfg.state_path("smoke", "checkpoint")), "--target", "s3://smoke/checkpoint",
-               "--s3-endpoint-url", "moto", "--json", str(out)]
+               "--s3-endpoint-url", "moto", "--s3-size", "tiny", "--json", str(out)]
         subprocess.run(cmd, cwd=REPO, env=self.env, check=True)
         return json.loads(out.read_text())
 
@@ -254,7 +255,7 @@ def checks(chain: Chain, predicted: int, base_bytes: int, files: list[dict]) -> 
         ("copies in exports/", f"{places.get('exports', 0) / base_bytes:.2f}", "<= 0.5 (the fp16 single file)",
          places.get("exports", 0) <= 0.51 * base_bytes, True),
     ]
-    rows += [(f"checkpoint to {c['target']}: verified", f"{c['bytes'] / GB:.2f} GB, write {c['write_s']:.0f} s, "
+    rows += [(f"checkpoint to {c['target']} ({c['size']} size): verified", f"{c['bytes'] / GB:.2f} GB, write {c['write_s']:.0f} s, "
               f"read {c['read_s']:.0f} s", "read back equal", bool(c["verified"]), True)
              for c in by_name["checkpoint"].result["targets"]]
     rows += [(f"checkpoint to {c['target']}: a killed write", "cut one refused, previous verified"
