@@ -5,15 +5,19 @@
     python flows/smoke.py --config flows/configs/tiny.yaml --set train.method=lora   # the same chain, in minutes
 
 Stages, each through the flow a user runs, on one local Ray cluster (as ``make demo``):
-curate -> train (a LoRA through Ray Train on Ray Data; the adapter's base registered once) -> evaluate ->
+checkpoint (first, while the disk holds nothing else: a full fine-tune's UNet and optimizer state written
+and read back, locally and on an S3-compatible server on loopback -- ``bench/checkpoint_size.py``; the S3
+copy at the tiny size, since moto's server assembles a multipart upload in memory and a 10 GB object does
+not fit; the local copy is removed once read back) -> curate -> train (a LoRA through Ray Train on Ray Data; the adapter's base registered once) -> evaluate ->
 promote -> serve (one image over the OpenAI endpoint) -> export (the base as one fp16 single file, the adapter
 in kohya's layout) -> reload (the single file through vanilla diffusers' ``from_single_file``, every tensor
-checked against the registered base) -> checkpoint (a full fine-tune's UNet and optimizer state written and
-read back, locally and on an S3-compatible server on loopback: ``bench/checkpoint_size.py``; the S3 copy at
-the tiny size, since moto's server assembles a multipart upload in memory and a 10 GB object does not fit).
+checked against the registered base).
 
-For each stage: wall time; peak resident memory of this process's tree (every Ray process included), sampled
-twice a second, and of its largest process; bytes added under ``state_dir``. Then where the weights lie
+Before any of it, the free space under ``state_dir`` is checked against what the run needs (``disk_needed``:
+three copies of the base at its stored precision, the most the disk holds at once, while MLflow logs the
+base) -- too little is a one-line error, exit 2. For each stage: wall time; peak resident memory of this
+process's tree (every Ray process included), sampled twice a second, and of its largest process; bytes
+added under ``state_dir``, and the peak of the bytes used on its filesystem over the start. Then where the weights lie
 (every file over 64 MB, by place) and the checks. The memory plan's prediction for the training worker
 (``flows/plan.py``) is printed beside the measured peak of the largest process during training.
 
@@ -28,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,11 +44,13 @@ import requests
 if __package__ in (None, ""):  # run as `python flows/smoke.py`: the repository's packages are importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows._common import REPO, banner, load, parser, run_flow, setup_logging  # noqa: E402
+from flows._common import REPO, banner, fail, load, parser, run_flow, setup_logging  # noqa: E402
 
 GB = 1e9
 TARGET_TOTAL_S = 40 * 60
 TARGET_STAGE_RSS = 20 * GB
+TARGET_DISK_PEAK = 24 * GB
+DISK_MARGIN = 2 * GB
 PLAN_TOLERANCE = 0.20
 LARGE_FILE = 64 * 2**20
 PROMPT = "a photograph of an astronaut, high detail"
@@ -57,16 +64,20 @@ class Stage:
     peak_process_rss: int = 0
     peak_process: str = ""
     disk_added: int = 0
+    peak_disk_used: int = 0
+    """The most bytes used on ``state_dir``'s filesystem during the stage, over the run's start."""
     result: dict = field(default_factory=dict)
 
 
 class MemorySampler:
     """Peak RSS of a process tree (the sum over the root and all its descendants) and of its largest process,
-    sampled every ``interval_s`` in a thread."""
+    and peak bytes used on the filesystem of ``disk`` over ``disk_base``, sampled every ``interval_s`` in a
+    thread."""
 
-    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+    def __init__(self, root: int, disk: Path, disk_base: int, interval_s: float = 0.5) -> None:
         self.root, self.interval_s = psutil.Process(root), interval_s
-        self.peak_tree = self.peak_process = 0
+        self.disk, self.disk_base = disk, disk_base
+        self.peak_tree = self.peak_process = self.peak_disk = 0
         self.peak_name = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -83,6 +94,7 @@ class MemorySampler:
             if rss > self.peak_process:
                 self.peak_process, self.peak_name = rss, name
         self.peak_tree = max(self.peak_tree, tree)
+        self.peak_disk = max(self.peak_disk, disk_used(self.disk) - self.disk_base)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -109,6 +121,17 @@ def _files(root: Path) -> dict[tuple[int, int], list[Path]]:
     return found
 
 
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_used(path: Path) -> int:
+    """Bytes used on the filesystem of ``path`` (its nearest existing folder)."""
+    return shutil.disk_usage(_existing(path)).used
+
+
 def tree_bytes(root: Path) -> int:
     return sum(paths[0].stat().st_size for paths in _files(root).values())
 
@@ -131,25 +154,28 @@ class Chain:
         self.common = ["--config", args.config, *[x for o in args.overrides for x in ("--set", o)]]
         self.state = cfg.state_path()
         self.stages: list[Stage] = []
+        self.disk_base = disk_used(self.state)
 
     def stage(self, name: str, text: str, work) -> dict:
         banner(f"{len(self.stages) + 1} {name}: {text}")
         before = tree_bytes(self.state)
         start = time.perf_counter()
-        with MemorySampler(os.getpid()) as mem:
+        with MemorySampler(os.getpid(), self.state, self.disk_base) as mem:
             result = work() or {}
         stage = Stage(name, round(time.perf_counter() - start, 1), mem.peak_tree, mem.peak_process, mem.peak_name,
-                      tree_bytes(self.state) - before, result)
+                      tree_bytes(self.state) - before, mem.peak_disk, result)
         self.stages.append(stage)
         print(f"  {name}: {stage.wall_s:.0f} s, peak RSS {stage.peak_tree_rss / GB:.1f} GB (largest process "
-              f"{stage.peak_process_rss / GB:.1f} GB, {stage.peak_process}), disk +{stage.disk_added / GB:.2f} GB",
-              file=sys.stderr, flush=True)
+              f"{stage.peak_process_rss / GB:.1f} GB, {stage.peak_process}), disk +{stage.disk_added / GB:.2f} GB "
+              f"(peak +{stage.peak_disk_used / GB:.2f} GB)", file=sys.stderr, flush=True)
         return result
 
     def flow(self, script: str, *args: str) -> dict:
         return run_flow(script, *self.common, *args, env=self.env)
 
     def run(self) -> dict:
+        self.stage("checkpoint", "a full fine-tune's state written and read back, local and S3, then removed",
+                   self.checkpoint)
         self.stage("curate", "Ray Data into 256 px buckets", lambda: self.flow("curate.py"))
         trained = self.stage("train", "LoRA through Ray Train (the base registered first)", lambda: self.flow("train.py"))
         model, version = trained["model_name"], trained["version"]
@@ -163,8 +189,6 @@ class Chain:
                                       "adapter": self.flow("export.py", "--model-uri", uri)})
         self.stage("reload", "the single file through vanilla diffusers, every tensor checked",
                    lambda: self.reload(exports["base"]["path"], base_uri))
-        self.stage("checkpoint", "a full fine-tune's state written and read back, local and S3",
-                   self.checkpoint)
         return {"model": model, "version": version, "base": base_uri}
 
     def serve(self, model: str, base_uri: str) -> dict:
@@ -209,30 +233,54 @@ class Chain:
         return json.loads(out.read_text())
 
     def checkpoint(self) -> dict:
+        """``bench/checkpoint_size.py`` into ``smoke/checkpoint`` and S3; the local copy removed once read back
+        (the figures are the result; the files are the size of a full fine-tune's state)."""
         out = self.cfg.state_path("smoke", "checkpoint.json")
+        target = self.cfg.state_path("smoke", "checkpoint")
         size = "full" if self.cfg.model.source == "sdxl-random" else "tiny"
         cmd = [sys.executable, "-m", "bench.checkpoint_size", "--size", size, "--optimizer", "adamw8bit",
-               "--target", str(self.cfg.state_path("smoke", "checkpoint")), "--target", "s3://smoke/checkpoint",
+               "--target", str(target), "--target", "s3://smoke/checkpoint",
                "--s3-endpoint-url", "moto", "--s3-size", "tiny", "--json", str(out)]
-        subprocess.run(cmd, cwd=REPO, env=self.env, check=True)
+        try:
+            subprocess.run(cmd, cwd=REPO, env=self.env, check=True)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
         return json.loads(out.read_text())
 
 
 def planned(cfg) -> tuple[int, int]:
     """(the memory plan's allocated peak for the preset's training step -- on a CPU there is no CUDA context
-    and no caching allocator, so the allocated peak is the whole prediction --, the base's fp32 bytes)."""
+    and no caching allocator, so the allocated peak is the whole prediction --, the base's parameters)."""
     from components.training.memory.plan import count_params, plan_for, sdxl_models
 
     models = sdxl_models(cfg)
-    return plan_for(cfg).allocated_peak, 4 * sum(count_params(m) for m in models.values())
+    return plan_for(cfg).allocated_peak, sum(count_params(m) for m in models.values())
 
 
-def checks(chain: Chain, predicted: int, base_bytes: int, files: list[dict]) -> list[dict]:
+def stored_bytes(cfg, params: int) -> int:
+    """The base's bytes as the registry stores it: ``sdxl-random``'s values are fp16 numbers, stored in fp16
+    (``components.diffusion.sdxl.save_pipeline``); the tiny model's are fp32."""
+    from components.diffusion.sdxl import SDXL_RANDOM
+    from components.diffusion.sdxl_base import VALUES_DTYPE
+
+    return params * (VALUES_DTYPE.itemsize if cfg.model.source == SDXL_RANDOM else 4)
+
+
+def disk_needed(base_stored: int) -> int:
+    """Free bytes the run needs under ``state_dir``: three copies of the base (the staged export, MLflow's
+    local copy of the model and the registry's) are on disk together while the base is logged; every other
+    stage holds less (the checkpoint, a full fine-tune's fp32 UNet and 8-bit AdamW state, comes first and
+    is removed)."""
+    return 3 * base_stored + DISK_MARGIN
+
+
+def checks(chain: Chain, predicted: int, base_params: int, base_bytes: int, files: list[dict]) -> list[dict]:
     by_name = {s.name: s for s in chain.stages}
     total = sum(s.wall_s for s in chain.stages)
     reload = by_name["reload"].result
     adapter = by_name["export"].result["adapter"]
     train_peak = by_name["train"].peak_process_rss
+    disk_peak = max(s.peak_disk_used for s in chain.stages)
     places: dict[str, int] = {}
     for f in files:
         places[f["place"]] = places.get(f["place"], 0) + f["bytes"]
@@ -240,6 +288,8 @@ def checks(chain: Chain, predicted: int, base_bytes: int, files: list[dict]) -> 
         ("the whole run", f"{total / 60:.1f} min", f"< {TARGET_TOTAL_S / 60:.0f} min", total < TARGET_TOTAL_S, False),
         ("largest stage RSS (process tree)", f"{max(s.peak_tree_rss for s in chain.stages) / GB:.1f} GB",
          f"<= {TARGET_STAGE_RSS / GB:.0f} GB", all(s.peak_tree_rss <= TARGET_STAGE_RSS for s in chain.stages), False),
+        ("peak disk used over the start", f"{disk_peak / GB:.1f} GB (planned {disk_needed(base_bytes) / GB:.1f})",
+         f"<= {TARGET_DISK_PEAK / GB:.0f} GB", disk_peak <= TARGET_DISK_PEAK, False),
         ("training peak: plan vs measured (largest process)", f"{predicted / GB:.2f} vs {train_peak / GB:.2f} GB",
          f"within {PLAN_TOLERANCE:.0%}", abs(train_peak - predicted) <= PLAN_TOLERANCE * train_peak, False),
         ("single file reloaded: missing / unexpected keys", f"{reload['missing']} / {reload['unexpected']}", "0 / 0",
@@ -249,11 +299,11 @@ def checks(chain: Chain, predicted: int, base_bytes: int, files: list[dict]) -> 
         ("adapter export (kohya) bytes", f"{adapter['bytes'] / 2**20:.1f} MiB", "no copy of the base",
          adapter["bytes"] < 0.05 * base_bytes, True),
         ("copies of the base in the registry (mlartifacts)", f"{places.get('mlartifacts', 0) / base_bytes:.2f}",
-         "<= 1 (the base's fp32 files)", places.get("mlartifacts", 0) <= 1.02 * base_bytes, True),
+         "<= 1 (the base's files)", places.get("mlartifacts", 0) <= 1.02 * base_bytes, True),
         ("copies in the download cache", f"{places.get('cache', 0) / base_bytes:.2f}", "0 (read in place)",
          places.get("cache", 0) == 0, True),
-        ("copies in exports/", f"{places.get('exports', 0) / base_bytes:.2f}", "<= 0.5 (the fp16 single file)",
-         places.get("exports", 0) <= 0.51 * base_bytes, True),
+        ("fp16 copies in exports/", f"{places.get('exports', 0) / (2 * base_params):.2f}", "<= 1 (the single file)",
+         places.get("exports", 0) <= 1.02 * 2 * base_params, True),
     ]
     rows += [(f"checkpoint to {c['target']} ({c['size']} size): verified", f"{c['bytes'] / GB:.2f} GB, write {c['write_s']:.0f} s, "
               f"read {c['read_s']:.0f} s", "read back equal", bool(c["verified"]), True)
@@ -268,9 +318,10 @@ def checks(chain: Chain, predicted: int, base_bytes: int, files: list[dict]) -> 
 
 
 def table(stages: list[Stage], checked: list[dict], files: list[dict]) -> str:
-    lines = [f"{'stage':<11}{'wall s':>8}{'peak RSS GB':>13}{'largest proc GB':>17}  {'process':<22}{'disk +GB':>9}"]
+    lines = [f"{'stage':<11}{'wall s':>8}{'peak RSS GB':>13}{'largest proc GB':>17}  {'process':<22}{'disk +GB':>9}"
+             f"{'disk peak GB':>14}"]
     lines += [f"{s.name:<11}{s.wall_s:>8.0f}{s.peak_tree_rss / GB:>13.1f}{s.peak_process_rss / GB:>17.1f}  "
-              f"{s.peak_process[:21]:<22}{s.disk_added / GB:>9.2f}" for s in stages]
+              f"{s.peak_process[:21]:<22}{s.disk_added / GB:>9.2f}{s.peak_disk_used / GB:>14.2f}" for s in stages]
     lines.append(f"{'total':<11}{sum(s.wall_s for s in stages):>8.0f}")
     lines.append("\nweights on disk (files over 64 MB):")
     lines += [f"  {f['bytes'] / GB:7.2f} GB  {f['path']}" + (f"  (also {', '.join(f['links'])}: a hard link)"
@@ -290,7 +341,13 @@ def main() -> None:
 
     from components.cluster import ray_session
 
-    predicted, base_bytes = planned(cfg)
+    predicted, base_params = planned(cfg)
+    base_bytes = stored_bytes(cfg, base_params)
+    state = cfg.state_path()
+    free = shutil.disk_usage(_existing(state)).free
+    if free < disk_needed(base_bytes):
+        fail(f"the smoke needs {disk_needed(base_bytes) / GB:.1f} GB free under {state} and "
+             f"{free / GB:.1f} GB are: free some, or set state_dir to a larger disk")
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with ray_session(serve_latency=True):
         chain = Chain(cfg, args, dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address))
@@ -304,10 +361,11 @@ def main() -> None:
         print(table(chain.stages, [], files), file=sys.stderr)
         print(f"smoke failed in stage {len(chain.stages) + 1}: {failed}", file=sys.stderr)
         raise SystemExit(1)
-    checked = checks(chain, predicted, base_bytes, files)
+    checked = checks(chain, predicted, base_params, base_bytes, files)
     report = {"preset": cfg.name, "started": started, "machine": machine(), **names,
               "stages": [asdict(s) for s in chain.stages], "total_s": round(sum(s.wall_s for s in chain.stages), 1),
-              "planned_train_peak_bytes": predicted, "base_fp32_bytes": base_bytes,
+              "planned_train_peak_bytes": predicted, "base_params": base_params,
+              "base_stored_bytes": base_bytes, "disk_needed_bytes": disk_needed(base_bytes),
               "files": files, "checks": checked}
     out = Path(args.json) if args.json else cfg.state_path("smoke", f"{cfg.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

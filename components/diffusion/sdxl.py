@@ -14,9 +14,11 @@ registry (``components.registry.model.load_source_parts``), into a directory thi
 commit, and a content hash of the weight files (``weights_sha256``).
 
 Saved models are plain diffusers directories in safetensors whose scheduler carries the ZT-SNR
-trailing v-prediction settings, so vanilla ``StableDiffusionXLPipeline.from_pretrained`` is correct;
-``save_pipeline`` adds a half-precision weight variant next to the fp32 weights (diffusers'
-``variant=`` convention: ``diffusion_pytorch_model.fp16.safetensors``).
+trailing v-prediction settings, so vanilla ``StableDiffusionXLPipeline.from_pretrained`` is correct.
+Each component is stored at the narrowest precision that holds its weights exactly (``exact_dtype``: fp16
+for weights that are fp16 numbers, as SDXL base's are; fp32 for trained ones); ``save_pipeline`` can add
+a half-precision weight variant next to them (diffusers' ``variant=`` convention:
+``diffusion_pytorch_model.fp16.safetensors``).
 """
 
 from __future__ import annotations
@@ -442,30 +444,53 @@ def load_single_file(path: str | Path, config: str | None, diffusion: DiffusionC
 HALF_VARIANTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@torch.no_grad()
+def exact_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """fp16 (else bf16) when every floating tensor of an fp32 ``module`` survives the round trip through it
+    bit for bit, so storing the module in it loses nothing; None otherwise (and for a module not in fp32)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if not tensors or any(t.dtype != torch.float32 for t in tensors):
+        return None
+    for dtype in HALF_VARIANTS.values():
+        if all(torch.equal(t.to(dtype).to(torch.float32), t) for t in tensors):
+            return dtype
+    return None
+
+
 def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str | Path,
                   variant: str | None = None) -> Path:
-    """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler; with
-    ``variant`` (``fp16`` or ``bf16``) the same weights also in that precision, next to the fp32 ones
-    (``save_variant``)."""
+    """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler. Each model
+    is written in the narrowest precision that holds it exactly (``exact_dtype``; the modules are cast for the
+    write and back after it), else in fp32. With ``variant`` (``fp16`` or ``bf16``) the same weights also in
+    that precision, next to those (``save_variant``)."""
     pipe = StableDiffusionXLPipeline(scheduler=inference_scheduler(diffusion), **parts.as_dict())
-    pipe.save_pretrained(str(directory), safe_serialization=True)
+    narrowed = []
+    for name in COMPONENTS:
+        module = getattr(parts, name)
+        if (dtype := exact_dtype(module)) is not None:
+            narrowed.append(module.to(dtype))
+    try:
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+    finally:
+        for module in narrowed:
+            module.to(torch.float32)
     if variant is not None:
         save_variant(directory, variant)
     return Path(directory)
 
 
 def save_variant(directory: str | Path, variant: str) -> Path:
-    """Add the ``variant`` (``fp16`` or ``bf16``) weights to a saved directory, next to its fp32 ones, as
+    """Add the ``variant`` (``fp16`` or ``bf16``) weights to a saved directory, next to its plain ones, as
     ``from_pretrained(..., variant="fp16")`` reads them: per component one unsharded ``<name>.<variant>.safetensors``
-    (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``) with the fp32 files' tensors
+    (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16.safetensors``) with the plain files' tensors
     under the same keys, cast as each is read and written (one tensor in memory at a time). The configs are
-    not touched: they stay the fp32 ones, so a plain ``from_pretrained`` still loads fp32 everywhere."""
+    not touched."""
     if variant not in HALF_VARIANTS:
         raise ValueError(f"weight variant {variant!r}: one of {sorted(HALF_VARIANTS)}")
     for component in COMPONENTS:
         files = [p for p in weight_files(directory, None) if p.parent.name == component]
         if not files:
-            raise ModelLoadError(f"{Path(directory) / component} has no fp32 safetensors weights to make a variant of")
+            raise ModelLoadError(f"{Path(directory) / component} has no plain safetensors weights to make a variant of")
         stem = "diffusion_pytorch_model" if files[0].name.startswith("diffusion_pytorch_model") else "model"
         copy_cast(files, files[0].parent / f"{stem}.{variant}.safetensors", HALF_VARIANTS[variant])
     return Path(directory)

@@ -10,7 +10,10 @@ storage), then gives each parameter storage and a seeded value (``seeded_init``)
 SDXL's 3.5 B parameters where the modules' own initialisers take minutes. The values follow PyTorch's
 default scales (linear and convolution weights and biases with the variance of PyTorch's default
 uniform(+-1/sqrt(fan_in)), drawn from a normal, which CPU generators draw twice as fast; unit norms;
-N(0, 0.02) embeddings), so a forward pass stays finite; they carry no meaning. Each parameter has its own
+N(0, 0.02) embeddings), so a forward pass stays finite; they carry no meaning. Every value is an fp16
+number (drawn, then rounded to fp16 and held in the build's dtype), as SDXL's released weights are: a
+pipeline saved from it stores the weights in fp16 without losing a bit (``sdxl.save_pipeline``), half the
+bytes of fp32. Each parameter has its own
 generator, seeded from the seed, the component's name and the parameter's, so a component is the same built
 alone or with the others, in any order, on any number of threads.
 
@@ -99,6 +102,10 @@ def component_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+VALUES_DTYPE = torch.float16
+"""The precision every seeded value is a number of (the dtype SDXL base was released in)."""
+
+
 def _fill(value: torch.Tensor, how: str, scale: float, seed: int) -> None:
     if how == "ones":
         value.fill_(1.0)
@@ -106,6 +113,8 @@ def _fill(value: torch.Tensor, how: str, scale: float, seed: int) -> None:
         value.zero_()
     else:
         value.normal_(0.0, scale, generator=torch.Generator().manual_seed(seed))
+        if value.dtype != VALUES_DTYPE:
+            value.copy_(value.to(VALUES_DTYPE))
 
 
 @torch.no_grad()

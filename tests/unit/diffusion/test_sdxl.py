@@ -86,6 +86,29 @@ def test_load_components_from_a_directory_round_trips(parts, saved, tmp_path):
     assert loaded.unet.dtype == torch.float32
 
 
+def test_weights_that_are_fp16_numbers_are_stored_in_fp16_and_load_back_equal(tmp_path):
+    from components.diffusion.safetensors_stream import read_header
+    from components.diffusion.sdxl import exact_dtype
+
+    parts = build_tiny(TinyModelConfig())
+    with torch.no_grad():
+        for value in parts.text_encoder.parameters():
+            value.copy_(value.half().float())
+    assert exact_dtype(parts.text_encoder) == torch.float16 and exact_dtype(parts.unet) is None
+    saved = save_pipeline(parts, Config().diffusion, tmp_path / "pipe")
+    assert parts.text_encoder.dtype == torch.float32  # cast back after the write
+
+    def dtypes(component: str) -> set[str]:
+        return {e["dtype"] for f in (saved / component).glob("*.safetensors")
+                for k, e in read_header(f)[1].items() if k != "__metadata__"} - {"I64"}
+    assert dtypes("text_encoder") == {"F16"} and dtypes("unet") == {"F32"}
+    cfg = Config(state_dir=str(tmp_path))
+    cfg.model.source = str(saved)
+    loaded = load_parts(cfg.model, cfg.state_path("cache"))
+    assert loaded.text_encoder.dtype == torch.float32
+    assert_same_weights(parts, loaded)
+
+
 def test_load_components_tiny(parts):
     assert_same_weights(parts, load_parts(Config().model, Config().state_path("cache")))
 

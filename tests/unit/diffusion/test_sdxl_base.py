@@ -47,3 +47,11 @@ def test_the_built_text_encoder_is_finite_with_default_scales_and_real_buffers()
 def test_sdxl_random_is_a_source_of_its_own():
     assert source_kind(SDXL_RANDOM) == "sdxl_random"
     assert ModelConfig(source=SDXL_RANDOM, seed=3).seed == 3
+
+
+def test_every_built_value_is_an_fp16_number_held_in_fp32():
+    encoder = build_component("text_encoder", 0)
+    for name, value in encoder.state_dict().items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32
+            assert torch.equal(value.half().float(), value), name
