@@ -30,9 +30,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
