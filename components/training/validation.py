@@ -71,36 +71,30 @@ class Validator:
         ]
 
     @torch.no_grad()
-    def row_losses(self, parts: SDXLParts, unet: torch.nn.Module) -> tuple[dict[str, float], list[float]]:
-        """(``losses``' figures, each held-out row's own ``val_loss``: its MSE at every fixed timestep, combined
-        with ``selection_weights``). The rows come in a fixed order with fixed noise, so two models' lists
-        pair row by row; the figures' ``val_loss`` is the rows' mean."""
+    def losses(self, parts: SDXLParts, unet: torch.nn.Module) -> dict[str, float]:
+        """``val_loss`` (the selection metric) and the plain v-MSE of each timestep bucket, over every
+        held-out row at every fixed timestep, with fixed noise."""
         spec = LossSpec(training_scheduler(self.cfg.diffusion), self.cfg.diffusion, self.cfg.train.precision)
         was_training = unet.training
         unet.eval()
-        per_row: dict[int, list[float]] = {t: [] for t in self.cfg.train.val_timesteps}
+        sums = dict.fromkeys(self.cfg.train.val_timesteps, 0.0)
+        rows = 0
         for b_idx, batch in enumerate(self.batches):
             for t in self.cfg.train.val_timesteps:
                 gen = torch.Generator().manual_seed(VAL_NOISE_SEED + 7919 * b_idx + t)
                 timesteps = torch.full((len(batch.captions),), t, dtype=torch.long, device=self.device)
                 mse, _ = prediction_error(parts, unet, batch, spec, NoiseDraw(gen, timesteps=timesteps))
-                per_row[t] += [float(v) for v in mse.float().cpu()]
+                sums[t] += float(mse.sum())
+            rows += len(batch.captions)
         unet.train(was_training)
-        rows = len(next(iter(per_row.values())))
+        per_t = {t: total / rows for t, total in sums.items()}  # mean MSE of each timestep
         weights = selection_weights(self.cfg.train.val_timesteps, self.cfg.train.select_metric, self.cfg.diffusion)
-        row_loss = [sum(weights[t] * per_row[t][i] for t in per_row) for i in range(rows)]
-        per_t = {t: sum(values) / rows for t, values in per_row.items()}  # mean MSE of each timestep
-        out = {"val_loss": sum(row_loss) / rows}
+        out = {"val_loss": sum(weights[t] * mse for t, mse in per_t.items())}
         for bucket in VAL_BUCKETS:
             inside = [mse for t, mse in per_t.items() if bucket_of(t) == bucket]
             if inside:
                 out[bucket_name(bucket)] = sum(inside) / len(inside)
-        return out, row_loss
-
-    def losses(self, parts: SDXLParts, unet: torch.nn.Module) -> dict[str, float]:
-        """``val_loss`` (the selection metric) and the plain v-MSE of each timestep bucket, over every
-        held-out row at every fixed timestep, with fixed noise."""
-        return self.row_losses(parts, unet)[0]
+        return out
 
     def loss(self, parts: SDXLParts, unet: torch.nn.Module) -> float:
         return self.losses(parts, unet)["val_loss"]

@@ -105,11 +105,3 @@ def test_a_challenger_is_measured_beside_the_champion(evaluated_registry, tmp_pa
     good_tags = client.get_model_version(r.name, r.versions["good"]).tags
     worse_tags = client.get_model_version(r.name, r.versions["worse"]).tags
     assert good_tags["eval.protocol"] == worse_tags["eval.protocol"] == out["protocol"]
-    # The held-out loss paired row by row with the champion's, its interval, and the gate's verdict.
-    assert worse_tags["eval.paired.reference"] == r.versions["good"]
-    low, high = float(worse_tags["eval.paired.val_loss.low"]), float(worse_tags["eval.paired.val_loss.high"])
-    assert 0 < low <= float(worse_tags["eval.paired.val_loss.change"]) <= high
-    assert worse_tags["eval.samples.val_loss"] == "2" and worse_tags["eval.features.clip_score"] == "random"
-    verdict = dict(zip(rows["metric"], rows["verdict"], strict=True))
-    assert verdict["val_loss"] == "refuse" and run.data.tags["eval.verdict"] == "refuse"
-    assert "eval.paired.reference" not in good_tags  # the reference itself carries no pairing
