@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -740,6 +740,11 @@ class ServeConfig(Strict):
         return self
 
 
+MIN_SAMPLES = {"val_loss": 8, "clip_score": 32, "fid": 2048, "kid": 100, "luminance_range": 8, "dark_spread": 8,
+               "bright_spread": 8}
+"""Default fewest samples per metric (``EvaluateConfig.min_samples``)."""
+
+
 class EvaluateConfig(Strict):
     """Evaluation of a registered version: the numbers promotion is gated on."""
 
@@ -774,9 +779,32 @@ class EvaluateConfig(Strict):
     compare_champion: bool = True
     """Also evaluate the current champion on the same prompts and seeds (side-by-side grid and table)."""
     gate: dict[str, float] = {"val_loss": 0.05}
-    """Promotion gate: metric -> the relative regression allowed against the champion (both measured under
+    """Promotion gate: metric -> the relative regression allowed against the reference (both measured under
     the same protocol). Known metrics and their better direction: val_loss, fid, kid (lower); clip_score,
-    luminance_range, dark_spread, bright_spread (higher)."""
+    luminance_range, dark_spread, bright_spread (higher). ``val_loss`` is judged on its paired interval:
+    refused when the interval's bound on the increase is above the tolerance. A gated metric that is missing,
+    not finite, measured on fewer than ``min_samples`` or by a random feature model blocks promotion."""
+    informational: list[str] = []
+    """Metrics reported beside the gate that never decide (none of them may be in ``gate``)."""
+    min_samples: dict[str, int] = MIN_SAMPLES
+    """The fewest samples each metric is evidence on (docs/recipe.md, Evaluation): held-out rows for val_loss,
+    generated images for the others. Metrics left out keep these defaults."""
+    bootstrap_resamples: int = Field(2000, ge=100)
+    """Resamples of the paired bootstrap interval."""
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    """Confidence of the paired interval."""
+    reference_alias: str = "champion"
+    """What a promotion to any alias is judged against: the version holding this alias."""
+
+    @field_validator("min_samples")
+    @classmethod
+    def _keep_default_minimums(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = set(value) - set(MIN_SAMPLES)
+        if unknown:
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {sorted(MIN_SAMPLES)}")
+        if any(n < 1 for n in value.values()):
+            raise ValueError("each minimum is at least 1 sample")
+        return {**MIN_SAMPLES, **value}
 
 
 GATE_DIRECTIONS = {"val_loss": -1, "fid": -1, "kid": -1, "clip_score": 1, "luminance_range": 1,
@@ -826,6 +854,10 @@ class Config(Strict):
         unknown = set(self.evaluate.gate) - set(GATE_DIRECTIONS)
         if unknown:
             raise ValueError(f"evaluate.gate: unknown metric(s) {sorted(unknown)}; known: {sorted(GATE_DIRECTIONS)}")
+        both = set(self.evaluate.gate) & set(self.evaluate.informational)
+        if both:
+            raise ValueError(f"evaluate: {sorted(both)} both gated and informational: an informational metric "
+                             "never decides, so drop it from evaluate.gate")
         if self.curate.output is None:
             self.curate.output = join(self.state_dir, "datasets", self.name)
         if self.train.data is None:

@@ -53,7 +53,7 @@ def main() -> None:
         if args.rollback:
             result = rollback(name, args.alias)
         else:
-            result = promote(name, args.version, args.alias, gate, args.force)
+            result = promote(name, args.version, args.alias, gate, args.force, evaluate=cfg.evaluate)
     except PromotionRefused as err:
         fail(f"promotion refused: {err}", code=REFUSED)
     except ModelUriError as err:

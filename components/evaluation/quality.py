@@ -5,16 +5,22 @@ The metric models are configured (``evaluate.clip_model``, ``evaluate.fid_featur
 -- ``openai/clip-vit-large-patch14`` for CLIP score, torchmetrics' InceptionV3 (``inception``) for FID and
 KID -- the numbers are the published ones. Machines without network (the tests, the demo) use ``tiny``
 models: randomly initialised from a fixed seed, built offline, shaped like the real ones, run through the
-same metric code. Their numbers rank two generators only roughly and are not comparable with published
-figures; docs/recipe.md says which weights to use.
+same metric code. A random network's numbers are not a quality signal: each metric records which weights
+computed it (``weights_id``: ``random`` for the tiny models, else a content hash), and the promotion gate
+refuses to decide on a random one; docs/recipe.md says which weights to use.
 """
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+RANDOM = "random"
+"""The ``weights_id`` of a metric computed by a randomly initialised feature model."""
 TINY_SEED = 0
 TINY_FEATURE_SIDE = 64  # the tiny extractor looks at 64 x 64 images, as Inception looks at 299 x 299
 
@@ -61,19 +67,64 @@ class ProjectedFeatures(nn.Module):
         return self._tensor(self.model.get_text_features(*args, **kwargs))
 
 
-def clip_loader(name: str):
-    """What torchmetrics' CLIPScore takes as ``model_name_or_path``: a callable giving (model, processor)."""
+def module_sha256(module: nn.Module) -> str:
+    """sha256 over every tensor of ``module``'s state dict: name, dtype, shape and bytes, in key order."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        value = value.detach().contiguous().cpu()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(memoryview(value.view(torch.uint8).numpy()) if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clip_location(name: str, cache_dir: str | Path | None = None) -> str:
+    """Where ``CLIPModel.from_pretrained`` reads ``evaluate.clip_model`` from: an ``s3://`` prefix is fetched
+    into ``cache_dir`` first (``components.storage.fetch_prefix``); a local folder or a hub id as given."""
+    if name.startswith("s3://"):
+        from components.storage import fetch_prefix
+
+        if cache_dir is None:
+            raise ValueError(f"evaluate.clip_model {name}: an s3:// prefix needs a cache folder")
+        return str(fetch_prefix(name, cache_dir))
+    return name
+
+
+def clip_loader(name: str, loaded: dict | None = None):
+    """What torchmetrics' CLIPScore takes as ``model_name_or_path``: a callable giving (model, processor).
+    ``loaded`` (if given) gets ``weights_id``: ``random`` for ``tiny``, else ``sha256:`` of the weights."""
 
     def load():
         if name == "tiny":
             model, processor = tiny_clip()
+            weights_id = RANDOM
         else:
             from transformers import CLIPModel, CLIPProcessor
 
             model, processor = CLIPModel.from_pretrained(name).eval(), CLIPProcessor.from_pretrained(name)
+            weights_id = f"sha256:{module_sha256(model)[:16]}"
+        if loaded is not None:
+            loaded["weights_id"] = weights_id
         return ProjectedFeatures(model), processor
 
     return load
+
+
+def fid_weights_id(features: str, weights: str | None) -> str:
+    """Which weights compute FID and KID: ``random`` (``tiny``), torch-fidelity's InceptionV3 (with the hash of
+    an offline weights file when one is given), or the hash of a TorchScript file."""
+    if features == "tiny":
+        return RANDOM
+    if features == "inception":
+        return f"inception-2015-12-05:sha256:{file_sha256(weights)[:16]}" if weights else "inception-2015-12-05"
+    return f"sha256:{file_sha256(features)[:16]}"
 
 
 class TinyFeatures(nn.Module):
@@ -131,11 +182,12 @@ def as_uint8_batch(images: list[np.ndarray], side: int | None = None) -> torch.T
     return torch.stack(out)
 
 
-def clip_score(images: torch.Tensor, prompts: list[str], model: str) -> float:
-    """Mean CLIP score (100 x cosine similarity, floored at 0) of uint8 images (N, 3, H, W) and prompts."""
+def clip_score(images: torch.Tensor, prompts: list[str], model: str, loaded: dict | None = None) -> float:
+    """Mean CLIP score (100 x cosine similarity, floored at 0) of uint8 images (N, 3, H, W) and prompts;
+    ``loaded`` gets the model's ``weights_id`` (``clip_loader``)."""
     from torchmetrics.multimodal import CLIPScore
 
-    metric = CLIPScore(model_name_or_path=clip_loader(model))
+    metric = CLIPScore(model_name_or_path=clip_loader(model, loaded))
     metric.update(list(images), prompts)
     return float(metric.compute())
 

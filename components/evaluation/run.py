@@ -6,11 +6,18 @@ For each model (the candidate, and the version that holds ``@champion`` when it 
 - the ZT-SNR dynamic-range probe (``probe.py``): dark and bright luminance, their spreads and range;
 - quality on the versioned prompt set: CLIP score, and FID and KID against the held-out images;
 - NaN and blank images.
-Both models run the same prompts and seeds. One MLflow run records the candidate's metrics, a table of
-every metric for both (``comparison.json``, ``mlflow.log_table``) and a side-by-side grid; each model's
-figures also go onto its registered version as ``eval.*`` tags (the convention promotion reads), with
-``eval.protocol``: a hash of everything besides the weights that the numbers depend on, so promotion
-compares a candidate with the champion only when both were measured the same way.
+Both models run the same prompts and seeds, and the held-out loss is paired: each held-out row's loss under
+the same noise and timesteps for both, so the candidate's change against the reference comes with a
+seeded bootstrap interval (``paired.py``). Each metric records how many samples it was computed on
+(``eval.samples.<metric>``) and, for the feature-model metrics, which weights computed it
+(``eval.features.<metric>``: ``random`` for the tiny offline models).
+
+The reference is the version holding ``evaluate.reference_alias`` (the champion). One MLflow run records the
+candidate's metrics, a table of every metric for both with the paired interval and the gate's verdict
+(``comparison.json``, ``mlflow.log_table``) and a side-by-side grid; each model's figures also go onto its
+registered version as ``eval.*`` tags (the convention promotion reads), with ``eval.protocol``: a hash of
+everything besides the weights that the numbers depend on -- the model's own prediction type and schedule
+included -- so promotion compares a candidate with the reference only when both were measured the same way.
 """
 
 from __future__ import annotations
@@ -23,17 +30,24 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from components.config import Config
+from components.config import Config, DiffusionConfig
 from components.dataset import CuratedManifest, decode_image, val_rows
 from components.diffusion.pipelines import build_pipelines, pick_device, variant_for
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl import load_parts
+from components.evaluation.paired import paired_change
 from components.evaluation.probe import grid, image_checks, probe_stats
 from components.evaluation.prompts import PromptSet, load_prompt_set
-from components.evaluation.quality import as_uint8_batch, clip_score, distribution_distance
+from components.evaluation.quality import (
+    as_uint8_batch,
+    clip_location,
+    clip_score,
+    distribution_distance,
+    fid_weights_id,
+)
 from components.registry.model import ModelUriError, ResolvedModel, diffusion_from_pipeline_dir, fetch_model
-from components.registry.promotion import CHAMPION, EVAL_PREFIX
+from components.registry.promotion import EVAL_PREFIX, FEATURES_PREFIX, PAIRED_PREFIX, SAMPLES_PREFIX, judge
 from components.registry.tracking import setup_tracking
 from components.training.validation import VAL_NOISE_SEED, Validator, selection_weights
 
@@ -51,18 +65,36 @@ class Evaluation:
     metrics: dict[str, float]
     probe: list[np.ndarray] = field(repr=False)  # float (H, W, 3) images: dark, then bright
     quality: list[np.ndarray] = field(repr=False)  # one per prompt of the set, first seed
+    rows: list[float] = field(default_factory=list, repr=False)
+    """Each held-out row's val_loss, in the Validator's fixed order (pairs with another model's)."""
+    samples: dict[str, int] = field(default_factory=dict)
+    features: dict[str, str] = field(default_factory=dict)
+    """Metric -> the weights of the feature model that computed it."""
+    diffusion: DiffusionConfig | None = None
+    """The config's diffusion settings with the model's own prediction type and noise schedule (its saved
+    scheduler): what the held-out loss was computed under."""
+
+    @property
+    def schedule(self) -> dict:
+        return self.diffusion.model_dump(mode="json", include=set(SCHEDULE_FIELDS)) if self.diffusion else {}
 
 
-def eval_protocol(cfg: Config, manifest: CuratedManifest, prompts: PromptSet) -> str:
-    """Hash of the evaluation settings, the held-out data and the prompt set (not the weights, not the gate)."""
+def eval_protocol(cfg: Config, manifest: CuratedManifest, prompts: PromptSet, diffusion: DiffusionConfig) -> str:
+    """Hash of what the numbers mean besides the weights: the model's ``schedule`` (prediction type, ZT-SNR,
+    betas), the evaluation settings (resolution, steps, seeds, feature models), the held-out data's digest,
+    the timesteps and their weights, and the prompt set (not the gate)."""
+    weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, diffusion)
     settings = {
+        "schedule": diffusion.model_dump(mode="json", include=set(SCHEDULE_FIELDS)), "selection_weights": {str(t): round(w, 8) for t, w in weights.items()},
         "dataset": manifest.digest, "val_timesteps": cfg.train.val_timesteps, "val_max_rows": cfg.train.val_max_rows,
         "select_metric": cfg.train.select_metric, "batch_size": cfg.train.batch_size,
         "precision": cfg.train.precision.value, "noise_seed": VAL_NOISE_SEED,
         "min_snr_gamma": cfg.diffusion.min_snr_gamma, "terminal_policy": cfg.diffusion.terminal_policy.value,
         "guidance": [cfg.inference.guidance_scale, cfg.inference.guidance_rescale],
         "prompts": prompts.version, "prompt_count": len(prompts.prompts),
-        "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"gate", "compare_champion", "prompts"}),
+        "evaluate": cfg.evaluate.model_dump(mode="json", exclude={
+            "gate", "compare_champion", "prompts", "informational", "min_samples", "bootstrap_resamples",
+            "confidence", "reference_alias"}),
     }
     return "p" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -111,7 +143,7 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
         fuse(parts.unet, adapter)
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device).eval()
-    metrics = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).losses(parts, parts.unet)
+    metrics, rows = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).row_losses(parts, parts.unet)
     pipes = build_pipelines(parts, inference_scheduler(diffusion), cfg.inference.model_dump(), device=device)
     ev = cfg.evaluate
     dark, bright = _generate(cfg, pipes, ev.dark_prompts, ev.seeds), _generate(cfg, pipes, ev.bright_prompts, ev.seeds)
@@ -119,11 +151,18 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     metrics.update(probe_stats(dark, bright))
     metrics.update(image_checks(dark + bright + quality, ev.blank_std))
     fake = as_uint8_batch(quality)
-    metrics["clip_score"] = clip_score(fake, prompts.prompts, ev.clip_model)
+    clip = {}
+    metrics["clip_score"] = clip_score(fake, prompts.prompts, clip_location(ev.clip_model, cfg.state_path("cache")),
+                                       clip)
     side = ev.image_size
     metrics.update(distribution_distance(as_uint8_batch(real, side), fake, ev.fid_features, ev.fid_weights,
                                          ev.kid_subset_size))
-    return Evaluation(metrics, dark + bright, quality)
+    distance = min(len(real), len(fake))
+    samples = {"val_loss": len(rows), "clip_score": len(fake), "fid": distance, "kid": distance,
+               "dark_spread": len(dark), "bright_spread": len(bright), "luminance_range": min(len(dark), len(bright))}
+    fid_id = fid_weights_id(ev.fid_features, ev.fid_weights)
+    features = {"clip_score": clip["weights_id"], "fid": fid_id, "kid": fid_id}
+    return Evaluation(metrics, dark + bright, quality, rows, samples, features, diffusion)
 
 
 def side_by_side(candidate: Evaluation, champion: Evaluation | None) -> Image.Image:
@@ -135,21 +174,64 @@ def side_by_side(candidate: Evaluation, champion: Evaluation | None) -> Image.Im
     return grid([image for pair in zip(left, right, strict=True) for image in pair], cols=2)
 
 
-def comparison_table(candidate: dict[str, float], champion: dict[str, float] | None) -> dict[str, list]:
-    """Every metric of both models, column-wise (``mlflow.log_table``)."""
+def comparison_table(candidate: dict[str, float], champion: dict[str, float] | None,
+                     verdicts: list | None = None) -> dict[str, list]:
+    """Every metric of both models, column-wise (``mlflow.log_table``), with each judged metric's paired
+    interval (val_loss), tolerance and verdict (``promotion.judge``)."""
     names = sorted(candidate)
     table = {"metric": names, "candidate": [candidate[n] for n in names]}
     if champion is not None:
         table["champion"] = [champion.get(n, float("nan")) for n in names]
         table["candidate_minus_champion"] = [candidate[n] - champion.get(n, float("nan")) for n in names]
+    judged = {v.metric: v for v in verdicts or []}
+    if judged:
+        nan = float("nan")
+        table["change"] = [judged[n].change if n in judged else nan for n in names]
+        table["interval_low"] = [judged[n].low if n in judged else nan for n in names]
+        table["interval_high"] = [judged[n].high if n in judged else nan for n in names]
+        table["tolerance"] = [judged[n].tolerance if n in judged else nan for n in names]
+        table["verdict"] = [judged[n].verdict if n in judged else "" for n in names]
+        table["reason"] = [judged[n].reason if n in judged else "" for n in names]
     return table
+
+
+def schedule_words(diffusion: DiffusionConfig) -> str:
+    return f"{diffusion.prediction_type.value}, " + ("zero-terminal-SNR" if diffusion.zero_terminal_snr else
+                                                       f"{diffusion.beta_schedule} betas without zero terminal SNR")
+
+
+def version_tags(ev: Evaluation, protocol: str) -> dict[str, str]:
+    """The ``eval.*`` tags (prefix stripped) of one model's evaluation: its figures, their sample counts and
+    feature models, its schedule and the protocol."""
+    tags = {k: f"{v:.6g}" for k, v in ev.metrics.items()}
+    tags.update({f"{SAMPLES_PREFIX}{k}": str(n) for k, n in ev.samples.items()})
+    tags.update({f"{FEATURES_PREFIX}{k}": w for k, w in ev.features.items()})
+    tags.update({"protocol": protocol, "schedule": schedule_words(ev.diffusion)})
+    return tags
+
+
+def paired_tags(candidate: Evaluation, reference: Evaluation, reference_version: str, cfg: Config) -> dict[str, str]:
+    """``paired.*`` tags: the candidate's held-out loss against the reference's, row by row, with its seeded
+    bootstrap interval (``evaluate.bootstrap_resamples``, ``evaluate.confidence``). None of them when the two
+    were not computed under the same schedule (their rows do not pair)."""
+    if candidate.schedule != reference.schedule or len(candidate.rows) != len(reference.rows) or not candidate.rows:
+        return {}
+    try:
+        change = paired_change(candidate.rows, reference.rows, cfg.evaluate.bootstrap_resamples,
+                               cfg.evaluate.confidence, seed=cfg.seed)
+    except ValueError as err:  # a non-finite row: the candidate's own checks refuse it
+        log.warning("no paired interval: %s", err)
+        return {f"{PAIRED_PREFIX}reference": reference_version}
+    return {f"{PAIRED_PREFIX}reference": reference_version,
+            **{f"{PAIRED_PREFIX}val_loss.{k}": f"{v:.6g}" for k, v in change.as_dict().items()}}
 
 
 def _champion_of(resolved: ResolvedModel, cfg: Config) -> ResolvedModel | None:
     if not cfg.evaluate.compare_champion:
         return None
     try:
-        champ = fetch_model(f"models:/{resolved.name}@{CHAMPION}", cfg.state_path("cache", "models"), adapter_ok=True)
+        champ = fetch_model(f"models:/{resolved.name}@{cfg.evaluate.reference_alias}", cfg.state_path("cache", "models"),
+                            adapter_ok=True)
     except ModelUriError:
         return None  # no champion yet: the first version
     return None if champ.version == resolved.version else champ
@@ -166,11 +248,15 @@ def _base_and_adapter(resolved: ResolvedModel, cfg: Config) -> dict:
     return {"pipeline_dir": str(base_of(adapter, cfg.state_path("cache", "models"))), "adapter": adapter.weights()}
 
 
-def _tag(name: str, version: str, metrics: dict[str, float], extra: dict[str, str]) -> None:
+def _tag(name: str, version: str, tags: dict[str, str]) -> None:
+    """Replace the version's ``eval.*`` tags with ``tags`` (a stale paired interval must not outlive a
+    re-evaluation)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    tags = {**{k: f"{v:.6g}" for k, v in metrics.items()}, **extra}
+    for key in client.get_model_version(name, version).tags:
+        if key.startswith(EVAL_PREFIX) and key[len(EVAL_PREFIX):] not in tags:
+            client.delete_model_version_tag(name, version, key)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, f"{EVAL_PREFIX}{key}", value)
 
@@ -188,23 +274,30 @@ def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> 
     candidate = evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real, **_base_and_adapter(resolved, cfg))
     theirs = (evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real, **_base_and_adapter(champion, cfg))
               if champion else None)
-    protocol = eval_protocol(cfg, manifest, prompts)
-    weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, cfg.diffusion)
+    protocol = eval_protocol(cfg, manifest, prompts, candidate.diffusion)
+    mine = version_tags(candidate, protocol)
+    if theirs is not None:
+        ref_tags = version_tags(theirs, eval_protocol(cfg, manifest, prompts, theirs.diffusion))
+        mine.update(paired_tags(candidate, theirs, champion.version, cfg))
+    weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, candidate.diffusion)
+    verdicts = judge(mine, ref_tags if theirs else None, champion.version if champion else None, cfg.evaluate)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:
         mlflow.set_tags({"eval.model": resolved.name, "eval.version": resolved.version, "dataset_digest": manifest.digest,
                          "eval.protocol": protocol, "eval.prompts": prompts.version,
-                         "eval.champion": champion.version if champion else "none"})
+                         "eval.champion": champion.version if champion else "none",
+                         "eval.verdict": "refuse" if any(v.refused for v in verdicts) else "pass"})
         mlflow.log_params({f"evaluate.{k}": str(v)[:500] for k, v in cfg.evaluate.model_dump(mode="json").items()})
         mlflow.log_param("selection_weights", json.dumps({str(t): round(w, 4) for t, w in weights.items()}))
         mlflow.log_metrics(candidate.metrics)
-        mlflow.log_table(comparison_table(candidate.metrics, theirs.metrics if theirs else None),
+        mlflow.log_table(comparison_table(candidate.metrics, theirs.metrics if theirs else None, verdicts),
                          artifact_file="comparison.json")
         mlflow.log_image(side_by_side(candidate, theirs), artifact_file="side_by_side.png")
         mlflow.log_image(grid(candidate.probe, cols=len(cfg.evaluate.seeds) * 2), artifact_file="probe_grid.png")
-    extra = {"run_id": run.info.run_id, "protocol": protocol, "dataset_digest": manifest.digest}
-    _tag(resolved.name, resolved.version, candidate.metrics, extra)
-    if champion is not None:  # re-measured under this protocol: promotion compares like with like
-        _tag(champion.name, champion.version, theirs.metrics, extra)
+    extra = {"run_id": run.info.run_id, "dataset_digest": manifest.digest}
+    _tag(resolved.name, resolved.version, {**mine, **extra})
+    if champion is not None:  # re-measured beside the candidate: promotion compares like with like
+        _tag(champion.name, champion.version, {**ref_tags, **extra})
     return {"model": resolved.name, "version": resolved.version, "run_id": run.info.run_id, "protocol": protocol,
-            "champion": champion.version if champion else None, **candidate.metrics}
-
+            "champion": champion.version if champion else None, **candidate.metrics,
+            "verdicts": [{"metric": v.metric, "verdict": v.verdict, "change": v.change, "low": v.low, "high": v.high,
+                          "reason": v.reason} for v in verdicts]}

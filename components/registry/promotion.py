@@ -41,9 +41,18 @@ CHAMPION = "champion"
 PROTOCOL = "protocol"
 """``eval.protocol``: hash of what the held-out loss depends on besides the weights (split, timesteps,
 rows, batching); losses measured under different protocols are not comparable."""
-NON_METRIC = {"run_id", PROTOCOL, "dataset_digest", "model", "version"}
+SCHEDULE = "schedule"
+"""``eval.schedule``: the model's prediction type and schedule in words (``v_prediction, zero-terminal-SNR``)."""
+SAMPLES_PREFIX = "samples."
+"""``eval.samples.<metric>``: how many samples the metric was computed on."""
+FEATURES_PREFIX = "features."
+"""``eval.features.<metric>``: which weights of a feature model computed it (``random``: a random network)."""
+PAIRED_PREFIX = "paired."
+"""``eval.paired.reference``, ``eval.paired.val_loss.{change,low,high,n,confidence}``: the held-out loss paired
+row by row with the reference version's, and its bootstrap interval."""
+RANDOM_FEATURES = "random"
+NON_METRIC = {"run_id", PROTOCOL, SCHEDULE, "dataset_digest", "model", "version"}
 LOCK_SUFFIX = ".promotion-lock"
-DEFAULT_GATE = EvaluateConfig().gate
 
 
 class PromotionRefused(RuntimeError):
@@ -75,7 +84,7 @@ def eval_metrics(name: str, version: str) -> dict[str, float]:
     """The numeric ``eval.*`` tags evaluation left on a version (``nan`` parses to NaN)."""
     out = {}
     for key, value in eval_tags(name, version).items():
-        if key in NON_METRIC:
+        if key in NON_METRIC or "." in key:  # samples.*, features.*, paired.*: about a metric, not one
             continue
         try:
             out[key] = float(value)
@@ -93,12 +102,106 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
-def check_candidate(name: str, version: str, champion: str | None, gate: dict[str, float]) -> None:
-    """Raise PromotionRefused with a one-line reason, or return if the candidate may go live.
+@dataclass
+class Verdict:
+    """One metric's judgement: the figures it rests on and whether it lets the candidate through."""
 
-    ``gate``: metric -> the relative regression allowed against the champion; each metric's better
+    metric: str
+    candidate: float
+    reference: float
+    change: float
+    """Relative change from the reference (+0.05: 5 % higher); for val_loss the paired estimate."""
+    low: float
+    high: float
+    """The paired interval of ``change`` (NaN where the metric has none)."""
+    tolerance: float
+    decides: bool
+    verdict: str
+    """``pass``, ``refuse`` or ``info`` (an informational metric, or one the gate does not name)."""
+    reason: str = ""
+
+    @property
+    def refused(self) -> bool:
+        return self.decides and self.verdict == "refuse"
+
+
+def _float(tags: dict[str, str], key: str) -> float:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return math.nan
+
+
+def _usable(metric: str, tags: dict[str, str], evaluate: EvaluateConfig, who: str) -> str:
+    """Why ``metric`` of a version's tags is not evidence (missing, not finite, too few samples, a random
+    feature model), or ``""``."""
+    value = _float(tags, metric)
+    if metric not in tags:
+        return f"{metric}: {who} was not measured on it (evaluate with this config)"
+    if not math.isfinite(value):
+        return f"{metric}: {who}'s figure is {tags[metric]}, not a number to decide on"
+    need = evaluate.min_samples.get(metric, 1)
+    have = _float(tags, f"{SAMPLES_PREFIX}{metric}")
+    if not math.isfinite(have) or have < need:
+        got = "an unknown number of" if not math.isfinite(have) else f"{int(have)}"
+        return f"{metric}: {who}'s figure rests on {got} samples, fewer than the {need} it needs (evaluate.min_samples)"
+    if tags.get(f"{FEATURES_PREFIX}{metric}") == RANDOM_FEATURES:
+        return f"{metric}: {who}'s figure comes from a randomly initialised feature model, not a quality signal"
+    return ""
+
+
+def judge(candidate: dict[str, str], reference: dict[str, str] | None, reference_version: str | None,
+          evaluate: EvaluateConfig, gate: dict[str, float] | None = None) -> list[Verdict]:
+    """Each gated and informational metric of ``candidate``'s ``eval.*`` tags (prefix stripped) against the
+    reference's (None: the first version, judged on its own figures). Fail closed: a gated metric that is not
+    usable evidence (``_usable``) on either side refuses. ``val_loss`` against a reference decides on the paired
+    interval evaluation recorded against that very version: refused when its upper bound is above the
+    tolerance; the other metrics on their figures' relative change."""
+    gate = evaluate.gate if gate is None else gate
+    out = []
+    for metric in [*gate, *(m for m in evaluate.informational if m not in gate)]:
+        decides = metric in gate and metric not in evaluate.informational
+        tolerance = gate.get(metric, math.nan)
+        mine = _float(candidate, metric)
+        theirs = _float(reference, metric) if reference is not None else math.nan
+        change = mine / theirs - 1.0 if math.isfinite(mine) and math.isfinite(theirs) and theirs != 0 else math.nan
+        low = high = math.nan
+        reason = _usable(metric, candidate, evaluate, "the candidate")
+        if not reason and reference is not None:
+            reason = _usable(metric, reference, evaluate, f"reference v{reference_version}")
+        if not reason and reference is not None and metric == "val_loss":
+            paired_ref = candidate.get(f"{PAIRED_PREFIX}reference")
+            if paired_ref != str(reference_version):
+                reason = (f"val_loss: no paired evaluation against reference v{reference_version} "
+                          f"(the last was against {paired_ref or 'none'}): evaluate the candidate again")
+            else:
+                change, low, high = (_float(candidate, f"{PAIRED_PREFIX}val_loss.{k}") for k in ("change", "low", "high"))
+                level = _float(candidate, f"{PAIRED_PREFIX}val_loss.confidence")
+                if not all(math.isfinite(x) for x in (change, low, high)):
+                    reason = "val_loss: the paired interval is missing or not finite"
+                elif high > tolerance:
+                    reason = (f"val_loss: {change:+.1%} against v{reference_version}, {level:.0%} interval "
+                              f"[{low:+.1%}, {high:+.1%}], whose upper bound is above the {tolerance:+.0%} tolerance")
+        elif not reason and reference is not None and math.isfinite(tolerance):
+            higher_is_better = GATE_DIRECTIONS[metric] > 0
+            worse = mine < theirs - tolerance * abs(theirs) if higher_is_better else mine > theirs + tolerance * abs(theirs)
+            if worse:
+                reason = (f"{metric}: {mine:.5g} is worse than reference v{reference_version}'s {theirs:.5g} beyond "
+                          f"the {tolerance:.0%} tolerance")
+        verdict = ("refuse" if reason else "pass") if decides else "info"
+        out.append(Verdict(metric, mine, theirs, change, low, high, tolerance, decides, verdict, reason))
+    return out
+
+
+def check_candidate(name: str, version: str, reference: str | None, gate: dict[str, float] | None = None,
+                    evaluate: EvaluateConfig | None = None) -> list[Verdict]:
+    """Raise PromotionRefused with one clause per reason, or return the verdicts if the candidate may go live.
+
+    ``reference``: the version it is judged against (``evaluate.reference_alias``'s holder; None for the
+    first). ``gate`` (default ``evaluate.gate``): metric -> the relative regression allowed; each metric's better
     direction is ``config.GATE_DIRECTIONS``'s (a lower FID, a higher CLIP score).
     """
+    evaluate = evaluate or EvaluateConfig()
     tags = eval_tags(name, version)
     cand = eval_metrics(name, version)
     if "val_loss" not in cand:
@@ -110,32 +213,23 @@ def check_candidate(name: str, version: str, champion: str | None, gate: dict[st
         raise PromotionRefused(f"{name} v{version} produced {nan} NaN and {blank} blank images in evaluation")
     if not math.isfinite(cand["val_loss"]):
         raise PromotionRefused(f"{name} v{version} has a non-finite held-out loss ({cand['val_loss']})")
-    missing = sorted(m for m in gate if m not in cand)
-    if missing:
-        raise PromotionRefused(f"{name} v{version} was not evaluated on gated metric(s) {missing}: evaluate it "
-                               "with this config")
-    if champion is None or champion == version:
-        return
-    champ = eval_metrics(name, champion)
-    theirs = eval_tags(name, champion).get(PROTOCOL)
-    if tags.get(PROTOCOL) and theirs and tags[PROTOCOL] != theirs:
-        raise PromotionRefused(
-            f"{name} v{version} and champion v{champion} were evaluated under different protocols "
-            f"({tags[PROTOCOL]} vs {theirs}): re-evaluate v{champion} with the same config"
-        )
-    for metric, allowed in gate.items():
-        mine, best = cand[metric], champ.get(metric, math.nan)
-        if not math.isfinite(best):
-            log.warning("champion %s v%s has no finite %s to compare with; gating v%s on its own checks only",
-                        name, champion, metric, version)
-            continue
-        higher_is_better = GATE_DIRECTIONS[metric] > 0
-        worse = mine < best - allowed * abs(best) if higher_is_better else mine > best + allowed * abs(best)
-        if worse or not math.isfinite(mine):
+    theirs = None
+    if reference is not None and reference != version:
+        theirs = eval_tags(name, reference)
+        if tags.get(SCHEDULE) and theirs.get(SCHEDULE) and tags[SCHEDULE] != theirs[SCHEDULE]:
             raise PromotionRefused(
-                f"{name} v{version} {metric} {mine:.5f} is worse than champion v{champion} {best:.5f} "
-                f"beyond the {allowed:.0%} tolerance"
-            )
+                f"{name} v{version} was trained as {tags[SCHEDULE]} and reference v{reference} as "
+                f"{theirs[SCHEDULE]}: their held-out losses measure different quantities")
+        if tags.get(PROTOCOL) != theirs.get(PROTOCOL):
+            raise PromotionRefused(
+                f"{name} v{version} and reference v{reference} were evaluated under different protocols "
+                f"({tags.get(PROTOCOL)} vs {theirs.get(PROTOCOL)}): re-evaluate v{version} with the config "
+                f"v{reference} was measured under")
+    verdicts = judge(tags, theirs, reference if theirs is not None else None, evaluate, gate)
+    reasons = [v.reason for v in verdicts if v.refused]
+    if reasons:
+        raise PromotionRefused(f"{name} v{version}: " + "; ".join(reasons))
+    return verdicts
 
 
 HEARTBEAT = "heartbeat"
@@ -253,10 +347,12 @@ def _wait_turn(client, name: str, lock: str, ticket: int, timeout_s: float, stal
 
 def promote(
     name: str, version: str, alias: str = CHAMPION, gate: dict[str, float] | None = None,
-    force_reason: str | None = None,
+    force_reason: str | None = None, evaluate: EvaluateConfig | None = None,
 ) -> PromotionResult:
-    """Point ``alias`` at ``version`` if it passes ``check_candidate`` (or ``force_reason`` is given);
-    the version it replaces gets ``previous_alias(alias)``."""
+    """Point ``alias`` at ``version`` if it passes ``check_candidate`` against the holder of
+    ``evaluate.reference_alias`` (the champion) -- whatever the alias, so a new alias is never a free pass --
+    or ``force_reason`` is given; the version it replaces gets ``previous_alias(alias)``."""
+    evaluate = evaluate or EvaluateConfig()
     if force_reason is not None and not force_reason.strip():
         raise PromotionRefused("--force needs a reason (it is recorded on the version)")
     client = mlflow.MlflowClient()
@@ -268,8 +364,9 @@ def promote(
     overridden = None
     with alias_lock(name):
         current = _alias_version(client, name, alias)
+        reference = current if alias == evaluate.reference_alias else _alias_version(client, name, evaluate.reference_alias)
         try:
-            check_candidate(name, version, current, DEFAULT_GATE if gate is None else gate)
+            check_candidate(name, version, reference, gate, evaluate)
         except PromotionRefused as err:
             if force_reason is None:
                 raise

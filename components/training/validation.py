@@ -71,30 +71,36 @@ class Validator:
         ]
 
     @torch.no_grad()
-    def losses(self, parts: SDXLParts, unet: torch.nn.Module) -> dict[str, float]:
-        """``val_loss`` (the selection metric) and the plain v-MSE of each timestep bucket, over every
-        held-out row at every fixed timestep, with fixed noise."""
+    def row_losses(self, parts: SDXLParts, unet: torch.nn.Module) -> tuple[dict[str, float], list[float]]:
+        """(``losses``' figures, each held-out row's own ``val_loss``: its MSE at every fixed timestep, combined
+        with ``selection_weights``). The rows come in a fixed order with fixed noise, so two models' lists
+        pair row by row; the figures' ``val_loss`` is the rows' mean."""
         spec = LossSpec(training_scheduler(self.cfg.diffusion), self.cfg.diffusion, self.cfg.train.precision)
         was_training = unet.training
         unet.eval()
-        sums = dict.fromkeys(self.cfg.train.val_timesteps, 0.0)
-        rows = 0
+        per_row: dict[int, list[float]] = {t: [] for t in self.cfg.train.val_timesteps}
         for b_idx, batch in enumerate(self.batches):
             for t in self.cfg.train.val_timesteps:
                 gen = torch.Generator().manual_seed(VAL_NOISE_SEED + 7919 * b_idx + t)
                 timesteps = torch.full((len(batch.captions),), t, dtype=torch.long, device=self.device)
                 mse, _ = prediction_error(parts, unet, batch, spec, NoiseDraw(gen, timesteps=timesteps))
-                sums[t] += float(mse.sum())
-            rows += len(batch.captions)
+                per_row[t] += [float(v) for v in mse.float().cpu()]
         unet.train(was_training)
-        per_t = {t: total / rows for t, total in sums.items()}  # mean MSE of each timestep
+        rows = len(next(iter(per_row.values())))
         weights = selection_weights(self.cfg.train.val_timesteps, self.cfg.train.select_metric, self.cfg.diffusion)
-        out = {"val_loss": sum(weights[t] * mse for t, mse in per_t.items())}
+        row_loss = [sum(weights[t] * per_row[t][i] for t in per_row) for i in range(rows)]
+        per_t = {t: sum(values) / rows for t, values in per_row.items()}  # mean MSE of each timestep
+        out = {"val_loss": sum(row_loss) / rows}
         for bucket in VAL_BUCKETS:
             inside = [mse for t, mse in per_t.items() if bucket_of(t) == bucket]
             if inside:
                 out[bucket_name(bucket)] = sum(inside) / len(inside)
-        return out
+        return out, row_loss
+
+    def losses(self, parts: SDXLParts, unet: torch.nn.Module) -> dict[str, float]:
+        """``val_loss`` (the selection metric) and the plain v-MSE of each timestep bucket, over every
+        held-out row at every fixed timestep, with fixed noise."""
+        return self.row_losses(parts, unet)[0]
 
     def loss(self, parts: SDXLParts, unet: torch.nn.Module) -> float:
         return self.losses(parts, unet)["val_loss"]

@@ -31,7 +31,7 @@ def test_evaluation_tags_the_version_and_logs_a_run_with_the_probe_grid(evaluate
     for key in METRICS:
         assert float(tags[f"eval.{key}"]) == pytest.approx(good[key], rel=1e-5), key
     prompts = load_prompt_set(r.cfg.evaluate.prompts, r.cfg.evaluate.num_prompts)
-    assert tags["eval.protocol"] == good["protocol"] == eval_protocol(r.cfg, r.manifest, prompts)
+    assert tags["eval.protocol"] == good["protocol"] == eval_protocol(r.cfg, r.manifest, prompts, r.cfg.diffusion)
     assert sorted(set(prompts.categories)) == ["bright", "dark", "objects", "people", "scenes", "text"]
     assert good["clip_score"] >= 0 and good["fid"] >= 0 and math.isfinite(good["kid"])
     assert tags["eval.dataset_digest"] == r.manifest.digest
@@ -105,3 +105,11 @@ def test_a_challenger_is_measured_beside_the_champion(evaluated_registry, tmp_pa
     good_tags = client.get_model_version(r.name, r.versions["good"]).tags
     worse_tags = client.get_model_version(r.name, r.versions["worse"]).tags
     assert good_tags["eval.protocol"] == worse_tags["eval.protocol"] == out["protocol"]
+    # The held-out loss paired row by row with the champion's, its interval, and the gate's verdict.
+    assert worse_tags["eval.paired.reference"] == r.versions["good"]
+    low, high = float(worse_tags["eval.paired.val_loss.low"]), float(worse_tags["eval.paired.val_loss.high"])
+    assert 0 < low <= float(worse_tags["eval.paired.val_loss.change"]) <= high
+    assert worse_tags["eval.samples.val_loss"] == "2" and worse_tags["eval.features.clip_score"] == "random"
+    verdict = dict(zip(rows["metric"], rows["verdict"], strict=True))
+    assert verdict["val_loss"] == "refuse" and run.data.tags["eval.verdict"] == "refuse"
+    assert "eval.paired.reference" not in good_tags  # the reference itself carries no pairing

@@ -82,7 +82,7 @@ def test_register_evaluate_promote_and_load_the_champion_through_a_server(server
     run_id, version = register_trained(cfg, manifest, "server-run", unet_checkpoint(cfg, tmp_path / "ckpt"),
                                        {"step": 3, "val_loss": 0.2})
     metrics = evaluate_version(cfg, f"models:/{name}/{version}", manifest)
-    result = promote(name, version)
+    result = promote(name, version, evaluate=cfg.evaluate)
     assert (result.version, result.previous) == (version, None)
 
     # Everything went to the server (registry, runs) and its S3 store, nothing to the embedded default.

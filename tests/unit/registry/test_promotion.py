@@ -15,10 +15,14 @@ from contextlib import nullcontext
 import mlflow
 import pytest
 
+from components.config import EvaluateConfig
 from components.registry import promotion
 from components.registry.promotion import PromotionRefused, alias_lock, check_candidate, promote, rollback
 
 _names = itertools.count()
+MINIMUM = EvaluateConfig().min_samples
+NO_GATE: dict[str, float] = {}
+"""For the alias and lock tests: no metric decides, so any version may follow any other."""
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +48,28 @@ class Registry:
         self.client.create_registered_model(self.name)
 
     def version(self, val_loss: float | None = 0.1, nan: int = 0, blank: int = 0, protocol: str = "p1",
-                **metrics: float) -> str:
+                samples: int | None = None, features: str = "sha256:0123456789abcdef",
+                schedule: str = "v_prediction, zero-terminal-SNR", **metrics: float) -> str:
+        """A version with the tags evaluation writes: each metric with its sample count (``samples``, default
+        each metric's minimum) and, for the feature-model metrics, the weights that computed it."""
         v = self.client.create_model_version(self.name, self.source).version
         if val_loss is not None:
-            tags = {"val_loss": val_loss, "nan_images": nan, "blank_images": blank, "protocol": protocol, **metrics}
+            tags = {"val_loss": val_loss, "nan_images": nan, "blank_images": blank, "protocol": protocol,
+                    "schedule": schedule, **metrics}
+            for metric in ("val_loss", *metrics):
+                tags[f"samples.{metric}"] = MINIMUM[metric] if samples is None else samples
+                if metric in ("clip_score", "fid", "kid"):
+                    tags[f"features.{metric}"] = features
             for key, value in tags.items():
                 self.client.set_model_version_tag(self.name, v, f"eval.{key}", str(value))
         return str(v)
+
+    def pair(self, version: str, reference: str, change: float, low: float, high: float) -> None:
+        """The paired held-out loss evaluation records on ``version`` against ``reference``."""
+        tags = {"reference": reference, "val_loss.change": change, "val_loss.low": low, "val_loss.high": high,
+                "val_loss.n": 8, "val_loss.confidence": 0.95}
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, version, f"eval.paired.{key}", str(value))
 
     def alias(self, alias: str) -> str | None:
         return promotion._alias_version(self.client, self.name, alias)
@@ -86,11 +105,13 @@ def test_non_finite_loss_is_refused_even_without_bad_images(reg):
         check_candidate(reg.name, v, None, {"val_loss": 0.05})
 
 
-def test_tolerance_is_relative_to_the_champion(reg):
-    champ, within, beyond = reg.version(0.100), reg.version(0.104), reg.version(0.106)
+def test_the_loss_is_judged_on_the_upper_bound_of_its_paired_interval(reg):
+    champ, within, beyond = reg.version(0.100), reg.version(0.101), reg.version(0.099)
+    reg.pair(within, champ, 0.01, -0.02, 0.04)
+    reg.pair(beyond, champ, -0.01, -0.08, 0.06)  # a lower point estimate, but the interval allows +6 %
     promote(reg.name, champ)
-    with pytest.raises(PromotionRefused, match=rf"v{beyond} val_loss 0.10600 is worse than champion v{champ} "
-                                               r"0.10000 beyond the 5% tolerance"):
+    with pytest.raises(PromotionRefused, match=rf"v{beyond}: val_loss: -1.0% against v{champ}, 95% interval "
+                                               r"\[-8.0%, \+6.0%\], whose upper bound is above the \+5% tolerance"):
         promote(reg.name, beyond, gate={"val_loss": 0.05})
     assert reg.alias("champion") == champ and reg.alias("previous") is None  # a refusal moves nothing
     result = promote(reg.name, within, gate={"val_loss": 0.05})
@@ -111,8 +132,10 @@ def test_the_gate_holds_quality_metrics_against_the_champion(reg, metric, champi
     gate = {"val_loss": 0.05, metric: 0.05}
     champ = reg.version(**{metric: champion})
     worse, fine = reg.version(**{metric: refused}), reg.version(**{metric: accepted})
+    for v in (worse, fine):
+        reg.pair(v, champ, 0.0, -0.01, 0.01)
     promote(reg.name, champ, gate=gate)
-    with pytest.raises(PromotionRefused, match=rf"v{worse} {metric} .* is worse than champion v{champ}"):
+    with pytest.raises(PromotionRefused, match=rf"v{worse}: {metric}: .* is worse than reference v{champ}'s"):
         promote(reg.name, worse, gate=gate)
     assert reg.alias("champion") == champ
     assert promote(reg.name, fine, gate=gate).version == fine
@@ -120,7 +143,7 @@ def test_the_gate_holds_quality_metrics_against_the_champion(reg, metric, champi
 
 def test_a_candidate_not_evaluated_on_a_gated_metric_is_refused(reg):
     v = reg.version()  # val_loss only
-    with pytest.raises(PromotionRefused, match=r"not evaluated on gated metric\(s\) \['fid'\]"):
+    with pytest.raises(PromotionRefused, match=r"fid: the candidate was not measured on it"):
         promote(reg.name, v, gate={"val_loss": 0.05, "fid": 0.1})
 
 
@@ -135,6 +158,7 @@ def test_force_overrides_a_quality_gate_and_records_why(reg):
 
 def test_promoting_the_champion_again_keeps_previous_distinct(reg):
     v1, v2 = reg.version(), reg.version()
+    reg.pair(v2, v1, 0.0, 0.0, 0.0)
     promote(reg.name, v1)
     promote(reg.name, v2)
     result = promote(reg.name, v2)
@@ -145,7 +169,8 @@ def test_promoting_the_champion_again_keeps_previous_distinct(reg):
 def test_losses_from_different_protocols_are_not_compared(reg):
     champ, cand = reg.version(0.2, protocol="p1"), reg.version(0.1, protocol="p2")
     promote(reg.name, champ)
-    with pytest.raises(PromotionRefused, match=f"different protocols .* re-evaluate v{champ}"):
+    with pytest.raises(PromotionRefused, match=f"different protocols .* re-evaluate v{cand} with the config "
+                                               f"v{champ} was measured under"):
         promote(reg.name, cand)
 
 
@@ -167,7 +192,7 @@ def test_rollback_swaps_champion_and_previous(reg):
     with pytest.raises(PromotionRefused, match="no 'previous' alias to roll back to"):
         rollback(reg.name)
     promote(reg.name, v1)
-    promote(reg.name, v2)
+    promote(reg.name, v2, gate=NO_GATE)
     result = rollback(reg.name)
     assert (result.version, result.previous) == (v1, v2)
     assert (reg.alias("champion"), reg.alias("previous")) == (v1, v2)
@@ -188,8 +213,8 @@ def test_rollback_repairs_previous_equal_to_champion(reg):
 def test_other_aliases_keep_their_own_previous(reg):
     v1, v2, v3 = reg.version(), reg.version(), reg.version()
     promote(reg.name, v1)
-    promote(reg.name, v2, alias="staging")
-    promote(reg.name, v3, alias="staging")
+    promote(reg.name, v2, alias="staging", gate=NO_GATE)
+    promote(reg.name, v3, alias="staging", gate=NO_GATE)
     assert (reg.alias("staging"), reg.alias("staging-previous")) == (v3, v2)
     assert (reg.alias("champion"), reg.alias("previous")) == (v1, None)
     rollback(reg.name, alias="staging")
@@ -242,7 +267,7 @@ def test_racing_promotions_leave_a_consistent_history(reg, monkeypatch):
     v0, a, b = reg.version(0.1), reg.version(0.1), reg.version(0.1)
     promote(reg.name, v0)
     _slow_reads(monkeypatch)
-    assert _race(lambda: promote(reg.name, a), lambda: promote(reg.name, b)) == []
+    assert _race(lambda: promote(reg.name, a, gate=NO_GATE), lambda: promote(reg.name, b, gate=NO_GATE)) == []
     champion, previous = reg.alias("champion"), reg.alias("previous")
     # Serialised: the second promotion saw the first as champion, so previous is the other candidate.
     assert {champion, previous} == {a, b}
@@ -252,7 +277,7 @@ def test_racing_promotions_leave_a_consistent_history(reg, monkeypatch):
 def test_racing_rollbacks_never_leave_previous_equal_to_champion(reg, monkeypatch):
     v1, v2 = reg.version(), reg.version()
     promote(reg.name, v1)
-    promote(reg.name, v2)
+    promote(reg.name, v2, gate=NO_GATE)
     _slow_reads(monkeypatch)
     errors = _race(lambda: rollback(reg.name), lambda: rollback(reg.name))
     assert errors == []
@@ -266,7 +291,7 @@ def test_the_race_is_real_without_the_lock(reg, monkeypatch):
     promote(reg.name, v0)
     _slow_reads(monkeypatch)
     monkeypatch.setattr(promotion, "alias_lock", lambda name: nullcontext())
-    _race(lambda: promote(reg.name, a), lambda: promote(reg.name, b))
+    _race(lambda: promote(reg.name, a, gate=NO_GATE), lambda: promote(reg.name, b, gate=NO_GATE))
     champion = reg.alias("champion")
     assert champion in {a, b} and reg.alias("previous") == v0
     _race(lambda: rollback(reg.name), lambda: rollback(reg.name))
@@ -371,3 +396,74 @@ def test_a_live_holder_keeps_the_lock_past_stale_after_s(reg):
     """Staleness is a stopped heartbeat, not an age: a holder busy for 5 x stale_after_s is not broken."""
     state, enter = _occupancy(body_s=2.5)
     _hold_while(reg, state, enter, stale_after_s=0.5, waiter_timeout_s=1.5)
+
+
+# --- fail closed ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("metric", "value", "reason"), [
+    ("fid", "nan", r"fid: the candidate's figure is nan, not a number to decide on"),
+    ("kid", "inf", r"kid: the candidate's figure is inf, not a number to decide on"),
+])
+def test_a_gated_metric_that_is_not_a_number_blocks(reg, metric, value, reason):
+    v = reg.version(**{metric: 1.0})
+    reg.client.set_model_version_tag(reg.name, v, f"eval.{metric}", value)
+    with pytest.raises(PromotionRefused, match=reason):
+        promote(reg.name, v, gate={"val_loss": 0.05, metric: 0.1})
+    assert reg.alias("champion") is None
+
+
+def test_too_few_samples_block_with_the_minimum_named(reg):
+    v = reg.version(samples=2, fid=20.0)
+    with pytest.raises(PromotionRefused) as err:
+        promote(reg.name, v, gate={"val_loss": 0.05, "fid": 0.1})
+    reasons = str(err.value).split(": ", 1)[1].split("; ")  # one clause per metric
+    assert reasons == [
+        "val_loss: the candidate's figure rests on 2 samples, fewer than the 8 it needs (evaluate.min_samples)",
+        "fid: the candidate's figure rests on 2 samples, fewer than the 2048 it needs (evaluate.min_samples)"]
+
+
+def test_a_metric_of_a_random_feature_model_blocks_and_informational_ones_never_decide(reg):
+    v = reg.version(clip_score=30.0, features="random")
+    with pytest.raises(PromotionRefused, match="clip_score: the candidate's figure comes from a randomly initialised "
+                                               "feature model, not a quality signal"):
+        promote(reg.name, v, gate={"val_loss": 0.05, "clip_score": 0.05})
+    evaluate = EvaluateConfig(informational=["clip_score"])
+    verdicts = check_candidate(reg.name, v, None, {"val_loss": 0.05}, evaluate)
+    assert [(x.metric, x.verdict) for x in verdicts] == [("val_loss", "pass"), ("clip_score", "info")]
+
+
+def test_a_loss_without_paired_evidence_against_the_champion_blocks(reg):
+    champ, other, cand = reg.version(), reg.version(), reg.version(0.05)
+    promote(reg.name, champ)
+    with pytest.raises(PromotionRefused, match=rf"no paired evaluation against reference v{champ} \(the last was "
+                                               r"against none\)"):
+        promote(reg.name, cand)  # a far lower point estimate is not evidence
+    reg.pair(cand, other, -0.5, -0.6, -0.4)
+    with pytest.raises(PromotionRefused, match=rf"against reference v{champ} \(the last was against {other}\)"):
+        promote(reg.name, cand)
+    reg.pair(cand, champ, -0.5, -0.6, -0.4)
+    assert promote(reg.name, cand).version == cand
+
+
+def test_a_new_alias_is_judged_against_the_champion(reg):
+    champ, bad, good = reg.version(), reg.version(), reg.version()
+    reg.pair(bad, champ, 0.5, 0.3, 0.7)
+    reg.pair(good, champ, 0.0, -0.01, 0.01)
+    promote(reg.name, champ)
+    with pytest.raises(PromotionRefused, match=rf"v{bad}: val_loss: \+50.0% against v{champ}"):
+        promote(reg.name, bad, alias="staging-test")
+    assert reg.alias("staging-test") is None
+    assert promote(reg.name, good, alias="staging-test").version == good
+    with pytest.raises(PromotionRefused, match=rf"v{bad}: val_loss: \+50.0% against v{champ}"):
+        promote(reg.name, bad, alias="staging-test")  # judged against the champion, not the alias's holder
+
+
+def test_a_model_trained_under_another_schedule_is_refused_by_name(reg):
+    champ = reg.version()
+    eps = reg.version(schedule="epsilon, scaled_linear betas without zero terminal SNR")
+    promote(reg.name, champ)
+    with pytest.raises(PromotionRefused, match=rf"v{eps} was trained as epsilon, scaled_linear betas without zero "
+                                               rf"terminal SNR and reference v{champ} as v_prediction, "
+                                               r"zero-terminal-SNR: their held-out losses measure different"):
+        promote(reg.name, eps)
