@@ -183,7 +183,7 @@ def as_uint8_batch(images: list[np.ndarray], side: int | None = None) -> torch.T
 
 
 def clip_score(images: torch.Tensor, prompts: list[str], model: str, loaded: dict | None = None) -> float:
-    """Mean CLIP score (100 x cosine similarity, floored at 0) of uint8 images (N, 3, H, W) and prompts;
+    """CLIP score: the mean of 100 x cosine similarity, floored at 0 (torchmetrics floors the mean), of uint8 images (N, 3, H, W) and prompts;
     ``loaded`` gets the model's ``weights_id`` (``clip_loader``)."""
     from torchmetrics.multimodal import CLIPScore
 
