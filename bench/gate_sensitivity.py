@@ -5,8 +5,10 @@ identical copy.
         --identical-seeds 0,1,2,3,4 --json OUT
 
 The demo's curation (``flows/configs/tiny.yaml``: scikit-image's photos, 8 of the kept ones held out) runs
-into a fresh state folder with its own SQLite MLflow. The champion is the tiny model as registered; each
-challenger is its UNet with Gaussian noise added to every tensor (``scale`` x that tensor's std, one noise seed
+into a fresh state folder with its own SQLite MLflow. The champion is the demo's training run (``--champion
+trained``: the tiny preset's full fine-tune on those photos, registered by the trainer) or the tiny model as
+built (``--champion random``: its loss is a random network's, which noise barely moves); each challenger is
+the champion's UNet with Gaussian noise added to every tensor (``scale`` x that tensor's std, one noise seed
 each), registered, evaluated beside the champion by ``evaluate_version`` (the demo's validation timesteps and
 held-out rows; generation shrunk to 64 px and 2 steps, which the gate's ``val_loss`` does not use) and promoted
 to ``@staging`` through ``promote``. An identical copy is evaluated under several bootstrap seeds
@@ -29,11 +31,12 @@ from components.cluster import ray_session
 from components.config import load_config
 from components.curation.pipeline import curate
 from components.dataset import read_manifest
-from components.diffusion.sdxl import build_tiny, save_pipeline
+from components.diffusion.sdxl import build_tiny, load_parts, save_pipeline
 from components.evaluation.run import evaluate_version
-from components.registry.model import log_pipeline_model
+from components.registry.model import fetch_model, log_pipeline_model
 from components.registry.promotion import PromotionRefused, promote
 from components.registry.tracking import setup_tracking
+from components.training.driver import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATION_SMALL = [
@@ -56,6 +59,7 @@ def main() -> None:
     p.add_argument("--scales", default="0.5,0.2,0.1,0.05,0.02,0.01")
     p.add_argument("--noise-seeds", default="11,12")
     p.add_argument("--identical-seeds", default="0,1,2,3,4")
+    p.add_argument("--champion", choices=("trained", "random"), default="trained")
     p.add_argument("--state", default=None, help="state folder (default: a temporary one)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -69,17 +73,24 @@ def main() -> None:
     started = time.monotonic()
     with ray_session(num_cpus=2):
         curate(cfg)
+        trained = run_training(cfg) if args.champion == "trained" else None
     manifest = read_manifest(cfg.train.data)
     experiment = setup_tracking(cfg)
     name = cfg.tracking.registered_model
+    cache = cfg.state_path("cache", "models")
+    champion_dir = (fetch_model(f"models:/{name}/{trained.version}", cache).pipeline_dir
+                    if trained is not None else None)
 
     def register(label: str, scale: float = 0.0, seed: int = 0) -> str:
-        parts = build_tiny(cfg.model.tiny)
+        parts = load_parts(cfg.model, cache, str(champion_dir)) if champion_dir else build_tiny(cfg.model.tiny)
         if scale:
             add_noise(parts.unet, scale, seed)
         directory = save_pipeline(parts, cfg.diffusion, root / "pipelines" / label)
         with mlflow.start_run(experiment_id=experiment, run_name=label):
             return str(log_pipeline_model(directory, name, cfg.inference).registered_model_version)
+
+    def eval_loss(version: str) -> float:
+        return float(mlflow.MlflowClient().get_model_version(name, version).tags["eval.val_loss"])
 
     def judged(version: str, run_cfg) -> dict:
         out = evaluate_version(run_cfg, f"models:/{name}/{version}", manifest)
@@ -92,7 +103,7 @@ def main() -> None:
         return {"change": verdict["change"], "low": verdict["low"], "high": verdict["high"],
                 "verdict": verdict["verdict"], "refused": refused}
 
-    champion = register("champion")
+    champion = trained.version if trained is not None else register("champion")
     evaluate_version(cfg, f"models:/{name}/{champion}", manifest)
     promote(name, champion, evaluate=cfg.evaluate)
     noise = []
@@ -107,7 +118,7 @@ def main() -> None:
         row = {"bootstrap_seed": seed, **judged(copy, cfg.model_copy(update={"seed": seed}))}
         identical.append(row)
         print(json.dumps(row), flush=True)
-    report = {"rows": manifest.rows.get("val"),
+    report = {"champion": args.champion, "champion_val_loss": eval_loss(champion), "rows": manifest.rows.get("val"),
               "tolerance": cfg.evaluate.gate["val_loss"], "confidence": cfg.evaluate.confidence,
               "resamples": cfg.evaluate.bootstrap_resamples, "val_timesteps": cfg.train.val_timesteps,
               "noise": noise, "identical": identical, "total_s": round(time.monotonic() - started, 1)}
