@@ -182,14 +182,26 @@ def as_uint8_batch(images: list[np.ndarray], side: int | None = None) -> torch.T
     return torch.stack(out)
 
 
-def clip_score(images: torch.Tensor, prompts: list[str], model: str, loaded: dict | None = None) -> float:
-    """CLIP score: the mean of 100 x cosine similarity, floored at 0 (torchmetrics floors the mean), of uint8 images (N, 3, H, W) and prompts;
-    ``loaded`` gets the model's ``weights_id`` (``clip_loader``)."""
+def clip_scores(images: torch.Tensor, prompts: list[str], model: str,
+                loaded: dict | None = None) -> tuple[float, list[float]]:
+    """CLIP score of uint8 images (N, 3, H, W) and their prompts: torchmetrics' figure (the mean of
+    100 x cosine similarity, floored at 0 as a mean) and each image's own 100 x cosine (what pairs with
+    another model's image of the same prompt and seed). ``loaded`` gets the model's ``weights_id``
+    (``clip_loader``)."""
     from torchmetrics.multimodal import CLIPScore
 
     metric = CLIPScore(model_name_or_path=clip_loader(model, loaded))
-    metric.update(list(images), prompts)
-    return float(metric.compute())
+    per_image = []
+    for image, prompt in zip(images, prompts, strict=True):  # one model load; the running sum gives each score
+        before = float(metric.score)
+        metric.update([image], [prompt])
+        per_image.append(float(metric.score) - before)
+    return float(metric.compute()), per_image
+
+
+def clip_score(images: torch.Tensor, prompts: list[str], model: str, loaded: dict | None = None) -> float:
+    """torchmetrics' CLIP score of the images and prompts (``clip_scores``' first figure)."""
+    return clip_scores(images, prompts, model, loaded)[0]
 
 
 def distribution_distance(real: torch.Tensor, fake: torch.Tensor, features: str, weights: str | None,

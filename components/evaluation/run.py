@@ -42,7 +42,7 @@ from components.evaluation.prompts import PromptSet, load_prompt_set
 from components.evaluation.quality import (
     as_uint8_batch,
     clip_location,
-    clip_score,
+    clip_scores,
     distribution_distance,
     fid_weights_id,
 )
@@ -67,6 +67,8 @@ class Evaluation:
     quality: list[np.ndarray] = field(repr=False)  # one per prompt of the set, first seed
     rows: list[float] = field(default_factory=list, repr=False)
     """Each held-out row's val_loss, in the Validator's fixed order (pairs with another model's)."""
+    clip_rows: list[float] = field(default_factory=list, repr=False)
+    """Each quality image's CLIP score, in prompt order (pairs with another model's image of that prompt)."""
     samples: dict[str, int] = field(default_factory=dict)
     features: dict[str, str] = field(default_factory=dict)
     """Metric -> the weights of the feature model that computed it."""
@@ -152,8 +154,8 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     metrics.update(image_checks(dark + bright + quality, ev.blank_std))
     fake = as_uint8_batch(quality)
     clip = {}
-    metrics["clip_score"] = clip_score(fake, prompts.prompts, clip_location(ev.clip_model, cfg.state_path("cache")),
-                                       clip)
+    metrics["clip_score"], clip_rows = clip_scores(fake, prompts.prompts,
+                                                   clip_location(ev.clip_model, cfg.state_path("cache")), clip)
     side = ev.image_size
     metrics.update(distribution_distance(as_uint8_batch(real, side), fake, ev.fid_features, ev.fid_weights,
                                          ev.kid_subset_size))
@@ -162,7 +164,7 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
                "dark_spread": len(dark), "bright_spread": len(bright), "luminance_range": min(len(dark), len(bright))}
     fid_id = fid_weights_id(ev.fid_features, ev.fid_weights)
     features = {"clip_score": clip["weights_id"], "fid": fid_id, "kid": fid_id}
-    return Evaluation(metrics, dark + bright, quality, rows, samples, features, diffusion)
+    return Evaluation(metrics, dark + bright, quality, rows, clip_rows, samples, features, diffusion)
 
 
 def side_by_side(candidate: Evaluation, champion: Evaluation | None) -> Image.Image:
@@ -211,19 +213,25 @@ def version_tags(ev: Evaluation, protocol: str) -> dict[str, str]:
 
 
 def paired_tags(candidate: Evaluation, reference: Evaluation, reference_version: str, cfg: Config) -> dict[str, str]:
-    """``paired.*`` tags: the candidate's held-out loss against the reference's, row by row, with its seeded
-    bootstrap interval (``evaluate.bootstrap_resamples``, ``evaluate.confidence``). None of them when the two
-    were not computed under the same schedule (their rows do not pair)."""
-    if candidate.schedule != reference.schedule or len(candidate.rows) != len(reference.rows) or not candidate.rows:
-        return {}
-    try:
-        change = paired_change(candidate.rows, reference.rows, cfg.evaluate.bootstrap_resamples,
-                               cfg.evaluate.confidence, seed=cfg.seed)
-    except ValueError as err:  # a non-finite row: the candidate's own checks refuse it
-        log.warning("no paired interval: %s", err)
-        return {f"{PAIRED_PREFIX}reference": reference_version}
-    return {f"{PAIRED_PREFIX}reference": reference_version,
-            **{f"{PAIRED_PREFIX}val_loss.{k}": f"{v:.6g}" for k, v in change.as_dict().items()}}
+    """``paired.*`` tags: the candidate's held-out loss against the reference's row by row, and its CLIP score
+    image by image (same prompts and seeds), each with its seeded bootstrap interval
+    (``evaluate.bootstrap_resamples``, ``evaluate.confidence``). No held-out loss pair when the two were not
+    computed under the same schedule (their rows do not pair)."""
+    tags = {f"{PAIRED_PREFIX}reference": reference_version}
+    pairs = {"clip_score": (candidate.clip_rows, reference.clip_rows)}
+    if candidate.schedule == reference.schedule:
+        pairs["val_loss"] = (candidate.rows, reference.rows)
+    for metric, (mine, theirs) in pairs.items():
+        if not mine or len(mine) != len(theirs):
+            continue
+        try:
+            change = paired_change(mine, theirs, cfg.evaluate.bootstrap_resamples, cfg.evaluate.confidence,
+                                   seed=cfg.seed)
+        except ValueError as err:  # a non-finite row, or a mean at or below 0: no relative change to judge
+            log.warning("no paired interval for %s: %s", metric, err)
+            continue
+        tags.update({f"{PAIRED_PREFIX}{metric}.{k}": f"{v:.6g}" for k, v in change.as_dict().items()})
+    return tags
 
 
 def _champion_of(resolved: ResolvedModel, cfg: Config) -> ResolvedModel | None:

@@ -48,8 +48,11 @@ SAMPLES_PREFIX = "samples."
 FEATURES_PREFIX = "features."
 """``eval.features.<metric>``: which weights of a feature model computed it (``random``: a random network)."""
 PAIRED_PREFIX = "paired."
-"""``eval.paired.reference``, ``eval.paired.val_loss.{change,low,high,n,confidence}``: the held-out loss paired
-row by row with the reference version's, and its bootstrap interval."""
+"""``eval.paired.reference``, ``eval.paired.<metric>.{change,low,high,n,confidence}``: the metric paired sample
+by sample with the reference version's, and its bootstrap interval."""
+PAIRED_METRICS = ("val_loss", "clip_score")
+"""Metrics judged on a paired interval against the reference: the held-out loss row by row, the CLIP score
+image by image (same prompt and seed)."""
 RANDOM_FEATURES = "random"
 NON_METRIC = {"run_id", PROTOCOL, SCHEDULE, "dataset_digest", "model", "version"}
 LOCK_SUFFIX = ".promotion-lock"
@@ -154,9 +157,10 @@ def judge(candidate: dict[str, str], reference: dict[str, str] | None, reference
           evaluate: EvaluateConfig, gate: dict[str, float] | None = None) -> list[Verdict]:
     """Each gated and informational metric of ``candidate``'s ``eval.*`` tags (prefix stripped) against the
     reference's (None: the first version, judged on its own figures). Fail closed: a gated metric that is not
-    usable evidence (``_usable``) on either side refuses. ``val_loss`` against a reference decides on the paired
-    interval evaluation recorded against that very version: refused when its upper bound is above the
-    tolerance; the other metrics on their figures' relative change."""
+    usable evidence (``_usable``) on either side refuses. ``PAIRED_METRICS`` against a reference decide on the
+    paired interval recorded against that very version: refused when it reaches past the tolerance in the worse
+    direction (a loss's upper bound above it, a CLIP score's lower bound below minus it); the other metrics
+    on their figures' relative change."""
     gate = evaluate.gate if gate is None else gate
     out = []
     for metric in [*gate, *(m for m in evaluate.informational if m not in gate)]:
@@ -169,18 +173,25 @@ def judge(candidate: dict[str, str], reference: dict[str, str] | None, reference
         reason = _usable(metric, candidate, evaluate, "the candidate")
         if not reason and reference is not None:
             reason = _usable(metric, reference, evaluate, f"reference v{reference_version}")
-        if not reason and reference is not None and metric == "val_loss":
+        if not reason and reference is not None and metric in PAIRED_METRICS:
             paired_ref = candidate.get(f"{PAIRED_PREFIX}reference")
             if paired_ref != str(reference_version):
-                reason = (f"val_loss: no paired evaluation against reference v{reference_version} "
+                reason = (f"{metric}: no paired evaluation against reference v{reference_version} "
                           f"(the last was against {paired_ref or 'none'}): evaluate the candidate again")
             else:
-                change, low, high = (_float(candidate, f"{PAIRED_PREFIX}val_loss.{k}") for k in ("change", "low", "high"))
-                level = _float(candidate, f"{PAIRED_PREFIX}val_loss.confidence")
-                if not all(math.isfinite(x) for x in (change, low, high)):
-                    reason = "val_loss: the paired interval is missing or not finite"
-                elif high > tolerance:
-                    reason = (f"val_loss: {change:+.1%} against v{reference_version}, {level:.0%} interval "
+                change, low, high = (_float(candidate, f"{PAIRED_PREFIX}{metric}.{k}") for k in ("change", "low", "high"))
+                level = _float(candidate, f"{PAIRED_PREFIX}{metric}.confidence")
+                higher_is_better = GATE_DIRECTIONS[metric] > 0
+                if f"{PAIRED_PREFIX}{metric}.change" not in candidate:
+                    reason = (f"{metric}: no paired interval against reference v{reference_version} (the samples did "
+                              "not pair, or a mean was not positive)")
+                elif not all(math.isfinite(x) for x in (change, low, high)):
+                    reason = f"{metric}: the paired interval is not finite"
+                elif higher_is_better and low < -tolerance:
+                    reason = (f"{metric}: {change:+.1%} against v{reference_version}, {level:.0%} interval "
+                              f"[{low:+.1%}, {high:+.1%}], whose lower bound is below the {-tolerance:+.0%} tolerance")
+                elif not higher_is_better and high > tolerance:
+                    reason = (f"{metric}: {change:+.1%} against v{reference_version}, {level:.0%} interval "
                               f"[{low:+.1%}, {high:+.1%}], whose upper bound is above the {tolerance:+.0%} tolerance")
         elif not reason and reference is not None and math.isfinite(tolerance):
             higher_is_better = GATE_DIRECTIONS[metric] > 0

@@ -103,6 +103,8 @@ def test_an_identical_copy_is_accepted_whatever_the_bootstrap_seed(gated):
             refused += 1
     assert refused == 0  # the false-refusal rate on an identical model: 0 of 3
     client = mlflow.MlflowClient()
+    tags = client.get_model_version(gated.name, v).tags  # the CLIP score pairs image by image: the same images
+    assert tags["eval.paired.clip_score.n"] == "6" and float(tags["eval.paired.clip_score.low"]) == 0.0
     assert str(client.get_model_version_by_alias(gated.name, "staging").version) == v
     assert str(client.get_model_version_by_alias(gated.name, "champion").version) == gated.champion
 

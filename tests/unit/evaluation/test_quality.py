@@ -15,6 +15,7 @@ from components.evaluation.quality import (
     as_uint8_batch,
     clip_loader,
     clip_score,
+    clip_scores,
     distribution_distance,
     fid_weights_id,
     tiny_clip,
@@ -78,6 +79,9 @@ def test_clip_score_is_the_scaled_cosine_of_the_projected_embeddings():
                                                      attention_mask=inputs["attention_mask"]).pooler_output)
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
     assert got == pytest.approx(max(float((100 * cos).mean()), 0.0), rel=1e-4, abs=1e-4)  # the mean is floored
+    mean, per_image = clip_scores(images, prompts, "tiny")
+    assert mean == pytest.approx(got, rel=1e-6)
+    assert per_image == pytest.approx((100 * cos).tolist(), rel=1e-4, abs=1e-4)  # each image with its own prompt
 
 
 def test_weights_ids_say_random_for_tiny_and_hash_a_file(tmp_path):

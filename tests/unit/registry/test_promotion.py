@@ -64,10 +64,11 @@ class Registry:
                 self.client.set_model_version_tag(self.name, v, f"eval.{key}", str(value))
         return str(v)
 
-    def pair(self, version: str, reference: str, change: float, low: float, high: float) -> None:
-        """The paired held-out loss evaluation records on ``version`` against ``reference``."""
-        tags = {"reference": reference, "val_loss.change": change, "val_loss.low": low, "val_loss.high": high,
-                "val_loss.n": 8, "val_loss.confidence": 0.95}
+    def pair(self, version: str, reference: str, change: float, low: float, high: float,
+             metric: str = "val_loss") -> None:
+        """The paired evaluation of ``metric`` recorded on ``version`` against ``reference``."""
+        tags = {"reference": reference, f"{metric}.change": change, f"{metric}.low": low, f"{metric}.high": high,
+                f"{metric}.n": 8, f"{metric}.confidence": 0.95}
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, f"eval.paired.{key}", str(value))
 
@@ -123,7 +124,6 @@ def test_the_loss_is_judged_on_the_upper_bound_of_its_paired_interval(reg):
 @pytest.mark.parametrize(
     ("metric", "champion", "refused", "accepted"),
     [
-        ("clip_score", 30.0, 27.0, 28.6),  # higher is better: 10 % lower is refused, 4.7 % lower passes
         ("fid", 20.0, 22.5, 20.9),  # lower is better: 12.5 % higher is refused, 4.5 % higher passes
         ("luminance_range", 0.60, 0.30, 0.58),  # a fine-tune that lost half its range does not pass
     ],
@@ -139,6 +139,26 @@ def test_the_gate_holds_quality_metrics_against_the_champion(reg, metric, champi
         promote(reg.name, worse, gate=gate)
     assert reg.alias("champion") == champ
     assert promote(reg.name, fine, gate=gate).version == fine
+
+
+def test_clip_score_is_judged_on_the_lower_bound_of_its_paired_interval(reg):
+    gate = {"val_loss": 0.05, "clip_score": 0.05}
+    champ = reg.version(clip_score=30.0)
+    promote(reg.name, champ, gate=gate)
+    lower, wide, close, unpaired = (reg.version(clip_score=x) for x in (27.0, 28.6, 29.7, 31.0))
+    for v, (change, low, high) in {lower: (-0.10, -0.12, -0.08), wide: (-0.047, -0.09, 0.0),
+                                   close: (-0.01, -0.03, 0.01)}.items():
+        reg.pair(v, champ, 0.0, -0.01, 0.01)
+        reg.pair(v, champ, change, low, high, metric="clip_score")
+    reg.pair(unpaired, champ, 0.0, -0.01, 0.01)  # the loss paired, the CLIP score not
+    for v, low in ((lower, "-12.0"), (wide, "-9.0")):  # a point estimate inside the tolerance is not enough
+        with pytest.raises(PromotionRefused, match=rf"v{v}: clip_score: .* interval \[{low}%, .*\], whose lower bound "
+                                                   r"is below the -5% tolerance"):
+            promote(reg.name, v, gate=gate)
+    with pytest.raises(PromotionRefused, match=rf"clip_score: no paired interval against reference v{champ}"):
+        promote(reg.name, unpaired, gate=gate)
+    assert reg.alias("champion") == champ
+    assert promote(reg.name, close, gate=gate).version == close
 
 
 def test_a_candidate_not_evaluated_on_a_gated_metric_is_refused(reg):
