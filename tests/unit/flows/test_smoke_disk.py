@@ -64,3 +64,25 @@ def test_the_smoke_refuses_from_the_command_line_too(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the smoke needs")
     assert "Traceback" not in proc.stderr
+
+
+def test_memory_no_file_backs_counts_an_allocation_and_not_a_mapped_file(tmp_path):
+    """Reading a mapped file raises RSS by page cache the kernel can drop; only anonymous memory is counted
+    as memory no file backs."""
+    import mmap
+    import os
+
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    size = 128 * 2**20
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\1" * size)
+    start_rss, start_anon = me.memory_info().rss, smoke.resident_anon(me)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[i] for i in range(0, size, 4096)) == size // 4096  # every page touched
+        mapped_rss, mapped_anon = me.memory_info().rss, smoke.resident_anon(me)
+    block = bytearray(b"\2" * size)
+    anon = smoke.resident_anon(me)
+    assert mapped_rss - start_rss > 0.9 * size and mapped_anon - start_anon < 0.25 * size
+    assert anon - mapped_anon > 0.9 * size and block[-1] == 2
