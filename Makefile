@@ -44,7 +44,8 @@ bench: $(STAMP)
 	$(PY) flows/bench.py --config flows/configs/tiny.yaml
 
 # SDXL at its real size (3.5 B parameters, random weights, built offline) through the demo's chain, measured per
-# stage: about half an hour on 2 cores, at most ~16 GB of memory and ~35 GB of disk under .state/sdxl/.
+# stage under .state/sdxl/. It needs three copies of the fp16 base free on disk (about 23 GB; checked before it
+# starts) and 24 GiB of memory; runs are recorded in bench/results/.
 smoke-sdxl: $(STAMP)
 	$(PY) flows/smoke.py --config flows/configs/sdxl_cpu.yaml --set state_dir=$(CURDIR)/.state/sdxl
 
