@@ -58,7 +58,7 @@ def build_unet(size: str, seed: int = 0) -> torch.nn.Module:
         from components.diffusion.sdxl_base import build_component
 
         return build_component("unet", seed)
-    from components.diffusion.sdxl import build_tiny
+    from components.diffusion.tiny import build_tiny
 
     torch.manual_seed(seed)
     return build_tiny(TinyModelConfig()).unet

@@ -31,7 +31,8 @@ from components.cluster import ray_session
 from components.config import load_config
 from components.curation.pipeline import curate
 from components.dataset import read_manifest
-from components.diffusion.sdxl import build_tiny, load_parts, save_pipeline
+from components.diffusion.sdxl import load_parts, save_pipeline
+from components.diffusion.tiny import build_tiny
 from components.evaluation.run import evaluate_version
 from components.registry.model import fetch_model, log_pipeline_model
 from components.registry.promotion import PromotionRefused, promote

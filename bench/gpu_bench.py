@@ -420,7 +420,7 @@ def compile_unet(pipe, backend: str, mode: str) -> None:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet (same construction as components/diffusion/sdxl.py; copied, standalone)."""
+    """GPT-2 / CLIP byte-level alphabet (same construction as components/diffusion/tiny.py; copied, standalone)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = printable[:], 0
     for b in range(256):

@@ -85,7 +85,7 @@ def read_rows(manifest: CuratedManifest, split: str = "train") -> list[dict]:
 @dataclass
 class Trainee:
     cfg: Config
-    parts: object  # components.diffusion.sdxl.SDXLParts
+    parts: object  # components.diffusion.parts.SDXLParts
     optimizer: torch.optim.Optimizer
     scheduler: object  # diffusers DDPMScheduler
     device: torch.device

@@ -51,8 +51,9 @@ from components.config import (
     TrainConfig,
 )
 from components.diffusion.loss import Batch, LossSpec, NoiseDraw, diffusion_loss
+from components.diffusion.parts import SDXLParts
 from components.diffusion.schedule import inference_scheduler, scheduler_kwargs, training_scheduler
-from components.diffusion.sdxl import SDXLParts, build_tiny
+from components.diffusion.tiny import build_tiny
 from components.training.optim import build_lr_scheduler, build_optimizer
 
 ARMS = {

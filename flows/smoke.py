@@ -281,8 +281,8 @@ def planned(cfg) -> tuple[int, int]:
 def stored_bytes(cfg, params: int) -> int:
     """The base's bytes as the registry stores it: ``sdxl-random``'s values are fp16 numbers, stored in fp16
     (``components.diffusion.sdxl.save_pipeline``); the tiny model's are fp32."""
-    from components.diffusion.sdxl import SDXL_RANDOM
     from components.diffusion.sdxl_base import VALUES_DTYPE
+    from components.diffusion.sources import SDXL_RANDOM
 
     return params * (VALUES_DTYPE.itemsize if cfg.model.source == SDXL_RANDOM else 4)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from components.diffusion.sdxl import SDXLParts
+from components.diffusion.parts import SDXLParts
 
 
 def tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:

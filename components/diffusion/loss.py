@@ -23,8 +23,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from components.config import DiffusionConfig, Precision
 from components.diffusion.conditioning import drop_captions, encode_text, time_ids
+from components.diffusion.parts import SDXLParts
 from components.diffusion.schedule import loss_weights, per_sample_mse, sample_timesteps, training_target
-from components.diffusion.sdxl import SDXLParts
 
 
 def autocast(precision: Precision, device: torch.device):

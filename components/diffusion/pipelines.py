@@ -26,7 +26,7 @@ from diffusers import (
 from components.diffusion.request import GenerationRequest
 
 if TYPE_CHECKING:
-    from components.diffusion.sdxl import SDXLParts
+    from components.diffusion.parts import SDXLParts
 
 
 def pick_device() -> torch.device:

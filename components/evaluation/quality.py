@@ -29,7 +29,7 @@ def tiny_clip():
     """A randomly initialised CLIP (text and vision towers, projection) and its processor, built offline."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from components.diffusion.sdxl import tiny_tokenizer
+    from components.diffusion.tiny import tiny_tokenizer
 
     torch.manual_seed(TINY_SEED)
     config = CLIPConfig(

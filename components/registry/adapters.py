@@ -55,7 +55,7 @@ from components.registry.tracking import setup_tracking
 log = logging.getLogger(__name__)
 
 WEIGHTS_TAG = "weights_sha256"
-"""On a full version: the content hash of its own fp32 weights (components.diffusion.sdxl.weights_sha256)."""
+"""On a full version: the content hash of its own fp32 weights (components.diffusion.sources.weights_sha256)."""
 BASE_SHA_TAG = "base_weights_sha256"
 KIND_TAG = "terminus.kind"
 BASE_NAME_TAG = "terminus.base_model"
@@ -120,7 +120,7 @@ def fetch_adapter(uri: str, cache_root: str | Path) -> AdapterVersion:
 def version_weights_sha256(name: str, version: str, cache_root: str | Path) -> str:
     """The content hash of a full version's weights: its ``weights_sha256`` tag, else computed from its files
     (fetched into the cache) and recorded as that tag, so it is computed once per version."""
-    from components.diffusion.sdxl import weights_sha256
+    from components.diffusion.sources import weights_sha256
 
     client = mlflow.MlflowClient()
     tags = client.get_model_version(name, version).tags or {}
@@ -143,7 +143,8 @@ def register_base(cfg: Config, model: ModelConfig, lineage: dict[str, str]) -> t
     own -- unless a version of that name already holds
     the same source (its ``lineage.weights_sha256`` tag equals ``lineage``'s).
     """
-    from components.diffusion.sdxl import save_pipeline, save_variant, source_kind, weights_sha256
+    from components.diffusion.sdxl import save_pipeline, save_variant
+    from components.diffusion.sources import source_kind, weights_sha256
 
     setup_tracking(cfg)
     if source_kind(model.source) == "registered":

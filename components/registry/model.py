@@ -265,7 +265,8 @@ def load_source_parts(cfg: Config, model: ModelConfig | None = None):
     """The SDXL parts of ``model`` (default ``cfg.model``) in fp32: a registered version
     (``models:/NAME/V`` or ``@ALIAS``) is fetched into the local cache of versions and read as the
     diffusers directory it is (its fp32 weights); every other source goes to ``load_parts``."""
-    from components.diffusion.sdxl import load_parts, source_kind
+    from components.diffusion.sdxl import load_parts
+    from components.diffusion.sources import source_kind
     from components.registry.tracking import setup_tracking
 
     model = model or cfg.model
@@ -280,7 +281,7 @@ def source_lineage(cfg: Config) -> tuple[ModelConfig, dict[str, str]]:
     """(pinned model config, lineage tags) of ``cfg.model``: the source as given, its kind, the revision it
     resolved to (a hub commit hash; a registered version's number), a content hash of its weights, and for
     ``models:/`` the parent model, version and the run that trained it."""
-    from components.diffusion.sdxl import describe_source, source_kind, weights_sha256
+    from components.diffusion.sources import describe_source, source_kind, weights_sha256
     from components.registry.tracking import setup_tracking
 
     model = cfg.model

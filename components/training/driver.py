@@ -256,7 +256,7 @@ def select_checkpoint(cfg: Config, result):
 
 
 def directory_bytes(directory: Path, variant: str | None) -> int:
-    from components.diffusion.sdxl import weight_files
+    from components.diffusion.sdxl_base import weight_files
 
     return sum(p.stat().st_size for p in weight_files(directory, variant))
 
@@ -273,7 +273,9 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     if cfg.train.is_adapter:
         return export_adapter(cfg, run_id, checkpoint, metrics, manifest)
     from components.diffusion.conditioning import dropout_uses_zeros
-    from components.diffusion.sdxl import COMPONENTS, save_pipeline, save_variant, weights_sha256
+    from components.diffusion.sdxl import save_pipeline, save_variant
+    from components.diffusion.sdxl_base import COMPONENTS
+    from components.diffusion.sources import weights_sha256
     from components.host_memory import release_memory
     from components.registry.adapters import WEIGHTS_TAG
     from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model

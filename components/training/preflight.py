@@ -61,7 +61,9 @@ def check_model_source(cfg: Config) -> None:
     is an SDXL checkpoint whose schedule markers agree with the preset, with component configs to read it
     by; a registered version exists in the registry; a hub id is in the local cache when HF_HUB_OFFLINE
     is set. (An s3:// or http(s) source is checked when it is fetched.)"""
-    from components.diffusion.sdxl import ModelLoadError, check_markers, hub_offline, source_kind
+    from components.diffusion.parts import ModelLoadError
+    from components.diffusion.sdxl import check_markers
+    from components.diffusion.sources import hub_offline, source_kind
 
     source = cfg.model.source
     kind = source_kind(source)
@@ -127,7 +129,7 @@ def check_single_file(path: Path) -> None:
 def check_single_file_config(config: str | None) -> None:
     """The configs a single file is read with: a local diffusers folder, or (None: SDXL base's) a hub id
     that is cached when HF_HUB_OFFLINE is set."""
-    from components.diffusion.sdxl import hub_offline
+    from components.diffusion.sources import hub_offline
 
     if config is not None and config.startswith(("/", "./", "../", "~")):
         if not (Path(config).expanduser() / "model_index.json").is_file():

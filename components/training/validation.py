@@ -14,10 +14,10 @@ import torch
 
 from components.config import Config, RecurringError
 from components.diffusion.loss import LossSpec, NoiseDraw, autocast, prediction_error
+from components.diffusion.parts import SDXLParts
 from components.diffusion.pipelines import build_pipelines
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler, training_scheduler
-from components.diffusion.sdxl import SDXLParts
 from components.training.batches import rows_to_batch
 
 VAL_NOISE_SEED = 1234

@@ -26,7 +26,9 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     import ray
 
     from components.diffusion.adapters import AdapterSlots, read_adapter
-    from components.diffusion.sdxl import build_tiny, load_parts, weights_sha256
+    from components.diffusion.sdxl import load_parts
+    from components.diffusion.sources import weights_sha256
+    from components.diffusion.tiny import build_tiny
     from components.registry.adapters import fetch_adapter
     from components.registry.model import fetch_model
 

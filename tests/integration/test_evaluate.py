@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from components.diffusion.sdxl import build_tiny, save_pipeline
+from components.diffusion.sdxl import save_pipeline
+from components.diffusion.tiny import build_tiny
 from components.evaluation.prompts import load_prompt_set
 from components.evaluation.run import eval_protocol, evaluate_pipeline, evaluate_version, held_out_images
 from components.registry.model import ModelUriError

@@ -67,8 +67,9 @@ def single_files(tmp_path_factory):
     from safetensors.torch import save_file
 
     from components.config import load_config
-    from components.diffusion.sdxl import build_tiny, save_pipeline
+    from components.diffusion.sdxl import save_pipeline
     from components.diffusion.single_file import export_pipeline
+    from components.diffusion.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("single")
     cfg = load_config(REPO / "flows/configs/tiny.yaml")

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from components.diffusion import single_file as sf
 from components.diffusion.schedule import inference_scheduler
-from components.diffusion.sdxl import build_tiny, weights_sha256
+from components.diffusion.sources import weights_sha256
+from components.diffusion.tiny import build_tiny
 from components.registry.model import fetch_model, local_folder
 from tests.fixtures.hub import HubStub
 from tests.fixtures.processes import REPO, subprocess_env

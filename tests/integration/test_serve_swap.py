@@ -34,7 +34,8 @@ def register(pipeline_dir, experiment_id) -> str:
 @pytest.fixture(scope="module")
 def second_pipeline(registered_model, tmp_path_factory):
     """Same architecture, different weights (another seed), so a swap shows in the pixels."""
-    from components.diffusion.sdxl import build_tiny, save_pipeline
+    from components.diffusion.sdxl import save_pipeline
+    from components.diffusion.tiny import build_tiny
 
     cfg = registered_model.cfg
     tiny = cfg.model.tiny.model_copy(update={"seed": cfg.model.tiny.seed + 1})

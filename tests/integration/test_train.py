@@ -206,7 +206,7 @@ def test_fsdp_workers_train_checkpoint_and_resume(tmp_path, ray_local):
     from safetensors.torch import load_file
 
     weights = load_file(ckpt / "unet.safetensors")  # full tensors, not shards
-    from components.diffusion.sdxl import build_tiny
+    from components.diffusion.tiny import build_tiny
 
     reference = build_tiny(cfg.model.tiny).unet.state_dict()
     assert weights.keys() == reference.keys()

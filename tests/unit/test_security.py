@@ -287,7 +287,8 @@ class _Payload:
 def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
     import torch
 
-    from components.diffusion.sdxl import build_tiny, save_pipeline
+    from components.diffusion.sdxl import save_pipeline
+    from components.diffusion.tiny import build_tiny
 
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
     directory = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path / "pipe")
@@ -300,8 +301,9 @@ def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_pickle_weights_are_refused_and_never_unpickled(tmp_path):
     from components.config import DiffusionConfig, InferenceConfig
+    from components.diffusion.parts import ModelLoadError
     from components.diffusion.pipelines import build_pipelines
-    from components.diffusion.sdxl import ModelLoadError, load_parts
+    from components.diffusion.sdxl import load_parts
 
     directory, marker = _tiny_pipeline_with_pickled_unet(tmp_path)
     cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"model.source={directory}"])

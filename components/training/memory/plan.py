@@ -41,7 +41,7 @@ ALLOCATOR_SLACK = 0.10
 def sdxl_models(cfg: Config | None = None) -> dict[str, torch.nn.Module]:
     """UNet, VAE and both text encoders with SDXL's shapes (the tiny model's for ``model.source: tiny``)."""
     if cfg is not None and cfg.model.source == "tiny":
-        from components.diffusion.sdxl import build_tiny
+        from components.diffusion.tiny import build_tiny
 
         parts = build_tiny(cfg.model.tiny)  # small enough to build for real, then drop the storage
         return {k: getattr(parts, k).to("meta") for k in ("unet", "vae", "text_encoder", "text_encoder_2")}

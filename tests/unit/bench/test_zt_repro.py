@@ -14,7 +14,7 @@ from bench.zt_repro import (
     sd_default_sampler,
 )
 from components.config import DiffusionConfig, TinyModelConfig
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 
 
 def test_dataset_is_half_dark_half_bright():

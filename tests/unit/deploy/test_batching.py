@@ -13,7 +13,7 @@ from components.config import load_config
 from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 from deploy.batching import generate_batch, group_compatible, serve_batch
 
 # Batched float32 matmuls on CPU sum in a different order than single ones, so an image computed in a

@@ -39,7 +39,8 @@ def unet_output(unet) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from components.diffusion.sdxl import build_tiny, save_pipeline
+    from components.diffusion.sdxl import save_pipeline
+    from components.diffusion.tiny import build_tiny
 
     cfg = Config()
     return save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path_factory.mktemp("base") / "pipeline")

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from components.config import TinyModelConfig
 from components.diffusion.conditioning import drop_captions, encode_text, time_ids, tokenize
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 
 PROMPTS = ["a photograph of an astronaut", "", "a cat on a sofa, 35mm, golden hour"]
 

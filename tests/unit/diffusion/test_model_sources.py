@@ -20,15 +20,10 @@ import torch
 
 from components.config import load_config
 from components.diffusion import single_file as sf
-from components.diffusion.sdxl import (
-    ModelLoadError,
-    build_tiny,
-    describe_source,
-    file_sha256,
-    load_parts,
-    save_pipeline,
-    weights_sha256,
-)
+from components.diffusion.parts import ModelLoadError
+from components.diffusion.sdxl import load_parts, save_pipeline
+from components.diffusion.sources import describe_source, file_sha256, weights_sha256
+from components.diffusion.tiny import build_tiny
 from tests.fixtures.processes import REPO, subprocess_env
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")

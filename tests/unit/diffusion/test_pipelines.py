@@ -14,7 +14,8 @@ from components.config import DiffusionConfig, InferenceConfig, TinyModelConfig
 from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines, half_variants, variant_for
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
-from components.diffusion.sdxl import build_tiny, save_pipeline
+from components.diffusion.sdxl import save_pipeline
+from components.diffusion.tiny import build_tiny
 
 CPU = torch.device("cpu")
 SIZE = dict(width=64, height=64, steps=3)

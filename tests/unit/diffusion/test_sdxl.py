@@ -12,7 +12,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from components.config import Config, TinyModelConfig
-from components.diffusion.sdxl import ModelLoadError, SDXLParts, build_tiny, load_parts, save_pipeline
+from components.diffusion.parts import ModelLoadError, SDXLParts
+from components.diffusion.sdxl import load_parts, save_pipeline
+from components.diffusion.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

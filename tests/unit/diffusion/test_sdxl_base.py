@@ -6,8 +6,9 @@ import torch
 
 from components.config import ModelConfig
 from components.diffusion import sdxl_base
-from components.diffusion.sdxl import SDXL_RANDOM, source_kind, tiny_tokenizer
 from components.diffusion.sdxl_base import build_component, empty_component, seeded_init
+from components.diffusion.sources import SDXL_RANDOM, source_kind
+from components.diffusion.tiny import tiny_tokenizer
 
 
 def count(module: torch.nn.Module) -> int:

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from components.config import load_config
 from components.diffusion import single_file as sf
 from components.diffusion.schedule import inference_scheduler
-from components.diffusion.sdxl import build_tiny, save_pipeline
+from components.diffusion.sdxl import save_pipeline
+from components.diffusion.tiny import build_tiny
 from tests.fixtures.processes import REPO
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")

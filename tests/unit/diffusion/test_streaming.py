@@ -18,7 +18,9 @@ from safetensors.torch import load_file, save_file
 from components.config import load_config
 from components.diffusion import safetensors_stream as ss
 from components.diffusion import single_file as sf
-from components.diffusion.sdxl import build_tiny, save_pipeline, save_variant, weight_files
+from components.diffusion.sdxl import save_pipeline, save_variant
+from components.diffusion.sdxl_base import weight_files
+from components.diffusion.tiny import build_tiny
 from components.training.checkpointing import IncompleteCheckpointError, copy_into
 from tests.fixtures.processes import REPO
 

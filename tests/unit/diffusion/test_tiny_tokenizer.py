@@ -6,7 +6,7 @@ import torch
 
 from components.config import Config
 from components.diffusion.conditioning import encode_text
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 
 
 def test_tokenizer_encodes_every_character_between_bos_and_eos():

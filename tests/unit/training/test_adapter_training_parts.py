@@ -9,7 +9,7 @@ import torch
 
 from components.config import RecurringError, load_config
 from components.diffusion.adapters import AdapterSlots, AdapterWeights, adapter_state, fuse
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 from components.training.checkpointing import (
     TrainState,
     load_adapter_weights,

@@ -8,7 +8,7 @@ from components.config import Config, Precision
 from components.diffusion.conditioning import encode_text
 from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss, unit_range
 from components.diffusion.schedule import training_scheduler
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 from components.training.batches import rows_to_batch
 from tests.synthetic import write_synthetic_curated
 

@@ -8,7 +8,7 @@ import torch
 from components.config import Config, Precision
 from components.diffusion.loss import Batch, LossSpec, NoiseDraw, diffusion_loss
 from components.diffusion.schedule import training_scheduler
-from components.diffusion.sdxl import build_tiny
+from components.diffusion.tiny import build_tiny
 from components.training.batches import bucket_batches, skip
 from components.training.checkpointing import (
     COMPLETE,

@@ -1,0 +1,222 @@
+"""Model sources (``model.source``): what kind each is, where it is read, and what it is made of.
+
+Kinds: ``tiny`` and ``sdxl-random`` (built offline: ``components.diffusion.tiny``), a local diffusers
+directory, a Hugging Face hub id (``model.revision``, ``model.variant``), an ``s3://`` prefix fetched into a
+local cache (``components.storage.fetch_prefix``), or a single-file ``.safetensors`` checkpoint in the
+original SDXL layout -- a local path, an ``s3://`` object or an http(s) URL, fetched into the cache.
+Registered versions (``models:/``) are resolved a layer up, by the registry
+(``components.registry.model.load_source_parts``), into a directory.
+
+``describe_source`` says what a source is made of, for the lineage of a run: the kind, the resolved hub
+commit, and a content hash of the weight files (``weights_sha256``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from components.config import ModelConfig
+from components.diffusion.parts import ModelLoadError, SDXLParts
+from components.diffusion.sdxl_base import COMPONENTS, build_component, weight_files
+from components.diffusion.tiny import build_tiny
+from components.host_memory import release_memory
+from components.storage import fetch_object, fetch_prefix, is_s3
+
+SDXL_RANDOM = "sdxl-random"
+SINGLE_FILE_SUFFIX = ".safetensors"
+REGISTERED_PREFIX = "models:/"
+
+
+def source_kind(source: str) -> str:
+    """``tiny``, ``sdxl_random``, ``registered`` (models:/), ``single_file`` (a .safetensors path, s3:// object or URL),
+    ``s3`` (a prefix), ``url`` (an http(s) address that is not a .safetensors file: refused),
+    ``directory`` (local) or ``hub`` (anything else: a hub id, checked when loaded)."""
+    if source == "tiny":
+        return "tiny"
+    if source == SDXL_RANDOM:
+        return "sdxl_random"
+    if source.startswith(REGISTERED_PREFIX):
+        return "registered"
+    if source.lower().split("?", 1)[0].endswith(SINGLE_FILE_SUFFIX):
+        return "single_file"
+    if is_s3(source):
+        return "s3"
+    if source.startswith(("http://", "https://")):
+        return "url"
+    if Path(source).expanduser().is_dir() or source.startswith((".", "/", "~")):
+        return "directory"
+    return "hub"
+
+
+def resolve_source(source: str, cache_dir: str | Path) -> str:
+    """A local directory for s3:// sources (downloaded into ``cache_dir/s3``); anything else as is."""
+    if is_s3(source):
+        try:
+            return str(fetch_prefix(source, Path(cache_dir) / "s3"))
+        except (FileNotFoundError, ValueError) as err:
+            raise ModelLoadError(f"model source {source}: {err}") from None
+    return source
+
+
+def fetch_single_file(source: str, cache_dir: str | Path) -> Path:
+    """The local path of a single-file checkpoint: as given, or downloaded into ``cache_dir`` (an
+    ``s3://`` object under ``s3/``, an http(s) URL under ``url/<hash of the URL>/``).
+
+    A URL is fetched again only when the server says the file changed: the cached copy's ETag goes out
+    as ``If-None-Match`` and a 304 keeps it. Downloads land in ``.partial`` and are renamed when whole.
+    """
+    if is_s3(source):
+        try:
+            return fetch_object(source, Path(cache_dir) / "s3")
+        except (FileNotFoundError, ValueError) as err:
+            raise ModelLoadError(f"model source {source}: {err}") from None
+    if source.startswith(("http://", "https://")):
+        return _download_url(source, Path(cache_dir) / "url" / hashlib.sha256(source.encode()).hexdigest()[:16])
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model source {source} is not a file")
+    return path
+
+
+def _download_url(url: str, directory: Path) -> Path:
+    import requests
+
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    target, etag_path = directory / name, directory / (name + ".etag")
+    headers = {}
+    if target.is_file() and etag_path.is_file():
+        headers["If-None-Match"] = etag_path.read_text()
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=60) as resp:
+            if resp.status_code == 304:
+                return target
+            if resp.status_code != 200:
+                raise ModelLoadError(f"model source {url}: the server answered {resp.status_code}")
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(name + ".partial")
+            with partial.open("wb") as fh:
+                for chunk in resp.iter_content(1 << 20):
+                    fh.write(chunk)
+            partial.replace(target)
+            if resp.headers.get("ETag"):
+                etag_path.write_text(resp.headers["ETag"])
+            else:
+                etag_path.unlink(missing_ok=True)
+    except requests.RequestException as err:
+        raise ModelLoadError(f"model source {url}: cannot download ({type(err).__name__})") from None
+    return target
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import) or at import time.
+
+    Offline, a hub id is looked up in the local cache only (``local_files_only``), so loading fails
+    at once with one line instead of a connection attempt and a logged warning.
+    """
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return now or bool(constants.HF_HUB_OFFLINE)
+
+
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(directory: str | Path, variant: str | None = None) -> str:
+    """A content hash of a pipeline directory's weights: sha256 over each weight file's relative path and
+    sha256, in order. The same weights give the same hash wherever they are stored (a registry copy, an
+    s3 prefix, a hub snapshot)."""
+    files = weight_files(directory, variant)
+    if not files:
+        raise ModelLoadError(f"{directory} has no {variant or 'full-precision'} safetensors weights")
+    lines = "".join(f"{p.relative_to(directory).as_posix()}\0{file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def tensors_sha256(parts: SDXLParts | None = None, build=None) -> str:
+    """A content hash of in-memory weights (the built models, which have no files): sha256 over every
+    tensor's name, dtype, shape and bytes, module by module. ``build`` (a component name -> module function)
+    instead of ``parts`` builds one component at a time and drops it once hashed, so the peak is the largest
+    component, not the model."""
+    digest = hashlib.sha256()
+    for name in COMPONENTS:
+        module = getattr(parts, name) if build is None else build(name)
+        for key, value in sorted(module.state_dict().items()):
+            value = value.detach().contiguous().cpu()
+            digest.update(f"{name}.{key}|{value.dtype}|{tuple(value.shape)}".encode())
+            digest.update(memoryview(value.view(torch.uint8).numpy()) if value.numel() else b"")
+        del module
+    return digest.hexdigest()
+
+
+@dataclass
+class SourceInfo:
+    """What a run starts from: ``kind`` (``source_kind``), the source as given, where it was read
+    (``location``), the resolved ``revision`` (a hub commit hash) and ``weights_sha256``.
+    ``pinned`` is the model config that loads exactly these weights again (a hub source with its
+    commit instead of a branch), which every worker of the run and the export use."""
+
+    kind: str
+    source: str
+    location: str
+    weights_sha256: str
+    revision: str | None = None
+    pinned: ModelConfig | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
+    """Resolve and hash a non-registered source (the registry handles ``models:/``). A hub id is
+    downloaded (or found in the cache when offline) with diffusers' own ``download`` and pinned to the
+    commit its snapshot is; its weights hash covers the files of ``model.variant``."""
+    source, kind = model.source, source_kind(model.source)
+    if kind == "tiny":
+        return SourceInfo(kind, source, "tiny", tensors_sha256(build_tiny(model.tiny)), pinned=model)
+    if kind == "sdxl_random":
+        digest = tensors_sha256(build=lambda name: build_component(name, model.seed))
+        release_memory()  # 10 GB of UNet built and dropped: the caller (the training driver) goes on
+        return SourceInfo(kind, source, SDXL_RANDOM, digest, pinned=model, extra={"seed": model.seed})
+    if kind == "single_file":
+        path = fetch_single_file(source, cache_dir)
+        return SourceInfo(kind, source, str(path), file_sha256(path), pinned=model)
+    if kind in ("s3", "directory"):
+        location = resolve_source(source, cache_dir)
+        if not Path(location).is_dir():
+            raise ModelLoadError(f"model source {source} is not a directory")
+        return SourceInfo(kind, source, location, weights_sha256(location, model.variant), pinned=model)
+    if kind != "hub" or "/" not in source:
+        raise ModelLoadError(f"model source {source!r} is neither 'tiny', 'sdxl-random', a directory, a hub id, "
+                             "a .safetensors file, s3:// nor models:/")
+    offline = hub_offline()
+    try:
+        snapshot = Path(StableDiffusionXLPipeline.download(
+            source, revision=model.revision, variant=model.variant, use_safetensors=True, local_files_only=offline))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(hub_error(source, err, offline)) from None
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else None
+    pinned = model.model_copy(update={"revision": commit}) if commit else model
+    return SourceInfo(kind, source, str(snapshot), weights_sha256(snapshot, model.variant), revision=commit,
+                      pinned=pinned, extra={"requested_revision": model.revision or "main"})
+
+
+def hub_error(source: str, err: BaseException, offline: bool) -> str:
+    if offline:
+        return (f"model source {source!r} is a hub id, not in the local Hugging Face cache, and HF_HUB_OFFLINE is "
+                "set: run where the hub is reachable with HF_HUB_OFFLINE unset, or use a local directory, a "
+                ".safetensors file or an s3:// prefix")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"cannot load SDXL hub id (is the hub reachable?) {source!r}: {first}"
