@@ -7,8 +7,8 @@ again). :func:`snapshot` is the one way this project reads the whole environment
 in one step, and a key that disappears before its value is read is simply left out.
 
 ``TEST_MARKERS`` are the variables whose presence makes a dependency behave differently from a user's
-run (docs/reliability.md, "Test and CI detection"); the fresh-clone demo check removes them, and
-``OPT_OUTS``, so that the libraries behave as they do for a user.
+run (docs/recipe.md#facts-and-anchors-the-code-relies-on, "Ray 2.60 and MLflow 3"); the fresh-clone demo
+check removes them, and ``OPT_OUTS``, so that the libraries behave as they do for a user.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Credential redaction: everything this platform writes to MLflow params, tags, reports and error
-lines passes through :func:`redact` (docs/reliability.md, "No credential published").
+lines passes through :func:`redact` (docs/reliability.md#credentials).
 
 Two nets: the values of secret-named environment variables wherever they turn up (read once per call
 from a thread-safe snapshot, ``components.environment.snapshot``), then patterns for credentials that
