@@ -79,57 +79,48 @@ def read_rows(manifest: CuratedManifest, split: str = "train") -> list[dict]:
     return pq.read_table(manifest.paths(split)).to_pylist()
 
 
-# --- one training step, as components/training/loop.py takes it --------------------------------------
+# --- one training step: the worker loop's own ---------------------------------------------------------
 
 
 @dataclass
 class Trainee:
+    """The worker loop's trainee (``loop.Trainee``: model, optimizer, LR schedule, EMA, scaler) with the config
+    in the precision used and the loss settings its steps take."""
+
     cfg: Config
-    parts: object  # components.diffusion.parts.SDXLParts
-    optimizer: torch.optim.Optimizer
-    scheduler: object  # diffusers DDPMScheduler
+    loop: object  # components.training.loop.Trainee
+    spec: object  # components.diffusion.loss.LossSpec
     device: torch.device
 
+    @property
+    def parts(self):
+        return self.loop.parts
 
-def build_trainee(cfg: Config, device: torch.device | str = "cpu") -> Trainee:
-    """Model, optimizer and noise schedule set up as ``train_loop_per_worker`` sets them up (grad_accum 1, no EMA,
-    no checkpoints), in the precision the training loop uses on ``device`` (``loop.with_precision_used``: the
-    configured bf16 only where the device computes it natively); ``Trainee.cfg.train.precision`` is that one."""
-    from components.diffusion.loss import frozen_dtype
-    from components.diffusion.schedule import training_scheduler
-    from components.diffusion.sdxl import load_parts
-    from components.training.loop import with_precision_used
-    from components.training.optim import build_optimizer
+
+def build_trainee(cfg: Config, device: torch.device | str = "cpu", steps: int = 10_000) -> Trainee:
+    """The trainee ``train_loop_per_worker`` builds (``loop.build_trainee``, one worker, ``steps`` for its LR
+    schedule), in the precision the loop uses on ``device`` (``loop.with_precision_used``: the configured
+    bf16 only where the device computes it natively); ``Trainee.cfg.train.precision`` is that one."""
+    from components.training import loop
 
     device = torch.device(device)
-    cfg = with_precision_used(cfg, device)
-    torch.manual_seed(cfg.seed)
-    parts = load_parts(cfg.model, cfg.state_path("cache"))
-    parts.vae.requires_grad_(False).eval().to(device)
-    for encoder in (parts.text_encoder, parts.text_encoder_2):
-        encoder.requires_grad_(False).eval().to(device, frozen_dtype(cfg.train.precision))
-    parts.unet.to(device).train()
-    if cfg.train.grad_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-    optimizer = build_optimizer(parts.unet.parameters(), cfg.train, device)
-    return Trainee(cfg, parts, optimizer, training_scheduler(cfg.diffusion), device)
+    cfg = loop.with_precision_used(cfg, device)
+    t = loop.build_trainee(cfg, device, 1, steps)
+    return Trainee(cfg, t, loop.loss_spec(cfg, t, device), device)
 
 
 def train_step(t: Trainee, rows: list[dict], step: int, batch=None) -> float:
-    """Decode the rows (unless ``batch`` is given), min-SNR loss, backward, clip, optimizer step; returns the loss."""
-    from components.diffusion.loss import LossSpec, NoiseDraw, diffusion_loss
+    """The worker loop's step (``loop.train_step``) on the rows decoded (unless ``batch`` is given) as one
+    micro-batch, with the noise draw rank 0 takes at ``step``; returns the loss."""
+    from components.diffusion.loss import NoiseDraw
     from components.training.batches import rows_to_batch
     from components.training.loop import step_generator
+    from components.training.loop import train_step as shipped_step
 
-    c = t.cfg
-    batch = rows_to_batch(rows, t.device) if batch is None else batch
-    spec = LossSpec(t.scheduler, c.diffusion, c.train.precision, c.train.caption_dropout)
-    loss = diffusion_loss(t.parts, t.parts.unet, batch, spec, NoiseDraw(step_generator(c.seed, 0, step, 0)))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(t.parts.unet.parameters(), c.train.clip_grad_norm)
-    t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    batch = rows_to_batch(rows, t.device) if batch is None else batch.to(t.device)
+    draw = NoiseDraw(step_generator(t.cfg.seed, 0, step, 0))
+    loss, _ = shipped_step(t.loop, [batch], t.spec, [draw], t.cfg.train.clip_grad_norm)
+    return loss
 
 
 def cycle_epochs(epoch_batches: Callable[[int], Iterator[list[dict]]]) -> Iterator[list[dict]]:

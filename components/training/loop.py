@@ -261,6 +261,39 @@ def optimizer_step(t: Trainee, clip_grad_norm: float) -> float:
     return float(grad_norm)
 
 
+def loss_spec(cfg: Config, t: Trainee, device: torch.device) -> LossSpec:
+    """The training loss's settings: the ZT-SNR training schedule, the precision, caption dropout and what a
+    dropped caption becomes (zeros, or the empty prompt's encoding: ``dropout_uses_zeros``). Sets the parts'
+    empty-prompt convention to it, so validation images take the unconditional branch training teaches."""
+    zeros = dropout_uses_zeros(cfg.train.caption_dropout_mode, t.parts.force_zeros_for_empty_prompt)
+    t.parts.force_zeros_for_empty_prompt = zeros
+    empty = None
+    if not zeros:
+        with torch.no_grad(), autocast(cfg.train.precision, device):
+            empty = encode_text(t.parts, [""], device)
+    return LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, cfg.train.precision, cfg.train.caption_dropout,
+                    empty)
+
+
+def micro_step(t: Trainee, batch: Batch, spec: LossSpec, draw: NoiseDraw, accum: int, sync: bool) -> float:
+    """One micro-batch of a step: the loss, backward at 1/``accum`` through the precision's gradient scaler,
+    the gradient all-reduce only when ``sync`` (the last micro-batch of the step). Returns the loss."""
+    with t.strategy.accumulating(t.model, sync=sync):
+        loss = diffusion_loss(t.parts, t.model, batch, spec, draw)
+        t.scaler.scale(loss / accum).backward()
+    return loss.item()
+
+
+def train_step(t: Trainee, batches: list[Batch], spec: LossSpec, draws: list[NoiseDraw],
+               clip_grad_norm: float) -> tuple[float, float]:
+    """One optimizer step over ``batches`` as its micro-batches (``micro_step`` each, with its noise draw), then
+    ``optimizer_step``: the step the worker loop takes, for callers that hold the batches. Returns the mean
+    loss and the gradient norm before clipping."""
+    losses = [micro_step(t, batch, spec, draw, len(batches), sync=i == len(batches) - 1)
+              for i, (batch, draw) in enumerate(zip(batches, draws, strict=True))]
+    return sum(losses) / len(losses), optimizer_step(t, clip_grad_norm)
+
+
 def graph_breaks() -> int:
     """Graph breaks torch.compile has met in this process so far (0: every compiled call is one graph)."""
     from torch._dynamo.utils import counters
@@ -326,14 +359,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, t.state.step, t.state.epoch,
                  t.state.batches_in_epoch)
 
-    zeros = dropout_uses_zeros(cfg.train.caption_dropout_mode, t.parts.force_zeros_for_empty_prompt)
-    t.parts.force_zeros_for_empty_prompt = zeros  # validation images take the unconditional branch it trains
-    empty = None
-    if not zeros:
-        with torch.no_grad(), autocast(cfg.train.precision, device):
-            empty = encode_text(t.parts, [""], device)
-    spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, cfg.train.precision, cfg.train.caption_dropout,
-                    empty)
+    spec = loss_spec(cfg, t, device)
     logger = progress = None
     if rank == 0:
         logger = RunLogger(cfg, loop_config["mlflow_run_id"])
@@ -374,10 +400,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for name, n in source_counts(reader.index, (p[position] for p in plan)).items():  # every rank's
                 state.source_samples[name] = state.source_samples.get(name, 0) + n
             draw = NoiseDraw(step_generator(cfg.seed, rank, state.step, micro))
-            with t.strategy.accumulating(t.model, sync=micro == accum - 1):
-                loss = diffusion_loss(t.parts, t.model, batch, spec, draw)
-                t.scaler.scale(loss / accum).backward()
-            loss_sum += loss.item()
+            loss_sum += micro_step(t, batch, spec, draw, accum, sync=micro == accum - 1)
             state.batches_in_epoch += 1
             micro += 1
             if micro < accum:

@@ -172,3 +172,25 @@ def test_multiplex_rows_compare_one_replica_with_one_per_adapter():
     assert Figure("multiplex", "memory", 1.2, "x", ("<", 1.0)).status == "MISS"
     assert rows["replica peak RSS: dedicated (sum of 2)"].value == 1000
     assert rows["failed requests"].status == "PASS"
+
+
+def test_the_benchmark_step_is_the_worker_loops_step(small_cfg, monkeypatch, tmp_path):
+    """The benchmark times the step training takes: its trainee is the loop's (scaler, LR schedule, EMA when
+    configured) and each step goes through ``loop.train_step``, which moves the weights and the LR schedule."""
+    from bench import training as bench_training
+    from components.training import loop
+
+    called = []
+    shipped = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: called.append(1) or shipped(*a, **k))
+    cfg = small_cfg.model_copy(update={"train": small_cfg.train.model_copy(update={"ema_decay": 0.99})})
+    t = bench_training.build_trainee(cfg)
+    assert isinstance(t.loop, loop.Trainee) and t.loop.ema is not None
+    before = [p.detach().clone() for p in t.loop.trainable[:4]]
+    size = cfg.train.batch_size
+    manifest = bench_training.write_bench_dataset(tmp_path / "data", size, bench_training.bucket_side(cfg), cfg.seed)
+    rows = bench_training.read_rows(manifest)[:size]
+    loss = bench_training.train_step(t, rows, 0)
+    assert called == [1] and math.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.loop.trainable[:4], strict=True))
+    assert t.loop.lr_scheduler.last_epoch == 1
