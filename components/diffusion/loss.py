@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from components.config import DiffusionConfig, Precision
 from components.diffusion.conditioning import drop_captions, encode_text, time_ids
 from components.diffusion.parts import SDXLParts
-from components.diffusion.schedule import loss_weights, per_sample_mse, sample_timesteps, training_target
+from components.diffusion.schedule import per_sample_mse, sample_timesteps, training_target, weighted_loss
 
 
 def autocast(precision: Precision, device: torch.device):
@@ -145,7 +145,7 @@ class NoiseDraw:
 def diffusion_loss(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec, draw: NoiseDraw) -> torch.Tensor:
     """The min-SNR weighted loss of ``unet`` on ``batch`` (a scalar). ``unet`` may be DDP-wrapped."""
     mse, timesteps = prediction_error(parts, unet, batch, spec, draw)
-    return torch.mean(mse * loss_weights(timesteps, spec.scheduler, spec.diffusion))
+    return weighted_loss(mse, timesteps, spec.scheduler, spec.diffusion)
 
 
 def prediction_error(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec,

@@ -109,13 +109,8 @@ def loss_weights(timesteps: torch.Tensor, scheduler: DDPMScheduler, cfg: Diffusi
                            cfg.terminal_policy if terminal is None else terminal)
 
 
-def weighted_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    scheduler: DDPMScheduler,
-    cfg: DiffusionConfig,
-) -> torch.Tensor:
-    """Per-sample MSE (mean over C, H, W) times min-SNR weights, averaged over the batch."""
-    per_sample = per_sample_mse(pred, target)  # (B,)
+def weighted_loss(per_sample: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler,
+                  cfg: DiffusionConfig) -> torch.Tensor:
+    """The training loss: each sample's error (B,) (``per_sample_mse``) times its timestep's min-SNR weight,
+    averaged over the batch."""
     return torch.mean(per_sample * loss_weights(timesteps.to(per_sample.device), scheduler, cfg))

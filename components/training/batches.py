@@ -177,14 +177,6 @@ def rows_to_batch(rows: list[dict], device: torch.device | str = "cpu") -> Batch
     return Batch(pixels=pixels, **sizes)
 
 
-def iter_rows(batches: Iterable[dict]) -> Iterator[dict]:
-    """Column batches (dict of arrays, as Ray Data yields them) -> one dict per row."""
-    for cols in batches:
-        keys = list(cols)
-        for i in range(len(cols[keys[0]])):
-            yield {k: cols[k][i] for k in keys}
-
-
 def bucket_batches(rows: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
     """Group a row stream into batches of one bucket each, in order of completion.
 

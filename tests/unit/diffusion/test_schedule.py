@@ -12,6 +12,7 @@ from components.config import DiffusionConfig, PredictionType, TerminalPolicy
 from components.diffusion.schedule import (
     inference_scheduler,
     min_snr_weights,
+    per_sample_mse,
     sample_timesteps,
     scheduler_kwargs,
     snr,
@@ -176,7 +177,7 @@ def test_epsilon_path_never_nan_or_inf(terminal):
     noise = torch.randn(4, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 500, 998, 999])
     pred = torch.randn(4, 4, 8, 8, generator=gen, requires_grad=True)
-    loss = weighted_loss(pred, training_target(sched, x0, noise, t), t, sched, cfg)
+    loss = weighted_loss(per_sample_mse(pred, training_target(sched, x0, noise, t)), t, sched, cfg)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
 
@@ -190,7 +191,7 @@ def test_loss_uses_snr_of_the_rescaled_schedule():
     ref = ref_weights(ref_alphabar(True), 5.0, "v_prediction", "terminus")[t.numpy()]
     pre_rescale = ref_weights(ref_alphabar(False), 5.0, "v_prediction", "terminus")[t.numpy()]
     for i in range(5):
-        got = weighted_loss(pred[i:i + 1], target[i:i + 1], t[i:i + 1], sched, ZT).item()
+        got = weighted_loss(per_sample_mse(pred[i:i + 1], target[i:i + 1]), t[i:i + 1], sched, ZT).item()
         assert got == pytest.approx(ref[i], rel=1e-4)
     assert abs(ref[3] - pre_rescale[3]) / ref[3] > 10  # the two really differ (t = 990)
 
@@ -202,7 +203,7 @@ def test_loss_is_per_sample_mse_times_weights():
     t = torch.tensor([10, 400, 999])
     w = ours(ZT)[t]
     expected = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * w).mean()
-    assert weighted_loss(pred, target, t, sched, ZT).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert weighted_loss(per_sample_mse(pred, target), t, sched, ZT).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # --- targets and timesteps ------------------------------------------------------------------------
