@@ -36,7 +36,7 @@ def register_bench_adapters(cfg: Config, root: Path, count: int) -> list[str]:
     from diffusers import UNet2DConditionModel
 
     from components.diffusion.adapters import AdapterWeights, adapter_state, add_adapter, peft_config, save_adapter
-    from components.registry.adapters import log_adapter, version_weights_sha256, write_adapter_folder
+    from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
     from components.registry.model import fetch_model, resolve_version
     from components.registry.tracking import setup_tracking
 

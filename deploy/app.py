@@ -7,7 +7,7 @@ uses, follows the alias (hot swap, ``deploy/holder.py``), and runs compatible re
 pipeline call (``@serve.batch``, ``deploy/batching.py``). A request may name an adapter of that base (the
 OpenAI ``model`` field or the ``serve_multiplexed_model_id`` header): it travels as the request's Serve
 multiplexed model id, the replica keeps an LRU of adapters attached to its base (``@serve.multiplexed``,
-``serve.max_adapters_per_replica``) and batches split by adapter (``deploy/adapters.py``, docs/adapters.md). ``Ingress`` owns the HTTP contract
+``serve.max_adapters_per_replica``) and batches split by adapter (``deploy/served_adapters.py``, docs/adapters.md). ``Ingress`` owns the HTTP contract
 (``deploy/api.py``): validation, auth, errors, and the 503 + Retry-After of a full queue.
 
 Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
@@ -86,7 +86,7 @@ UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentU
 class Model:
     """One replica = one loaded base pipeline version, swapped in place when the alias moves, and the adapters
     requests ask for (Ray Serve model multiplexing: ``_adapter`` is the ``@serve.multiplexed`` loader, its LRU
-    sized by ``serve.max_adapters_per_replica``; deploy/adapters.py)."""
+    sized by ``serve.max_adapters_per_replica``; deploy/served_adapters.py)."""
 
     def __init__(self, config: dict, model_uri: str, tracking: str, cache_dir: str):
         import mlflow
@@ -109,7 +109,7 @@ class Model:
         # the replica starts on the last good one (deploy/holder.py) and keeps watching the alias.
         self.holder.start()
         self.holder.start_polling()
-        from deploy.adapters import ReplicaAdapters
+        from deploy.served_adapters import ReplicaAdapters
 
         self.adapters = ReplicaAdapters(cache_dir, self.cfg.serve.poll_alias_s)
 
@@ -152,7 +152,7 @@ class Model:
 
         import mlflow
 
-        from components.registry.adapters import listed_adapters
+        from components.registry.adapter_versions import listed_adapters
 
         try:
             return listed_adapters(self.adapters.base_sha256(self.holder.current))
@@ -163,7 +163,7 @@ class Model:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, as deploy.api.to_request built it; the adapter, if any, is the request's multiplexed
         model id (``serve_multiplexed_model_id``)."""
-        from deploy.adapters import AdapterRefused
+        from deploy.served_adapters import AdapterRefused
 
         received = time.perf_counter()
         model_id = serve.get_multiplexed_model_id()

@@ -250,7 +250,7 @@ def _base_and_adapter(resolved: ResolvedModel, cfg: Config) -> dict:
     names (fetched first) and the adapter."""
     if not resolved.adapter:
         return {"pipeline_dir": str(resolved.pipeline_dir)}
-    from components.registry.adapters import base_of, fetch_adapter
+    from components.registry.adapter_versions import base_of, fetch_adapter
 
     adapter = fetch_adapter(resolved.uri, cfg.state_path("cache", "models"))
     return {"pipeline_dir": str(base_of(adapter, cfg.state_path("cache", "models"))), "adapter": adapter.weights()}

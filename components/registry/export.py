@@ -120,7 +120,7 @@ def export_adapter_version(cfg: Config, mv, out: str | Path | None, precision: s
     ModelSpec's ``modelspec.*`` keys and the ``terminus.*`` provenance with the base's URI and content hash. Its
     diffusers-format file is the version's artifact itself (``pytorch_lora_weights.safetensors``)."""
     from components.diffusion.kohya import export_kohya, metadata
-    from components.registry.adapters import BASE_SHA_TAG, fetch_adapter
+    from components.registry.adapter_versions import BASE_SHA_TAG, fetch_adapter
     from components.registry.model import BASE_URI_TAG
 
     name, version = mv.name, str(mv.version)

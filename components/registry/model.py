@@ -58,7 +58,7 @@ class ModelUriError(ValueError):
 
 ADAPTER_METHOD_TAG = "adapter.method"
 """Set on every adapter version (``lora``, ``lokr``): what tells an adapter from a full model in the registry
-(components/registry/adapters.py writes it and the rest of the adapter's tags)."""
+(components/registry/adapter_versions.py writes it and the rest of the adapter's tags)."""
 BASE_URI_TAG = "base_model_uri"
 """On an adapter version: the exact registered base version it was trained on (``models:/NAME/VERSION``)."""
 
@@ -180,7 +180,7 @@ def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -
     tags = mv.tags or {}
     if ADAPTER_METHOD_TAG in tags and not adapter_ok:
         raise AdapterNotModel(f"{uri} is a {tags[ADAPTER_METHOD_TAG]} adapter of {tags.get(BASE_URI_TAG, 'a base')}, "
-                              "not a full model: load it with its base (components/registry/adapters.py), or name "
+                              "not a full model: load it with its base (components/registry/adapter_versions.py), or name "
                               "the base")
     local = local_artifacts(name, version)
     if local is not None:

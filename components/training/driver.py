@@ -12,7 +12,7 @@ An adapter run (``train.method: lora | lokr``) trains on a registered base versi
 source, or the source registered first when it is not a registered version (``pin_adapter_base``). The run
 records ``adapter.base_model_uri`` and ``adapter.base_weights_sha256``; the workers load that version; the export
 writes the adapter in diffusers' layout and registers it under its own model name, tagged with its base
-(components/registry/adapters.py).
+(components/registry/adapter_versions.py).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def pin_adapter_base(cfg: Config, run_id: str, model: ModelConfig) -> ModelConfi
     """The registered base an adapter run trains on, as the model config every worker loads: read back from the
     run (a resumed run), else resolved now (``register_base``: the pinned registered version, or the source
     registered once) and recorded on the run with its content hash."""
-    from components.registry.adapters import register_base, version_weights_sha256
+    from components.registry.adapter_versions import register_base, version_weights_sha256
 
     client = mlflow.MlflowClient()
     tags = client.get_run(run_id).data.tags
@@ -277,7 +277,7 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     from components.diffusion.sdxl_base import COMPONENTS
     from components.diffusion.sources import weights_sha256
     from components.host_memory import release_memory
-    from components.registry.adapters import WEIGHTS_TAG
+    from components.registry.adapter_versions import WEIGHTS_TAG
     from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model
     from components.training.checkpointing import load_unet_weights
 
@@ -327,7 +327,7 @@ def export_adapter(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest
     base UNet's config -> a ``TerminusAdapterModel`` version of ``cfg.adapter_model_name`` tagged with its base.
     Reads no model weights: the checkpoint holds the adapter and the run names the base."""
     from components.diffusion.adapters import save_adapter
-    from components.registry.adapters import log_adapter, write_adapter_folder
+    from components.registry.adapter_versions import log_adapter, write_adapter_folder
     from components.registry.model import LINEAGE, PINNED, fetch_model
     from components.training.checkpointing import load_adapter_weights
 

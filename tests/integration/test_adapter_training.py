@@ -29,7 +29,7 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     from components.diffusion.sdxl import load_parts
     from components.diffusion.sources import weights_sha256
     from components.diffusion.tiny import build_tiny
-    from components.registry.adapters import fetch_adapter
+    from components.registry.adapter_versions import fetch_adapter
     from components.registry.model import fetch_model
 
     cfg, overrides = small_cfg(tmp_path, "train.method=lora", "train.adapter.rank=4", "train.adapter.alpha=8",

@@ -304,7 +304,7 @@ def register_adapter(registered_model, name: str, seed: int, method: str = "lora
     import mlflow
 
     from components.diffusion.adapters import save_adapter
-    from components.registry.adapters import log_adapter, version_weights_sha256, write_adapter_folder
+    from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
     from tests.unit.diffusion.test_adapters import random_adapter
 
     cfg = registered_model.cfg

@@ -147,7 +147,7 @@ def test_not_ready_until_loaded(registered_model, tmp_path):
 
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
-    from deploy.adapters import ReplicaAdapters
+    from deploy.served_adapters import ReplicaAdapters
 
     replica = SimpleNamespace(holder=ModelHolder(
         f"models:/{registered_model.name}@champion", tmp_path, registered_model.cfg.inference),

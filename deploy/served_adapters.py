@@ -29,7 +29,7 @@ from pathlib import Path
 
 from components.diffusion.adapters import AdapterSlots, AdapterWeights
 from components.diffusion.request import GenerationRequest, GenerationResult
-from components.registry.adapters import AdapterVersion, NotAnAdapter, fetch_adapter, version_weights_sha256
+from components.registry.adapter_versions import AdapterVersion, NotAnAdapter, fetch_adapter, version_weights_sha256
 from components.registry.model import ModelUriError, resolve_version
 from deploy.batching import serve_batch
 from deploy.holder import Loaded, _file_lock
