@@ -18,6 +18,7 @@ process with them (``flows/bench.py``): with glibc's defaults the same training 
 
 def pin_malloc() -> None:
     """Run this process again with ``PINNED_MALLOC`` (glibc reads it at start), so the driver, the
-    local Ray cluster it starts and every subprocess share one allocator behaviour."""
+    local Ray cluster it starts and every subprocess share one allocator behaviour. The command line is the
+    interpreter's own (``sys.orig_argv``), so a process started as ``python -m MODULE`` restarts as one."""
     if any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**snapshot(), **PINNED_MALLOC})
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**snapshot(), **PINNED_MALLOC})

@@ -13,13 +13,10 @@ a target is missed (a miss is a measurement, reported as such); 1 when a section
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/bench.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import banner, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:
@@ -54,4 +51,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if not __package__:
+        # `python flows/bench.py` puts flows/ first on sys.path, where the name `bench` is this file, not the
+        # bench package: run as the module flows.bench instead (sys.path[0] is then the working directory),
+        # with the interpreter's own options.
+        options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+        os.execv(sys.executable, [sys.executable, *options, "-m", "flows.bench", *sys.argv[1:]])
     main()

@@ -15,12 +15,8 @@ Exit codes: 0 curated, 1 the store failed during the run (nothing published), 2 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/curate.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import banner, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:

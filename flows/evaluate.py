@@ -9,13 +9,7 @@ Exit codes: 0 evaluated (last stdout line: JSON), 2 bad input (no such version, 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python flows/evaluate.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import emit, fail, load, parser, setup_logging
 
 
 def main() -> None:

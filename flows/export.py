@@ -17,12 +17,8 @@ that cannot be written as a single file).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/export.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import banner, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:

@@ -14,13 +14,8 @@ Exit status 0 when the plan fits, 1 when it does not, 2 on a bad config.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/plan.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import fail, load, parser  # noqa: E402
+from flows._common import fail, load, parser
 
 
 def main() -> None:

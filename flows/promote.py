@@ -12,14 +12,9 @@ a malformed command line), 3 refused by a gate.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/promote.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import REFUSED, emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import REFUSED, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:

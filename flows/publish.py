@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/publish.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import banner, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:

@@ -43,10 +43,7 @@ from pathlib import Path
 import psutil
 import requests
 
-if __package__ in (None, ""):  # run as `python flows/smoke.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import REPO, banner, fail, load, parser, run_flow, setup_logging  # noqa: E402
+from flows._common import REPO, banner, fail, load, parser, run_flow, setup_logging
 
 GB = 1e9
 TARGET_TOTAL_S = 40 * 60

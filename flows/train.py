@@ -17,12 +17,8 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python flows/train.py`: the repository's packages are importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows._common import banner, emit, fail, load, parser, setup_logging  # noqa: E402
+from flows._common import banner, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:
