@@ -111,11 +111,11 @@ class ModelConfig(Strict):
 
     source: str = "tiny"
     """``tiny`` (built offline), ``sdxl-random`` (SDXL base at its published size, 3.5 B parameters, seeded
-    random weights, built offline: the real sizes without a download), a local diffusers directory, a Hugging Face hub id, an ``s3://`` prefix, a
-    single-file ``.safetensors`` checkpoint in the original SDXL layout (a local path, an ``s3://`` object
-    or an http(s) URL), or a registered version ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (continue
-    from the champion). The run records its lineage: the source, the resolved revision and a content hash
-    of the weights (docs/interchange.md)."""
+    random weights, built offline: the real sizes without a download), a local diffusers directory, a Hugging
+    Face hub id, an ``s3://`` prefix, a single-file ``.safetensors`` checkpoint in the original SDXL layout (a local
+    path, an ``s3://`` object or an http(s) URL), or a registered version ``models:/NAME@ALIAS`` /
+    ``models:/NAME/VERSION`` (continue from the champion). The run records its lineage: the source, the resolved
+    revision and a content hash of the weights (docs/interchange.md)."""
     revision: str | None = None
     """Hub revision (a branch, tag or commit) of a hub id; None: the default branch. A run pins it to the
     commit it resolved to."""
@@ -780,7 +780,10 @@ class EvaluateConfig(Strict):
     """The fewest samples each metric is evidence on (docs/recipe.md, Evaluation): held-out rows for val_loss,
     generated images for the others. Metrics left out keep these defaults."""
     bootstrap_resamples: int = Field(2000, ge=100)
-    """Resamples of the paired bootstrap interval."""
+    """Resamples of the paired bootstrap interval of a mean (held-out loss, CLIP score)."""
+    set_resamples: int = Field(200, ge=50)
+    """Resamples of the paired bootstrap interval of a set statistic (FID, KID, the probe's spreads and range):
+    each recomputes the statistic on resampled sets, an SVD of held-out x generated features for FID."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     """Confidence of the paired interval."""
     reference_alias: str = "champion"

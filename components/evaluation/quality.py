@@ -205,10 +205,12 @@ def clip_score(images: torch.Tensor, prompts: list[str], model: str, loaded: dic
 
 
 def distribution_distance(real: torch.Tensor, fake: torch.Tensor, features: str, weights: str | None,
-                          kid_subset_size: int) -> dict[str, float]:
-    """FID and KID (mean) between two sets of uint8 images (N, 3, H, W); NaN when a set has fewer than 2."""
+                          kid_subset_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """FID and KID (mean) between two sets of uint8 images (N, 3, H, W), NaN when a set has fewer than 2; and
+    each set's feature vectors (``real``, ``fake``: float64 (N, d)) from the same extractor, what the paired
+    intervals resample (``distances.py``)."""
     if len(real) < 2 or len(fake) < 2:
-        return {"fid": float("nan"), "kid": float("nan")}
+        return {"fid": float("nan"), "kid": float("nan")}, {}
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -220,4 +222,7 @@ def distribution_distance(real: torch.Tensor, fake: torch.Tensor, features: str,
         metric.update(real, real=True)
         metric.update(fake, real=False)
     kid_mean, _ = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+    with torch.no_grad():  # the extractor FID ran, on the images it saw
+        vectors = {side: fid.inception(images).double().reshape(len(images), -1).numpy()
+                   for side, images in (("real", real), ("fake", fake))}
+    return {"fid": float(fid.compute()), "kid": float(kid_mean)}, vectors

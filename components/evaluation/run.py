@@ -6,9 +6,11 @@ For each model (the candidate, and the version that holds ``@champion`` when it 
 - the ZT-SNR dynamic-range probe (``probe.py``): dark and bright luminance, their spreads and range;
 - quality on the versioned prompt set: CLIP score, and FID and KID against the held-out images;
 - NaN and blank images.
-Both models run the same prompts and seeds, and the held-out loss is paired: each held-out row's loss under
-the same noise and timesteps for both, so the candidate's change against the reference comes with a
-seeded bootstrap interval (``paired.py``). Each metric records how many samples it was computed on
+Both models run the same prompts and seeds, so every judged metric is paired: the held-out loss row by row
+(same noise and timesteps), the CLIP score image by image, and the set statistics -- FID, KID, the probe's
+spreads and range -- on the same resampled prompts, seeds and held-out images for both. The candidate's
+change against the reference comes with a seeded bootstrap interval (``paired.py``). Each metric records how
+many samples it was computed on
 (``eval.samples.<metric>``) and, for the feature-model metrics, which weights computed it
 (``eval.features.<metric>``: ``random`` for the tiny offline models).
 
@@ -36,8 +38,9 @@ from components.diffusion.pipelines import build_pipelines, pick_device, variant
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl import load_parts
-from components.evaluation.paired import paired_change
-from components.evaluation.probe import grid, image_checks, probe_stats
+from components.evaluation.distances import frechet_distance, mmd_from_kernels, polynomial_kernel
+from components.evaluation.paired import SetStatistic, paired_change, paired_set_change
+from components.evaluation.probe import grid, image_checks, luminance, probe_stats
 from components.evaluation.prompts import PromptSet, load_prompt_set
 from components.evaluation.quality import (
     as_uint8_batch,
@@ -72,6 +75,9 @@ class Evaluation:
     samples: dict[str, int] = field(default_factory=dict)
     features: dict[str, str] = field(default_factory=dict)
     """Metric -> the weights of the feature model that computed it."""
+    sets: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """What the set statistics resample: ``real`` and ``fake`` feature vectors (the held-out images, the
+    quality images in prompt order), ``dark`` and ``bright`` per-image luminance (prompt-major, then seed)."""
     diffusion: DiffusionConfig | None = None
     """The config's diffusion settings with the model's own prediction type and noise schedule (its saved
     scheduler): what the held-out loss was computed under."""
@@ -87,7 +93,8 @@ def eval_protocol(cfg: Config, manifest: CuratedManifest, prompts: PromptSet, di
     the timesteps and their weights, and the prompt set (not the gate)."""
     weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, diffusion)
     settings = {
-        "schedule": diffusion.model_dump(mode="json", include=set(SCHEDULE_FIELDS)), "selection_weights": {str(t): round(w, 8) for t, w in weights.items()},
+        "schedule": diffusion.model_dump(mode="json", include=set(SCHEDULE_FIELDS)),
+        "selection_weights": {str(t): round(w, 8) for t, w in weights.items()},
         "dataset": manifest.digest, "val_timesteps": cfg.train.val_timesteps, "val_max_rows": cfg.train.val_max_rows,
         "select_metric": cfg.train.select_metric, "batch_size": cfg.train.batch_size,
         "precision": cfg.train.precision.value, "noise_seed": VAL_NOISE_SEED,
@@ -96,6 +103,7 @@ def eval_protocol(cfg: Config, manifest: CuratedManifest, prompts: PromptSet, di
         "prompts": prompts.version, "prompt_count": len(prompts.prompts),
         "evaluate": cfg.evaluate.model_dump(mode="json", exclude={
             "gate", "compare_champion", "prompts", "informational", "min_samples", "bootstrap_resamples",
+            "set_resamples",
             "confidence", "reference_alias"}),
     }
     return "p" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -157,14 +165,16 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     metrics["clip_score"], clip_rows = clip_scores(fake, prompts.prompts,
                                                    clip_location(ev.clip_model, cfg.state_path("cache")), clip)
     side = ev.image_size
-    metrics.update(distribution_distance(as_uint8_batch(real, side), fake, ev.fid_features, ev.fid_weights,
-                                         ev.kid_subset_size))
+    distances, vectors = distribution_distance(as_uint8_batch(real, side), fake, ev.fid_features, ev.fid_weights,
+                                               ev.kid_subset_size)
+    metrics.update(distances)
+    sets = {**vectors, "dark": luminance(dark), "bright": luminance(bright)}
     distance = min(len(real), len(fake))
     samples = {"val_loss": len(rows), "clip_score": len(fake), "fid": distance, "kid": distance,
                "dark_spread": len(dark), "bright_spread": len(bright), "luminance_range": min(len(dark), len(bright))}
     fid_id = fid_weights_id(ev.fid_features, ev.fid_weights)
     features = {"clip_score": clip["weights_id"], "fid": fid_id, "kid": fid_id}
-    return Evaluation(metrics, dark + bright, quality, rows, clip_rows, samples, features, diffusion)
+    return Evaluation(metrics, dark + bright, quality, rows, clip_rows, samples, features, sets, diffusion)
 
 
 def side_by_side(candidate: Evaluation, champion: Evaluation | None) -> Image.Image:
@@ -179,7 +189,7 @@ def side_by_side(candidate: Evaluation, champion: Evaluation | None) -> Image.Im
 def comparison_table(candidate: dict[str, float], champion: dict[str, float] | None,
                      verdicts: list | None = None) -> dict[str, list]:
     """Every metric of both models, column-wise (``mlflow.log_table``), with each judged metric's paired
-    interval (val_loss), tolerance and verdict (``promotion.judge``)."""
+    interval, tolerance and verdict (``promotion.judge``)."""
     names = sorted(candidate)
     table = {"metric": names, "candidate": [candidate[n] for n in names]}
     if champion is not None:
@@ -212,24 +222,66 @@ def version_tags(ev: Evaluation, protocol: str) -> dict[str, str]:
     return tags
 
 
+def set_statistics(candidate: Evaluation, reference: Evaluation,
+                   metrics: set[str]) -> dict[str, tuple[SetStatistic, tuple[int, ...]]]:
+    """The set statistics among ``metrics`` whose samples pair, each as ``paired_set_change``'s statistic and
+    sample-set sizes: FID and KID over (generated, held-out) indices with the reference's held-out features
+    (the same images through the same extractor), the spreads over their group's indices, the range over
+    (dark, bright) indices. KID is the unbiased kernel distance of the full sets (``distances.py``)."""
+    mine, theirs = candidate.sets, reference.sets
+    out: dict[str, tuple[SetStatistic, tuple[int, ...]]] = {}
+    pairs = all(k in mine and k in theirs and len(mine[k]) == len(theirs[k]) for k in ("real", "fake"))
+    if pairs and metrics & {"fid", "kid"}:
+        real, a, b = theirs["real"], mine["fake"], theirs["fake"]
+        sizes = (len(a), len(real))
+        if "fid" in metrics:
+            out["fid"] = (lambda f, r: (frechet_distance(real[r], a[f]), frechet_distance(real[r], b[f])), sizes)
+        if "kid" in metrics:
+            k_rr, k_aa, k_bb = polynomial_kernel(real, real), polynomial_kernel(a, a), polynomial_kernel(b, b)
+            k_ra, k_rb = polynomial_kernel(real, a), polynomial_kernel(real, b)
+            out["kid"] = (lambda f, r: (mmd_from_kernels(k_rr[np.ix_(r, r)], k_aa[np.ix_(f, f)], k_ra[np.ix_(r, f)]),
+                                        mmd_from_kernels(k_rr[np.ix_(r, r)], k_bb[np.ix_(f, f)], k_rb[np.ix_(r, f)])),
+                          sizes)
+    groups = all(k in mine and k in theirs and len(mine[k]) == len(theirs[k]) > 0 for k in ("dark", "bright"))
+    if groups:
+        (md, mb), (td, tb) = (mine["dark"], mine["bright"]), (theirs["dark"], theirs["bright"])
+        spreads = {"dark_spread": (md, td), "bright_spread": (mb, tb)}
+        for metric, (x, y) in spreads.items():
+            if metric in metrics:
+                out[metric] = ((lambda i, x=x, y=y: (float(np.std(x[i])), float(np.std(y[i])))), (len(x),))
+        if "luminance_range" in metrics:
+            out["luminance_range"] = ((lambda d, b: (float(mb[b].mean() - md[d].mean()),
+                                                     float(tb[b].mean() - td[d].mean()))), (len(md), len(mb)))
+    return out
+
+
 def paired_tags(candidate: Evaluation, reference: Evaluation, reference_version: str, cfg: Config) -> dict[str, str]:
-    """``paired.*`` tags: the candidate's held-out loss against the reference's row by row, and its CLIP score
-    image by image (same prompts and seeds), each with its seeded bootstrap interval
-    (``evaluate.bootstrap_resamples``, ``evaluate.confidence``). No held-out loss pair when the two were not
-    computed under the same schedule (their rows do not pair)."""
+    """``paired.*`` tags: the candidate's held-out loss against the reference's row by row, its CLIP score image
+    by image (same prompts and seeds), and the set statistics the gate judges or reports (``evaluate.gate``,
+    ``evaluate.informational``) on the same resampled sets (``set_statistics``), each with its seeded bootstrap interval
+    (``evaluate.bootstrap_resamples`` for means, ``evaluate.set_resamples`` for sets, ``evaluate.confidence``).
+    No held-out loss pair when the two were not computed under the same schedule (their rows do not pair); no
+    interval where a figure is not finite or the reference's is not positive."""
+    ev = cfg.evaluate
+    judged = set(ev.gate) | set(ev.informational)
     tags = {f"{PAIRED_PREFIX}reference": reference_version}
     pairs = {"clip_score": (candidate.clip_rows, reference.clip_rows)}
     if candidate.schedule == reference.schedule:
         pairs["val_loss"] = (candidate.rows, reference.rows)
+    changes = {}
     for metric, (mine, theirs) in pairs.items():
         if not mine or len(mine) != len(theirs):
             continue
         try:
-            change = paired_change(mine, theirs, cfg.evaluate.bootstrap_resamples, cfg.evaluate.confidence,
-                                   seed=cfg.seed)
+            changes[metric] = paired_change(mine, theirs, ev.bootstrap_resamples, ev.confidence, seed=cfg.seed)
         except ValueError as err:  # a non-finite row, or a mean at or below 0: no relative change to judge
             log.warning("no paired interval for %s: %s", metric, err)
-            continue
+    for metric, (statistic, sizes) in set_statistics(candidate, reference, judged).items():
+        try:
+            changes[metric] = paired_set_change(statistic, sizes, ev.set_resamples, ev.confidence, seed=cfg.seed)
+        except ValueError as err:
+            log.warning("no paired interval for %s: %s", metric, err)
+    for metric, change in changes.items():
         tags.update({f"{PAIRED_PREFIX}{metric}.{k}": f"{v:.6g}" for k, v in change.as_dict().items()})
     return tags
 
@@ -238,7 +290,8 @@ def _champion_of(resolved: ResolvedModel, cfg: Config) -> ResolvedModel | None:
     if not cfg.evaluate.compare_champion:
         return None
     try:
-        champ = fetch_model(f"models:/{resolved.name}@{cfg.evaluate.reference_alias}", cfg.state_path("cache", "models"),
+        champ = fetch_model(f"models:/{resolved.name}@{cfg.evaluate.reference_alias}",
+                            cfg.state_path("cache", "models"),
                             adapter_ok=True)
     except ModelUriError:
         return None  # no champion yet: the first version
@@ -279,7 +332,8 @@ def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> 
     champion = _champion_of(resolved, cfg)
     prompts = load_prompt_set(cfg.evaluate.prompts, cfg.evaluate.num_prompts)
     real = held_out_images(manifest, cfg)
-    candidate = evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real, **_base_and_adapter(resolved, cfg))
+    candidate = evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real,
+                                  **_base_and_adapter(resolved, cfg))
     theirs = (evaluate_pipeline(cfg, manifest=manifest, prompts=prompts, real=real, **_base_and_adapter(champion, cfg))
               if champion else None)
     protocol = eval_protocol(cfg, manifest, prompts, candidate.diffusion)
@@ -290,7 +344,8 @@ def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> 
     weights = selection_weights(cfg.train.val_timesteps, cfg.train.select_metric, candidate.diffusion)
     verdicts = judge(mine, ref_tags if theirs else None, champion.version if champion else None, cfg.evaluate)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{resolved.name}-v{resolved.version}") as run:
-        mlflow.set_tags({"eval.model": resolved.name, "eval.version": resolved.version, "dataset_digest": manifest.digest,
+        mlflow.set_tags({"eval.model": resolved.name, "eval.version": resolved.version,
+                         "dataset_digest": manifest.digest,
                          "eval.protocol": protocol, "eval.prompts": prompts.version,
                          "eval.champion": champion.version if champion else "none",
                          "eval.verdict": "refuse" if any(v.refused for v in verdicts) else "pass"})

@@ -2,9 +2,9 @@
 
 A candidate becomes ``champion`` only if it has evaluation metrics, produced no NaN or blank image,
 and every metric of the gate (``evaluate.gate``: the held-out loss by default; CLIP score, FID, KID and
-the dynamic-range figures on request) is no worse than the champion's beyond its allowed relative
-regression, both measured under the same
-evaluation protocol. ``--force`` overrides with a recorded reason. The champion it replaces keeps
+the dynamic-range figures on request) is usable evidence on both sides and its paired interval against the
+champion (both measured under the same evaluation protocol) stays within the allowed relative regression.
+``--force`` overrides with a recorded reason. The champion it replaces keeps
 the ``previous`` alias, so rollback is one call.
 
 MLflow aliases are last-writer-wins (``set_registered_model_alias`` has no compare-and-set), so two
@@ -50,9 +50,10 @@ FEATURES_PREFIX = "features."
 PAIRED_PREFIX = "paired."
 """``eval.paired.reference``, ``eval.paired.<metric>.{change,low,high,n,confidence}``: the metric paired sample
 by sample with the reference version's, and its bootstrap interval."""
-PAIRED_METRICS = ("val_loss", "clip_score")
-"""Metrics judged on a paired interval against the reference: the held-out loss row by row, the CLIP score
-image by image (same prompt and seed)."""
+PAIRED_METRICS = tuple(GATE_DIRECTIONS)
+"""Metrics judged on a paired interval against the reference -- every metric the gate can name: the held-out
+loss row by row, the CLIP score image by image (same prompt and seed), FID, KID and the probe's figures on the
+same resampled sets."""
 RANDOM_FEATURES = "random"
 NON_METRIC = {"run_id", PROTOCOL, SCHEDULE, "dataset_digest", "model", "version"}
 LOCK_SUFFIX = ".promotion-lock"
@@ -157,10 +158,11 @@ def judge(candidate: dict[str, str], reference: dict[str, str] | None, reference
           evaluate: EvaluateConfig, gate: dict[str, float] | None = None) -> list[Verdict]:
     """Each gated and informational metric of ``candidate``'s ``eval.*`` tags (prefix stripped) against the
     reference's (None: the first version, judged on its own figures). Fail closed: a gated metric that is not
-    usable evidence (``_usable``) on either side refuses. ``PAIRED_METRICS`` against a reference decide on the
-    paired interval recorded against that very version: refused when it reaches past the tolerance in the worse
-    direction (a loss's upper bound above it, a CLIP score's lower bound below minus it); the other metrics
-    on their figures' relative change."""
+    usable evidence (``_usable``) on either side refuses. Against a reference, every gated metric decides on
+    the paired interval recorded against that very version: refused when it reaches past the tolerance in the
+    worse direction (a lower-is-better metric's upper bound above it, a higher-is-better one's lower bound
+    below minus it), or when there is no such interval. An informational metric not in ``PAIRED_METRICS`` is
+    shown with its figures' relative change and never decides."""
     gate = evaluate.gate if gate is None else gate
     out = []
     for metric in [*gate, *(m for m in evaluate.informational if m not in gate)]:
@@ -170,7 +172,9 @@ def judge(candidate: dict[str, str], reference: dict[str, str] | None, reference
         theirs = _float(reference, metric) if reference is not None else math.nan
         change = mine / theirs - 1.0 if math.isfinite(mine) and math.isfinite(theirs) and theirs != 0 else math.nan
         low = high = math.nan
-        reason = _usable(metric, candidate, evaluate, "the candidate")
+        reason = "" if metric in PAIRED_METRICS or not decides else (
+            f"{metric}: not a metric the gate can judge (known: {', '.join(PAIRED_METRICS)})")
+        reason = reason or _usable(metric, candidate, evaluate, "the candidate")
         if not reason and reference is not None:
             reason = _usable(metric, reference, evaluate, f"reference v{reference_version}")
         if not reason and reference is not None and metric in PAIRED_METRICS:
@@ -179,26 +183,24 @@ def judge(candidate: dict[str, str], reference: dict[str, str] | None, reference
                 reason = (f"{metric}: no paired evaluation against reference v{reference_version} "
                           f"(the last was against {paired_ref or 'none'}): evaluate the candidate again")
             else:
-                change, low, high = (_float(candidate, f"{PAIRED_PREFIX}{metric}.{k}") for k in ("change", "low", "high"))
+                change, low, high = (_float(candidate, f"{PAIRED_PREFIX}{metric}.{k}")
+                                     for k in ("change", "low", "high"))
                 level = _float(candidate, f"{PAIRED_PREFIX}{metric}.confidence")
                 higher_is_better = GATE_DIRECTIONS[metric] > 0
                 if f"{PAIRED_PREFIX}{metric}.change" not in candidate:
                     reason = (f"{metric}: no paired interval against reference v{reference_version} (the samples did "
-                              "not pair, or a mean was not positive)")
+                              "not pair, or a figure was not positive)")
                 elif not all(math.isfinite(x) for x in (change, low, high)):
-                    reason = f"{metric}: the paired interval is not finite"
+                    reason = (f"{metric}: the paired interval is not finite (a resample's reference figure was not "
+                              "positive)")
                 elif higher_is_better and low < -tolerance:
                     reason = (f"{metric}: {change:+.1%} against v{reference_version}, {level:.0%} interval "
-                              f"[{low:+.1%}, {high:+.1%}], whose lower bound is below the {-tolerance:+.0%} tolerance")
+                              f"[{low:+.1%}, {high:+.1%}], whose lower bound is below the {-tolerance:+.0%} "
+                              "tolerance")
                 elif not higher_is_better and high > tolerance:
                     reason = (f"{metric}: {change:+.1%} against v{reference_version}, {level:.0%} interval "
-                              f"[{low:+.1%}, {high:+.1%}], whose upper bound is above the {tolerance:+.0%} tolerance")
-        elif not reason and reference is not None and math.isfinite(tolerance):
-            higher_is_better = GATE_DIRECTIONS[metric] > 0
-            worse = mine < theirs - tolerance * abs(theirs) if higher_is_better else mine > theirs + tolerance * abs(theirs)
-            if worse:
-                reason = (f"{metric}: {mine:.5g} is worse than reference v{reference_version}'s {theirs:.5g} beyond "
-                          f"the {tolerance:.0%} tolerance")
+                              f"[{low:+.1%}, {high:+.1%}], whose upper bound is above the {tolerance:+.0%} "
+                              "tolerance")
         verdict = ("refuse" if reason else "pass") if decides else "info"
         out.append(Verdict(metric, mine, theirs, change, low, high, tolerance, decides, verdict, reason))
     return out
@@ -375,7 +377,8 @@ def promote(
     overridden = None
     with alias_lock(name):
         current = _alias_version(client, name, alias)
-        reference = current if alias == evaluate.reference_alias else _alias_version(client, name, evaluate.reference_alias)
+        reference = (current if alias == evaluate.reference_alias
+                     else _alias_version(client, name, evaluate.reference_alias))
         try:
             check_candidate(name, version, reference, gate, evaluate)
         except PromotionRefused as err:

@@ -8,6 +8,8 @@ as an epsilon-prediction model without a zero-terminal-SNR schedule.
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pytest
 
@@ -20,6 +22,10 @@ from tests.fixtures.registry import EVAL_SMALL, register_trained, unet_checkpoin
 pytestmark = pytest.mark.slow
 
 ROWS = 8  # the default minimum of held-out rows for val_loss
+SET_METRICS = ("fid", "kid", "luminance_range")
+"""Reported beside the gate (informational): their paired set intervals are computed and recorded. (KID's
+unbiased estimate on 6 x 8 images is near 0 and some resamples' reference is not positive: its interval is NaN,
+no relative change to tell, which blocks where KID is gated.)"""
 
 
 def _noise(scale: float, seed: int = 11):
@@ -46,7 +52,8 @@ def gated(tmp_path_factory):
     data = write_synthetic_curated(root / "data", n_train=2, n_val=ROWS, size=(64, 64))
     small = [o for o in EVAL_SMALL if not o.startswith("evaluate.min_samples")]
     overrides = [f"state_dir={root / 'state'}", f"train.data={data}", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-                 "tracking.registered_model=terminus-gate", *small]
+                 "tracking.registered_model=terminus-gate", *small,
+                 f"evaluate.informational=[{','.join(SET_METRICS)}]"]
     cfg = load_config(REPO / "flows/configs/tiny.yaml", overrides)
     assert cfg.evaluate.min_samples["val_loss"] == ROWS
     manifest = read_manifest(str(data))
@@ -78,6 +85,15 @@ def test_heavy_noise_is_refused_on_its_paired_interval(gated):
     with pytest.raises(PromotionRefused, match=rf"v{v}: val_loss: \+[0-9.]+% against v{gated.champion}, 95% "
                                                r"interval .*upper bound is above the \+5% tolerance"):
         promote(gated.name, v, alias="staging", evaluate=gated.cfg.evaluate)
+    tags = mlflow.MlflowClient().get_model_version(gated.name, v).tags
+    for metric in SET_METRICS:  # resampled on the same prompts and held-out images as the champion's
+        low, change, high = (float(tags[f"eval.paired.{metric}.{k}"]) for k in ("low", "change", "high"))
+        assert math.isfinite(change)
+        assert tags[f"eval.paired.{metric}.resamples"] == str(gated.cfg.evaluate.set_resamples)
+        if metric != "kid":  # (one dark and one bright image: the range's resamples are all the same pair)
+            assert low <= change <= high, (metric, low, change, high)
+            assert low < high or metric == "luminance_range", (metric, low, change, high)
+    assert tags["eval.paired.fid.n"] == "6"  # the quality images; the held-out images are resampled beside them
 
 
 def test_an_epsilon_model_without_zero_terminal_snr_is_refused(gated):
@@ -105,6 +121,8 @@ def test_an_identical_copy_is_accepted_whatever_the_bootstrap_seed(gated):
     client = mlflow.MlflowClient()
     tags = client.get_model_version(gated.name, v).tags  # the CLIP score pairs image by image: the same images
     assert tags["eval.paired.clip_score.n"] == "6" and float(tags["eval.paired.clip_score.low"]) == 0.0
+    for metric in ("fid", "luminance_range"):  # the same images: every resample's statistics agree exactly
+        assert [float(tags[f"eval.paired.{metric}.{k}"]) for k in ("change", "low", "high")] == [0.0, 0.0, 0.0]
     assert str(client.get_model_version_by_alias(gated.name, "staging").version) == v
     assert str(client.get_model_version_by_alias(gated.name, "champion").version) == gated.champion
 

@@ -53,16 +53,19 @@ def test_fid_and_kid_match_their_closed_forms_on_the_injected_features():
     with torch.no_grad():
         fr = TinyFeatures()(real).double().numpy()
         ff = TinyFeatures()(fake).double().numpy()
-    got = distribution_distance(real, fake, "tiny", None, kid_subset_size=80)
+    got, vectors = distribution_distance(real, fake, "tiny", None, kid_subset_size=80)
     assert got["fid"] == pytest.approx(_frechet(fr, ff), rel=1e-3)
     assert got["kid"] == pytest.approx(_kid(fr, ff), rel=1e-3, abs=1e-6)
-    same = distribution_distance(real, real, "tiny", None, kid_subset_size=80)
+    np.testing.assert_allclose(vectors["real"], fr, rtol=1e-6)  # the vectors the intervals resample
+    np.testing.assert_allclose(vectors["fake"], ff, rtol=1e-6)
+    same, _ = distribution_distance(real, real, "tiny", None, kid_subset_size=80)
     assert same["fid"] == pytest.approx(0.0, abs=1e-3) and got["fid"] > 100 * max(same["fid"], 1e-6)
 
 
 def test_fid_is_nan_below_two_images_on_either_side():
     one, many = _images(0, 1), _images(1, 4)
-    assert all(np.isnan(v) for v in distribution_distance(one, many, "tiny", None, 4).values())
+    figures, vectors = distribution_distance(one, many, "tiny", None, 4)
+    assert all(np.isnan(v) for v in figures.values()) and vectors == {}
 
 
 def test_clip_score_is_the_scaled_cosine_of_the_projected_embeddings():
@@ -92,8 +95,8 @@ def test_weights_ids_say_random_for_tiny_and_hash_a_file(tmp_path):
     first = fid_weights_id(str(path), None)
     assert first.startswith("sha256:") and first == fid_weights_id(str(path), None)
     real, fake = _images(0, 16), _images(1, 16, shift=0.25)  # a TorchScript file computes what its module does
-    assert distribution_distance(real, fake, str(path), None, 16) == pytest.approx(
-        distribution_distance(real, fake, "tiny", None, 16), rel=1e-4)
+    assert distribution_distance(real, fake, str(path), None, 16)[0] == pytest.approx(
+        distribution_distance(real, fake, "tiny", None, 16)[0], rel=1e-4)
     loaded: dict = {}
     clip_loader("tiny", loaded)()
     assert loaded == {"weights_id": RANDOM}

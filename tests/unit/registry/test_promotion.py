@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import mlflow
 import pytest
 
-from components.config import EvaluateConfig
+from components.config import GATE_DIRECTIONS, EvaluateConfig
 from components.registry import promotion
 from components.registry.promotion import PromotionRefused, alias_lock, check_candidate, promote, rollback
 
@@ -57,7 +57,7 @@ class Registry:
             tags = {"val_loss": val_loss, "nan_images": nan, "blank_images": blank, "protocol": protocol,
                     "schedule": schedule, **metrics}
             for metric in ("val_loss", *metrics):
-                tags[f"samples.{metric}"] = MINIMUM[metric] if samples is None else samples
+                tags[f"samples.{metric}"] = MINIMUM.get(metric, 1) if samples is None else samples
                 if metric in ("clip_score", "fid", "kid"):
                     tags[f"features.{metric}"] = features
             for key, value in tags.items():
@@ -121,24 +121,36 @@ def test_the_loss_is_judged_on_the_upper_bound_of_its_paired_interval(reg):
     assert reg.tags(within)["promoted_alias"] == "champion"
 
 
-@pytest.mark.parametrize(
-    ("metric", "champion", "refused", "accepted"),
-    [
-        ("fid", 20.0, 22.5, 20.9),  # lower is better: 12.5 % higher is refused, 4.5 % higher passes
-        ("luminance_range", 0.60, 0.30, 0.58),  # a fine-tune that lost half its range does not pass
-    ],
-)
-def test_the_gate_holds_quality_metrics_against_the_champion(reg, metric, champion, refused, accepted):
+@pytest.mark.parametrize(("metric", "worse"), [
+    ("fid", (0.125, 0.08, 0.17)),  # lower is better: an interval whose upper bound is past +5 % is refused
+    ("kid", (0.02, -0.03, 0.09)),  # ... even when the point estimate is inside the tolerance
+    ("luminance_range", (-0.5, -0.6, -0.4)),  # higher is better: a fine-tune that lost half its range
+    ("dark_spread", (-0.02, -0.08, 0.03)),
+    ("bright_spread", (-0.3, -0.4, -0.2)),
+])
+def test_set_statistics_are_judged_on_their_paired_intervals(reg, metric, worse):
     gate = {"val_loss": 0.05, metric: 0.05}
-    champ = reg.version(**{metric: champion})
-    worse, fine = reg.version(**{metric: refused}), reg.version(**{metric: accepted})
-    for v in (worse, fine):
+    champ = reg.version(**{metric: 0.5})
+    refused, accepted, unpaired = (reg.version(**{metric: 0.5}) for _ in range(3))
+    for v in (refused, accepted, unpaired):
         reg.pair(v, champ, 0.0, -0.01, 0.01)
+    reg.pair(refused, champ, *worse, metric=metric)
+    reg.pair(accepted, champ, 0.01, -0.02, 0.03, metric=metric)
     promote(reg.name, champ, gate=gate)
-    with pytest.raises(PromotionRefused, match=rf"v{worse}: {metric}: .* is worse than reference v{champ}'s"):
-        promote(reg.name, worse, gate=gate)
+    bound = "upper bound is above the \\+5%" if GATE_DIRECTIONS[metric] < 0 else "lower bound is below the -5%"
+    with pytest.raises(PromotionRefused, match=rf"v{refused}: {metric}: .* against v{champ}, 95% interval .*{bound}"):
+        promote(reg.name, refused, gate=gate)
+    with pytest.raises(PromotionRefused, match=rf"{metric}: no paired interval against reference v{champ}"):
+        promote(reg.name, unpaired, gate=gate)  # equal point figures are not evidence
     assert reg.alias("champion") == champ
-    assert promote(reg.name, fine, gate=gate).version == fine
+    assert promote(reg.name, accepted, gate=gate).version == accepted
+
+
+def test_a_metric_the_gate_cannot_judge_blocks(reg):
+    v = reg.version(luminance_dark=0.1)
+    with pytest.raises(PromotionRefused, match=rf"v{v}: luminance_dark: not a metric the gate can judge "
+                                               r"\(known: val_loss"):
+        check_candidate(reg.name, v, None, {"val_loss": 0.05, "luminance_dark": 0.1}, EvaluateConfig())
 
 
 def test_clip_score_is_judged_on_the_lower_bound_of_its_paired_interval(reg):
