@@ -1,12 +1,18 @@
-"""``make bench``'s report: run the seven CPU benchmark sections, put each figure next to its target
-(issue 8 item 3) and anchor (docs/recipe.md), print a table, keep the JSON.
+"""``make bench``'s report: run the seven CPU benchmark sections, put each figure next to its target and
+anchor (docs/benchmarks.md, docs/recipe.md), print a table, and keep the run as a results file.
 
 Sections and where they live: curation (``bench.curation``), training, input and caching
 (``bench.training``), serving (``bench.serving``), multiplex (``bench.multiplex``: adapters many per replica
 against a replica per adapter), zt_repro (``bench.zt_repro``).
-``SIZES`` sizes them so that the whole run stays under the 15 minutes issue 8 allows on this 2-core
-machine while it is shared and busy. A missed target is a measurement, reported as MISS with its
-number; a section that fails is reported as ERROR and the others still run.
+``SIZES`` sizes them so that the whole run stays under 15 minutes on a shared 2-core machine. A missed target
+is a measurement, reported as MISS with its number; a section that fails is reported as ERROR and the others
+still run.
+
+Each run is written to ``bench/results/<theme>_<hardware>_<yyyy-mm-dd>.json`` with its rendered ``.md`` beside
+it (``write_report``): theme ``bench`` for a run of every section, ``bench-<section>-...`` for an ``--only`` run;
+hardware from ``hardware()``. ``python -m bench.report --render-docs`` regenerates the results table of
+docs/benchmarks.md (between ``DOC_BEGIN`` and ``DOC_END``) from the newest ``bench_*.json`` there;
+``--render-md FILE.json`` (re)writes the ``.md`` beside a results file.
 """
 
 from __future__ import annotations
@@ -110,16 +116,15 @@ NEEDS_RAY = {"curation", "training", "serving", "multiplex"}
 SIZES: dict[str, dict] = {
     "curation": {"n_images": 256},  # the pipeline is timed warm; its first run (start-up) is reported apart
     "training": {},  # benchmark_training's defaults: 3 warm-up + 12 timed steps
-    "input": {},  # benchmark_input's defaults: 128 batches (a share of 4 s, not 1 s), the step 10x faster than this CPU's
+    "input": {},  # benchmark_input's defaults: 128 batches (a share of 4 s, not 1 s), the step 10x the CPU's pace
     "caching": {},  # benchmark_caching's defaults: 16 rows, 2 warm-up + 8 timed steps per arm
     "serving": {"requests": 24},  # benchmark_serving's defaults otherwise: concurrency 8, 64 px, 4 steps
-    "multiplex": {"requests": 16},  # benchmark_multiplex's defaults otherwise: 2 adapters, concurrency 4, 64 px, 4 steps
+    "multiplex": {"requests": 16},  # benchmark_multiplex's defaults else: 2 adapters, concurrency 4, 64 px, 4 steps
     "zt_repro": {"threads": 1},
 }
-"""Sized for the whole run to take under 15 minutes on this 2-core machine under load (issue 8).
-The ZT-SNR reproduction keeps its own defaults (120 steps): at 80 steps the effect vanished here
-(spread ratios 0.54 vs 0.54). One torch thread for it: with the machine's two cores already
-oversubscribed, two threads made a training step 10-20x slower, not faster."""
+"""Sized for the whole run to take under 15 minutes on a shared 2-core machine. The ZT-SNR reproduction keeps
+its own defaults (120 steps: with fewer the tiny model does not learn the effect). One torch thread for it: on
+cores that other work already keeps busy, more threads make a training step slower, not faster."""
 
 
 def cpu_precision() -> dict:
@@ -136,8 +141,8 @@ def machine() -> dict:
 
     from components.registry.tracking import git_commit
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown")
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or "unknown")
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpu": cpu,
             **cpu_precision(), "cores": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
@@ -189,11 +194,56 @@ def run_benchmarks(cfg: Config, sections: list[str] | tuple[str, ...] = SECTIONS
     return report
 
 
-def write_report(cfg: Config, report: dict) -> Path:
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+"""Where every benchmark run is kept: ``<theme>_<hardware>_<yyyy-mm-dd>.json`` and the ``.md`` rendered from it."""
+DOC = REPO / "docs" / "benchmarks.md"
+DOC_BEGIN, DOC_END = "<!-- results:begin -->", "<!-- results:end -->"
+"""The markers around docs/benchmarks.md's results table, which ``render_docs`` writes and nobody edits."""
 
-    path = cfg.state_path("bench", f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+def hardware() -> str:
+    """The results file's hardware name: the first GPU's model where torch sees one (``h100``, ``a100``,
+    ``rtx4090``: its name's words up to the first with a digit, vendor words dropped; ``h100x8`` for eight),
+    else ``cpu<N>core`` with N the machine's CPU count (``cpu2core``)."""
+    import re
+
+    if torch.cuda.is_available():
+        words = [w for w in re.split(r"[\s_-]+", torch.cuda.get_device_name(0).lower())
+                 if w and w not in ("nvidia", "geforce", "tesla", "amd", "radeon")]
+        model = ""
+        for word in words:
+            model += re.sub(r"[^a-z0-9]", "", word)
+            if any(c.isdigit() for c in word):
+                break
+        count = torch.cuda.device_count()
+        return (model or "gpu") + (f"x{count}" if count > 1 else "")
+    return f"cpu{os.cpu_count()}core"
+
+
+def results_path(report: dict, results_dir: Path = RESULTS) -> Path:
+    """``<results_dir>/bench_<hardware>_<yyyy-mm-dd>.json`` for a run of every section (``bench-<section>-...``
+    for fewer), the date the run started; ``_2``, ``_3`` ... after it when that day already has one."""
+    sections = list(report["sections"])
+    theme = "bench" if set(sections) == set(SECTIONS) else "-".join(["bench", *sections])
+    stem = f"{theme}_{report.get('hardware') or hardware()}_{report['meta']['date'][:10]}"
+    path, n = results_dir / f"{stem}.json", 2
+    while path.exists() or path.with_suffix(".md").exists():
+        path, n = results_dir / f"{stem}_{n}.json", n + 1
+    return path
+
+
+def write_report(cfg: Config, report: dict, results_dir: Path = RESULTS) -> Path:
+    """Keep ``report`` as a results file (``results_path``) with its rendered ``.md`` beside it, and for a run
+    of every section into ``RESULTS`` regenerate docs/benchmarks.md's table (``render_docs``); returns the
+    JSON's path."""
+    report.setdefault("hardware", hardware())
+    path = results_path(report, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    path.with_suffix(".md").write_text(render_markdown(report, path.name))
+    if results_dir == RESULTS and path.name.startswith("bench_") and DOC.exists():
+        DOC.write_text(render_docs())
     return path
 
 
@@ -204,7 +254,7 @@ _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: 
 
 @dataclass
 class Figure:
-    """One measured figure; ``target`` (op, bound) in the figure's unit, as issue 8 item 3 sets it.
+    """One measured figure; ``target`` (op, bound) in the figure's unit, as docs/benchmarks.md lists it.
 
     A ``claim`` is the paper's expectation rather than a project target: HOLDS / NOT SEEN.
     """
@@ -251,7 +301,8 @@ def _curation_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("curation", *a, **k)  # noqa: E731
     return [
         f(f"single-process PIL loop ({d['n_images']} x {d['size']} JPEG)", d["loop_images_per_s"], "img/s"),
-        f(f"Ray Data pipeline ({d['workers']} workers, second run in the session)", d["pipeline_images_per_s"], "img/s"),
+        f(f"Ray Data pipeline ({d['workers']} workers, second run in the session)", d["pipeline_images_per_s"],
+          "img/s"),
         f(f"first run in a new cluster ({d['first_run_images']} images: worker start-up, imports)",
           d["first_run_s"], "s"),
         f("pipeline / loop", d["speedup"], "x", (">=", 1.8), f"ideal {d['cpus']:.0f}x on {d['cpus']} CPUs"),
@@ -278,8 +329,8 @@ def _curation_cpu(d: dict) -> list[Figure]:
 def _training_figures(d: dict) -> list[Figure]:
     f = lambda *a, **k: Figure("training", *a, **k)  # noqa: E731
     return [
-        f(f"plain PyTorch loop (own process, batch {d['batch_size']}, {d['image_side']}px, {d['plain_threads']} thread, "
-          f"{d['precision_used']})",
+        f(f"plain PyTorch loop (own process, batch {d['batch_size']}, {d['image_side']}px, "
+          f"{d['plain_threads']} thread, {d['precision_used']})",
           d["plain_s_per_step"], "s/step"),
         f("Ray Train step (TorchTrainer, 1 worker, Ray Data shard)", d["ray_s_per_step"], "s/step"),
         f("Ray Train overhead per step", 100 * d["overhead"], "%", ("<=", 5.0), "plain loop, same steps"),
@@ -440,3 +491,136 @@ def _precision_line(meta: dict, sections: dict[str, dict]) -> list[str]:
         names = ", ".join(name for name, p in used.items() if p == pair)
         parts.append(f"{names} computed in {pair[0]} (configured {pair[1]})")
     return ["; ".join(parts)]
+
+
+# --- results files and the docs' table ------------------------------------------------------------------------
+
+
+def _target(fig: dict) -> str:
+    if not fig.get("target"):
+        return "-"
+    op, bound = fig["target"]
+    return f"{op} {bound:g} {fig.get('unit', '')}".strip()
+
+
+def _status(fig: dict) -> str:
+    if fig.get("status"):
+        return fig["status"]
+    target = tuple(fig["target"]) if fig.get("target") else None
+    return Figure(fig["section"], fig["name"], fig.get("value"), fig.get("unit", ""), target,
+                  fig.get("anchor", ""), fig.get("claim", False)).status
+
+
+def _cell(text: str) -> str:
+    return (text or "-").replace("|", "\\|")
+
+
+def _rows(figs: list[dict], with_section: bool = True) -> list[str]:
+    head = ["section", "figure", "measured", "target", "anchor", "status"][0 if with_section else 1:]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fig in figs:
+        cells = [fig["section"]] if with_section else []
+        cells += [fig["name"].strip(), _fmt(fig.get("value"), fig.get("unit", "")), _target(fig),
+                  fig.get("anchor") or "-", _status(fig)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def run_line(report: dict) -> str:
+    """``2026-11-30T20:03+0000 on cpu2core (2 cores), commit 75e5d71, 459 s``: when, where and what a results
+    file measured (a field it lacks reads ``not recorded``)."""
+    m = report.get("meta", {})
+    commit = (m.get("git_commit") or "not recorded")[:12]
+    total = f"{m['total_s']:.0f} s" if m.get("total_s") is not None else "total time not recorded"
+    cpu = ", ".join(str(x) for x in (m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None) if x)
+    return (f"{m.get('date') or 'date not recorded'} on {report.get('hardware') or 'unknown hardware'}"
+            f"{f' ({cpu})' if cpu else ''}, commit {commit}, {total}")
+
+
+def render_markdown(report: dict, name: str = "") -> str:
+    """The ``.md`` beside a results file: the run's line, its source where it was not written by a run, the
+    machine's load, every figure next to its target and anchor, and the run's notes."""
+    m = report.get("meta", {})
+    lines = [f"# make bench, {(m.get('date') or '')[:10]}", "",
+             f"`make bench` ({m.get('config') or 'tiny'} preset) {run_line(report)}."
+             + (f" The JSON beside this file (`{name}`) holds the report." if name else "")]
+    if report.get("source"):
+        lines += ["", f"Source: {report['source']}."]
+    load = m.get("load") or (f"load average (1/5/15 min) {m['load_start']} at start, {m.get('load_end')} at end"
+                             if m.get("load_start") else "")
+    if load:
+        lines += ["", f"Machine load: {load}."]
+    precision = _precision_line(m, report.get("sections", {}))
+    if precision:
+        lines += ["", *precision]
+    lines += ["", *_rows(report.get("figures", []))]
+    if report.get("sections"):
+        loads = "; ".join(f"{k} {v['load_before'][0]:.1f} -> {v['load_after'][0]:.1f} ({v['wall_s']:.0f} s)"
+                          for k, v in report["sections"].items() if "load_before" in v)
+        if loads:
+            lines += ["", f"Per section, 1-minute load before -> after (wall): {loads}."]
+    if report.get("notes"):
+        lines += ["", "Notes:", *[f"- {note}" for note in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _started(path: Path) -> tuple[str, str]:
+    try:
+        date = json.loads(path.read_text()).get("meta", {}).get("date") or ""
+    except (OSError, ValueError):
+        date = ""
+    parts = path.stem.split("_")
+    return (date or (parts[2] if len(parts) > 2 else ""), path.name)
+
+
+def newest_results(results_dir: Path = RESULTS) -> Path | None:
+    """The newest full run in ``results_dir`` (``bench_*.json``, by the date it started, then by name)."""
+    runs = sorted(results_dir.glob("bench_*.json"), key=_started)
+    return runs[-1] if runs else None
+
+
+def docs_table(path: Path) -> str:
+    """The block docs/benchmarks.md shows between its markers: which results file, when, on what, at which
+    commit, then each figure that has a target or an anchor (the full table is in the ``.md`` beside it)."""
+    report = json.loads(path.read_text())
+    rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    figs = [f for f in report.get("figures", []) if f.get("target") or f.get("anchor")]
+    lines = [f"From `{rel}` (every figure: `{rel.with_suffix('.md')}`): {run_line(report)}."]
+    if report.get("source"):
+        lines += ["", f"Source: {report['source']}."]
+    return "\n".join([*lines, "", *_rows(figs)])
+
+
+def render_docs(doc: Path = DOC, results_dir: Path = RESULTS) -> str:
+    """``doc``'s text with the block between ``DOC_BEGIN`` and ``DOC_END`` made from ``newest_results``."""
+    text = doc.read_text()
+    if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
+        raise ValueError(f"{doc}: needs one {DOC_BEGIN} line, then one {DOC_END} line")
+    newest = newest_results(results_dir)
+    block = docs_table(newest) if newest else f"No full run in `{results_dir}` yet."
+    head, rest = text.split(DOC_BEGIN)
+    return f"{head}{DOC_BEGIN}\n{block}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--render-docs", action="store_true",
+                   help="rewrite docs/benchmarks.md's results table from the newest bench/results/bench_*.json")
+    p.add_argument("--render-md", metavar="FILE.json", nargs="+", default=[],
+                   help="(re)write the .md beside each results file")
+    args = p.parse_args(argv)
+    if not (args.render_docs or args.render_md):
+        p.error("nothing to do: give --render-docs or --render-md (make bench runs the benchmarks)")
+    for name in args.render_md:
+        path = Path(name)
+        path.with_suffix(".md").write_text(render_markdown(json.loads(path.read_text()), path.name))
+        print(path.with_suffix(".md"))
+    if args.render_docs:
+        DOC.write_text(render_docs())
+        print(DOC)
+
+
+if __name__ == "__main__":
+    main()

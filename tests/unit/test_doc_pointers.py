@@ -14,8 +14,9 @@ ROOTS = ("components", "deploy", "flows", "bench", "tests", "docs", "data")
 DOCS = sorted([*(REPO / "docs").glob("*.md"), REPO / "README.md", REPO / "CONTRIBUTING.md"])
 CODE = sorted(p for root in ("components", "deploy", "flows", "bench") for p in (REPO / root).rglob("*.py"))
 PLACEHOLDER = re.compile(r"[<>*{}$]")
-PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(ROOTS)})/[\w./-]*[\w/])(#[\w-]+)?(?![\w*])")
-"""A repository path (a glob such as ``test_faults_*.py`` is left out), with its section anchor if any."""
+PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(ROOTS)})/[\w./-]*[\w/])(#[\w-]+)?(?![\w*<{{])")
+"""A repository path (a glob such as ``test_faults_*.py`` or a template such as ``bench_<hardware>.json`` is left
+out, its folder kept), with its section anchor if any."""
 CODE_ROOTS = ("components", "deploy", "flows", "bench", "tests", "docs")
 """In code, ``data/...`` is as often a path inside a user's dataset as the repository's folder."""
 
