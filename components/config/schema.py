@@ -759,11 +759,12 @@ class EvaluateConfig(Strict):
     published numbers), or ``tiny``, a randomly initialised one built offline (the demo and the tests)."""
     fid_features: str = "tiny"
     """Feature extractor of FID and KID: ``inception`` (torchmetrics' InceptionV3, the published numbers;
-    needs torch-fidelity and its weights, ``fid_weights`` for an offline file), a path to a TorchScript
-    module, or ``tiny``, a small randomly initialised conv net built offline (the demo and the tests)."""
+    needs torch-fidelity and its weights, ``fid_weights`` for an offline file), a TorchScript module (a local
+    path or an ``s3://`` object), or ``tiny``, a small randomly initialised conv net built offline (the demo
+    and the tests). The evaluation records the weights' hash (``eval.features.fid``)."""
     fid_weights: str | None = None
-    """Local file with the FID InceptionV3 weights (pt_inception-2015-12-05), for ``fid_features: inception``
-    on a machine that cannot download them."""
+    """The FID InceptionV3 weights file (pt_inception-2015-12-05: a local path or an ``s3://`` object), for
+    ``fid_features: inception`` on a machine that cannot download them."""
     kid_subset_size: int = Field(50, gt=1)
     """KID's subset size (capped at the number of images)."""
     compare_champion: bool = True

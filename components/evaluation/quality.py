@@ -97,6 +97,20 @@ def clip_location(name: str, cache_dir: str | Path | None = None) -> str:
     return name
 
 
+def feature_file(name: str | None, cache_dir: str | Path | None = None) -> str | None:
+    """A local path for an FID/KID feature model file (``evaluate.fid_features`` as a TorchScript file,
+    ``evaluate.fid_weights``): an ``s3://`` object is fetched into ``cache_dir`` first
+    (``components.storage.fetch_object``, reused while its ETag holds); ``tiny``, ``inception``, a local path
+    or None as given."""
+    if name is None or not name.startswith("s3://"):
+        return name
+    from components.storage import fetch_object
+
+    if cache_dir is None:
+        raise ValueError(f"{name}: an s3:// object needs a cache folder")
+    return str(fetch_object(name, cache_dir))
+
+
 def clip_loader(name: str, loaded: dict | None = None):
     """What torchmetrics' CLIPScore takes as ``model_name_or_path``: a callable giving (model, processor).
     ``loaded`` (if given) gets ``weights_id``: ``random`` for ``tiny``, else ``sha256:`` of the weights."""

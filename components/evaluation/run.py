@@ -47,6 +47,7 @@ from components.evaluation.quality import (
     clip_location,
     clip_scores,
     distribution_distance,
+    feature_file,
     fid_weights_id,
 )
 from components.registry.model import ModelUriError, ResolvedModel, diffusion_from_pipeline_dir, fetch_model
@@ -165,14 +166,16 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     metrics["clip_score"], clip_rows = clip_scores(fake, prompts.prompts,
                                                    clip_location(ev.clip_model, cfg.state_path("cache")), clip)
     side = ev.image_size
-    distances, vectors = distribution_distance(as_uint8_batch(real, side), fake, ev.fid_features, ev.fid_weights,
+    fid_features, fid_weights = (feature_file(name, cfg.state_path("cache", "features"))
+                                 for name in (ev.fid_features, ev.fid_weights))
+    distances, vectors = distribution_distance(as_uint8_batch(real, side), fake, fid_features, fid_weights,
                                                ev.kid_subset_size)
     metrics.update(distances)
     sets = {**vectors, "dark": luminance(dark), "bright": luminance(bright)}
     distance = min(len(real), len(fake))
     samples = {"val_loss": len(rows), "clip_score": len(fake), "fid": distance, "kid": distance,
                "dark_spread": len(dark), "bright_spread": len(bright), "luminance_range": min(len(dark), len(bright))}
-    fid_id = fid_weights_id(ev.fid_features, ev.fid_weights)
+    fid_id = fid_weights_id(fid_features, fid_weights)
     features = {"clip_score": clip["weights_id"], "fid": fid_id, "kid": fid_id}
     return Evaluation(metrics, dark + bright, quality, rows, clip_rows, samples, features, sets, diffusion)
 

@@ -17,6 +17,7 @@ from components.evaluation.quality import (
     clip_score,
     clip_scores,
     distribution_distance,
+    feature_file,
     fid_weights_id,
     tiny_clip,
 )
@@ -100,3 +101,19 @@ def test_weights_ids_say_random_for_tiny_and_hash_a_file(tmp_path):
     loaded: dict = {}
     clip_loader("tiny", loaded)()
     assert loaded == {"weights_id": RANDOM}
+
+
+def test_a_feature_model_file_on_s3_is_fetched_and_hashed_as_the_local_one(tmp_path, s3_env):
+    import boto3
+
+    path = tmp_path / "features.pt"
+    torch.jit.trace(TinyFeatures(), _images(3, 2)).save(str(path))
+    client = boto3.client("s3", endpoint_url=s3_env)
+    client.create_bucket(Bucket="metrics")
+    client.upload_file(str(path), "metrics", "fid/features.pt")
+    local = feature_file("s3://metrics/fid/features.pt", tmp_path / "cache")
+    assert local == str(tmp_path / "cache" / "metrics" / "fid" / "features.pt")
+    assert fid_weights_id(local, None) == fid_weights_id(str(path), None)
+    assert feature_file("tiny") == "tiny" and feature_file(None) is None and feature_file(str(path)) == str(path)
+    with pytest.raises(FileNotFoundError, match="no object s3://metrics/fid/missing.pt"):
+        feature_file("s3://metrics/fid/missing.pt", tmp_path / "cache")
