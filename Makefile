@@ -8,10 +8,17 @@ UV := $(VENV)/bin/uv
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu). GPU hosts: TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# The project's extras: dev (tests, lint) here; the image installs gpu (GPU builds) or none (CPU builds).
+EXTRAS ?= dev
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
+# The image the KubeRay manifests run (deploy/kubernetes/): `make image`, or IMAGE_BASE=...-cpu for CPU nodes.
+IMAGE ?= terminus-platform:2.60.0-gpu
+IMAGE_BASE ?= rayproject/ray:2.60.0-py311-gpu
+IMAGE_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+IMAGE_EXTRAS ?= gpu
 
-.PHONY: setup demo test test-fast lint bench smoke-sdxl clean
+.PHONY: setup demo test test-fast lint bench smoke-sdxl image clean
 
 setup: $(STAMP)
 
@@ -23,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip uv==0.9.9
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(UV) pip install -q --compile-bytecode --python $(PY) -c constraints.txt -e ".[dev]"
+	$(UV) pip install -q --compile-bytecode --python $(PY) -c constraints.txt -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -48,6 +55,11 @@ bench: $(STAMP)
 # starts) and 24 GiB of memory; runs are recorded in bench/results/.
 smoke-sdxl: $(STAMP)
 	$(PY) flows/smoke.py --config flows/configs/sdxl_cpu.yaml --set state_dir=$(CURDIR)/.state/sdxl
+
+# The Dockerfile runs `make setup` inside the image (the same steps as here), with the build arguments below.
+image:
+	docker build -t $(IMAGE) --build-arg BASE=$(IMAGE_BASE) --build-arg TORCH_INDEX=$(IMAGE_TORCH_INDEX) \
+		--build-arg EXTRAS=$(IMAGE_EXTRAS) .
 
 clean:
 	rm -rf .state
