@@ -1,5 +1,6 @@
 """Every pointer in the docs and the code resolves: file paths, section anchors, ``python -m`` modules and
-``make`` targets; docs/architecture.md names every module that exists and none that does not."""
+``make`` targets; docs/architecture.md names every module that exists and none that does not. The docs are
+reference: no tracker ids, dated runs or clock times in them (those live in git and in bench/results/)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(ROOTS)})/[\w./-]*[\w/])(#[\w-]+)?
 out, its folder kept), with its section anchor if any."""
 CODE_ROOTS = ("components", "deploy", "flows", "bench", "tests", "docs")
 """In code, ``data/...`` is as often a path inside a user's dataset as the repository's folder."""
+
+
+HISTORY = {
+    "a tracker reference": re.compile(r"\b(?:issues?|items?|tickets?)\s+#?\d+\b|(?<![\w&/#])#\d+\b", re.IGNORECASE),
+    "a date": re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b"),
+    "a clock time": re.compile(r"\b[0-2]?\d:[0-5]\d(?::[0-5]\d)?\s*(?:UTC|GMT)\b"),
+}
+"""What marks a story rather than a reference: ``issue 12``, ``items 1 and 2``, ``#12``; ``2026-11-30``;
+``20:03 UTC``."""
+EXEMPT = re.compile(r"bench/results/[\w./<>*-]+|<!-- results:begin -->.*?<!-- results:end -->", re.DOTALL)
+"""Where a date belongs: a results file's name, and the table generated from one (tests/unit/bench)."""
+
+
+def history(text: str) -> list[str]:
+    """Each tracker reference, date or clock time in ``text`` (outside ``EXEMPT``), with its line number."""
+    kept = EXEMPT.sub(lambda m: "\n" * m.group().count("\n"), text)
+    return [f"line {kept.count(chr(10), 0, m.start()) + 1}: {what} {m.group()!r}"
+            for what, pattern in HISTORY.items() for m in pattern.finditer(kept)]
 
 
 def slug(heading: str) -> str:
@@ -61,6 +80,25 @@ def test_every_path_and_section_a_doc_names_exists(doc):
         if anchor not in anchors(target):
             bad.append(f"{doc.name}: link to {link_target or doc.name}#{anchor}: no such section")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_a_doc_is_reference_not_history(doc):
+    found = history(doc.read_text())
+    assert not found, f"{doc.relative_to(REPO)}: history belongs in git or bench/results/:\n" + "\n".join(found)
+
+
+def test_the_history_check_catches_stories_and_leaves_prose_alone():
+    story = "Issue 20 item 3: fixed in #12.\n### Results: 2026-11-30 20:03 UTC\nissues 9 and 18, at 17:41 UTC\n"
+    assert history(story) == [
+        "line 1: a tracker reference 'Issue 20'", "line 1: a tracker reference 'item 3'",
+        "line 1: a tracker reference '#12'", "line 3: a tracker reference 'issues 9'",
+        "line 2: a date '2026-11-30'", "line 2: a clock time '20:03 UTC'", "line 3: a clock time '17:41 UTC'"]
+    prose = ("Runs are kept as `bench/results/bench_cpu2core_2026-11-30.json`; the item below, 3 issues of the "
+             "API, port 8000, RFC 7233, a 16:9 image, `&#123;`, `docs/recipe.md#the-gate`.\n"
+             "<!-- results:begin -->\nFrom 2026-11-30T20:03+0000\n<!-- results:end -->\nafter the block\n")
+    assert history(prose) == []
+    assert history(prose + "issue 7") == ["line 6: a tracker reference 'issue 7'"]
 
 
 def test_every_path_the_code_names_exists():
