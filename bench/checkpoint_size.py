@@ -9,10 +9,10 @@ for ``adamw8bit`` bitsandbytes' uint8 moments with an fp32 absmax per 256-elemen
 tensors under 4096 elements) go through the training code's ``save_checkpoint`` into the first local target.
 An ``s3://`` target gets that directory as Ray Train uploads a checkpoint (pyarrow's ``copy_files`` to the
 same filesystem ``components.storage.arrow_filesystem`` gives Ray), at ``--s3-size`` (moto's server assembles
-a multipart upload in memory: a 10 GB object does not fit beside a 24 GB machine's other processes). Reading back checks the ``COMPLETE``
-marker's file sizes (``verify_complete`` for a local copy, the same rule on the object sizes for S3) and then
-every tensor of the UNet and the optimizer state against a sha256 taken from the source before it was freed,
-streaming the files (a local file or the S3 object, never downloaded whole).
+a multipart upload in memory: a 10 GB object does not fit beside a 24 GB machine's other processes).
+Reading back checks the ``COMPLETE`` marker's file sizes (``verify_complete`` for a local copy, the same rule on the
+object sizes for S3) and then every tensor of the UNet and the optimizer state against a sha256 taken from the source
+before it was freed, streaming the files (a local file or the S3 object, never downloaded whole).
 
 Then a killed write, at the tiny size, per target: the previous checkpoint written whole, the next one's
 writer (``save_checkpoint``; for S3 the upload, marker first) killed with SIGKILL before it finished. The
@@ -230,7 +230,8 @@ def killed_write(target: str, endpoint_url: str | None, scratch: Path) -> dict:
         refused = False
     except ck.IncompleteCheckpointError:
         refused = True
-    return {"killed_write_refused": refused, "previous_after_kill_verified": read_back(previous, endpoint_url, expected)}
+    return {"killed_write_refused": refused,
+            "previous_after_kill_verified": read_back(previous, endpoint_url, expected)}
 
 
 def kill_write(target: str, endpoint_url: str | None, scratch: Path) -> None:

@@ -69,10 +69,12 @@ def _loop(cfg: Config, records: list[dict]) -> dict:
     for record in records:
         pending.append(curator.process(record))
         if len(pending) == c.rows_per_shard:
-            results.append(write_shard(store, c.output, f"loop-{len(results):05d}", outcomes_table(pending, c.holdout_fraction)))
+            results.append(write_shard(store, c.output, f"loop-{len(results):05d}",
+                                       outcomes_table(pending, c.holdout_fraction)))
             pending = []
     if pending:
-        results.append(write_shard(store, c.output, f"loop-{len(results):05d}", outcomes_table(pending, c.holdout_fraction)))
+        results.append(write_shard(store, c.output, f"loop-{len(results):05d}",
+                                   outcomes_table(pending, c.holdout_fraction)))
     agg = aggregate(results)
     if c.filters.dedupe:
         agg = remove_duplicates(store, c.output, "loop", agg)

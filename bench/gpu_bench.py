@@ -58,7 +58,8 @@ SMOKE_UNET_CONFIG = {**SDXL_UNET_CONFIG, "block_out_channels": [32, 64, 64], "at
 SMOKE_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 8,
                     "layers_per_block": 1, "sample_size": 128}
 SMOKE_TEXT_CONFIGS = tuple({**c, "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
-                            "num_hidden_layers": 2, "projection_dim": 32, "vocab_size": 1000} for c in SDXL_TEXT_CONFIGS)
+                            "num_hidden_layers": 2, "projection_dim": 32, "vocab_size": 1000}
+                           for c in SDXL_TEXT_CONFIGS)
 
 FLOP_FWD_ANCHOR, FLOP_TRAIN_PER_IMAGE = 6.76e12, 20.2e12  # docs/recipe.md, per 1024x1024 image
 PEAK_BF16_TFLOPS = (  # dense, no sparsity: NVIDIA datasheets; first match of the device name wins
@@ -109,7 +110,8 @@ class Bench:
     def phase(self, name: str, fn, min_s: float) -> None:
         """Run one phase unless the budget is spent; an error or OOM is recorded, never fatal."""
         if self.remaining() < min_s:
-            self.out["skipped"].append({"phase": name, "reason": f"time budget: {self.remaining():.0f} s left, needs ~{min_s:.0f} s"})
+            reason = f"time budget: {self.remaining():.0f} s left, needs ~{min_s:.0f} s"
+            self.out["skipped"].append({"phase": name, "reason": reason})
             log(f"skip {name}: budget")
             return
         log(f"phase {name} ({self.remaining():.0f} s left)")
@@ -119,7 +121,8 @@ class Bench:
         except BudgetExceeded:
             self.out["skipped"].append({"phase": name, "reason": "time budget ran out during the phase (partial)"})
         except Exception as err:  # noqa: BLE001 -- a benchmark reports failures, it does not stop at them
-            self.out["errors"].append({"phase": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+            first_line = str(err).splitlines()[0][:300]
+            self.out["errors"].append({"phase": name, "error": f"{type(err).__name__}: {first_line}"})
             log(f"{name} failed: {type(err).__name__}: {err}")
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -166,7 +169,8 @@ class Bench:
         peak = self.args.peak_tflops
         if self.cuda:
             props = torch.cuda.get_device_properties(self.device)
-            env.update(name=props.name, capability=f"{props.major}.{props.minor}", total_gb=round(props.total_memory / 1e9, 2))
+            env.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                       total_gb=round(props.total_memory / 1e9, 2))
             peak = peak or peak_tflops_for(props.name)
         env["peak_bf16_tflops"] = peak
         self.peak_tflops = peak
@@ -200,7 +204,8 @@ class Bench:
         return {"sample": torch.randn(batch, 4, h, h, **kw), "timestep": torch.randint(0, 1000, (batch,), **kw),
                 "encoder_hidden_states": torch.randn(batch, 77, c["cross_attention_dim"], **kw),
                 "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, **kw),
-                                      "time_ids": torch.tensor([[self.side, self.side, 0, 0, self.side, self.side]] * batch, **kw).float()}}
+                                      "time_ids": torch.tensor([[self.side, self.side, 0, 0, self.side, self.side]]
+                                                               * batch, **kw).float()}}
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -220,13 +225,15 @@ class Bench:
             unet(**inputs)
         self.out["flops"] = {"fwd_tflop_per_image": round(fwd_counter.get_total_flops() / 1e12, 6),
                              "fwd_bwd_tflop_per_image": round(fwd_bwd / 1e12, 6),
-                             "anchor_fwd_tflop": FLOP_FWD_ANCHOR / 1e12, "anchor_fwd_bwd_tflop": FLOP_TRAIN_PER_IMAGE / 1e12,
+                             "anchor_fwd_tflop": FLOP_FWD_ANCHOR / 1e12,
+                             "anchor_fwd_bwd_tflop": FLOP_TRAIN_PER_IMAGE / 1e12,
                              "mfu_uses_tflop": FLOP_TRAIN_PER_IMAGE / 1e12}
 
     def train(self) -> None:
         self.out["train"] = {}
         unet = self.build("unet")
-        frozen = [self.build("vae"), self.build("text_encoder", torch.bfloat16), self.build("text_encoder_2", torch.bfloat16)]
+        frozen = [self.build("vae"), self.build("text_encoder", torch.bfloat16),
+                  self.build("text_encoder_2", torch.bfloat16)]
         for m in frozen:
             m.requires_grad_(False)
         unet.train()
@@ -290,7 +297,8 @@ class Bench:
         step_s = sorted(times)[len(times) // 2]
         ips = ok / step_s
         result.update(status="ok", steps_timed=len(times), step_s=round(step_s, 4), images_per_s=round(ips, 3),
-                      mfu=round(FLOP_TRAIN_PER_IMAGE * ips / (self.peak_tflops * 1e12), 4) if self.peak_tflops else None,
+                      mfu=(round(FLOP_TRAIN_PER_IMAGE * ips / (self.peak_tflops * 1e12), 4)
+                           if self.peak_tflops else None),
                       resident_gb=resident, peak_allocated_gb=self.gb(torch.cuda.max_memory_allocated),
                       peak_reserved_gb=self.gb(torch.cuda.max_memory_reserved))
 
@@ -303,8 +311,10 @@ class Bench:
             vae.encode(torch.randn(batch, 3, self.side, self.side, device=self.device)).latent_dist.sample()
         self.sync()
         peak = self.gb(torch.cuda.max_memory_allocated)
-        self.out["vae_encode"] = {"batch": batch, "side": self.side, "dtype": "fp32", "resident_gb": base, "peak_allocated_gb": peak,
-                                  "peak_above_resident_gb_per_image": round((peak - base) / batch, 3) if self.cuda else None}
+        self.out["vae_encode"] = {"batch": batch, "side": self.side, "dtype": "fp32", "resident_gb": base,
+                                  "peak_allocated_gb": peak,
+                                  "peak_above_resident_gb_per_image": (round((peak - base) / batch, 3)
+                                                                       if self.cuda else None)}
 
     def pipeline(self):
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -351,7 +361,8 @@ class Bench:
             if self.remaining() < 15:
                 break
         result.update(status="ok", images=len(times), steps=self.args.infer_steps,
-                      s_per_image=round(sorted(times)[len(times) // 2], 3), peak_allocated_gb=self.gb(torch.cuda.max_memory_allocated))
+                      s_per_image=round(sorted(times)[len(times) // 2], 3),
+                      peak_allocated_gb=self.gb(torch.cuda.max_memory_allocated))
 
     def inference(self) -> None:
         self.out["inference"] = {}
@@ -361,7 +372,8 @@ class Bench:
         if self.args.compile == "off":
             self.out["skipped"].append({"phase": "inference.compiled", "reason": "--compile off"})
         elif self.remaining() < self.args.compile_min_s:
-            self.out["skipped"].append({"phase": "inference.compiled", "reason": f"time budget: {self.remaining():.0f} s left"})
+            self.out["skipped"].append({"phase": "inference.compiled",
+                                        "reason": f"time budget: {self.remaining():.0f} s left"})
         else:
             self.time_pipeline(pipe, "compiled", lambda p: compile_unet(p, self.args.compile, self.args.compile_mode))
 
@@ -371,7 +383,8 @@ class Bench:
             return None
         best = min(timed, key=timed.get)
         base = timed.get("diffusers_defaults")
-        return {"variant": best, "s_per_image": timed[best], "speedup_vs_defaults": round(base / timed[best], 3) if base else None}
+        return {"variant": best, "s_per_image": timed[best],
+                "speedup_vs_defaults": round(base / timed[best], 3) if base else None}
 
     def targets(self) -> list[dict]:
         train = self.out.get("train", {})
@@ -421,7 +434,8 @@ def compile_unet(pipe, backend: str, mode: str) -> None:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level alphabet (same construction as components/diffusion/tiny.py; copied, standalone)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = printable[:], 0
     for b in range(256):
         if b not in printable:

@@ -6,8 +6,9 @@ loopback, deploys the app twice (``serve.max_batch_size`` = 1, then the configur
 model replica, drives each one request at a time and then with ``requests`` identical-shape requests
 at ``concurrency``, and shuts Serve down. The direct reference runs what a replica runs for one
 request (same loader, ``deploy.batching.serve_batch``) in a Ray task with the replica's resources (so
-both see the same CPU threads or GPU), before and after Serve (the mean of both); Serve's overhead is the unbatched deployment's serial p50 minus
-the direct p50 (HTTP proxy, the ingress, the hop to the model replica). Not a test: figures depend on the machine.
+both see the same CPU threads or GPU), before and after Serve (the mean of both); Serve's overhead is
+the unbatched deployment's serial p50 minus the direct p50 (HTTP proxy, the ingress, the hop to the model replica). Not
+a test: figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, 
         out["direct_after"] = ray.get(direct.remote(*direct_args))
     before, after = out["direct_before"], out["direct_after"]
     out["direct"] = {**before, "p50_s": (before["p50_s"] + after["p50_s"]) / 2,
-                     "p99_s": (before["p99_s"] + after["p99_s"]) / 2, "mean_s": (before["mean_s"] + after["mean_s"]) / 2}
+                     "p99_s": (before["p99_s"] + after["p99_s"]) / 2,
+                     "mean_s": (before["mean_s"] + after["mean_s"]) / 2}
     out["direct_drift"] = after["p50_s"] / before["p50_s"] - 1
     out["batching_speedup"] = out["batched"]["throughput_rps"] / out["unbatched"]["throughput_rps"]
     out["serve_overhead_p50_s"] = out["serial_unbatched"]["p50_s"] - out["direct"]["p50_s"]

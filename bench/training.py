@@ -4,10 +4,10 @@ Absolute timings on a shared machine are noise; a ratio of two things measured i
 the same data and the same thread count, is not (much). Here:
 
 - ``benchmark_training``: the Ray Train step (TorchTrainer, 1 worker, reading each epoch's planned
-  batches from the split in Ray's object store exactly as ``components.training.loop`` does) against a plain PyTorch loop doing the same steps with
-  ``components.diffusion.loss.diffusion_loss`` on the same rows. Both are timed per step after a warm-up,
-  from fetching the batch to ``optimizer.step``; the Ray side is timed inside the training function,
-  so the Ray figure is the per-step cost a training run pays, and Ray Train's start-up is reported
+  batches from the split in Ray's object store exactly as ``components.training.loop`` does) against a
+  plain PyTorch loop doing the same steps with ``components.diffusion.loss.diffusion_loss`` on the same rows. Both are
+  timed per step after a warm-up, from fetching the batch to ``optimizer.step``; the Ray side is timed inside the
+  training function, so the Ray figure is the per-step cost a training run pays, and Ray Train's start-up is reported
   apart. The plain loop runs in a fresh Python process of its own (as ``python train.py`` would),
   before and after the Ray run (A-B-A) to expose drift in the machine's load, with the worker's
   thread count (Ray gives a 1-CPU worker one torch thread). Both sides run with glibc's malloc
@@ -218,7 +218,8 @@ def _plain_process(cfg: Config, manifest: CuratedManifest, warmup: int, steps: i
     """``plain_loop`` in a fresh interpreter with ``PINNED_MALLOC``; its JSON is the last stdout line."""
     spec = {"config": cfg.model_dump(mode="json"), "root": manifest.root, "warmup": warmup, "steps": steps,
             "threads": threads}
-    code = "import json, sys; from bench.training import plain_loop; print(json.dumps(plain_loop(json.load(sys.stdin))))"
+    code = ("import json, sys; from bench.training import plain_loop; "
+            "print(json.dumps(plain_loop(json.load(sys.stdin))))")
     env = {**environ_snapshot(), **PINNED_MALLOC, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
                           env=env, timeout=1800)
@@ -294,7 +295,8 @@ def benchmark_training(cfg: Config, *, warmup: int = 3, steps: int = 12, epoch_p
         "steps": steps, "precision": str(cfg.train.precision), "plain_threads": threads,
         "precision_used": used_precision(before, ray_side, after),
         "threads_match": ray_side["torch_threads"] == before["torch_threads"] == threads,
-        "malloc_pinned": ray_side["mmap_threshold"] == before["mmap_threshold"] == PINNED_MALLOC["MALLOC_MMAP_THRESHOLD_"],
+        "malloc_pinned": (ray_side["mmap_threshold"] == before["mmap_threshold"]
+                          == PINNED_MALLOC["MALLOC_MMAP_THRESHOLD_"]),
         "plain_before": before, "plain_after": after, "ray": ray_side,
         "plain_s_per_step": statistics.fmean(plain_times), "ray_s_per_step": ray_side["s_per_step"],
         "overhead": ray_side["s_per_step"] / statistics.fmean(plain_times) - 1,

@@ -131,7 +131,8 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 def decode_image(data: bytes):
-    """A curated JPEG -> (3, H, W) float32 tensor in [-1, 1] (the scaling of ``components.diffusion.loss.unit_range``)."""
+    """A curated JPEG -> (3, H, W) float32 tensor in [-1, 1] (the scaling of
+    ``components.diffusion.loss.unit_range``)."""
     import torch
 
     return torch.from_numpy(decode_rgb(data).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

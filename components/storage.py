@@ -113,7 +113,8 @@ def imported_whole(package: str):
     module = importlib.import_module(package)
     prefix = package + "."
     for name, sub in list(sys.modules.items()):
-        if not name.startswith(prefix) or sub is None or getattr(getattr(sub, "__spec__", None), "_initializing", False):
+        if (not name.startswith(prefix) or sub is None
+                or getattr(getattr(sub, "__spec__", None), "_initializing", False)):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = sys.modules.get(parent_name)

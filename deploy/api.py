@@ -9,9 +9,9 @@ negative_prompt, steps, guidance_scale, guidance_rescale, seed, strength.
 Differences from OpenAI, on purpose: ``response_format`` ``url`` is refused (images are returned
 inline, ``b64_json`` is the default); images are uploaded only as multipart files (as OpenAI's edits
 endpoint takes them), never as base64 strings; /v1/images/edits without a mask is image-to-image
-(the image is noised to ``strength``, default ``inference.img2img_strength``, 0.8, and denoised with the prompt) rather than
-"transparent areas of the image are the mask"; a mask's alpha 0 marks the area to repaint, as OpenAI's.
-Prompts longer than the text encoders read (77 tokens for SDXL) are refused, never truncated.
+(the image is noised to ``strength``, default ``inference.img2img_strength``, 0.8, and denoised with the
+prompt) rather than "transparent areas of the image are the mask"; a mask's alpha 0 marks the area to repaint, as
+OpenAI's. Prompts longer than the text encoders read (77 tokens for SDXL) are refused, never truncated.
 
 Every client mistake is an :class:`ApiError` with a 4xx status; nothing here touches Ray or a model,
 so the whole contract is unit-tested without a server. Nor does it import torch: the request and result
@@ -155,7 +155,8 @@ def raise_for_result(out: GenerationResult) -> None:
         raise ApiError(out.status, out.error, param=out.param, code=code)
 
 
-ADAPTER_ID = re.compile(r"^(?:models:/)?([A-Za-z0-9][A-Za-z0-9_.\-]{0,127})(?:@([A-Za-z0-9][A-Za-z0-9_\-]{0,63})|/([0-9]{1,9}))?$")
+ADAPTER_ID = re.compile(r"^(?:models:/)?([A-Za-z0-9][A-Za-z0-9_.\-]{0,127})"
+                        r"(?:@([A-Za-z0-9][A-Za-z0-9_\-]{0,63})|/([0-9]{1,9}))?$")
 """An adapter as a request names it: ``NAME@ALIAS``, ``NAME/VERSION`` or a bare ``NAME`` (its ``@champion``), with or
 without ``models:/``."""
 

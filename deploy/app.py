@@ -7,8 +7,9 @@ uses, follows the alias (hot swap, ``deploy/holder.py``), and runs compatible re
 pipeline call (``@serve.batch``, ``deploy/batching.py``). A request may name an adapter of that base (the
 OpenAI ``model`` field or the ``serve_multiplexed_model_id`` header): it travels as the request's Serve
 multiplexed model id, the replica keeps an LRU of adapters attached to its base (``@serve.multiplexed``,
-``serve.max_adapters_per_replica``) and batches split by adapter (``deploy/served_adapters.py``, docs/adapters.md). ``Ingress`` owns the HTTP contract
-(``deploy/api.py``): validation, auth, errors, and the 503 + Retry-After of a full queue.
+``serve.max_adapters_per_replica``) and batches split by adapter (``deploy/served_adapters.py``,
+docs/adapters.md). ``Ingress`` owns the HTTP contract (``deploy/api.py``): validation, auth, errors, and the 503 +
+Retry-After of a full queue.
 
 Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
 image-to-image without one), GET /v1/models, GET /healthz (open, for probes). When
@@ -375,7 +376,8 @@ class Ingress:
                  "owned_by": "terminus-platform", "version": info["version"], "uri": info["uri"], "kind": "base",
                  "adapters_attached": info["adapters_attached"], "adapter_loads": info["adapter_loads"]}
         adapters = await self._call(self.model.adapters_listed.remote())
-        data = [entry, *({"object": "model", "owned_by": "terminus-platform", "kind": "adapter", **a} for a in adapters)]
+        data = [entry, *({"object": "model", "owned_by": "terminus-platform", "kind": "adapter", **a}
+                         for a in adapters)]
         return JSONResponse({"object": "list", "data": data})
 
     @api.post("/v1/images/generations")
@@ -433,7 +435,8 @@ class Ingress:
             return await awaitable
         except BackPressureError as err:
             raise ApiError(503, "the server is at capacity (request queue full); retry after the delay in "
-                           "Retry-After", type="server_overloaded", headers=self._retry_after(err.retry_after_s)) from None
+                           "Retry-After", type="server_overloaded",
+                           headers=self._retry_after(err.retry_after_s)) from None
         except UNAVAILABLE:
             raise ApiError(503, "no model replica is available right now; retry shortly",
                            type="service_unavailable", headers=self._retry_after(None)) from None

@@ -59,7 +59,8 @@ def generate_batch(pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list
     return results
 
 
-def serve_batch(name: str, version: str, pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+def serve_batch(name: str, version: str, pipes: ZTSNRPipelines,
+                reqs: list[GenerationRequest]) -> list[GenerationResult]:
     """A dynamic batch -> one GenerationResult per request: refused ones (too many tokens) and PNG images.
 
     The token check runs here, on the thread that runs the pipeline, because tokenizers are not

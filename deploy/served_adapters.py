@@ -79,7 +79,8 @@ class ServedAdapter:
             try:
                 _, version = resolve_version(self.uri)
             except ModelUriError as err:  # the alias was removed: the adapter is no longer served under it
-                raise AdapterRefused(404, f"model {self.model_id!r} is not served here: {err}", "model_not_found") from None
+                raise AdapterRefused(404, f"model {self.model_id!r} is not served here: {err}",
+                                     "model_not_found") from None
             except Exception as err:  # the registry is unreachable: keep serving the version held, look again later
                 log.warning("alias poll of adapter %s failed, still serving v%s: %s", self.model_id,
                             self.version.version, str(err)[:200])
@@ -166,7 +167,8 @@ class ReplicaAdapters:
     def attached(self) -> list[str]:
         return sorted(self._slots[1].attached) if self._slots is not None else []
 
-    def run(self, loaded: Loaded, adapter: ServedAdapter | None, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+    def run(self, loaded: Loaded, adapter: ServedAdapter | None,
+            reqs: list[GenerationRequest]) -> list[GenerationResult]:
         """One batch on ``loaded`` with ``adapter`` active (None: the bare base). Batches run one at a time per
         UNet: the active adapter is a property of its shared modules."""
         slots = self.slots(loaded)

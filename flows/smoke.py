@@ -8,10 +8,10 @@ Stages, each through the flow a user runs, on one local Ray cluster (as ``make d
 checkpoint (first, while the disk holds nothing else: a full fine-tune's UNet and optimizer state written
 and read back, locally and on an S3-compatible server on loopback -- ``bench/checkpoint_size.py``; the S3
 copy at the tiny size, since moto's server assembles a multipart upload in memory and a 10 GB object does
-not fit; the local copy is removed once read back) -> curate -> train (a LoRA through Ray Train on Ray Data; the adapter's base registered once) -> evaluate ->
-promote -> serve (one image over the OpenAI endpoint) -> export (the base as one fp16 single file, the adapter
-in kohya's layout) -> reload (the single file through vanilla diffusers' ``from_single_file``, every tensor
-checked against the registered base).
+not fit; the local copy is removed once read back) -> curate -> train (a LoRA through Ray Train on Ray Data;
+the adapter's base registered once) -> evaluate -> promote -> serve (one image over the OpenAI endpoint) -> export (the
+base as one fp16 single file, the adapter in kohya's layout) -> reload (the single file through vanilla diffusers'
+``from_single_file``, every tensor checked against the registered base).
 
 Before any of it, the free space under ``state_dir`` is checked against what the run needs (``disk_needed``:
 three copies of the base at its stored precision, the most the disk holds at once, while MLflow logs the
@@ -184,7 +184,8 @@ class Chain:
         self.stages.append(stage)
         print(f"  {name}: {stage.wall_s:.0f} s, peak RSS {stage.peak_tree_rss / GB:.1f} GB (largest process "
               f"{stage.peak_process_rss / GB:.1f} GB, {stage.peak_process}; not file-backed "
-              f"{stage.peak_tree_anon / GB:.1f} / {stage.peak_process_anon / GB:.1f} GB), disk +{stage.disk_added / GB:.2f} GB "
+              f"{stage.peak_tree_anon / GB:.1f} / {stage.peak_process_anon / GB:.1f} GB), "
+              f"disk +{stage.disk_added / GB:.2f} GB "
               f"(peak +{stage.peak_disk_used / GB:.2f} GB)", file=sys.stderr, flush=True)
         return result
 
@@ -195,11 +196,13 @@ class Chain:
         self.stage("checkpoint", "a full fine-tune's state written and read back, local and S3, then removed",
                    self.checkpoint)
         self.stage("curate", "Ray Data into 256 px buckets", lambda: self.flow("curate.py"))
-        trained = self.stage("train", "LoRA through Ray Train (the base registered first)", lambda: self.flow("train.py"))
+        trained = self.stage("train", "LoRA through Ray Train (the base registered first)",
+                             lambda: self.flow("train.py"))
         model, version = trained["model_name"], trained["version"]
         uri = f"models:/{model}/{version}"
         self.stage("evaluate", uri, lambda: self.flow("evaluate.py", "--model-uri", uri))
-        self.stage("promote", f"{uri} to @champion", lambda: self.flow("promote.py", "--model", model, "--version", version))
+        self.stage("promote", f"{uri} to @champion",
+                   lambda: self.flow("promote.py", "--model", model, "--version", version))
         base_uri = self.base_of(model, version)
         self.stage("serve", f"{base_uri} with models:/{model}@champion, one image", lambda: self.serve(model, base_uri))
         exports = self.stage("export", f"{base_uri} as one fp16 file, {uri} in kohya's layout",
@@ -221,8 +224,8 @@ class Chain:
                          [*self.args.overrides, f"serve.model_uri={base_uri}"], healthy_timeout_s=1800)
             t0 = time.perf_counter()
             resp = requests.post(f"{base}/v1/images/generations", timeout=1800, json={
-                "model": f"{model}@champion", "prompt": PROMPT, "n": 1, "size": f"{size}x{size}", "response_format": "b64_json",
-                "seed": 0, "steps": self.cfg.serve.default_steps})
+                "model": f"{model}@champion", "prompt": PROMPT, "n": 1, "size": f"{size}x{size}",
+                "response_format": "b64_json", "seed": 0, "steps": self.cfg.serve.default_steps})
             seconds = time.perf_counter() - t0
             if resp.status_code != 200:
                 raise RuntimeError(f"the endpoint answered {resp.status_code}: {resp.text[:300]}")
@@ -330,8 +333,9 @@ def checks(chain: Chain, predicted: int, base_params: int, base_bytes: int, file
         ("fp16 copies in exports/", f"{places.get('exports', 0) / (2 * base_params):.2f}", "<= 1 (the single file)",
          places.get("exports", 0) <= 1.02 * 2 * base_params, True),
     ]
-    rows += [(f"checkpoint to {c['target']} ({c['size']} size): verified", f"{c['bytes'] / GB:.2f} GB, write {c['write_s']:.0f} s, "
-              f"read {c['read_s']:.0f} s", "read back equal", bool(c["verified"]), True)
+    rows += [(f"checkpoint to {c['target']} ({c['size']} size): verified",
+              f"{c['bytes'] / GB:.2f} GB, write {c['write_s']:.0f} s, read {c['read_s']:.0f} s", "read back equal",
+              bool(c["verified"]), True)
              for c in by_name["checkpoint"].result["targets"]]
     rows += [(f"checkpoint to {c['target']}: a killed write", "cut one refused, previous verified"
               if c["killed_write_refused"] and c["previous_after_kill_verified"] else

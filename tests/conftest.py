@@ -35,8 +35,8 @@ BESIDE_THE_SERIAL_GROUP = {  # in the order the other worker takes them, after t
     "tests/integration/test_flows_cli.py": "flows_cli",  # refusals before Ray starts: subprocesses, no cluster
     "tests/integration/test_models_in_out.py": "trained_champion",  # the two share that session fixture
     "tests/integration/test_model_card.py": "trained_champion",
-    "tests/integration/test_registry_server.py": "registry_server",
-    "tests/integration/test_gate.py": "gate",  # evaluations and promotions in its own SQLite store  # its own `mlflow server`, used by no other module
+    "tests/integration/test_registry_server.py": "registry_server",  # its own `mlflow server`, used by no other module
+    "tests/integration/test_gate.py": "gate",  # evaluations and promotions in its own SQLite store
     "tests/integration/test_demo.py": "demo",  # the heaviest load (a cluster, training, Serve): last
 }
 """Integration modules that inject no fault, time nothing and load no server, by their unit of work. An

@@ -68,7 +68,8 @@ def write_synthetic_curated(root: Path, n_train: int = 16, n_val: int = 4, size:
         rows[split] = n
         nbytes[split] = table.nbytes
     digest = hashlib.sha256(json.dumps(files).encode() + str(seed).encode()).hexdigest()[:16]
-    recorded = {name: {"kind": "files", "repeats": repeats, "rows": per_source[name]} for name, repeats in sources.items()}
+    recorded = {name: {"kind": "files", "repeats": repeats, "rows": per_source[name]}
+                for name, repeats in sources.items()}
     (root / REPORT).write_text(json.dumps({"inputs": n_train + n_val, "kept": n_train + n_val}))
     (root / SUCCESS).write_text(json.dumps({"digest": digest, "files": files, "rows": rows, "nbytes": nbytes,
                                             "sources": recorded}))

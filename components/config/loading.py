@@ -32,9 +32,12 @@ SOURCE_PATHS = ("location", "root")
 
 
 def _is_local_path(value: str, key: str) -> bool:
-    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://", "hf://")) or value in ("tiny", "inception"):
+    if value.startswith(("s3://", "pkg:", "models:/", "http://", "https://", "hf://")):
         return False
-    if key in ("model.source", "model.single_file_config", "curate.captioner.model"):  # a hub id ("org/name") looks like a relative path
+    if value in ("tiny", "inception"):
+        return False
+    if key in ("model.source", "model.single_file_config", "curate.captioner.model"):
+        # a hub id ("org/name") looks like a relative path
         return value.startswith(("./", "../", "/", "~"))
     return True
 
@@ -77,7 +80,8 @@ def _field_annotation_in(model, dotted: list[str]):
 
 def _takes_text(annotation) -> tuple[bool, bool]:
     """(the field takes text as it is, None is allowed)."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
     optional = type(None) in args
     kinds = [a for a in args if a is not type(None)]
     textual = bool(kinds) and all(

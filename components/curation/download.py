@@ -86,7 +86,8 @@ class Downloader:
         self.pool = urllib3.PoolManager(num_pools=64, maxsize=self.per_host, retries=False,
                                         headers={"User-Agent": cfg.user_agent, "Accept-Encoding": "identity",
                                                  "Accept": "image/*"})
-        self._hosts: dict[str, threading.BoundedSemaphore] = defaultdict(lambda: threading.BoundedSemaphore(self.per_host))
+        self._hosts: dict[str, threading.BoundedSemaphore] = defaultdict(
+            lambda: threading.BoundedSemaphore(self.per_host))
         self._lock = threading.Lock()
         self._rng = rng or random.Random()
 
@@ -126,7 +127,8 @@ class Downloader:
             if isinstance(answer, bytes):
                 return answer
             current = urljoin(current, answer)
-        raise DownloadFailed(Reason.HTTP_ERROR, f"more than {self.cfg.max_redirects} redirects (a loop?) from {url[:200]}")
+        raise DownloadFailed(Reason.HTTP_ERROR,
+                             f"more than {self.cfg.max_redirects} redirects (a loop?) from {url[:200]}")
 
     def _remaining(self, deadline: float) -> float:
         left = deadline - time.monotonic()

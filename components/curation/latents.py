@@ -101,7 +101,8 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
         paths = manifest.paths(split)
         if paths:
             ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(source, c.s3_endpoint_url))
-            datasets.append(ds.add_column("split", lambda t, s=split: pa.array([s] * t.num_rows), batch_format="pyarrow"))
+            datasets.append(ds.add_column("split", lambda t, s=split: pa.array([s] * t.num_rows),
+                                          batch_format="pyarrow"))
     results = []
     if datasets:
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -125,5 +126,6 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
               "model": cfg.model.source, "dtype": c.cache_dtype, "inputs": agg["inputs"], "wall_s": round(wall, 3),
               "images_per_s": round(agg["inputs"] / wall, 2) if wall > 0 else None}
     # holdout 0: the splits are the source's (already balanced); publish must not move rows.
-    sources = {n: {"kind": v.get("kind"), "repeats": v.get("repeats", 1.0)} for n, v in (manifest.sources or {}).items()}
+    sources = {n: {"kind": v.get("kind"), "repeats": v.get("repeats", 1.0)}
+               for n, v in (manifest.sources or {}).items()}
     return publish(store, output, run_id, agg, 0.0, report, sources=sources)  # the mixture carries over

@@ -214,7 +214,8 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
         results = run_pipeline(cfg, inputs, run_id) if inputs.rows else []
     except StorageUnavailable as err:  # a worker's, wrapped by Ray: one line for people
         first = str(original_unavailable(err) or err).strip().splitlines()[0]  # Ray Data appends advice
-        raise StorageUnavailable(f"{first}; curation stopped, {c.output} has no _SUCCESS: rerun when the store is back") from err
+        raise StorageUnavailable(
+            f"{first}; curation stopped, {c.output} has no _SUCCESS: rerun when the store is back") from err
     agg = aggregate(results)
     deduped = {s.name for s in c.resolved_sources() if s.filters.dedupe}
     if deduped:  # byte-identical images among the rows of these sources (one stays)
@@ -224,7 +225,8 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
     for src in inputs.sources:
         counted = agg["sources"].get(src.source.name, {}).get("inputs", 0)
         if counted != src.rows:
-            raise RuntimeError(f"curation lost records of source {src.source.name}: {src.rows} in, {counted} accounted for")
+            raise RuntimeError(
+                f"curation lost records of source {src.source.name}: {src.rows} in, {counted} accounted for")
     if agg["inputs"] != inputs.rows:
         raise RuntimeError(f"curation lost records: {inputs.rows} in, {agg['inputs']} accounted for")
     dropped = sum(agg["reasons"].values())

@@ -158,11 +158,12 @@ class Curator:
         if f.max_watermark is not None:
             if _missing(mark):
                 if f.require_watermark_check:
-                    return Outcome(source, Reason.WATERMARK_UNCHECKED, "no watermark score (filters.require_watermark_check)",
-                                   source_name=src.name)
+                    return Outcome(source, Reason.WATERMARK_UNCHECKED,
+                                   "no watermark score (filters.require_watermark_check)", source_name=src.name)
                 watermark = "unchecked"
             elif mark > f.max_watermark:
-                return Outcome(source, Reason.WATERMARK, f"pwatermark {mark:.3f} > {f.max_watermark}", source_name=src.name)
+                return Outcome(source, Reason.WATERMARK, f"pwatermark {mark:.3f} > {f.max_watermark}",
+                               source_name=src.name)
             else:
                 watermark = "passed"
         unsafe = record.get("punsafe")
@@ -279,7 +280,8 @@ class Curator:
             h, w = flt.oriented_size((w, h), exif)
             aspect = w / h
             if not f.min_aspect <= aspect <= f.max_aspect:
-                return Outcome(source, Reason.BAD_ASPECT, f"{w}x{h} aspect {aspect:.2f} outside [{f.min_aspect}, {f.max_aspect}]")
+                return Outcome(source, Reason.BAD_ASPECT,
+                               f"{w}x{h} aspect {aspect:.2f} outside [{f.min_aspect}, {f.max_aspect}]")
             rng = random.Random(f"{self.seed}:{sha}")
             plan = bk.plan(h, w, self.buckets, self.cfg.crop, rng)
             if plan is None:

@@ -64,7 +64,8 @@ def worker_args(cfg: Config, num_cpus: float) -> dict:
     """``ray_remote_args`` for the curation tasks, encoding actors and write tasks."""
     c = cfg.curate
     args: dict = {"num_cpus": num_cpus}
-    places = [c.output or "", c.cache_output or ""] + [p or "" for s in c.resolved_sources() for p in (s.location, s.root)]
+    places = [c.output or "", c.cache_output or ""]
+    places += [p or "" for s in c.resolved_sources() for p in (s.location, s.root)]
     if any(p.startswith("s3://") for p in places):
         env = s3_worker_env(cfg)
         if env:

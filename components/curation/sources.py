@@ -377,7 +377,8 @@ def from_parquet(src: SourceConfig, endpoint_url: str | None) -> SourceInputs:
     try:
         rows, schema = _footers(files, endpoint_url)
     except Exception as err:
-        raise SourceError(f"{where} {src.location}: cannot read a parquet footer ({type(err).__name__}: {err})") from None
+        raise SourceError(
+            f"{where} {src.location}: cannot read a parquet footer ({type(err).__name__}: {err})") from None
     names = schema.names
     image_role, image_key = ("url", "url_column") if src.kind is SourceKind.URLS else ("image", "image_column")
     wanted = {image_role: getattr(src, image_key), "caption": src.caption_column,
@@ -399,8 +400,9 @@ def from_parquet(src: SourceConfig, endpoint_url: str | None) -> SourceInputs:
             raise SourceError(f"{where} {src.location}: image column {columns['image']!r} is {kind}, not an image "
                               "struct (bytes, path), bytes, a path or a URL")
     described = f"{src.kind.value} {src.location} ({len(files)} parquet file(s), {rows} rows)"
+    folder = src.location if not src.location.endswith(".parquet") else _folder_of(src.location)
     return SourceInputs(src, rows, described, files=files, columns=columns, image_type=image_type,
-                        places=[(where, src.location if not src.location.endswith(".parquet") else _folder_of(src.location))])
+                        places=[(where, folder)])
 
 
 def _score(column) -> list[float | None]:
@@ -408,7 +410,8 @@ def _score(column) -> list[float | None]:
     return [_float_or_none(v) for v in values] if values is not None else None
 
 
-def parquet_records(batch: pa.Table, source: dict, columns: dict[str, str], image_type: str, files_root: str) -> pa.Table:
+def parquet_records(batch: pa.Table, source: dict, columns: dict[str, str], image_type: str,
+                    files_root: str) -> pa.Table:
     """Ray Data map function (pure pyarrow): rows of a ``urls`` or ``huggingface`` source's parquet
     (with Ray's ``path`` column, the file each row came from) -> ``RECORD_SCHEMA`` records.
 
@@ -454,7 +457,8 @@ def parquet_records(batch: pa.Table, source: dict, columns: dict[str, str], imag
             out["source"][i], out["fetch"][i] = path, "url"
         elif path and is_hf(files_root):
             out["source"][i], out["fetch"][i] = path, "path"
-            out["reject"][i], out["detail"][i] = str(Reason.UNREADABLE), "image paths of an hf:// dataset are not read: use a local or s3:// copy"
+            out["reject"][i] = str(Reason.UNREADABLE)
+            out["detail"][i] = "image paths of an hf:// dataset are not read: use a local or s3:// copy"
         elif path:
             full, why = resolve_path(files_root, path)
             out["source"][i], out["fetch"][i] = full or path, "path"
@@ -538,7 +542,8 @@ def check_output(store: Store, output: str) -> None:
         try:
             store.client.head_bucket(Bucket=bucket)
         except Exception as err:
-            raise SourceError(f"curate.output {output}: bucket {bucket!r} not usable ({type(err).__name__}: {err})") from None
+            raise SourceError(
+                f"curate.output {output}: bucket {bucket!r} not usable ({type(err).__name__}: {err})") from None
     else:
         try:
             os.makedirs(output, exist_ok=True)

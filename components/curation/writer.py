@@ -176,7 +176,8 @@ class CuratedDatasink(Datasink[dict]):
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return write_shard(Store(self.endpoint_url), self.root, "", stage_schema(self.schema).empty_table(), self.schema)
+            return write_shard(Store(self.endpoint_url), self.root, "", stage_schema(self.schema).empty_table(),
+                               self.schema)
         return write_shard(Store(self.endpoint_url), self.root, f"{self.run_id}-{ctx.task_idx:05d}",
                            pa.concat_tables(tables), self.schema)
 

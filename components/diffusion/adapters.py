@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-"""diffusers' ``LORA_WEIGHT_NAME_SAFE``: the file name ``save_lora_weights`` writes and ``load_lora_weights`` looks for."""
+"""diffusers' ``LORA_WEIGHT_NAME_SAFE``: the file name ``save_lora_weights`` writes and ``load_lora_weights``
+looks for."""
 METADATA_KEY = "lora_adapter_metadata"
 """diffusers' ``LORA_ADAPTER_METADATA_KEY``: the header entry holding the peft config as JSON."""
 UNET_PREFIX = "unet."

@@ -2,9 +2,10 @@
 
 kohya-ss/sd-scripts (``networks/lora.py``) trains SDXL on its own copy of the original (SGM) UNet and names each
 adapted module ``lora_unet_`` + its module path with every ``.`` as ``_``: diffusers'
-``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` is SGM's ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``
-and the file's ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``. The SGM path comes from the rules of
-the single-file export (``single_file.original_unet_module``). Per module:
+``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` is SGM's
+``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` and the file's
+``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``. The SGM path comes from the rules of the single-file
+export (``single_file.original_unet_module``). Per module:
 
 - LoRA: ``.lora_down.weight`` (peft's ``lora_A``), ``.lora_up.weight`` (``lora_B``) and ``.alpha`` (a scalar);
   kohya scales the update by alpha / rank, as peft does with ``lora_alpha / r``.
@@ -69,7 +70,8 @@ def _check_plain(config) -> None:
             raise AdapterError(f"adapter uses {attr}, which this export does not write")
 
 
-def to_kohya(weights: AdapterWeights, unet_config: Mapping, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def to_kohya(weights: AdapterWeights, unet_config: Mapping,
+             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under kohya's keys (floating tensors cast to ``dtype``; alphas stay float32)."""
     _check_plain(weights.config)
     rank, alpha = rank_alpha(weights.config)

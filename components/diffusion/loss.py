@@ -142,7 +142,8 @@ class NoiseDraw:
     noise: torch.Tensor | None = None
 
 
-def diffusion_loss(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec, draw: NoiseDraw) -> torch.Tensor:
+def diffusion_loss(parts: SDXLParts, unet: torch.nn.Module, batch: Batch, spec: LossSpec,
+                   draw: NoiseDraw) -> torch.Tensor:
     """The min-SNR weighted loss of ``unet`` on ``batch`` (a scalar). ``unet`` may be DDP-wrapped."""
     mse, timesteps = prediction_error(parts, unet, batch, spec, draw)
     return weighted_loss(mse, timesteps, spec.scheduler, spec.diffusion)

@@ -87,7 +87,8 @@ class TerminusAdapterModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"adapter model without model_config[{BASE_KEY!r}]: its base is unknown")
         # Removed with this object (or at exit): the pipelines hold the base's weights in memory once built.
         self._base_dir = tempfile.TemporaryDirectory(prefix="terminus-base-")
-        base = base_pipeline_dir(mlflow.artifacts.download_artifacts(artifact_uri=base_uri, dst_path=self._base_dir.name))
+        base = base_pipeline_dir(
+            mlflow.artifacts.download_artifacts(artifact_uri=base_uri, dst_path=self._base_dir.name))
         scheduler = DDIMScheduler.from_pretrained(str(base), subfolder="scheduler")
         self.pipelines = build_pipelines(base, scheduler, config.get(INFERENCE_KEY, {}))
         self.slots = AdapterSlots(self.pipelines.t2i.unet)

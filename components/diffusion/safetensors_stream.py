@@ -106,7 +106,8 @@ def _header_blob(layout: list[Entry], meta: Mapping[str, str]) -> bytes:
     header: dict = {"__metadata__": dict(meta)} if meta else {}
     offset = 0
     for entry in layout:
-        header[entry.key] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.key] = {"dtype": entry.dtype, "shape": list(entry.shape),
+                             "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     return blob + b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes with spaces

@@ -152,7 +152,8 @@ def _vae_key(key: str, levels: int, top: Mapping[str, str]) -> tuple[str, bool]:
     if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
         return f"encoder.down.{m[1]}.downsample.conv.{m[2]}", False
     if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}", False
+        rest = m[3].replace("conv_shortcut", "nin_shortcut")
+        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{rest}", False
     if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
         return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}", False
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):

@@ -234,7 +234,8 @@ def data_rows(f: Facts) -> tuple[list[tuple[str, str]], str]:
         cm, cp = f.curation.data.metrics, f.curation.data.params
         sources = curated_sources(cp)
         rows = [] if sources else [("Source", f"`{cp.get('curate.source')}`")]
-        rows += [("Images read", fmt_int(cm["inputs"])), ("Kept", fmt_int(cm["kept"])), ("Dropped", fmt_int(cm["dropped"]))]
+        rows += [("Images read", fmt_int(cm["inputs"])), ("Kept", fmt_int(cm["kept"])),
+                 ("Dropped", fmt_int(cm["dropped"]))]
         rows += [(f"Dropped: {k.removeprefix('dropped.')}", fmt_int(v)) for k, v in sorted(cm.items())
                  if k.startswith("dropped.")]
         if sources:
@@ -363,7 +364,8 @@ def compute_rows(f: Facts) -> list[tuple[str, str]]:
                     + (" + 1 GPU" if p["train.use_gpu"] == "True" else "")),
         ("Hours used (wall)", fmt_hours(f.wall_s / 3600)),
     ]
-    rows += [(f"Software: {k.removeprefix('software.')}", v) for k, v in sorted(rt.items()) if k.startswith("software.")]
+    rows += [(f"Software: {k.removeprefix('software.')}", v) for k, v in sorted(rt.items())
+             if k.startswith("software.")]
     return rows
 
 

@@ -101,7 +101,8 @@ def log_pyfunc(python_model, artifacts: dict[str, str], model_config: dict, regi
         shipped = Path(stage) / "components"
         shutil.copytree(package / "diffusion", shipped / "diffusion",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (shipped / "__init__.py").write_text('"""The diffusion package of the Terminus platform, as shipped with a model."""\n')
+        (shipped / "__init__.py").write_text(
+            '"""The diffusion package of the Terminus platform, as shipped with a model."""\n')
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=python_model,
@@ -180,8 +181,8 @@ def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -
     tags = mv.tags or {}
     if ADAPTER_METHOD_TAG in tags and not adapter_ok:
         raise AdapterNotModel(f"{uri} is a {tags[ADAPTER_METHOD_TAG]} adapter of {tags.get(BASE_URI_TAG, 'a base')}, "
-                              "not a full model: load it with its base (components/registry/adapter_versions.py), or name "
-                              "the base")
+                              "not a full model: load it with its base (components/registry/adapter_versions.py), "
+                              "or name the base")
     local = local_artifacts(name, version)
     if local is not None:
         return ResolvedModel(name, version, _pipeline_dir(local), ADAPTER_METHOD_TAG in tags)

@@ -209,7 +209,8 @@ def copy_into(targets: dict[str, torch.Tensor], path: Path) -> None:
         for key, tensor in iter_tensors(path):
             target = targets.get(key)
             if target is None or target.shape != tensor.shape:
-                what = "is not in the model" if target is None else f"is {list(tensor.shape)}, the model's {list(target.shape)}"
+                what = ("is not in the model" if target is None
+                        else f"is {list(tensor.shape)}, the model's {list(target.shape)}")
                 raise IncompleteCheckpointError(f"{path}: tensor {key!r} {what}")
             target.copy_(tensor)
             seen.add(key)

@@ -292,7 +292,8 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     variant = cfg.train.export_variant
     try:
         save_pipeline(parts, cfg.diffusion, export_dir)
-        sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters())) for name in COMPONENTS}
+        sizes = {f"params.{name}": str(sum(p.numel() for p in getattr(parts, name).parameters()))
+                 for name in COMPONENTS}
         del parts  # the fp32 models are on disk now; the half variant is read back from there
         release_memory()
         sizes["size.fp32_bytes"] = str(directory_bytes(export_dir, None))

@@ -75,7 +75,8 @@ class EpochReader:
             self.rows = table_rows(self.index, data["refs"], data["names"])
         else:
             per_shard = max(1, len(self.index) // max(1, len(self.index.files)))
-            self.rows = ShardRows(self.index, cfg.curate.s3_endpoint_url, keep=-(-cfg.train.shuffle_window // per_shard) + 2)
+            self.rows = ShardRows(self.index, cfg.curate.s3_endpoint_url,
+                                  keep=-(-cfg.train.shuffle_window // per_shard) + 2)
         self._plans: dict[tuple[int, int], list[list[np.ndarray]]] = {}
 
     def plan(self, epoch: int, world: int) -> list[list[np.ndarray]]:
@@ -213,7 +214,8 @@ def prepare_unet(unet: torch.nn.Module, train: TrainConfig, device: torch.device
     return trainable
 
 
-def build_trainee(cfg: Config, device: torch.device, world: int, steps: int, model: ModelConfig | None = None) -> Trainee:
+def build_trainee(cfg: Config, device: torch.device, world: int, steps: int,
+                  model: ModelConfig | None = None) -> Trainee:
     """The SDXL parts of ``model`` (the run's pinned source; default ``cfg.model``) placed by the precision
     policy (components/diffusion/loss.py), the UNet wrapped for its parallel strategy, then its optimizer,
     LR schedule and EMA."""

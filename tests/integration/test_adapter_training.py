@@ -126,7 +126,8 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     assert meta["terminus.base_model_uri"] == tags["base_model_uri"]
     assert meta["terminus.base_weights_sha256"] == tags["base_weights_sha256"]
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-    assert client.get_model_version("terminus-tiny-lora", trained.version).tags["single_file.fp32"] == result["artifact"]
+    version_tags = client.get_model_version("terminus-tiny-lora", trained.version).tags
+    assert version_tags["single_file.fp32"] == result["artifact"]
     kohya = StableDiffusionXLPipeline.from_pretrained(str(base.pipeline_dir))
     kohya.load_lora_weights(load_file(result["path"]))
     torch.testing.assert_close(unet_output(kohya.unet) - before, after - before, atol=1e-5, rtol=1e-4)

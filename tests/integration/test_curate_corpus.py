@@ -214,4 +214,5 @@ def test_terminus_preset_on_the_corpus(ray_local, corpus, tmp_path):
     assert rgba[:8, :8].min() > 240 and rgba[200:, 200:].mean() < 128
     # The rotated photo was turned upright: its pixels match the stored ones rotated 90 degrees clockwise.
     upright = np.rot90(photo(H, W, 7), k=-1).astype(np.float64)
-    assert np.abs(np.asarray(Image.open(io.BytesIO(rows["good_rotated.jpg"]["image"])), np.float64) - upright).mean() < 6
+    stored = np.asarray(Image.open(io.BytesIO(rows["good_rotated.jpg"]["image"])), np.float64)
+    assert np.abs(stored - upright).mean() < 6

@@ -65,7 +65,8 @@ def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
         torch.testing.assert_close(dist, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(embeds, want_embeds[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pooled, want_pooled[0], atol=1e-5, rtol=1e-5)
-        assert (row["original_h"], row["crop_top"], row["bucket"]) == (orig["original_h"], orig["crop_top"], orig["bucket"])
+        assert ((row["original_h"], row["crop_top"], row["bucket"])
+                == (orig["original_h"], orig["crop_top"], orig["bucket"]))
     # A sample from the cached posterior is what step.encode_latents draws from the pixels.
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     z = sample_latents(dist[None], gen_a, parts.vae.config.scaling_factor)

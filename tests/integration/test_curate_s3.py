@@ -61,7 +61,8 @@ def test_curate_s3_prefix_to_s3(ray_local, s3_env, tmp_path):
     cat = rows.get("cat_on_sofa.jpg") or rows["copy.jpg"]
     assert cat["caption"] in ("a grey cat asleep on a sofa", "copy")
     assert rows["red_door.jpg"]["caption"] == "red door"
-    assert rows["red_door.jpg"]["bucket"] == "192x320" and (rows["red_door.jpg"]["original_h"], rows["red_door.jpg"]["original_w"]) == (400, 300)
+    door = rows["red_door.jpg"]
+    assert door["bucket"] == "192x320" and (door["original_h"], door["original_w"]) == (400, 300)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix="curated/demo/")["Contents"]}
     assert "curated/demo/_SUCCESS" in keys and "curated/demo/report.json" in keys
     assert {k for k in keys if k.endswith(".parquet") and "/rejects/" not in k} == {

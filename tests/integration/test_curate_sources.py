@@ -56,10 +56,12 @@ def three_sources(tmp_path, image_server):
          "missing_caption": "filename", "caption_with_model": False, "filters": {"dedupe": False}},
         {"name": "photos", "kind": "files", "location": str(folder), "repeats": 2},
     ]
-    sets = [f"curate.sources={json.dumps(sources)}", f"curate.output={tmp_path / 'out'}", f"state_dir={tmp_path / 'state'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'state'}/mlflow.db", "curate.workers=2", "curate.rows_per_shard=4",
+    sets = [f"curate.sources={json.dumps(sources)}", f"curate.output={tmp_path / 'out'}",
+            f"state_dir={tmp_path / 'state'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'state'}/mlflow.db",
+            "curate.workers=2", "curate.rows_per_shard=4",
             "curate.holdout_fraction=0", "curate.download.timeout_s=1", "curate.download.connect_timeout_s=1",
-            "curate.download.retries=1", "curate.download.backoff_s=0.05", "curate.download.allow_private_addresses=true",
+            "curate.download.retries=1", "curate.download.backoff_s=0.05",
+            "curate.download.allow_private_addresses=true",
             "curate.captioner.model=tiny", "curate.captioner.max_new_tokens=5",
             "curate.buckets={area: 65536, step: 64, min_side: 128, max_side: 512}"]
     expect_kept = {"laion": set(good), "mj": {"camera.png", "moon.png"}, "photos": {"coins.png", "clock_motion.png"}}

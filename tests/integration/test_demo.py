@@ -22,7 +22,8 @@ from tests.fixtures.processes import REPO, free_port, subprocess_env
 pytestmark = pytest.mark.slow
 
 SET_BY_THE_TEST_SESSION = ("HF_HUB_OFFLINE", "RAY_DEDUP_LOGS")  # tests/conftest.py; a user's shell has neither
-SET_BY_AN_OUTER_MAKE = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")  # `make test` runs this; a user's `make demo` is the top one
+# `make test` runs this; a user's `make demo` is the top one
+SET_BY_AN_OUTER_MAKE = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
 
 
 def user_environment() -> dict[str, str]:

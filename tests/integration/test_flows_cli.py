@@ -16,7 +16,8 @@ from tests.synthetic import write_synthetic_curated
 RAY_STARTED = ("Started a local Ray instance", "ray.init", "Starting Ray")
 
 
-def run(args: list[str], env: dict | None = None, cwd=REPO, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+def run(args: list[str], env: dict | None = None, cwd=REPO,
+        timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env or subprocess_env())

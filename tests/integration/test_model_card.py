@@ -69,7 +69,8 @@ def expected_figures(t, scratch: Path) -> dict[str, str]:
     wall = (run.info.end_time - run.info.start_time) / 1000
     workers, batch, accum = int(p["train.num_workers"]), int(p["train.batch_size"]), int(p["train.grad_accum"])
     throughput = statistics.median(x.value for x in client.get_metric_history(run.info.run_id, "images_per_s"))
-    report = json.loads(Path(client.download_artifacts(cur.info.run_id, "curation/report.json", str(scratch))).read_text())
+    report_path = client.download_artifacts(cur.info.run_id, "curation/report.json", str(scratch))
+    report = json.loads(Path(report_path).read_text())
     figures = {
         "UNet parameters": fmt_int(v["params.unet"]), "Text encoder 1 parameters": fmt_int(v["params.text_encoder"]),
         "Text encoder 2 parameters": fmt_int(v["params.text_encoder_2"]), "VAE parameters": fmt_int(v["params.vae"]),
@@ -92,7 +93,8 @@ def expected_figures(t, scratch: Path) -> dict[str, str]:
         "Aspect buckets": f"area {fmt_int(cp['curate.buckets.area'])} px, sides multiples of "
                           f"{fmt_int(cp['curate.buckets.step'])} from {fmt_int(cp['curate.buckets.min_side'])} to "
                           f"{fmt_int(cp['curate.buckets.max_side'])}",
-        "JPEG quality": fmt_int(cp["curate.jpeg_quality"]), "Held-out fraction": fmt_float(cp["curate.holdout_fraction"]),
+        "JPEG quality": fmt_int(cp["curate.jpeg_quality"]),
+        "Held-out fraction": fmt_float(cp["curate.holdout_fraction"]),
         "Images per bucket": ", ".join(f"{b}: {fmt_int(n)}" for b, n in sorted(report["buckets"].items())),
         "Noise schedule": f"{p['diffusion.beta_schedule']} betas {p['diffusion.beta_start']} to "
                           f"{p['diffusion.beta_end']}, T = {fmt_int(p['diffusion.num_train_timesteps'])}",
@@ -108,7 +110,8 @@ def expected_figures(t, scratch: Path) -> dict[str, str]:
         "Caption dropout": p["train.caption_dropout"], "Seed": p["seed"],
         "Throughput (median over steps)": f"{fmt_float(throughput)} images/s",
         "Started": fmt_time(run.info.start_time), "Wall time (training and export)": fmt_seconds(wall),
-        "GPU-hours": fmt_hours(0), "CPU-hours (reserved)": fmt_hours(wall / 3600 * workers * float(p["train.cpus_per_worker"])),
+        "GPU-hours": fmt_hours(0),
+        "CPU-hours (reserved)": fmt_hours(wall / 3600 * workers * float(p["train.cpus_per_worker"])),
         "Peak memory, rank 0 (resident)": fmt_mb(m["peak_rss_mb"]),
         "Final training loss": fmt_float(m["final_loss"]), "Final held-out loss": fmt_float(m["final_val_loss"]),
         "Protocol id": f"`{v['eval.protocol']}`",
@@ -122,7 +125,8 @@ def expected_figures(t, scratch: Path) -> dict[str, str]:
         "Mean luminance, bright prompts": fmt_float(v["eval.luminance_bright"]),
         "Luminance range": fmt_float(v["eval.luminance_range"]), "Images with NaN": fmt_float(v["eval.nan_images"]),
         "Blank images": fmt_float(v["eval.blank_images"]),
-        "CPU": f"{rt['hardware.cpu']} ({rt['cpu.capability']} kernels)", "CPUs on the machine": rt["hardware.cpu_count"],
+        "CPU": f"{rt['hardware.cpu']} ({rt['cpu.capability']} kernels)",
+        "CPUs on the machine": rt["hardware.cpu_count"],
         "Workers": f"{p['train.num_workers']} x {p['train.cpus_per_worker']} CPU",
         "Hours used (wall)": fmt_hours(wall / 3600),
         **{f"Software: {k.removeprefix('software.')}": x for k, x in rt.items() if k.startswith("software.")},
@@ -158,7 +162,8 @@ def test_the_card_reads_back_filled_from_mlflow(trained_champion, card, tmp_path
             assert value == figures[label], (label, value, figures[label])
             checked.add(label)
         else:  # a row MLflow does not back must state no number
-            assert not re.search(r"\d", value.replace("fp16", "").replace("bf16", "").replace("fp32", "")), (label, value)
+            bare = value.replace("fp16", "").replace("bf16", "").replace("fp32", "")
+            assert not re.search(r"\d", bare), (label, value)
     assert len(checked) >= 60, sorted(set(figures) - checked)
     # Prose states no number: only tables, the code example, image captions and the title do.
     prose = re.sub(r"```.*?```", "", body, flags=re.S)
@@ -183,7 +188,8 @@ def test_the_card_reads_back_filled_from_mlflow(trained_champion, card, tmp_path
     assert int(v["size.fp32_bytes"]) == sum(q.stat().st_size for q in weights if ".fp16." not in q.name)
     assert int(v["size.fp16_bytes"]) == sum(q.stat().st_size for q in weights if ".fp16." in q.name)
     assert int(v["single_file.fp16.bytes"]) == (folder / f"{t.name}-v{t.version}.safetensors").stat().st_size
-    assert curation.data.metrics["kept"] == t.curation["kept"] and curation.data.metrics["inputs"] == t.curation["inputs"]
+    assert curation.data.metrics["kept"] == t.curation["kept"]
+    assert curation.data.metrics["inputs"] == t.curation["inputs"]
     assert float(v["eval.val_loss"]) == pytest.approx(t.evaluation["val_loss"], rel=1e-5)
     assert int(p["data.rows.train"]) == t.manifest.rows["train"]
 

@@ -118,7 +118,8 @@ def test_training_continues_from_the_champion_and_names_its_parent(trained_champ
     assert lineage["weights_sha256"] == weights_sha256(champion_dir)
     assert json.loads(lineage["pinned"])["source"] == f"models:/{t.name}/{t.version}"
     child = client.get_model_version(t.name, out["version"])
-    assert child.tags["lineage.parent_version"] == t.version and child.tags["base_model"] == f"models:/{t.name}@champion"
+    assert child.tags["lineage.parent_version"] == t.version
+    assert child.tags["base_model"] == f"models:/{t.name}@champion"
 
     child_dir = fetch_model(f"models:/{t.name}/{out['version']}", t.cfg.state_path("cache", "models")).pipeline_dir
     child_unet = load_file(child_dir / "unet" / "diffusion_pytorch_model.safetensors")
@@ -153,7 +154,8 @@ def test_publish_writes_a_hub_folder_and_pushes_it_to_a_hub_stub(trained_champio
     local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert set(state.files["terminus-test/tiny"]) == set(local) == set(out["files"])
     for path, content in local.items():
-        assert hashlib.sha256(state.files["terminus-test/tiny"][path]).digest() == hashlib.sha256(content).digest(), path
+        pushed = state.files["terminus-test/tiny"][path]
+        assert hashlib.sha256(pushed).digest() == hashlib.sha256(content).digest(), path
     lfs = {op["value"]["path"] for op in state.commits[0]["ops"] if op["key"] == "lfsFile"}
     assert f"{t.name}-v{t.version}.safetensors" in lfs and "unet/diffusion_pytorch_model.safetensors" in lfs
 

@@ -90,7 +90,8 @@ def test_a_registered_model_loads_with_its_shipped_code_alone(registered_model, 
     from tests.fixtures.processes import REPO, subprocess_env
 
     r = registered_model
-    mlflow.set_registry_uri(r.tracking_uri)  # ``models:/`` resolves in the registry, which an earlier test may have moved
+    # ``models:/`` resolves in the registry, which an earlier test may have moved
+    mlflow.set_registry_uri(r.tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{r.name}/{r.version}",
                                                 dst_path=str(tmp_path / "model"), tracking_uri=r.tracking_uri)
     shipped = sorted(p.relative_to(tmp_path / "model" / "code").as_posix()

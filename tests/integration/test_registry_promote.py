@@ -74,12 +74,14 @@ def test_accept_refuse_force_rollback_and_race_through_the_flows(evaluated_regis
         found = {a: str(ver) for a, ver in client.get_registered_model(r.name).aliases.items()}
         return found.get("champion"), found.get("previous")
 
-    assert promote(r.name, v["good"], evaluate=r.cfg.evaluate).version == v["good"]  # first champion: nothing to compare with
+    # the first champion: nothing to compare with
+    assert promote(r.name, v["good"], evaluate=r.cfg.evaluate).version == v["good"]
     holder = ModelHolder(f"models:/{r.name}@champion", tmp_path / "serve-cache", InferenceConfig())
     assert holder.refresh() and holder.current.version == v["good"]
 
     with pytest.raises(PromotionRefused, match=f"v{v['fresh']} has no evaluation metrics: run flows/evaluate.py"):
-        promote(r.name, v["fresh"], evaluate=r.cfg.evaluate)  # (the same refusal through the flow: the NaN and worse cases below)
+        # (the same refusal through the flow: the NaN and worse cases below)
+        promote(r.name, v["fresh"], evaluate=r.cfg.evaluate)
 
     # Refusals through the flow, concurrently (none moves an alias): NaN, worse than the champion, bad usage.
     nan, worse, usage = flows(

@@ -237,7 +237,8 @@ def test_more_client_mistakes_get_4xx_json(client):
     big = secrets.token_bytes(250_000)  # over serve.max_upload_bytes (200 kB here)
     bomb = png((1024, 1024))  # small file, but more pixels than serve.max_upload_pixels (512 x 512 here)
     cases = [
-        (client.post("/v1/images/generations", content=b"{not json", headers={**AUTH, "content-type": "application/json"}), 400),
+        (client.post("/v1/images/generations", content=b"{not json",
+                     headers={**AUTH, "content-type": "application/json"}), 400),
         (client.post("/v1/images/generations", content=big, headers=AUTH), 413),
         (_edit(client, {"image": ("a.png", big, "image/png")}, {"prompt": "a"}), 413),
         (_edit(client, {"image": ("a.png", b"\x89PNG garbage", "image/png")}, {"prompt": "a"}), 400),

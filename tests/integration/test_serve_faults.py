@@ -227,7 +227,8 @@ def edit_requests(draw):
         i = draw(st.integers(0, len(parts)))  # one part replaced (or none, when i == len(parts))
         if i < len(parts):
             name, filename, _ = parts[i]
-            parts[i] = (name, filename, draw(images) if filename else draw(form_values).encode("utf-8", "surrogatepass"))
+            parts[i] = (name, filename,
+                        draw(images) if filename else draw(form_values).encode("utf-8", "surrogatepass"))
         return "multipart/form-data; boundary=fuzzboundary", multipart(parts)
     parts = []
     if draw(st.integers(0, 3)):
@@ -302,7 +303,8 @@ def abused_multipart(draw):
         size = draw(st.integers(4200, 20000))  # past MAX_HEADER_BYTES (4096)
         parts[1] = part(b"prompt", None, b"a", boundary, b"X-Pad: " + b"a" * size + b"\r\n")
     elif kind == "headers":
-        parts[1] = part(b"prompt", None, b"a", boundary, b"".join(b"X-H%d: v\r\n" % i for i in range(draw(st.integers(8, 60)))))
+        headers = b"".join(b"X-H%d: v\r\n" % i for i in range(draw(st.integers(8, 60))))
+        parts[1] = part(b"prompt", None, b"a", boundary, headers)
     elif kind == "boundary-long":
         ctype = b"multipart/form-data; boundary=" + b"y" * draw(st.integers(71, 300))
     elif kind == "boundary-empty":

@@ -277,8 +277,9 @@ def test_a_job_that_dies_with_its_cluster_resumes_on_a_new_one(tmp_path):
     """README's submission, token auth on. The job's state paths derive from the absolute state_dir (never
     Ray's temporary copy of the working directory). Its metrics reach MLflow while it runs, before any
     checkpoint exists. The whole cluster -- the job's driver with it -- is SIGKILLed after checkpoint 10,
-    with a later step already logged live (30 steps: the tiny step is fast, the window to kill in must not be). On a new cluster, the same run_name resumes from that checkpoint
-    and the same MLflow run, recomputes steps MLflow already holds, and ends with every step once."""
+    with a later step already logged live (30 steps: the tiny step is fast, the window to kill in must not be). On a
+    new cluster, the same run_name resumes from that checkpoint and the same MLflow run, recomputes steps MLflow
+    already holds, and ends with every step once."""
     data = write_synthetic_curated(tmp_path / "data", n_train=12, n_val=2, size=(64, 64))
     state = tmp_path / "state"
     base = [f"state_dir={state}", f"train.data={data}", *SMALL, "train.checkpoint_every=10", "train.max_steps=30",

@@ -190,7 +190,8 @@ def test_the_checker_sees_violations():
     graph = {"components.storage": {"components.registry.model"}, "components.registry.model": {"components.storage"},
              "components.training.loop": {"components.curation.pipeline"}, "components.curation.pipeline": set()}
     assert "components.storage (layer 2) imports components.registry.model (layer 4)" in layering_violations(graph)
-    assert "components.training.loop (layer 5) imports components.curation.pipeline (layer 5)" in layering_violations(graph)
+    assert ("components.training.loop (layer 5) imports components.curation.pipeline (layer 5)"
+            in layering_violations(graph))
     assert cycles(graph) == [["components.registry.model", "components.storage"]]
 
 

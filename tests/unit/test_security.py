@@ -69,8 +69,10 @@ PATTERN_ONLY = {
     "pem-cut-short": ("MIIEpAIBAAKCAQEA7fake", "bad key -----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7fake"),
     "github-token": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042", "git clone https://x-access-token:"
                      "ghp_Q7fakeGITHUBtokenNOTreal000000000042 failed"),
-    "github-token-bare": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042", "token ghp_Q7fakeGITHUBtokenNOTreal000000000042"),
-    "databricks-token": ("dapi0123456789abcdef0123456789abcdef", "DATABRICKS_HOST=x dapi0123456789abcdef0123456789abcdef"),
+    "github-token-bare": ("ghp_" + "Q7fakeGITHUBtokenNOTreal000000000042",
+                          "token ghp_Q7fakeGITHUBtokenNOTreal000000000042"),
+    "databricks-token": ("dapi0123456789abcdef0123456789abcdef",
+                         "DATABRICKS_HOST=x dapi0123456789abcdef0123456789abcdef"),
     "azure-connection-string": ("Zm9vYmFyYmF6+cXV4/cXV1eA==", "DefaultEndpointsProtocol=https;AccountName=acct;"
                                 "AccountKey=Zm9vYmFyYmF6+cXV4/cXV1eA==;EndpointSuffix=core.windows.net"),
     "key-named-variable": ("zq8Lr3vNqPw", "STRIPE_KEY=zq8Lr3vNqPw"),

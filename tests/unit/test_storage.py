@@ -44,7 +44,8 @@ def test_a_key_that_leaves_its_prefix_is_refused_and_nothing_lands_outside_the_c
     assert not list(tmp_path.rglob("escaped.txt"))
 
 
-@pytest.mark.parametrize("key", ["sdxl/./unet/w.safetensors", "sdxl/unet//w.safetensors", "sdxl/a/../unet/w.safetensors"])
+@pytest.mark.parametrize("key", ["sdxl/./unet/w.safetensors", "sdxl/unet//w.safetensors",
+                                 "sdxl/a/../unet/w.safetensors"])
 def test_two_keys_never_name_one_cached_file(s3, tmp_path, key):
     """``a/./b`` and ``a//b`` normalise to ``a/b``: such a key could replace another object's cached file."""
     s3.put_object(Bucket=BUCKET, Key="sdxl/unet/w.safetensors", Body=b"weights")

@@ -99,5 +99,6 @@ def test_the_serial_worker_takes_more_only_at_its_last_two_tests():
 
 def test_ranks_and_serial_order():
     assert unit_rank(SERIAL) == 0 < unit_rank("tests/unit/test_config.py") == unit_rank("tests/unit/test_storage.py")
-    assert unit_rank("tests/unit/test_storage.py") < unit_rank("curate") < unit_rank("trained_champion") < unit_rank("demo")
+    assert (unit_rank("tests/unit/test_storage.py") < unit_rank("curate") < unit_rank("trained_champion")
+            < unit_rank("demo"))
     assert serial_order([t for t in COLLECTION if serial_scope(t) == SERIAL]) == SERIAL_IN_ORDER

@@ -1,9 +1,9 @@
 """The single-GPU memory plan: will this preset's fine-tune fit one A100-80G, and with how much room?
 
 Persistent memory is counted exactly from parameter shapes: the real SDXL UNet (2.567 B parameters),
-both CLIP text encoders and the VAE, built from SDXL-base's published configs (``components.diffusion.sdxl_base``) on the meta device
-(shapes, no storage), times the bytes per element that the
-precision policy and the optimizer give (``persistent_rows``, ``optimizer_state_bytes``).
+both CLIP text encoders and the VAE, built from SDXL-base's published configs (``components.diffusion.sdxl_base``)
+on the meta device (shapes, no storage), times the bytes per element that the precision policy and the optimizer give
+(``persistent_rows``, ``optimizer_state_bytes``).
 
 The dynamic part -- activations, autocast's weight copies, gradients in flight, recomputation under
 gradient checkpointing, and the VAE encoding the batch -- is traced at the configured batch and
@@ -112,17 +112,21 @@ def persistent_rows(models: dict[str, torch.nn.Module], precision: Precision, op
         a = sum(math.prod(s) for s in adapter)
         n -= a  # the UNet's own weights (the adapter's are counted apart)
         rows = [
-            Row(f"UNet weights (frozen, {frozen})", compute_bytes * n, note=f"{n / 1e9:.3f} B params x {compute_bytes} B"),
+            Row(f"UNet weights (frozen, {frozen})", compute_bytes * n,
+                note=f"{n / 1e9:.3f} B params x {compute_bytes} B"),
             Row(f"{method} adapter weights (fp32 master)", 4 * a, note=f"{a / 1e6:.2f} M params x 4 B", trained=True),
             Row(f"{method} adapter gradients (fp32)", 4 * a, note="the adapter's only", trained=True),
             Row(f"optimizer state ({optimizer.value}, adapter only)", optimizer_state_bytes(adapter, optimizer),
                 note=f"{len(adapter)} adapter tensors", trained=True),
         ]
         if ema:
-            rows.append(Row("EMA of the adapter (fp32)", 4 * a, "cpu" if ema_on_cpu else "gpu", "diffusers EMAModel shadow"))
+            rows.append(Row("EMA of the adapter (fp32)", 4 * a, "cpu" if ema_on_cpu else "gpu",
+                            "diffusers EMAModel shadow"))
         return rows + [
-            Row(f"frozen text encoders ({frozen})", compute_bytes * text, note=f"two CLIP text towers, {text / 1e6:.1f} M params"),
-            Row("frozen VAE (fp32)", 4 * count_params(models["vae"]), note=f"{count_params(models['vae']) / 1e6:.1f} M params"),
+            Row(f"frozen text encoders ({frozen})", compute_bytes * text,
+                note=f"two CLIP text towers, {text / 1e6:.1f} M params"),
+            Row("frozen VAE (fp32)", 4 * count_params(models["vae"]),
+                note=f"{count_params(models['vae']) / 1e6:.1f} M params"),
         ]
     rows = [
         Row("UNet weights (fp32 master)", 4 * n, note=f"{n / 1e9:.3f} B params x 4 B", trained=True),
@@ -137,7 +141,8 @@ def persistent_rows(models: dict[str, torch.nn.Module], precision: Precision, op
     rows += [
         Row(f"frozen text encoders ({precision.value if compute_bytes == 2 else 'fp32'})", compute_bytes * text,
             note=f"two CLIP text towers, {text / 1e6:.1f} M params"),
-        Row("frozen VAE (fp32)", 4 * count_params(models["vae"]), note=f"{count_params(models['vae']) / 1e6:.1f} M params"),
+        Row("frozen VAE (fp32)", 4 * count_params(models["vae"]),
+            note=f"{count_params(models['vae']) / 1e6:.1f} M params"),
     ]
     return rows
 
@@ -238,20 +243,22 @@ class MemoryPlan:
             "docs/recipe.md: ~41 GB AdamW, ~26 GB 8-bit" if self.method == "full" else "the adapter's only")
         row(f"step peak, traced (checkpointing {ck})", self.step.peak, note="activations, grads in flight, recompute")
         row("  of which autocast weight copies", self.step.weight_copies, note="cached until the autocast region ends")
-        row("VAE encode peak (fp32, no grad, one image at a time)", self.vae_encode_peak, note="before the UNet step; max() of the two")
+        row("VAE encode peak (fp32, no grad, one image at a time)", self.vae_encode_peak,
+            note="before the UNet step; max() of the two")
         row("= allocated peak", self.allocated_peak, note="compare torch.cuda.max_memory_allocated")
         row("CUDA context (assumed)", self.context)
-        row(f"allocator slack (assumed {self.slack_fraction:.0%} of step peak)", int(self.slack_fraction * self.dynamic_peak))
+        row(f"allocator slack (assumed {self.slack_fraction:.0%} of step peak)",
+            int(self.slack_fraction * self.dynamic_peak))
         row("= planned peak", self.total)
         other = "off" if self.grad_checkpointing else "on"
         lines.append(f"(with gradient checkpointing {other}: step peak {self.step_other.peak / GB:.2f} GB, "
                      f"planned peak {self._planned(self.step_other.peak) / GB:.1f} GB)")
-        lines.append(f"(the whole batch through the VAE in one call would peak at {self.vae_encode_peak_batch / GB:.1f} GB; "
-                     "training encodes one image at a time)")
+        lines.append("(the whole batch through the VAE in one call would peak at "
+                     f"{self.vae_encode_peak_batch / GB:.1f} GB; training encodes one image at a time)")
         what = ("the base pipeline in fp32 + one checkpoint tensor (streamed in)" if self.method == "full"
                 else "the adapter alone")
-        lines.append(f"register (host memory of the export task, train.export_memory_gb): {self.export_peak / GB:.1f} GB "
-                     f"= {what}")
+        lines.append("register (host memory of the export task, train.export_memory_gb): "
+                     f"{self.export_peak / GB:.1f} GB = {what}")
         lines.append(f"single-file export, fp16 (streamed): {self.single_file_peak / GB:.1f} GB "
                      "= the largest model in fp16 + one tensor in fp32")
         lines += [f"note: {n}" for n in self.notes]
@@ -296,7 +303,8 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
         notes.append(f"shapes of SDXL-base (model.source {cfg.model.source!r} is assumed to share its layout)")
     if trainable is not None:
         a = t.adapter
-        notes.append(f"train.method={t.method.value} (rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, "
+        alpha = a.alpha if a.alpha is not None else a.rank
+        notes.append(f"train.method={t.method.value} (rank {a.rank}, alpha {alpha:g}, "
                      f"targets {','.join(a.target_modules)}): the UNet frozen in {precision.value}, optimizer state "
                      "for the adapter only; the export writes the adapter alone")
     adapter_shapes = [p.shape for p in trainable] if trainable is not None else None

@@ -126,7 +126,8 @@ def test_verdicts_and_table():
     assert Figure("s", "plain", 0.4, "s/step").status == "-"
     assert Figure("s", "broken", None).status == "ERROR"
     sections = {"caching": {"error": "RuntimeError: boom", "wall_s": 1.0, "load_before": [3.0], "load_after": [4.0]}}
-    figs = [f.as_dict() for f in figures(sections)] + [Figure("serving", "overhead", 12.5, "ms", ("<=", 10.0)).as_dict()]
+    figs = [f.as_dict() for f in figures(sections)]
+    figs.append(Figure("serving", "overhead", 12.5, "ms", ("<=", 10.0)).as_dict())
     report = {"meta": {"date": "today", "host": "h", "cpu": "c", "cores": 2, "load_start": [1, 2, 3],
                        "load_end": [2, 2, 3], "total_s": 5}, "sections": sections, "figures": figs}
     text = table(report)
@@ -149,7 +150,8 @@ def test_the_curation_breakdown_splits_cpu_by_process_and_its_rows_follow_it():
             "pipeline_images_per_s": 1.6, "first_run_images": 2, "first_run_s": 1.0, "speedup": 1.6,
             "same_output": True, "cpu": cpu}
     rows = {f.name.strip(): f for f in figures({"curation": data})}
-    assert rows["of which: the cores the pipeline's processes kept busy (CPU s / wall x 2)"].value == pytest.approx(83.75)
+    busy = rows["of which: the cores the pipeline's processes kept busy (CPU s / wall x 2)"]
+    assert busy.value == pytest.approx(83.75)
     assert rows["Ray's own processes and the driver / the loop's CPU"].value == pytest.approx(5.0)
     data["cpu"] = None  # a cluster at RAY_ADDRESS: no breakdown rows, the rest unchanged
     assert not any("of which" in f.name for f in figures({"curation": data}))

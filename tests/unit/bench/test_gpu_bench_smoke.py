@@ -27,8 +27,8 @@ def load_bench():
 def smoke() -> dict:
     env = {**snapshot(), "CUDA_VISIBLE_DEVICES": ""}  # the bare-machine path; never touches a GPU here
     # As on a bare GPU host: a module run from the repository root.
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--smoke", "--peak-tflops", "1.0"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--smoke", "--peak-tflops", "1.0"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, "stdout must hold exactly one JSON object"

@@ -2,8 +2,8 @@
 to run the next run's tasks, wherever the interrupt lands. Ray Data cancels a failed run's other tasks with a
 KeyboardInterrupt in their workers, and Ray gives the next run of the same driver those same workers
 (docs/reliability.md). boto3 needed a repair for this (``components.storage.imported_whole``; its own test is in
-tests/unit/test_storage.py); this sweep looks for any other module that would. With ``imported_whole`` turned off, 2 of its 24 points
-fail with boto3's error (checked)."""
+tests/unit/test_storage.py); this sweep looks for any other module that would. With ``imported_whole`` turned off, 2 of
+its 24 points fail with boto3's error (checked)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Parquet sources (URL metadata, Hugging Face layout), captions and the watermark check, without Ray:
 URL and Hugging Face sources are opened on the driver (files, row counts, columns; bad ones refused in one
-line), their rows become records exactly as the Ray Data read tasks make them, each source curates under its own policy, captions come in their order of
-precedence and are counted by origin, and the watermark check is counted or required."""
+line), their rows become records exactly as the Ray Data read tasks make them, each source curates under its own
+policy, captions come in their order of precedence and are counted by origin, and the watermark check is counted or
+required."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ SMALL = {"area": 65536, "min_side": 128, "max_side": 512}
 def _records(inputs) -> list[dict]:
     """What the pipeline's read tasks hand the curation tasks for one source (its files read whole)."""
     table = pa.concat_tables([pq.read_table(f, columns=sorted(set(inputs.columns.values())))
-                              .append_column("path", pa.array([f] * pq.read_metadata(f).num_rows)) for f in inputs.files])
+                              .append_column("path", pa.array([f] * pq.read_metadata(f).num_rows))
+                              for f in inputs.files])
     root = inputs.source.location if inputs.source.kind.value == "huggingface" else ""
-    return parquet_records(table, inputs.source.model_dump(mode="json"), inputs.columns, inputs.image_type, root).to_pylist()
+    return parquet_records(table, inputs.source.model_dump(mode="json"), inputs.columns, inputs.image_type,
+                           root).to_pylist()
 
 
 @pytest.fixture
@@ -59,7 +62,8 @@ def test_a_hub_dataset_is_read_in_its_own_layout(hub):
     assert [f.rsplit("/", 1)[-1] for f in inputs.files] == ["train-00000-of-00001.parquet"]  # not the test split
     assert inputs.rows == 3 and inputs.image_type == "struct" and inputs.columns["caption"] == "prompt"
     records = _records(inputs)
-    assert [r["fetch"] for r in records] == ["inline"] * 3 and records[0]["data"] == (PHOTOS / "camera.png").read_bytes()
+    assert [r["fetch"] for r in records] == ["inline"] * 3
+    assert records[0]["data"] == (PHOTOS / "camera.png").read_bytes()
     assert records[0]["source"].endswith("train-00000-of-00001.parquet#camera.png")
     assert [r["caption"] for r in records] == ["a cameraman", "", "junk"]
     cur = Curator(CurateConfig(sources=[src.model_copy(update={"missing_caption": "filename"})], buckets=SMALL), 0)
@@ -75,7 +79,8 @@ def test_bad_parquet_sources_are_refused_in_one_line_before_work(tmp_path, hub):
     cases = [
         (SourceConfig(name="l", kind="urls", location=str(tmp_path / "nothing-here")), "no parquet files"),
         (SourceConfig(name="l", kind="urls", location=str(laion), url_column="link"), "no column 'link'"),
-        (SourceConfig(name="m", kind="huggingface", location=str(hub), split="validation"), "no parquet files of split"),
+        (SourceConfig(name="m", kind="huggingface", location=str(hub), split="validation"),
+         "no parquet files of split"),
         (SourceConfig(name="m", kind="huggingface", location=str(hub), image_column="picture"), "no column 'picture'"),
     ]
     for src, words in cases:
@@ -164,7 +169,8 @@ def test_the_captioning_model_captions_pending_rows_and_falls_back(tmp_path):
     with_fallback = table.set_column(table.schema.get_field_index("caption_fallback"), "caption_fallback",
                                      pa.array(["a", None, ""]))
     rows = actor(with_fallback).to_pylist()
-    assert [(r["caption"], r["caption_origin"]) for r in rows] == [("a", "filename"), ("given", "column"), ("", "empty")]
+    assert [(r["caption"], r["caption_origin"]) for r in rows] == [
+        ("a", "filename"), ("given", "column"), ("", "empty")]
     assert json.dumps(rows[0]["caption"])  # plain text
 
 

@@ -169,7 +169,8 @@ def test_folder_symlinks_out_of_the_source_are_refused_as_path_escape(tmp_path):
     (src / "captioned.txt").symlink_to(outside / "credentials")
     (src / "dir_link").symlink_to(outside, target_is_directory=True)  # not walked: os.walk keeps to the folder
 
-    records = {Path(r["source"]).name: r for r in load_inputs(CurateConfig(source=str(src)), Store()).records.to_pylist()}
+    loaded = load_inputs(CurateConfig(source=str(src)), Store())
+    records = {Path(r["source"]).name: r for r in loaded.records.to_pylist()}
     assert set(records) == {"inside.jpg", "captioned.jpg", "link_out.jpg", "ok_link.jpg"}
     assert records["link_out.jpg"]["reject"] == "path_escape" and "outside" in records["link_out.jpg"]["detail"]
     assert records["captioned.jpg"]["reject"] == "path_escape" and "caption" in records["captioned.jpg"]["detail"]

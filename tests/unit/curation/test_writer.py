@@ -124,7 +124,8 @@ def test_duplicates_keep_the_smallest_source_whatever_the_sharding(tmp_path):
         assert sorted(table["source"].to_pylist()) == ["/in/2.jpg", "/in/6.jpg", "/in/a.jpg", "/in/m.jpg"]
         assert agg["reasons"] == {str(Reason.DUPLICATE): 3} and agg["inputs"] == len(rows)
         assert sum(f["rows"] for f in agg["files"]) == 4 == sum(m.rows.values())
-        rejects = pq.read_table([f"{root}/{p}" for p in json.loads((tmp_path / f"ds{n}" / dataset.SUCCESS).read_text())["rejects"]])
+        success = json.loads((tmp_path / f"ds{n}" / dataset.SUCCESS).read_text())
+        rejects = pq.read_table([f"{root}/{p}" for p in success["rejects"]])
         got = sorted((r["source"], r["detail"].rsplit(" ", 1)[-1]) for r in rejects.to_pylist())
         assert got == [("/in/b.jpg", "/in/a.jpg"), ("/in/m.jpg", "/in/m.jpg"), ("/in/z.jpg", "/in/a.jpg")]
         assert set(rejects["reason"].to_pylist()) == {str(Reason.DUPLICATE)}

@@ -284,7 +284,8 @@ def test_nested_multipart_is_a_400_not_a_recursion_error():
 
 B = "multipart/form-data; boundary=b"
 STRUCTURE = {
-    "boundary-too-long": ("multipart/form-data; boundary=" + "a" * 71, body_of(raw_part(b"prompt"), boundary=b"a" * 71)),
+    "boundary-too-long": ("multipart/form-data; boundary=" + "a" * 71,
+                          body_of(raw_part(b"prompt"), boundary=b"a" * 71)),
     "boundary-empty": ("multipart/form-data; boundary=", body_of(raw_part(b"prompt"), boundary=b"")),
     "boundary-bad-char": ("multipart/form-data; boundary=a\x00b", b"--a\x00b--\r\n"),
     "boundary-mismatch": ("multipart/form-data; boundary=other", body_of(raw_part(b"prompt"))),

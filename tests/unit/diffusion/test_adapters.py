@@ -32,7 +32,8 @@ def unet_output(unet) -> torch.Tensor:
     pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     sample = torch.randn(2, 4, 8, 8, generator=gen)
     text = torch.randn(2, 77, cfg.cross_attention_dim, generator=gen)
-    added = {"text_embeds": torch.randn(2, pooled, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    added = {"text_embeds": torch.randn(2, pooled, generator=gen),
+             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     with torch.no_grad():
         return unet(sample, torch.tensor([999, 400]), encoder_hidden_states=text, added_cond_kwargs=added).sample
 

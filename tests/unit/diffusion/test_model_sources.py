@@ -206,7 +206,8 @@ def test_a_hub_id_loads_offline_from_the_cache_and_records_its_commit(tiny, tmp_
     snapshot = lay_out_hub_cache(tiny.folder, tmp_path / "hub-cache", repo)
     data = write_synthetic_curated(tmp_path / "data", n_train=2, n_val=1)
     sets = [f"state_dir={tmp_path / 'state'}", f"train.data={data}", f"model.source={repo}", "train.run_name=hub",
-            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"] + ([f"model.revision={revision}"] if revision else [])
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    sets += [f"model.revision={revision}"] if revision else []
     env = subprocess_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub-cache"), HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run([sys.executable, "-c", HUB_RUN, str(REPO / "flows/configs/tiny.yaml"), json.dumps(sets),
                            str(tmp_path / "unet.safetensors")], cwd=REPO, env=env, capture_output=True, text=True,

@@ -183,7 +183,8 @@ def test_the_variant_that_suits_the_device(parts, saved, tmp_path):
     assert {m.dtype for m in (plain.unet, plain.vae, plain.text_encoder, plain.text_encoder_2)} == {torch.float32}
     half = StableDiffusionXLPipeline.from_pretrained(str(with_bf16), variant="bf16", dtype=torch.bfloat16)
     assert {m.dtype for m in (half.unet, half.text_encoder, half.text_encoder_2)} == {torch.bfloat16}
-    loaded = build_pipelines(with_bf16, inference_scheduler(DiffusionConfig()), InferenceConfig().model_dump(), device=CPU)
+    loaded = build_pipelines(with_bf16, inference_scheduler(DiffusionConfig()), InferenceConfig().model_dump(),
+                             device=CPU)
     assert loaded.t2i.unet.dtype == torch.float32
     ours, theirs = parts.unet.state_dict(), loaded.t2i.unet.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the fp32 weights, not the rounded ones

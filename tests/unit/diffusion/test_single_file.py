@@ -133,7 +133,8 @@ def detect_like_comfy(shapes: dict[str, tuple]) -> dict:
     p = sf.UNET_PREFIX
 
     def depth(block: str) -> int:
-        return len({int(m[1]) for k in shapes if (m := re.match(re.escape(f"{p}{block}.1.transformer_blocks.") + r"(\d+)\.", k))})
+        pattern = re.escape(f"{p}{block}.1.transformer_blocks.") + r"(\d+)\."
+        return len({int(m[1]) for k in shapes if (m := re.match(pattern, k))})
 
     inputs = sorted({int(m[1]) for k in shapes if (m := re.match(re.escape(p) + r"input_blocks\.(\d+)\.", k))})
     outputs = sorted({int(m[1]) for k in shapes if (m := re.match(re.escape(p) + r"output_blocks\.(\d+)\.", k))})
@@ -276,7 +277,8 @@ def test_markers_and_metadata_are_typed_as_the_uis_expect(folder, tmp_path):
         assert key in loaded and loaded[key].dtype == torch.float32 and loaded[key].shape == (0,)
     header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
     header = json.loads(path.read_bytes()[8:8 + header_len])
-    assert header[sf.V_PRED_KEY] == {"dtype": "F32", "shape": [0], "data_offsets": header[sf.V_PRED_KEY]["data_offsets"]}
+    assert header[sf.V_PRED_KEY] == {"dtype": "F32", "shape": [0],
+                                     "data_offsets": header[sf.V_PRED_KEY]["data_offsets"]}
     meta = header["__metadata__"]
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     with safe_open(str(path), framework="pt") as fh:

@@ -24,7 +24,8 @@ from tests.unit.diffusion.test_adapters import unet_output
 
 
 def train_cfg(*extra: str):
-    return load_config(REPO / "flows/configs/tiny.yaml", ["train.precision=bf16", "train.optimizer=adamw", *extra]).train
+    return load_config(REPO / "flows/configs/tiny.yaml",
+                       ["train.precision=bf16", "train.optimizer=adamw", *extra]).train
 
 
 def one_step(unet, trainable, train) -> torch.optim.Optimizer:

@@ -85,7 +85,8 @@ def test_a_float16_cache_moves_the_loss_by_less_than_its_stated_error(tmp_path):
     full, half = ([_cached_row(parts, r, dtype) for r in raw] for dtype in ("float32", "float16"))
     a, b = rows_to_batch(full), rows_to_batch(half)
     assert b.latent_dist.dtype == torch.float32 and b.latent_dist.shape == a.latent_dist.shape == (4, 8, 8, 8)
-    for x, y in ((a.latent_dist, b.latent_dist), (a.prompt_embeds, b.prompt_embeds), (a.pooled_embeds, b.pooled_embeds)):
+    pairs = ((a.latent_dist, b.latent_dist), (a.prompt_embeds, b.prompt_embeds), (a.pooled_embeds, b.pooled_embeds))
+    for x, y in pairs:
         assert 0 < (x - y).abs().max() <= 2.0**-11 * x.abs().max()  # rounded, not lost
     spec = LossSpec(training_scheduler(cfg.diffusion), cfg.diffusion, Precision.FP32)
 

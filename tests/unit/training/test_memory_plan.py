@@ -1,4 +1,5 @@
-"""The single-A100 memory plan (components/training/memory/plan.py) and its meta-device tracer (components/training/memory/trace.py)."""
+"""The single-A100 memory plan (components/training/memory/plan.py) and its meta-device tracer
+(components/training/memory/trace.py)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_before_activations_matches_recipe_anchors(sdxl, optimizer, anchor_gb):
 
 def test_eight_bit_adamw_saves_about_six_bytes_per_param(sdxl):
     shapes = [p.shape for p in sdxl["unet"].parameters()]
-    saved = mp.optimizer_state_bytes(shapes, OptimizerName.ADAMW) - mp.optimizer_state_bytes(shapes, OptimizerName.ADAMW_8BIT)
+    saved = (mp.optimizer_state_bytes(shapes, OptimizerName.ADAMW)
+             - mp.optimizer_state_bytes(shapes, OptimizerName.ADAMW_8BIT))
     assert 5.9 <= saved / SDXL_UNET_PARAMS <= 6.0  # 8 -> 2 bytes, less the block absmax
 
 
@@ -190,7 +192,8 @@ def test_an_adapter_plan_freezes_the_unet_in_bf16_and_keeps_optimizer_state_for_
     assert [r.name for r in adapter] == ["lora adapter weights (fp32 master)", "lora adapter gradients (fp32)",
                                          f"optimizer state ({optimizer.value}, adapter only)"]
     unet = mp.sdxl_models(load_config(REPO / "flows/configs/tiny.yaml"))["unet"]
-    cfg = load_config(REPO / "flows/configs/tiny.yaml", ["train.precision=bf16", "train.method=lora", "train.adapter.rank=4"])
+    cfg = load_config(REPO / "flows/configs/tiny.yaml",
+                      ["train.precision=bf16", "train.method=lora", "train.adapter.rank=4"])
     shapes = [p.shape for p in mp.adapter_on(unet, cfg, Precision.BF16)]
     assert adapter[2].bytes == mp.optimizer_state_bytes(shapes, OptimizerName(cfg.train.optimizer))
     assert adapter[0].bytes == 4 * sum(math.prod(s) for s in shapes) < full.persistent[0].bytes / 10

@@ -68,7 +68,8 @@ def test_batches_never_mix_buckets_and_keep_order():
     rows = [{"bucket": b, "i": i} for i, b in enumerate("AABABBBAAB")]
     batches = list(bucket_batches(rows, 2))
     assert all(len({r["bucket"] for r in batch}) == 1 for batch in batches)
-    assert [[r["i"] for r in b] for b in batches] == [[0, 1], [2, 4], [5, 6], [3, 7]]  # 8 (A) and 9 (B) wait for partners
+    # 8 (A) and 9 (B) wait for partners
+    assert [[r["i"] for r in b] for b in batches] == [[0, 1], [2, 4], [5, 6], [3, 7]]
 
 
 def test_skip_replays_the_same_stream_from_a_position():
@@ -183,7 +184,8 @@ def test_empty_prompt_dropout_changes_the_loss_and_zeroes_time_ids():
     draw = lambda: NoiseDraw(torch.Generator().manual_seed(0), timesteps=torch.tensor([500, 500]))  # noqa: E731
     with torch.no_grad():
         empty = encode_text(parts, [""], "cpu")
-        zeros, _ = prediction_error(parts, parts.unet, batch, LossSpec(sched, cfg.diffusion, caption_dropout=1.0), draw())
+        zeros, _ = prediction_error(parts, parts.unet, batch, LossSpec(sched, cfg.diffusion, caption_dropout=1.0),
+                                    draw())
         prompt, _ = prediction_error(parts, parts.unet, batch,
                                      LossSpec(sched, cfg.diffusion, caption_dropout=1.0, empty=empty), draw())
     hook.remove()
