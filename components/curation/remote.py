@@ -3,10 +3,13 @@
 S3 credentials never travel in a runtime env: Ray logs the runtime env it sets up (its runtime-env
 agent, at INFO, into the session's logs) and shows it in task listings. Workers find credentials
 through the standard chain of boto3 and of pyarrow's AWS SDK: their own environment or instance role
-(a cluster's nodes), else a shared-credentials file. When the driver holds keys in its environment (a
-laptop, a test against a local S3), they are written once to such a file, readable by the user only
-(0600, in a 0700 folder under the state directory, which on a cluster is shared storage), and the
-workers get its path and profile name. Settings that are not secret (endpoint, region) travel as they are.
+(a cluster's nodes: the Secret the KubeRay manifests mount on every pod), else a shared-credentials file.
+When every node of the Ray cluster runs on the driver's machine (a local Ray, a `ray start` cluster on
+one host) and the driver holds keys in its environment, they are written once to such a file, readable by
+the user only (0600, in a 0700 folder under the state directory), and the workers get its path and
+profile name. On a cluster with nodes elsewhere nothing is written: that file would exist on the driver's
+disk only, and a worker told to read a profile it cannot find fails even where its own credentials would
+do. Settings that are not secret (endpoint, region) travel as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+import ray
 
 from components.config import Config
 from components.environment import snapshot
@@ -48,13 +53,23 @@ def write_credentials(folder: Path, key_id: str, secret: str, token: str | None)
     return path
 
 
+def nodes_on_this_machine() -> bool:
+    """Whether every live node of the connected Ray cluster has the driver's node address (True without
+    a connected Ray: the local one a flow starts is on this machine)."""
+    if not ray.is_initialized():
+        return True
+    here = ray.util.get_node_ip_address()
+    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
+
+
 def s3_worker_env(cfg: Config) -> dict[str, str]:
     """Environment variables for workers that read or write S3: the driver's standard settings, and,
-    when the driver's keys are in its environment, a credentials file's path and profile instead of them."""
+    when the driver's keys are in its environment and every node is on this machine, a credentials file's
+    path and profile instead of them."""
     env = snapshot()
     out = {k: env[k] for k in FORWARDED if env.get(k)}
     key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    if key_id and secret:
+    if key_id and secret and nodes_on_this_machine():
         path = write_credentials(cfg.state_path("credentials"), key_id, secret, env.get("AWS_SESSION_TOKEN"))
         out.update(AWS_SHARED_CREDENTIALS_FILE=str(path), AWS_PROFILE=PROFILE)
     return out
