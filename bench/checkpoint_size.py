@@ -40,12 +40,15 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import torch
 
 from components.config import OptimizerName, TinyModelConfig
 from components.diffusion.safetensors_stream import read_tensors
+from components.diffusion.sdxl_base import build_component
+from components.diffusion.tiny import build_tiny
 from components.host_memory import release_memory
-from components.storage import arrow_filesystem, filesystem_path, is_s3
+from components.storage import arrow_filesystem, filesystem_path, is_s3, s3_client
 from components.training import checkpointing as ck
 
 MIN_8BIT = 4096
@@ -55,11 +58,7 @@ SMALL_FILES = ("COMPLETE", "state.json", "lr_scheduler.json")
 
 def build_unet(size: str, seed: int = 0) -> torch.nn.Module:
     if size == "full":
-        from components.diffusion.sdxl_base import build_component
-
         return build_component("unet", seed)
-    from components.diffusion.tiny import build_tiny
-
     torch.manual_seed(seed)
     return build_tiny(TinyModelConfig()).unet
 
@@ -111,8 +110,6 @@ def write_local(directory: Path, unet, opt_state: dict) -> Path:
 
 def upload(directory: Path, target: str, endpoint_url: str | None, die_after: int | None = None) -> None:
     """The directory to ``target`` file by file, the marker first (the order Ray's upload does not promise)."""
-    import pyarrow.fs
-
     fs = arrow_filesystem(target, endpoint_url)
     base = filesystem_path(target)
     with contextlib.suppress(FileNotFoundError, OSError):
@@ -140,8 +137,6 @@ class Reader:
         if self.fs is None:
             ck.verify_complete(Path(self.target))
             return
-        import pyarrow.fs
-
         base = filesystem_path(self.target)
         try:
             with self.open(ck.COMPLETE) as fh:
@@ -273,8 +268,6 @@ def s3_endpoint(value: str | None, buckets: list[str]):
             time.sleep(0.2)
     try:
         if value:
-            from components.storage import s3_client
-
             client = s3_client(value)
             for bucket in buckets:
                 with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):

@@ -22,12 +22,17 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
+import ray
 from PIL import Image
 
+from components.cluster import ray_session
 from components.config import Config, CurateConfig, FilterConfig
 from components.curation import filters as flt
 from components.curation.dedupe import remove_duplicates
+from components.curation.pipeline import curate
 from components.curation.process import Curator
+from components.curation.sources import load_inputs
 from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
 from components.storage import Store
 
@@ -84,8 +89,6 @@ def _loop(cfg: Config, records: list[dict]) -> dict:
 def process_tree_cpu() -> dict[int, float]:
     """CPU seconds (user + system) so far of this process and every process below it: on a local cluster, Ray's
     own processes and its workers are all children of the driver that started it."""
-    import psutil
-
     me = psutil.Process()
     out = {}
     for proc in [me, *me.children(recursive=True)]:
@@ -123,12 +126,6 @@ def benchmark_curation(n_images: int = 64, *, width: int = 2048, height: int = 1
     ``workers`` defaults to the cluster's CPUs.
     """
     base = cfg or terminus_filters()
-    import ray
-
-    from components.cluster import ray_session
-    from components.curation.pipeline import curate
-    from components.curation.sources import load_inputs
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, ray_session():
         # Inputs and outputs in separate folders: curation refuses an output inside a source's root.
         inputs, outputs = os.path.join(tmp, "inputs"), os.path.join(tmp, "outputs")

@@ -39,8 +39,14 @@ import time
 import warnings
 from pathlib import Path
 
+import diffusers
 import torch
+import torch._inductor.config as inductor
 import torch.nn.functional as F
+import transformers
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from components.diffusion.sdxl_base import (
     SDXL_TEXT_ENCODER_2_CONFIG,
@@ -159,9 +165,6 @@ class Bench:
     # --- environment and models -------------------------------------------------------------------
 
     def environment(self) -> None:
-        import diffusers
-        import transformers
-
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
         env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
@@ -177,9 +180,6 @@ class Bench:
         self.out["environment"] = env
 
     def build(self, kind: str, dtype=torch.float32):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
         def make():
             if kind == "unet":
                 return UNet2DConditionModel(**self.unet_cfg)
@@ -210,9 +210,6 @@ class Bench:
     # --- phases -----------------------------------------------------------------------------------
 
     def flops(self) -> None:
-        from diffusers import UNet2DConditionModel
-        from torch.utils.flop_counter import FlopCounterMode
-
         with torch.device("meta"):
             unet = UNet2DConditionModel(**self.unet_cfg)
         inputs = self.step_inputs(1, torch.device("meta"))
@@ -317,8 +314,6 @@ class Bench:
                                                                        if self.cuda else None)}
 
     def pipeline(self):
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
         with tempfile.TemporaryDirectory(prefix="gpu_bench_tok_") as tok_dir:
             tokenizer = build_tokenizer(Path(tok_dir))  # reads the files at construction
         scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -426,8 +421,6 @@ def optimise_eager(pipe) -> None:
 def compile_unet(pipe, backend: str, mode: str) -> None:
     """torch.compile of the UNet (the VAE decode runs once per image: not worth its compile time here)."""
     if backend == "inductor":
-        import torch._inductor.config as inductor
-
         inductor.conv_1x1_as_mm = True  # diffusers' guide: 1x1 convolutions as matmuls
     pipe.unet = torch.compile(pipe.unet, backend=backend, mode=mode if backend == "inductor" else None, fullgraph=True)
 
@@ -447,8 +440,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def build_tokenizer(directory: Path):
     """A character-level CLIP BPE tokenizer built offline (no merges); model_max_length=77 as SDXL's."""
-    from transformers import CLIPTokenizer
-
     alphabet = list(_bytes_to_unicode().values())
     vocab = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     ids = {t: i for i, t in enumerate(vocab)}

@@ -17,29 +17,30 @@ layout's one replica against the sum over the dedicated ones. Not a test: figure
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import mlflow
 import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from ray import serve
 
 from bench.serving import WARMUP, _stats
+from components.cluster import ray_session
 from components.config import Config
+from components.diffusion.adapters import AdapterWeights, adapter_state, add_adapter, peft_config, save_adapter
+from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
+from components.registry.model import fetch_model, resolve_version
+from components.registry.tracking import setup_tracking
+from deploy.app import compose
 
 
 def register_bench_adapters(cfg: Config, root: Path, count: int) -> list[str]:
     """``count`` LoRAs of the ``@champion`` base of ``cfg``'s registry, each at its own ``@champion``; their names."""
-    import json
-
-    import mlflow
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from components.diffusion.adapters import AdapterWeights, adapter_state, add_adapter, peft_config, save_adapter
-    from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
-    from components.registry.model import fetch_model, resolve_version
-    from components.registry.tracking import setup_tracking
-
     experiment = setup_tracking(cfg)
     name, version = resolve_version(cfg.serve.model_uri)
     base_dir = fetch_model(f"models:/{name}/{version}", root / "cache").pipeline_dir
@@ -69,8 +70,6 @@ def register_bench_adapters(cfg: Config, root: Path, count: int) -> list[str]:
 async def _drive(base: str, bodies: list[dict], count: int, concurrency: int) -> dict[str, Any]:
     """``count`` requests from ``concurrency`` closed-loop clients; request ``i`` goes to ``bodies[i % n]`` (a
     (url, body) pair each)."""
-    import httpx
-
     latencies: list[float] = []
     errors = 0
     remaining = iter(range(count))
@@ -92,20 +91,12 @@ async def _drive(base: str, bodies: list[dict], count: int, concurrency: int) ->
 
 
 def _replica_memory(app: str) -> dict[str, int]:
-    from ray import serve
-
     return serve.get_deployment_handle("Model", app_name=app).memory.remote().result()
 
 
 def benchmark_multiplex(cfg: Config, root: Path, *, adapters: int = 2, requests: int = 16, concurrency: int = 4,
                         size: int = 64, steps: int = 4, port: int | None = None) -> dict[str, Any]:
     """Measure the two layouts on this machine (module docstring); a dict of figures (seconds, req/s, bytes)."""
-    import torch
-    from ray import serve
-
-    from components.cluster import ray_session
-    from deploy.app import compose
-
     # Half a CPU per model replica and a quarter per ingress, on both sides: the dedicated layout's replicas must
     # all fit at once on a 2-CPU machine (and share one GPU where there is one).
     resources = {"num_cpus": 0.5, "num_gpus": 1 / max(adapters, 1) if torch.cuda.is_available() else 0}

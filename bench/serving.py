@@ -14,14 +14,29 @@ a test: figures depend on the machine.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
+import httpx
+import mlflow
 import numpy as np
+import ray
+import torch
+from PIL import Image
+from ray import serve
 
-from components.cluster import SERVE_ENV
+from components.cluster import SERVE_ENV, ray_session
 from components.config import Config
+from components.diffusion.request import GenerationRequest, GenerationResult
+from components.registry.tracking import tracking_uri
+from deploy.api import adapter_id, parse_params, to_request
+from deploy.app import compose, render_result
+from deploy.batching import serve_batch
+from deploy.holder import ModelHolder
 
 WARMUP = 8  # requests before timing: a new replica's first pipeline calls are slower
 
@@ -36,14 +51,6 @@ def _direct_latencies(config: dict, uri: str, tracking: str, cache_dir: str, siz
                       count: int) -> dict[str, Any]:
     """Runs inside a Ray task: load through the same holder the replica uses and time what a replica
     runs for one request (``deploy.batching.serve_batch``: token check, pipeline, PNG encoding)."""
-    from dataclasses import replace
-
-    import mlflow
-
-    from components.diffusion.request import GenerationRequest
-    from deploy.batching import serve_batch
-    from deploy.holder import ModelHolder
-
     cfg = Config.model_validate(config)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
@@ -68,8 +75,6 @@ def _environment(names: list[str]) -> dict[str, str | None]:
 
 async def _drive_get(base: str, path: str, count: int) -> dict[str, Any]:
     """``count`` GETs of ``path``, one at a time: the latency of a route that generates nothing."""
-    import httpx
-
     latencies: list[float] = []
     async with httpx.AsyncClient(base_url=base, timeout=60) as c:
         for _ in range(WARMUP):
@@ -85,21 +90,11 @@ async def _drive_get(base: str, path: str, count: int) -> dict[str, Any]:
 def _encoding_s(size: int, count: int = 50) -> dict[str, float]:
     """Median seconds the ingress spends on a request's own bytes, outside any hop: parsing the JSON
     body into a request, and rendering a result (one PNG of ``size`` px, base64, JSON)."""
-    import io
-    import json
-
-    from PIL import Image
-
-    from components.config import Config as _Config
-    from components.diffusion.request import GenerationResult
-    from deploy.api import adapter_id, parse_params, to_request
-    from deploy.app import render_result
-
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
     result = GenerationResult(images=[buf.getvalue()], seed=0, name="bench", version="1", batch_size=1)
-    cfg = _Config()
+    cfg = Config()
     body = json.dumps({"prompt": "benchmark", "size": f"{size}x{size}", "steps": 4}).encode()
     parse, render = [], []
     for _ in range(count):
@@ -148,8 +143,6 @@ def _paired(latencies: list[float], timings: list[dict[str, float]]) -> dict[str
 async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[str, Any]:
     """``count`` requests from ``concurrency`` closed-loop clients; throughput, latency, batch sizes, and (one at a
     time) each request's own split of where its time went (``Server-Timing``)."""
-    import httpx
-
     latencies: list[float] = []
     timings: list[dict[str, float]] = []
     batch_sizes: list[int] = []
@@ -186,14 +179,6 @@ async def _drive(base: str, body: dict, count: int, concurrency: int) -> dict[st
 def benchmark_serving(cfg: Config, *, requests: int = 32, concurrency: int = 8, size: int = 64, steps: int = 4,
                       port: int | None = None) -> dict[str, Any]:
     """Measure serving on this machine; returns a flat-ish dict of figures (seconds, requests/s)."""
-    import ray
-    import torch
-    from ray import serve
-
-    from components.cluster import ray_session
-    from components.registry.tracking import tracking_uri
-    from deploy.app import compose
-
     uri = cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
     resources = {"num_cpus": 1, "num_gpus": 1 if torch.cuda.is_available() else 0}
     port = port or cfg.serve.port

@@ -39,12 +39,25 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
+import ray.train
+import ray.train.torch
 import torch
+from ray.train.torch import TorchTrainer
 
+from bench.curation import synthetic_photo
 from bench.process import PINNED_MALLOC
 from components.config import Config
+from components.curation.latents import EncodeBatch
+from components.curation.writer import STAGE_SCHEMA, aggregate, publish, write_shard
 from components.dataset import CuratedManifest, read_manifest
+from components.diffusion.loss import NoiseDraw
 from components.environment import snapshot as environ_snapshot
+from components.storage import Store
+from components.training import loop
+from components.training.batches import bucket_batches, read_index, rows_to_batch
+from components.training.driver import training_data
+from components.training.loop import EpochReader, step_generator
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -58,10 +71,6 @@ def bucket_side(cfg: Config) -> int:
 def write_bench_dataset(root: str | Path, rows: int, side: int, seed: int = 0) -> CuratedManifest:
     """A curated dataset of ``rows`` photo-like ``side``-square JPEGs, all in the train split,
     written through curation's own writer (``write_shard`` + ``publish``: the real contract)."""
-    from bench.curation import synthetic_photo
-    from components.curation.writer import STAGE_SCHEMA, aggregate, publish, write_shard
-    from components.storage import Store
-
     images = [synthetic_photo(side, side, seed + i) for i in range(rows)]
     table = pa.Table.from_pylist([
         {"image": img, "caption": f"a synthetic photograph, number {i}", "original_h": 2 * side,
@@ -101,8 +110,6 @@ def build_trainee(cfg: Config, device: torch.device | str = "cpu", steps: int = 
     """The trainee ``train_loop_per_worker`` builds (``loop.build_trainee``, one worker, ``steps`` for its LR
     schedule), in the precision the loop uses on ``device`` (``loop.with_precision_used``: the configured
     bf16 only where the device computes it natively); ``Trainee.cfg.train.precision`` is that one."""
-    from components.training import loop
-
     device = torch.device(device)
     cfg = loop.with_precision_used(cfg, device)
     t = loop.build_trainee(cfg, device, 1, steps)
@@ -112,14 +119,9 @@ def build_trainee(cfg: Config, device: torch.device | str = "cpu", steps: int = 
 def train_step(t: Trainee, rows: list[dict], step: int, batch=None) -> float:
     """The worker loop's step (``loop.train_step``) on the rows decoded (unless ``batch`` is given) as one
     micro-batch, with the noise draw rank 0 takes at ``step``; returns the loss."""
-    from components.diffusion.loss import NoiseDraw
-    from components.training.batches import rows_to_batch
-    from components.training.loop import step_generator
-    from components.training.loop import train_step as shipped_step
-
     batch = rows_to_batch(rows, t.device) if batch is None else batch.to(t.device)
     draw = NoiseDraw(step_generator(t.cfg.seed, 0, step, 0))
-    loss, _ = shipped_step(t.loop, [batch], t.spec, [draw], t.cfg.train.clip_grad_norm)
+    loss, _ = loop.train_step(t.loop, [batch], t.spec, [draw], t.cfg.train.clip_grad_norm)
     return loss
 
 
@@ -176,11 +178,6 @@ def torch_threads(n: int):
 
 def _ray_worker(loop_config: dict) -> None:
     """TorchTrainer's training function: the epochs planned and read by ``loop.EpochReader``, as in training."""
-    import ray.train
-    import ray.train.torch
-
-    from components.training.loop import EpochReader
-
     cfg = Config.model_validate(loop_config["config"])
     start = time.perf_counter()
     trainee = build_trainee(cfg, ray.train.torch.get_device())
@@ -202,9 +199,6 @@ def _ray_worker(loop_config: dict) -> None:
 
 def plain_loop(spec: dict) -> dict:
     """The baseline's body: the curated rows in memory, ``timed_steps`` on one trainee."""
-    from components.dataset import read_manifest
-    from components.training.batches import bucket_batches
-
     cfg = Config.model_validate(spec["config"])
     data = read_rows(read_manifest(spec["root"]))
     with torch_threads(spec["threads"]):
@@ -230,12 +224,6 @@ def _plain_process(cfg: Config, manifest: CuratedManifest, warmup: int, steps: i
 
 def _ray_train(cfg: Config, manifest: CuratedManifest, warmup: int, steps: int, epoch_probe: bool,
                storage: str) -> dict:
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from components.training.driver import training_data
-
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order
     try:
@@ -319,9 +307,6 @@ def benchmark_input(cfg: Config, *, batches: int = 128, speedup: float = 10.0, w
     ``wait_share`` = waits / wall over the batches after the first (the first batch of an epoch has
     nothing to overlap with; it is reported as ``first_wait_s``).
     """
-    from components.training.batches import read_index, rows_to_batch
-    from components.training.loop import EpochReader
-
     side, size = bucket_side(cfg), cfg.train.batch_size
     threads = cfg.train.cpus_per_worker
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads):
@@ -368,8 +353,6 @@ def benchmark_input(cfg: Config, *, batches: int = 128, speedup: float = 10.0, w
 
 def encode_cache(cfg: Config, manifest: CuratedManifest) -> tuple[list[dict], float]:
     """The train rows as curation's latent cache stores them (``EncodeBatch``), and the seconds it took."""
-    from components.curation.latents import EncodeBatch
-
     table = pq.read_table(manifest.paths("train"))
     table = table.append_column("split", pa.array(["train"] * table.num_rows))
     start = time.perf_counter()
@@ -384,8 +367,6 @@ def benchmark_caching(cfg: Config, *, rows: int = 16, warmup: int = 2, steps: in
     The two trainees start from the same weights and alternate step by step (order swapped every
     step), so a change in the machine's load hits both alike. ``speedup`` = pixels / cached.
     """
-    from components.training.batches import bucket_batches
-
     threads = cfg.train.cpus_per_worker
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads):
         manifest = write_bench_dataset(Path(tmp, "data"), rows, bucket_side(cfg), cfg.seed)

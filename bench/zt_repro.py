@@ -54,6 +54,7 @@ from components.diffusion.loss import Batch, LossSpec, NoiseDraw, diffusion_loss
 from components.diffusion.parts import SDXLParts
 from components.diffusion.schedule import inference_scheduler, scheduler_kwargs, training_scheduler
 from components.diffusion.tiny import build_tiny
+from components.evaluation.probe import luminance
 from components.training.optim import build_lr_scheduler, build_optimizer
 
 ARMS = {
@@ -193,8 +194,6 @@ def probe_reach(pixels: torch.Tensor) -> dict:
     """The evaluation probe's own statistics (components/evaluation/probe.py) on unconditional samples:
     the spread of the per-image Rec. 709 luminance (how far apart the samples reach) and its extremes.
     pixels: (n, 3, H, W) in [-1, 1]."""
-    from components.evaluation.probe import luminance
-
     images = ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3) in [0, 1]
     lum = luminance(list(images))
     return {"luminance_spread": round(float(lum.std()), 4), "luminance_min": round(float(lum.min()), 4),

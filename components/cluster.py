@@ -22,6 +22,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import ray
+import ray.data
+
 DASHBOARD_PORT = 8265
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 """Ray Serve's latency settings for a Ray this platform starts to serve (flows/serve.py, flows/demo.py, the serving
@@ -90,9 +93,6 @@ def _environ(extra: dict[str, str]):
 def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = None, serve_latency: bool = False):
     """A Ray for the flow: ``RAY_ADDRESS``'s cluster, else a new local one. ``serve_latency``: the local Ray's own
     processes (Serve's controller, proxy, replicas) start with ``SERVE_ENV``; this process keeps its environment."""
-    import ray
-    import ray.data
-
     if ray.is_initialized():
         yield
         return
@@ -113,8 +113,6 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
 
 
 def _start_local(num_cpus: int | None, runtime_env: dict | None, serve_latency: bool, saved_api: str | None) -> None:
-    import ray
-
     for attempt in range(3):
         # 8265 when free; something outside the lock (another user's flow, a `ray start`) may take it between
         # this check and the dashboard's bind: then a free port.

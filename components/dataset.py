@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from components.config import RecurringError
 from components.storage import Store, child, join, read_parquet
@@ -124,8 +125,6 @@ def val_rows(manifest: CuratedManifest, limit: int) -> list[dict]:
 def decode_rgb(data: bytes) -> np.ndarray:
     """A curated JPEG -> (H, W, 3) uint8 array: Pillow and numpy only (no torch op, so no intra-op thread
     pool is woken by a loader thread)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -133,7 +132,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
 def decode_image(data: bytes):
     """A curated JPEG -> (3, H, W) float32 tensor in [-1, 1] (the scaling of
     ``components.diffusion.loss.unit_range``)."""
-    import torch
+    import torch  # torch on first use: curation and the registry read datasets through this module without it
 
     return torch.from_numpy(decode_rgb(data).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
@@ -144,7 +143,7 @@ def collate_rgb(images: list[np.ndarray]):
     quarter of the bytes of float32 to move; the scaling to [-1, 1] is done there by
     ``components.diffusion.loss.unit_range``). Contiguous, as the float batches were: a channels-last batch
     takes other convolution kernels, and its losses differ in the fourth digit."""
-    import torch
+    import torch  # torch on first use (see decode_image)
 
     out = np.empty((len(images), 3, *images[0].shape[:2]), dtype=np.uint8)
     for i, im in enumerate(images):
@@ -155,7 +154,7 @@ def collate_rgb(images: list[np.ndarray]):
 def cached_batch(rows: list[dict]):
     """Latent-cache rows of one bucket -> (latent_dist (B, 2C, h, w), prompt_embeds (B, 77, D), pooled_embeds
     (B, P)) float32 tensors: each column's bytes joined and read as one array (no tensor per row)."""
-    import torch
+    import torch  # torch on first use (see decode_image)
 
     dtype = rows[0]["dtype"]
     if any(r["dtype"] != dtype or r["latent_shape"] != rows[0]["latent_shape"] for r in rows):
@@ -172,7 +171,7 @@ def cached_batch(rows: list[dict]):
 def cached_tensors(row: dict):
     """One latent-cache row -> (latent_dist (2C, h, w), prompt_embeds (77, D), pooled_embeds (P,)),
     float32 tensors."""
-    import torch
+    import torch  # torch on first use (see decode_image)
 
     def arr(name: str, shape=None) -> torch.Tensor:
         values = np.frombuffer(row[name], dtype=row["dtype"]).astype(np.float32)

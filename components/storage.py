@@ -17,15 +17,18 @@ publish what is left as if it were the dataset.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import posixpath
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from components.config import find_cause
+from components.redact import redact
 
 
 def is_s3(uri: str) -> bool:
@@ -69,6 +72,7 @@ def original_unavailable(err: BaseException) -> StorageUnavailable | None:
 
 def _unavailable(err: Exception) -> bool:
     """Transport failures and server-side errors, as opposed to per-object answers (404, 403)."""
+    # botocore loads with the first S3 client (s3_client): a local store never imports it
     from botocore.exceptions import ClientError, HTTPClientError
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
@@ -107,9 +111,6 @@ def imported_whole(package: str):
     dropped. The next import of the package, in the same worker process, does not bind them again. The worker
     then runs the next run's tasks, and each one fails with "module 'boto3' has no attribute 'utils'". Modules
     still being imported (by another thread) are left to their import."""
-    import importlib
-    import sys
-
     module = importlib.import_module(package)
     prefix = package + "."
     for name, sub in list(sys.modules.items()):
@@ -133,7 +134,7 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None):
     (``huggingface_hub.HfFileSystem``, through pyarrow's fsspec bridge) for ``hf://``; None for local paths
     (pyarrow and Ray then use the local filesystem)."""
     if is_hf(uri):
-        import pyarrow.fs
+        import pyarrow.fs  # pyarrow and HfFileSystem on first use: model fetches use this module without them
         from huggingface_hub import HfFileSystem
 
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(HfFileSystem()))
@@ -162,7 +163,7 @@ def list_files(uri: str, endpoint_url: str | None = None, suffix: str = "") -> l
     sorted. Local paths, ``s3://`` prefixes and ``hf://`` repositories."""
     if is_hf(uri):
         fs = arrow_filesystem(uri)
-        import pyarrow.fs
+        import pyarrow.fs  # on first use (see arrow_filesystem)
 
         base = filesystem_path(uri).rstrip("/")
         info = fs.get_file_info(base)
@@ -181,7 +182,7 @@ def list_files(uri: str, endpoint_url: str | None = None, suffix: str = "") -> l
 
 def read_parquet(uri: str, endpoint_url: str | None = None, columns: list[str] | None = None):
     """One parquet file (local or s3://) as an Arrow table (``columns``: only these, where present)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # on first use (see arrow_filesystem)
 
     fs = arrow_filesystem(uri, endpoint_url)
     path = uri if fs is None else filesystem_path(uri)
@@ -235,8 +236,6 @@ class Store:
                 raise
             endpoint = self.client.meta.endpoint_url if self._client is not None else self.endpoint_url
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            from components.redact import redact
-
             raise StorageUnavailable(redact(
                 f"S3 store unavailable: {op} {uri} via {endpoint} failed ({type(err).__name__}: {first})"
             )) from err
@@ -321,7 +320,7 @@ class Store:
     def exists(self, uri: str) -> bool:
         if is_s3(uri):
             bucket, key = object_key(uri)
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import ClientError  # botocore with the first S3 client (see _unavailable)
 
             try:
                 with self._s3("head", uri):
@@ -398,7 +397,7 @@ def fetch_object(uri: str, cache_root: str | Path, endpoint_url: str | None = No
         raise ValueError(f"{uri} names a prefix, not an object")
     target = Path(cache_root) / bucket / safe_relative(key, "")
     etag_path = target.with_name(target.name + ".etag")
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # botocore with the first S3 client (see _unavailable)
 
     with store._s3("head", uri):
         try:

@@ -33,8 +33,10 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import math
 import os
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,6 +92,7 @@ class Model:
     sized by ``serve.max_adapters_per_replica``; deploy/served_adapters.py)."""
 
     def __init__(self, config: dict, model_uri: str, tracking: str, cache_dir: str):
+        # MLflow, torch and the model load in the model replica: the ingress imports this module without them
         import mlflow
 
         from deploy.holder import ModelHolder
@@ -138,9 +141,7 @@ class Model:
 
     def memory(self) -> dict[str, int]:
         """This replica's peak resident memory, and on a GPU its peak allocated device memory (the benchmarks)."""
-        import resource
-
-        import torch
+        import torch  # in the model replica only (see __init__)
 
         peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if torch.cuda.is_available():
@@ -149,9 +150,7 @@ class Model:
 
     def adapters_listed(self) -> list[dict[str, Any]]:
         """The registry's adapters with an alias, and whether each was trained on the base served here."""
-        import logging
-
-        import mlflow
+        import mlflow  # in the model replica only (see __init__)
 
         from components.registry.adapter_versions import listed_adapters
 
@@ -164,7 +163,7 @@ class Model:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, as deploy.api.to_request built it; the adapter, if any, is the request's multiplexed
         model id (``serve_multiplexed_model_id``)."""
-        from deploy.served_adapters import AdapterRefused
+        from deploy.served_adapters import AdapterRefused  # in the model replica only (see __init__)
 
         received = time.perf_counter()
         model_id = serve.get_multiplexed_model_id()
@@ -489,7 +488,7 @@ def compose(
     The tracking URI is resolved here (config, then MLFLOW_TRACKING_URI, then the state dir's
     SQLite) and handed to the replicas, which need not share the caller's environment.
     """
-    from components.registry.model import parse_model_uri
+    from components.registry.model import parse_model_uri  # MLflow stays out of the ingress (see Model.__init__)
 
     uri = model_uri or cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
     name, _, _ = parse_model_uri(uri)

@@ -11,8 +11,11 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+from components.redact import redact
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_INPUT = 2
@@ -42,6 +45,7 @@ def load(args):
     (``HF_HUB_OFFLINE=1``, set before huggingface_hub is imported); any other model source leaves the
     user's setting alone, so the Terminus preset reaches the hub when the machine can.
     """
+    # after parsing: --help does not load the config schema (pydantic)
     from components.config import ConfigError, load_config, reference_text
 
     try:
@@ -77,8 +81,6 @@ def emit(result: dict) -> None:
 
 def fail(message: str, code: int = BAD_INPUT):
     """One line on stderr, then exit with ``code``."""
-    from components.redact import redact
-
     line = " ".join(redact(str(message)).split())
     print(f"error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(code)
@@ -86,8 +88,6 @@ def fail(message: str, code: int = BAD_INPUT):
 
 def run_flow(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
     """Run another flow as its own process (as a user would) and return its last-line JSON."""
-    import subprocess
-
     cmd = [sys.executable, str(REPO / "flows" / script), *args]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:

@@ -20,10 +20,11 @@ from flows._common import banner, emit, fail, load, parser, setup_logging
 
 
 def main() -> None:
+    # here, not at the top: as a script, `bench` names this file until the re-run below
     from bench.process import pin_malloc
 
     pin_malloc()
-    from bench.report import SECTIONS
+    from bench.report import SECTIONS  # after pin_malloc, which may restart the process
 
     p = parser(__doc__)
     p.add_argument("--only", default=",".join(SECTIONS), metavar="SECTION[,SECTION]",

@@ -28,6 +28,7 @@ def main() -> None:
     cfg = load(args)  # validated before any cluster work
     setup_logging()
     if args.dry_run:
+        # after parsing: --help and a refused command line load no Ray, MLflow or torch
         from components.curation.pipeline import policy_lines, source_meta
 
         for line in policy_lines(cfg.curate):

@@ -28,7 +28,7 @@ PROMPT = "a photograph of an astronaut, high detail"
 def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_png: Path) -> str:
     """Start the Serve app on loopback (on the demo's cluster), wait until healthy, send one OpenAI-style
     request."""
-    import requests
+    import requests  # on first use: --help loads neither requests nor Ray
 
     from deploy.launch import NotHealthy, start, stop
 
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     cfg = load(args)
     setup_logging()
-    import ray
+    import ray  # after parsing: --help and a refused command line load no Ray, MLflow or torch
 
     from components.cluster import ray_session
 

@@ -17,6 +17,7 @@ def main() -> None:
     p.add_argument("--model-uri", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
     args = p.parse_args()
     cfg = load(args)
+    # after parsing: --help and a refused command line load no Ray, MLflow or torch
     from components.registry.model import ModelUriError, parse_model_uri
     from components.training.preflight import PreflightError, check_dataset
 

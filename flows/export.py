@@ -34,6 +34,7 @@ def main() -> None:
     cfg = load(args)
     if args.out and not args.out.endswith(".safetensors"):
         fail(f"--out {args.out}: the file name must end in .safetensors")
+    # after parsing: --help and a refused command line load no Ray, MLflow or torch
     from components.registry.model import ModelUriError, check_version
 
     try:

@@ -25,6 +25,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load(args)
 
+    # after parsing: --help and a refused command line load no Ray, MLflow or torch
     from components.training.memory.plan import plan_for
 
     try:

@@ -33,7 +33,7 @@ def main() -> None:
     if not args.rollback and args.version is None:
         fail("--version is required unless --rollback is given")
     setup_logging()
-    import mlflow
+    import mlflow  # after parsing: --help and a refused command line load no Ray, MLflow or torch
 
     from components.registry.model import ModelUriError
     from components.registry.promotion import PromotionRefused, promote, rollback

@@ -39,6 +39,7 @@ def main() -> None:
         if hub_offline_before not in (None, "", "0"):
             fail("--push with HF_HUB_OFFLINE set: unset it where the Hub is reachable")
         os.environ.pop("HF_HUB_OFFLINE", None)  # set by load() for the tiny model; the push needs the Hub
+        # after parsing: --help and a refused command line load no Ray, MLflow or torch
         from huggingface_hub import get_token
 
         token = get_token()

@@ -29,6 +29,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load(args)
     setup_logging()
+    # after parsing: --help and a refused command line load no Ray, MLflow or torch
     from components.cluster import ray_session
     from components.registry.model import ModelUriError, parse_model_uri
     from deploy.launch import NotHealthy, start

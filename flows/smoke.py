@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -214,7 +215,7 @@ class Chain:
 
     def serve(self, model: str, base_uri: str) -> dict:
         """The Serve app on the adapter's base; the request names the adapter (``model``: its @champion)."""
-        from deploy.launch import start, stop
+        from deploy.launch import start, stop  # on first use: --help and the disk check load no Ray, MLflow or torch
 
         size = self.cfg.serve.default_size
         out_png = self.cfg.state_path("smoke", f"{model}.png")
@@ -238,7 +239,7 @@ class Chain:
                 "model_version": body.get("model_version"), "base_model": body.get("base_model")}
 
     def base_of(self, model: str, version: str) -> str:
-        import mlflow
+        import mlflow  # on first use: --help and the disk check load no Ray, MLflow or torch
 
         from components.registry.tracking import setup_tracking
 
@@ -272,6 +273,7 @@ class Chain:
 def planned(cfg) -> tuple[int, int]:
     """(the memory plan's allocated peak for the preset's training step -- on a CPU there is no CUDA context
     and no caching allocator, so the allocated peak is the whole prediction --, the base's parameters)."""
+    # on first use: --help and the disk check load no Ray, MLflow or torch
     from components.training.memory.plan import count_params, plan_for, sdxl_models
 
     models = sdxl_models(cfg)
@@ -281,6 +283,7 @@ def planned(cfg) -> tuple[int, int]:
 def stored_bytes(cfg, params: int) -> int:
     """The base's bytes as the registry stores it: ``sdxl-random``'s values are fp16 numbers, stored in fp16
     (``components.diffusion.sdxl.save_pipeline``); the tiny model's are fp32."""
+    # on first use: --help and the disk check load no Ray, MLflow or torch
     from components.diffusion.sdxl_base import VALUES_DTYPE
     from components.diffusion.sources import SDXL_RANDOM
 
@@ -367,7 +370,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load(args)
     setup_logging()
-    import ray
+    import ray  # on first use: --help and the disk check load no Ray, MLflow or torch
 
     from components.cluster import ray_session
 
@@ -408,9 +411,7 @@ def main() -> None:
 
 
 def machine() -> dict:
-    import platform
-
-    import torch
+    import torch  # on first use: --help and the disk check load no Ray, MLflow or torch
 
     return {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
             "torch": torch.__version__, "processor": platform.processor() or platform.machine()}

@@ -79,6 +79,7 @@ def pytest_xdist_make_scheduler(config, log):
     the cluster tests ran after the serial group on its worker while the other sat idle for ten minutes. With
     the serial group first, its worker takes nothing else until its last two tests, and then whatever is left:
     the units left at the end are the ones the other worker has not reached yet."""
+    # pytest-xdist calls this hook; a session without it never imports xdist
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False  # ``unit_rank`` orders the queue, not the test count
@@ -106,7 +107,7 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The tiny preset with every output under a fresh temporary state directory."""
-    from components.config import load_config
+    from components.config import load_config  # on first use: a session that never asks for it loads no config schema
 
     state = tmp_path / "state"
     return load_config(

@@ -21,9 +21,12 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+from PIL import Image
 
 from components.config import CaptionerConfig
 from components.curation.filters import Reason
+from components.curation.process import PENDING
+from components.curation.writer import STAGE_SCHEMA, dropped_row
 
 TINY_WORDS = ("a an the photo of cat dog red blue green sky field tree house car person boat road river "
               "mountain street on in with at near under night day bright dark small large old new").split()
@@ -34,6 +37,7 @@ def build_tiny_captioner(folder: Path, seed: int = 0) -> Path:
     """A randomly initialised BLIP captioner (32-wide, 2 layers, 32 px input) with a word-level vocabulary,
     saved with its processor as a transformers model directory. Its generation config suppresses the
     special tokens and asks for at least 3 new tokens, so every caption it makes is a few plain words."""
+    # torch and transformers load where the model is built (a captioning actor), not in the driver
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
@@ -75,7 +79,7 @@ class CaptionModel:
     """A loaded image-to-text model: PIL images in, captions out (plain Python, no Ray)."""
 
     def __init__(self, cfg: CaptionerConfig, cache_dir: Path, device: str = "cpu"):
-        import torch
+        import torch  # in the actor's process (see build_tiny_captioner)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         name = cfg.model
@@ -88,7 +92,7 @@ class CaptionModel:
         self.model.to(self.device).eval().requires_grad_(False)
 
     def __call__(self, images: list) -> list[str]:
-        import torch
+        import torch  # in the actor's process (see build_tiny_captioner)
 
         captions: list[str] = []
         for i in range(0, len(images), self.cfg.batch_size):
@@ -111,11 +115,6 @@ class CaptionBatch:
         self.model = CaptionModel(CaptionerConfig.model_validate(captioner), Path(cache_dir), device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
-
-        from components.curation.process import PENDING
-        from components.curation.writer import STAGE_SCHEMA, dropped_row
-
         rows = batch.to_pylist()
         waiting = [i for i, r in enumerate(rows) if r["reason"] is None and r["caption_origin"] == PENDING]
         if waiting:

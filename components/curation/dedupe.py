@@ -18,6 +18,15 @@ from __future__ import annotations
 import pyarrow as pa
 
 from components.curation.filters import Reason
+from components.curation.writer import (
+    MAX_EXAMPLES,
+    REJECTS,
+    _count,
+    _file_info,
+    _parquet_bytes,
+    _read_table,
+    new_source_stats,
+)
 from components.storage import Store, join
 
 
@@ -45,16 +54,6 @@ def find_duplicates(files: list[dict], only: set[str] | None = None) -> dict[str
 def remove_duplicates(store: Store, root: str, run_id: str, agg: dict, only: set[str] | None = None) -> dict:
     """``agg`` (``writer.aggregate``'s) with every duplicate moved from its shard to the rejects; ``only``:
     the sources that take part (``find_duplicates``)."""
-    from components.curation.writer import (
-        MAX_EXAMPLES,
-        REJECTS,
-        _count,
-        _file_info,
-        _parquet_bytes,
-        _read_table,
-        new_source_stats,
-    )
-
     drop = find_duplicates(agg["files"], only)
     if not drop:
         return agg

@@ -22,15 +22,21 @@ import time
 import uuid
 
 import pyarrow as pa
+import ray
 
 from components import dataset
 from components.config import Config
+from components.curation.remote import worker_args, write_to
+from components.curation.writer import CuratedDatasink, aggregate, begin, publish, stage_schema
+from components.dataset import collate_rgb, decode_rgb
+from components.storage import Store, arrow_filesystem
 
 
 class EncodeBatch:
     """Ray Data callable class: curated rows in, cached rows out. Loads the model once per actor."""
 
     def __init__(self, config: dict, device: str, dtype: str):
+        # torch and the model load in the encoding actor's process, not in the driver that imports this module
         import torch
 
         from components.registry.model import load_source_parts
@@ -43,9 +49,8 @@ class EncodeBatch:
         self.dtype = dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
+        import torch  # in the actor's process (see __init__)
 
-        from components.dataset import collate_rgb, decode_rgb
         from components.diffusion.conditioning import encode_text
         from components.diffusion.loss import unit_range
 
@@ -74,20 +79,12 @@ class EncodeBatch:
 
 
 def latent_stage_schema() -> pa.Schema:
-    from components.curation.writer import stage_schema
-
     return stage_schema(dataset.LATENT_SCHEMA)
 
 
 def cache_latents(cfg: Config, source: str | None = None, output: str | None = None) -> dict:
     """Encode the curated dataset at ``source`` (default ``curate.output``) into ``output``
     (default ``curate.cache_output`` or ``<source>-latents``); returns the cache's report. Needs Ray."""
-    import ray
-
-    from components.curation.remote import worker_args, write_to
-    from components.curation.writer import CuratedDatasink, aggregate, begin, publish
-    from components.storage import Store, arrow_filesystem
-
     c = cfg.curate
     source = source or c.output
     output = output or c.cache_output or source.rstrip("/") + "-latents"

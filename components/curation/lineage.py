@@ -18,6 +18,7 @@ from components.registry.tracking import flatten, mlflow_dataset, setup_tracking
 
 
 def log_curation(cfg: Config, report: dict) -> str:
+    # mlflow on first use: the curation pipeline imports this module and logs only when curate.track is set
     import mlflow
 
     experiment_id = setup_tracking(cfg)

@@ -37,11 +37,15 @@ import time
 import uuid
 
 import pyarrow as pa
+import ray
 
-from components.config import CaptionerConfig, Config, CurateConfig, SourceKind
+from components.config import CaptionerConfig, Config, CurateConfig, FilterConfig, SourceKind
 from components.curation.buckets import make_buckets
+from components.curation.captioner import CaptionBatch
 from components.curation.dedupe import remove_duplicates
 from components.curation.filters import Reason
+from components.curation.latents import cache_latents
+from components.curation.lineage import log_curation
 from components.curation.process import Curator
 from components.curation.remote import worker_args
 from components.curation.sources import (
@@ -97,8 +101,6 @@ def tasks_in_flight(workers: int, cluster_cpus: float, fused: bool) -> int:
 def source_dataset(cfg: Config, src: SourceInputs, total: int):
     """One source's records as a Ray Dataset: the driver's records (``files``), or its parquet files read by
     Ray Data and turned into records in the read tasks (``urls``, ``huggingface``)."""
-    import ray
-
     c = cfg.curate
     if src.records is not None:
         # from_blocks keeps our block boundaries and computes their metadata here; from_arrow would
@@ -125,8 +127,6 @@ def captioner_gpus(captioner: CaptionerConfig, cluster_gpus: float) -> float:
 def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
     """Stream every source's records through the curation tasks (and the captioning actors) into the
     sink; returns the write tasks' stats."""
-    import ray
-
     c = cfg.curate
     parts = [source_dataset(cfg, s, inputs.rows) for s in inputs.sources if s.rows]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -138,8 +138,6 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
                         compute=ray.data.TaskPoolStrategy(size=in_flight), batch_size=None,
                         batch_format="pyarrow", **args)
     if captioning:
-        from components.curation.captioner import CaptionBatch
-
         gpus = captioner_gpus(c.captioner, ray.cluster_resources().get("GPU", 0))
         device = "cuda" if gpus > 0 else "cpu"
         log.info("captioning with %s: %d actor(s) on %s", c.captioner.model, c.captioner.workers,
@@ -171,8 +169,6 @@ def source_meta(cfg: CurateConfig) -> dict[str, dict]:
 def policy_lines(cfg: CurateConfig) -> list[str]:
     """One line per source for people (``flows/curate.py --dry-run``): where it is read from, its
     captions, its mixture weight, and the filters it sets beyond the defaults."""
-    from components.config import FilterConfig
-
     defaults = FilterConfig().model_dump(mode="json")
     lines = []
     for name, meta in source_meta(cfg).items():
@@ -250,12 +246,8 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
     }
     report = publish(store, c.output, run_id, agg, c.holdout_fraction, report, sources=source_meta(c))
     if c.cache_latents:
-        from components.curation.latents import cache_latents
-
         cache = cache_latents(cfg)
         report["latents"] = {"output": cache["output"], "digest": cache["digest"], "rows": cache["splits"]}
     if c.track:
-        from components.curation.lineage import log_curation
-
         report["mlflow_run_id"] = log_curation(cfg, report)
     return report

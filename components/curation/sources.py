@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from components.config import DEFAULT_SOURCE, CurateConfig, SourceConfig, SourceKind
 from components.curation.filters import Reason
@@ -202,8 +203,6 @@ def resolve_path(root: str, raw: str) -> tuple[str | None, str]:
 
 def _manifest_rows(text_or_bytes: bytes, name: str, columns: list[str]) -> list[dict]:
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         pf = pq.ParquetFile(io.BytesIO(text_or_bytes))
         present = [c for c in columns if c in pf.schema_arrow.names]
         return pf.read(columns=present).to_pylist()
@@ -350,8 +349,6 @@ def hub_files(files: list[str], split: str) -> list[str]:
 def _footers(files: list[str], endpoint_url: str | None) -> tuple[int, pa.Schema]:
     """(rows in all ``files``, the first file's schema), from the parquet footers only (threads: a footer is
     one small ranged read)."""
-    import pyarrow.parquet as pq
-
     def one(uri: str):
         fs = arrow_filesystem(uri, endpoint_url)
         return pq.read_metadata(filesystem_path(uri) if fs is not None else uri, filesystem=fs)

@@ -25,6 +25,7 @@ Imports nothing of the platform outside this package: a registered adapter loads
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionXLPipeline
+from peft import LoKrConfig, LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 """diffusers' ``LORA_WEIGHT_NAME_SAFE``: the file name ``save_lora_weights`` writes and ``load_lora_weights``
@@ -53,8 +58,6 @@ def peft_config(method: str, rank: int, alpha: float | None, dropout: float, tar
                 decompose_factor: int = -1):
     """The peft config of an adapter: ``LoraConfig`` (update B @ A scaled alpha / r; B starts at zero, so training
     starts from the base model exactly) or ``LoKrConfig`` (update kron(w1, w2) scaled alpha / r; w1 starts at zero)."""
-    from peft import LoKrConfig, LoraConfig
-
     alpha = float(alpha if alpha is not None else rank)
     if method == "lora":
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
@@ -76,8 +79,6 @@ def method_of(config) -> str:
 
 def config_from_dict(data: Mapping):
     """A peft config back from its ``to_dict()`` (the header of a diffusers-format file)."""
-    from peft import LoKrConfig, LoraConfig
-
     kinds = {"LORA": LoraConfig, "LOKR": LoKrConfig}
     kind = str(data.get("peft_type", "")).rsplit(".", 1)[-1].upper()
     if kind not in kinds:
@@ -100,8 +101,6 @@ def rank_alpha(config) -> tuple[int, float]:
 def add_adapter(unet: torch.nn.Module, config, name: str = "default") -> list[torch.nn.Parameter]:
     """Freeze ``unet`` and give it a trainable adapter (diffusers ``add_adapter``); returns the adapter's
     parameters, in the order ``unet.parameters()`` yields them (the optimizer's and the EMA's order)."""
-    import copy
-
     unet.requires_grad_(False)
     unet.add_adapter(copy.deepcopy(config), adapter_name=name)
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -124,16 +123,12 @@ def adapter_keys(unet: torch.nn.Module, name: str = "default") -> list[str]:
 
 def adapter_state(unet: torch.nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors (peft's ``get_peft_model_state_dict``), detached, contiguous, on the CPU."""
-    from peft.utils import get_peft_model_state_dict
-
     state = get_peft_model_state_dict(unet, adapter_name=name)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def load_adapter_state(unet: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str = "default") -> None:
     """Load ``state`` into adapter ``name``: the key sets must be equal and every shape must match."""
-    from peft.utils import set_peft_model_state_dict
-
     expected = set(adapter_state(unet, name))
     given = set(state)
     if expected != given:
@@ -154,8 +149,6 @@ def load_adapter_state(unet: torch.nn.Module, state: Mapping[str, torch.Tensor],
 def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], config) -> Path:
     """``directory/pytorch_lora_weights.safetensors`` in diffusers' layout, through diffusers' own writer
     (``StableDiffusionXLPipeline.save_lora_weights``), the peft config in its header."""
-    from diffusers import StableDiffusionXLPipeline
-
     method_of(config)
     Path(directory).mkdir(parents=True, exist_ok=True)
     StableDiffusionXLPipeline.save_lora_weights(
@@ -188,8 +181,6 @@ def adapter_file(path: str | Path) -> Path:
 
 def read_adapter(path: str | Path) -> AdapterWeights:
     """A diffusers-format adapter file (or the folder holding it)."""
-    from safetensors import SafetensorError, safe_open
-
     file = adapter_file(path)
     if not file.is_file():
         raise AdapterError(f"{file}: no adapter file")
@@ -212,8 +203,6 @@ def read_adapter(path: str | Path) -> AdapterWeights:
 def attach(unet: torch.nn.Module, weights: AdapterWeights, name: str) -> None:
     """Put ``weights`` on ``unet`` as adapter ``name`` (exactly: ``load_adapter_state``), in the UNet's device;
     on failure the half-made adapter is removed again."""
-    import copy
-
     if name in (getattr(unet, "peft_config", None) or {}):
         raise AdapterError(f"adapter name {name!r} is already in use on this UNet")
     unet.add_adapter(copy.deepcopy(weights.config), adapter_name=name)

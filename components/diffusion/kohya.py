@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from components.diffusion.adapters import AdapterError, AdapterWeights, rank_alpha
-from components.diffusion.single_file import MODELSPEC_VERSION, original_unet_module, save_single_file
+from components.diffusion.single_file import DTYPES, MODELSPEC_VERSION, original_unet_module, save_single_file
 
 UNET_PREFIX = "lora_unet_"
 LORA_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
@@ -132,8 +132,6 @@ def export_kohya(weights: AdapterWeights, unet_config: Mapping, path: str | Path
                  precision: str = "fp16") -> Path:
     """Write the kohya-layout file (``modelspec.hash_sha256`` added over its tensor bytes, as the single-file
     export does)."""
-    from components.diffusion.single_file import DTYPES
-
     if precision not in DTYPES:
         raise AdapterError(f"precision {precision!r}: one of {sorted(DTYPES)}")
     return save_single_file(to_kohya(weights, unet_config, DTYPES[precision]), path, meta)

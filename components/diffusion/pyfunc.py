@@ -14,11 +14,13 @@ registry the process is pointed at (``MLFLOW_TRACKING_URI``), then attaches the 
 from __future__ import annotations
 
 import base64
+import tempfile
 from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
+import yaml
 
 from components.diffusion.request import GenerationRequest, encode_png
 
@@ -38,6 +40,7 @@ def _value(row: dict, key: str):
 
 class TerminusPipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        # torch and diffusers load with the model: registry/model.py imports this module to log versions without them
         from diffusers import DDIMScheduler
 
         from components.diffusion.pipelines import build_pipelines
@@ -64,8 +67,6 @@ def predict_rows(pipelines, model_input: pd.DataFrame) -> pd.DataFrame:
 
 def base_pipeline_dir(model_dir: str | Path) -> Path:
     """The pipeline folder inside a downloaded model version (MLflow keeps the logged folder's own name)."""
-    import yaml
-
     meta = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
     return Path(model_dir) / meta["flavors"]["python_function"]["artifacts"][PIPELINE_ARTIFACT]["path"]
 
@@ -74,9 +75,7 @@ class TerminusAdapterModel(mlflow.pyfunc.PythonModel):
     """An adapter version: its base version (downloaded from the registry), then the adapter attached to it."""
 
     def load_context(self, context):
-        import tempfile
-
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler  # with the model, as in TerminusPipelineModel.load_context
 
         from components.diffusion.adapters import AdapterSlots, read_adapter
         from components.diffusion.pipelines import build_pipelines

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from components.config import DiffusionConfig, ModelConfig
 from components.diffusion.parts import ModelLoadError, SDXLParts
 from components.diffusion.safetensors_stream import copy_cast
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl_base import COMPONENTS, weight_files
+from components.diffusion.single_file import V_PRED_KEY, ZTSNR_KEY, read_keys
 from components.diffusion.sources import fetch_single_file, hub_error, hub_offline, resolve_source, source_kind
 from components.diffusion.tiny import build_sdxl_random, build_tiny
 
@@ -32,8 +35,6 @@ from components.diffusion.tiny import build_sdxl_random, build_tiny
 def attention_kind(unet: torch.nn.Module) -> str:
     """``sdpa`` when every attention layer of ``unet`` runs PyTorch's scaled_dot_product_attention
     (diffusers' ``AttnProcessor2_0``, its default), else the processor class names."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     processors = getattr(unet, "attn_processors", {})
     if processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
         return "sdpa"
@@ -92,8 +93,6 @@ def check_markers(path: str | Path, diffusion: DiffusionConfig) -> None:
     """A single file's schedule markers (``v_pred``, ``ztsnr``; docs/interchange.md) must not contradict
     the preset: a v-prediction checkpoint fine-tuned as epsilon (or the reverse of ztsnr) trains the
     wrong objective without any error. A file without markers is taken at the preset's word."""
-    from components.diffusion.single_file import V_PRED_KEY, ZTSNR_KEY, read_keys
-
     try:
         keys = read_keys(path)
     except (OSError, ValueError) as err:
@@ -115,8 +114,6 @@ def load_single_file(path: str | Path, config: str | None, diffusion: DiffusionC
     scheduler is the preset's (``inference_scheduler``): the file does not say how it was trained
     beyond its markers, which are checked against the preset first.
     """
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-
     check_markers(path, diffusion)
     offline = hub_offline()
     try:

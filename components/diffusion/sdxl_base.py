@@ -81,6 +81,7 @@ _NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm)
 def empty_component(name: str) -> torch.nn.Module:
     """Component ``name`` of SDXL base on the meta device: parameters with shapes and no storage; buffers
     (CLIP's position ids) are real, as the model computes them."""
+    # accelerate, diffusers and transformers on first use: importing this module loads torch alone
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

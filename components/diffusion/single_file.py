@@ -75,6 +75,7 @@ class UnmappedKeyError(ValueError):
 
 
 def _diffusers_tables() -> dict:
+    # diffusers on first use: reading a file's keys and header (the preflight checks) needs torch alone
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     return DIFFUSERS_TO_LDM_MAPPING
@@ -322,7 +323,7 @@ def _component_files(pipeline_dir: Path, component: str) -> list[Path]:
 
 def _component_config(pipeline_dir: Path, component: str):
     if component.startswith("text_encoder"):
-        from transformers import CLIPTextConfig
+        from transformers import CLIPTextConfig  # transformers on first use (see _diffusers_tables)
 
         return CLIPTextConfig.from_pretrained(str(pipeline_dir / component))
     return json.loads((pipeline_dir / component / "config.json").read_text())

@@ -18,8 +18,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
 import torch
 from diffusers import StableDiffusionXLPipeline
+from huggingface_hub import constants
 
 from components.config import ModelConfig
 from components.diffusion.parts import ModelLoadError, SDXLParts
@@ -85,8 +87,6 @@ def fetch_single_file(source: str, cache_dir: str | Path) -> Path:
 
 
 def _download_url(url: str, directory: Path) -> Path:
-    import requests
-
     name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     target, etag_path = directory / name, directory / (name + ".etag")
     headers = {}
@@ -119,8 +119,6 @@ def hub_offline() -> bool:
     Offline, a hub id is looked up in the local cache only (``local_files_only``), so loading fails
     at once with one line instead of a connection attempt and a logged warning.
     """
-    from huggingface_hub import constants
-
     now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     return now or bool(constants.HF_HUB_OFFLINE)
 

@@ -36,6 +36,8 @@ import mlflow
 from components.config import Config, InferenceConfig, ModelConfig
 from components.diffusion.adapters import ADAPTER_FILE, AdapterWeights, rank_alpha, read_adapter
 from components.diffusion.pyfunc import ADAPTER_ARTIFACT, BASE_KEY, INFERENCE_KEY, TerminusAdapterModel
+from components.diffusion.sdxl import save_pipeline, save_variant
+from components.diffusion.sources import source_kind, weights_sha256
 from components.host_memory import release_memory
 from components.registry.model import (
     ADAPTER_METHOD_TAG,
@@ -120,8 +122,6 @@ def fetch_adapter(uri: str, cache_root: str | Path) -> AdapterVersion:
 def version_weights_sha256(name: str, version: str, cache_root: str | Path) -> str:
     """The content hash of a full version's weights: its ``weights_sha256`` tag, else computed from its files
     (fetched into the cache) and recorded as that tag, so it is computed once per version."""
-    from components.diffusion.sources import weights_sha256
-
     client = mlflow.MlflowClient()
     tags = client.get_model_version(name, version).tags or {}
     if tags.get(WEIGHTS_TAG):
@@ -143,9 +143,6 @@ def register_base(cfg: Config, model: ModelConfig, lineage: dict[str, str]) -> t
     own -- unless a version of that name already holds
     the same source (its ``lineage.weights_sha256`` tag equals ``lineage``'s).
     """
-    from components.diffusion.sdxl import save_pipeline, save_variant
-    from components.diffusion.sources import source_kind, weights_sha256
-
     setup_tracking(cfg)
     if source_kind(model.source) == "registered":
         mv = _model_version(model.source)

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from huggingface_hub import HfApi
 
 from components.config import Config
+from components.registry.export import export_version
 from components.registry.model import LINEAGE, _model_version, fetch_model, shipped_inference
 from components.registry.tracking import setup_tracking
 
@@ -458,8 +460,6 @@ def _images(f: Facts, out: Path) -> list[tuple[str, str]]:
 def write_folder(cfg: Config, uri: str, out: str | Path | None = None, repo_id: str | None = None) -> dict:
     """The Hub-ready folder of the version ``uri`` names (``repo_id``: where it is to be pushed, named in
     the card's usage example; default ``publish.repo_id``, else the folder itself); returns its path and files."""
-    from components.registry.export import export_version
-
     setup_tracking(cfg)
     mv = _model_version(uri)
     name, version = mv.name, str(mv.version)
@@ -482,8 +482,6 @@ def write_folder(cfg: Config, uri: str, out: str | Path | None = None, repo_id: 
 def push_folder(folder: str | Path, repo_id: str, token: str, private: bool = False,
                 message: str | None = None) -> str:
     """Create (or reuse) the Hub model repository and upload the folder as one commit; the commit URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",

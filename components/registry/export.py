@@ -20,9 +20,12 @@ from pathlib import Path
 import mlflow
 
 from components.config import Config
+from components.diffusion.kohya import export_kohya, metadata
 from components.diffusion.single_file import export_pipeline, read_keys, read_metadata
+from components.registry.adapter_versions import BASE_SHA_TAG, fetch_adapter
 from components.registry.model import (
     ADAPTER_METHOD_TAG,
+    BASE_URI_TAG,
     _model_version,
     fetch_model,
     local_folder,
@@ -119,10 +122,6 @@ def export_adapter_version(cfg: Config, mv, out: str | Path | None, precision: s
     and Forge load on the base it names: sd-scripts' ``ss_*`` keys (rank, alpha, network module, base model),
     ModelSpec's ``modelspec.*`` keys and the ``terminus.*`` provenance with the base's URI and content hash. Its
     diffusers-format file is the version's artifact itself (``pytorch_lora_weights.safetensors``)."""
-    from components.diffusion.kohya import export_kohya, metadata
-    from components.registry.adapter_versions import BASE_SHA_TAG, fetch_adapter
-    from components.registry.model import BASE_URI_TAG
-
     name, version = mv.name, str(mv.version)
     tags = mv.tags or {}
     adapter = fetch_adapter(f"models:/{name}/{version}", cfg.state_path("cache", "models"))

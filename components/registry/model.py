@@ -18,13 +18,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
+import yaml
 from mlflow.models import ModelSignature
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.types import ColSpec, Schema
 
 from components.config import Config, DiffusionConfig, InferenceConfig, ModelConfig, PredictionType
 from components.diffusion.pyfunc import ADAPTER_ARTIFACT, INFERENCE_KEY, PIPELINE_ARTIFACT, TerminusPipelineModel
+from components.registry.tracking import setup_tracking, tracking_uri
 
 MODEL_NAME_IN_RUN = "model"
 COMPLETE = ".complete"
@@ -148,8 +152,6 @@ def check_version(cfg: Config, uri: str) -> tuple[str, str]:
     """(name, version) of ``uri`` in the registry ``cfg`` names, or ``ModelUriError`` in one line. An
     embedded SQLite store that does not exist yet holds no version: refused without creating it (MLflow
     creates and migrates a new database, which takes seconds)."""
-    from components.registry.tracking import setup_tracking, tracking_uri
-
     parse_model_uri(uri)
     store = tracking_uri(cfg)
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
@@ -207,8 +209,6 @@ def fetch_model(uri: str, cache_root: str | Path, *, adapter_ok: bool = False) -
 def local_folder(uri: str) -> Path | None:
     """The folder an artifact URI names when it is on this machine (a ``file:`` URI or a plain path); None for
     a remote store (``s3://``, ``mlflow-artifacts:``, ...)."""
-    from urllib.parse import unquote, urlparse
-
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
@@ -221,8 +221,6 @@ def local_artifacts(name: str, version: str) -> Path | None:
     """The folder of version ``version`` of ``name`` when the artifact store holding it is a local folder that
     this machine sees (``local_folder``: the embedded default, or a server with a local
     ``--default-artifact-root``); None for a remote store."""
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
     path = local_folder(ModelsArtifactRepository.get_underlying_uri(f"models:/{name}/{version}"))
     return path if path is not None and (path / "MLmodel").is_file() else None
 
@@ -235,8 +233,6 @@ def _cached(target: Path, source: str) -> bool:
 def _pipeline_dir(model_dir: Path) -> Path:
     """Where the pipeline artifact landed: MLflow keeps the logged directory's own name
     (``artifacts/<dirname>``), recorded in MLmodel under the artifact's key."""
-    import yaml
-
     meta = yaml.safe_load((model_dir / "MLmodel").read_text())
     artifacts = meta["flavors"]["python_function"]["artifacts"]
     return model_dir / artifacts[PIPELINE_ARTIFACT if PIPELINE_ARTIFACT in artifacts else ADAPTER_ARTIFACT]["path"]
@@ -245,8 +241,6 @@ def _pipeline_dir(model_dir: Path) -> Path:
 def shipped_inference(pipeline_dir: Path) -> InferenceConfig:
     """The inference settings a fetched version ships (its ``model_config``, the preset's ``inference``
     section when it was logged); the defaults where it ships none."""
-    import yaml
-
     meta = yaml.safe_load((Path(pipeline_dir).parents[1] / "MLmodel").read_text())
     config = meta["flavors"]["python_function"].get("model_config") or {}
     return InferenceConfig.model_validate(config.get(INFERENCE_KEY) or {})
@@ -266,10 +260,9 @@ def load_source_parts(cfg: Config, model: ModelConfig | None = None):
     """The SDXL parts of ``model`` (default ``cfg.model``) in fp32: a registered version
     (``models:/NAME/V`` or ``@ALIAS``) is fetched into the local cache of versions and read as the
     diffusers directory it is (its fp32 weights); every other source goes to ``load_parts``."""
+    # torch and diffusers load with a model: promotion and the flows that only name versions import this module
     from components.diffusion.sdxl import load_parts
     from components.diffusion.sources import source_kind
-    from components.registry.tracking import setup_tracking
-
     model = model or cfg.model
     if source_kind(model.source) == "registered":
         setup_tracking(cfg)
@@ -282,9 +275,8 @@ def source_lineage(cfg: Config) -> tuple[ModelConfig, dict[str, str]]:
     """(pinned model config, lineage tags) of ``cfg.model``: the source as given, its kind, the revision it
     resolved to (a hub commit hash; a registered version's number), a content hash of its weights, and for
     ``models:/`` the parent model, version and the run that trained it."""
+    # diffusers on first use, as in load_source_parts
     from components.diffusion.sources import describe_source, source_kind, weights_sha256
-    from components.registry.tracking import setup_tracking
-
     model = cfg.model
     if source_kind(model.source) == "registered":
         setup_tracking(cfg)

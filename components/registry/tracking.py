@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
+
+import pyarrow as pa
 
 from components.config import Config
 from components.dataset import SCHEMA, CuratedManifest
@@ -34,7 +37,7 @@ def tracking_uri(cfg: Config) -> str:
 
 def setup_tracking(cfg: Config) -> str:
     """Point MLflow at the configured store and make sure the experiment exists. Returns its id."""
-    import mlflow
+    import mlflow  # mlflow on first use: the Serve ingress (deploy/app.py) imports this module and never logs
 
     uri = tracking_uri(cfg)
     if uri != os.environ.get("MLFLOW_TRACKING_URI"):  # the user's own variable stays the user's choice
@@ -84,10 +87,7 @@ def mlflow_dataset(manifest: CuratedManifest, name: str | None = None):
     """The curated dataset as an MLflow dataset (source = ROOT, digest = the curation digest), for
     ``mlflow.log_input(mlflow_dataset(read_manifest(root)), context="training")`` so a run records
     exactly which curated data it used."""
-    import warnings
-
-    import pyarrow as pa
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import resolve_dataset_source  # mlflow on first use (see setup_tracking)
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import ColSpec, DataType, Schema
 
@@ -103,9 +103,7 @@ def mlflow_dataset(manifest: CuratedManifest, name: str | None = None):
 def source_dataset(name: str, location: str, kind: str, digest: str):
     """A curation source as an MLflow dataset (named by the source, its location as the dataset source;
     ``hf://datasets/o/n`` as the dataset's Hub page), for the curation run's ``source`` inputs."""
-    import warnings
-
-    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.code_dataset_source import CodeDatasetSource  # mlflow on first use (see setup_tracking)
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset

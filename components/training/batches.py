@@ -22,13 +22,16 @@ random (r - floor(r)) share of its rows, every epoch.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from components import storage
 from components.dataset import cached_batch, collate_rgb, decode_rgb
 from components.diffusion.loss import Batch
 from components.training.row_index import UNNAMED, RowIndex, read_index  # noqa: F401 - re-exported
@@ -101,8 +104,6 @@ class TableRows:
     """Rows of a split held in memory (Ray's object store): ``pos[i]`` is the table row of index row i."""
 
     def __init__(self, table, pos: np.ndarray):
-        import pyarrow as pa
-
         self.table = table
         self.pos = pa.array(pos)
 
@@ -118,15 +119,11 @@ class ShardRows:
     already in memory."""
 
     def __init__(self, index: RowIndex, endpoint_url: str | None, keep: int):
-        import threading
-
         self.index, self.endpoint_url, self.keep = index, endpoint_url, max(2, keep)
         self._open: OrderedDict[int, Future] = OrderedDict()
         self._lock = threading.Lock()
 
     def _shard(self, f: int):
-        from components.storage import read_parquet
-
         with self._lock:
             entry, reader = self._open.get(f), False
             if entry is not None:
@@ -138,7 +135,7 @@ class ShardRows:
                     self._open.popitem(last=False)
         if reader:  # this thread reads it; any other asking meanwhile waits on the same future
             try:
-                entry.set_result(read_parquet(self.index.files[f], self.endpoint_url))
+                entry.set_result(storage.read_parquet(self.index.files[f], self.endpoint_url))
             except BaseException as err:
                 entry.set_exception(err)
                 with self._lock:
@@ -148,8 +145,6 @@ class ShardRows:
 
     def take(self, ids: np.ndarray) -> list[dict]:
         """The rows of ``ids``, in order: one Arrow ``take`` per shard they lie in."""
-        import pyarrow as pa
-
         ids = np.asarray(ids)
         files, places = self.index.file_of[ids], self.index.row_in_file[ids]
         out: list[dict | None] = [None] * len(ids)

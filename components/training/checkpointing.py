@@ -26,6 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components.config import RecurringError
+from components.diffusion.adapters import (
+    AdapterError,
+    AdapterWeights,
+    adapter_keys,
+    adapter_state,
+    config_from_dict,
+    load_adapter_state,
+)
 from components.diffusion.safetensors_stream import iter_tensors
 
 COMPLETE = "COMPLETE"
@@ -89,8 +97,6 @@ def save_checkpoint(
     ``adapter``: the name of the peft adapter an adapter run trains; then only the adapter is written."""
     directory.mkdir(parents=True, exist_ok=True)
     if adapter is not None:
-        from components.diffusion.adapters import adapter_keys, adapter_state
-
         save_file(adapter_state(unet, adapter), directory / ADAPTER_FILE)
         (directory / ADAPTER_CONFIG).write_text(json.dumps(unet.peft_config[adapter].to_dict(), default=list))
         keys = adapter_keys(unet, adapter)
@@ -126,8 +132,6 @@ def load_checkpoint(
     verify_complete(directory)
     _check_kind(directory, adapter)
     if adapter is not None:
-        from components.diffusion.adapters import AdapterError, load_adapter_state
-
         try:
             load_adapter_state(unet, load_file(directory / ADAPTER_FILE), adapter)
         except AdapterError as err:
@@ -148,8 +152,6 @@ def load_checkpoint(
     if ema is not None and (directory / "ema.safetensors").exists():
         shadow = load_file(directory / "ema.safetensors")
         if adapter is not None:
-            from components.diffusion.adapters import adapter_keys
-
             names = adapter_keys(unet, adapter)
         else:
             names = [f"p{i}" for i in range(len(ema.shadow_params))]
@@ -174,8 +176,6 @@ def _check_kind(directory: Path, adapter: str | None) -> None:
 def load_adapter_weights(directory: Path, use_ema: bool = False):
     """The adapter of an adapter run's checkpoint, for export: ``AdapterWeights`` (its tensors and peft config),
     the EMA's tensors where asked and present. No UNet is needed: the checkpoint is self-describing."""
-    from components.diffusion.adapters import AdapterWeights, config_from_dict
-
     directory = Path(directory)
     verify_complete(directory)
     state = load_file(directory / ADAPTER_FILE)

@@ -19,17 +19,48 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import shutil
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
+import ray
+import ray.data
+import ray.train
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchTrainer
 
 from components.config import Config, ModelConfig, RecurringError, find_cause
 from components.dataset import CuratedManifest, read_manifest
+from components.diffusion.adapters import save_adapter
+from components.diffusion.conditioning import dropout_uses_zeros
+from components.diffusion.sdxl import save_pipeline, save_variant
+from components.diffusion.sdxl_base import COMPONENTS, weight_files
+from components.diffusion.sources import weights_sha256
+from components.host_memory import release_memory
+from components.registry.adapter_versions import (
+    WEIGHTS_TAG,
+    log_adapter,
+    register_base,
+    version_weights_sha256,
+    write_adapter_folder,
+)
+from components.registry.model import (
+    LINEAGE,
+    PINNED,
+    fetch_model,
+    load_source_parts,
+    log_pipeline_model,
+    source_lineage,
+)
 from components.registry.tracking import flatten, git_commit, mlflow_dataset, setup_tracking, tracking_uri
-from components.storage import arrow_filesystem
+from components.storage import arrow_filesystem, filesystem_path
+from components.training.batches import read_index
+from components.training.checkpointing import load_adapter_weights, load_unet_weights
+from components.training.entry import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "terminus.run_name"
@@ -104,10 +135,6 @@ def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
     split's index (bucket and source of every row), the mixture, and either the split itself, read once into
     Ray's object store (``train.in_memory_mb``; each epoch then a global shuffle of it), or nothing more (the
     workers stream their shards, in each epoch's shard order)."""
-    import ray.data
-
-    from components.training.batches import read_index
-
     paths = manifest.paths("train")
     index = read_index(paths, manifest.endpoint_url)
     repeats = mixture(cfg, manifest, index)
@@ -129,9 +156,6 @@ def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
 
 def software_versions() -> dict[str, str]:
     """``software.*`` tags: the versions of what trained the model (the model card's software section)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     tags = {"software.python": platform.python_version()}
     for package in ("torch", "diffusers", "transformers", "ray", "mlflow"):
         try:
@@ -144,8 +168,6 @@ def software_versions() -> dict[str, str]:
 def pin_source(cfg: Config, run_id: str) -> ModelConfig:
     """The pinned model source of the run: read from its ``lineage.pinned`` tag (a resumed run), else
     resolved now and recorded with the rest of the lineage."""
-    from components.registry.model import PINNED, source_lineage
-
     client = mlflow.MlflowClient()
     recorded = client.get_run(run_id).data.tags.get(PINNED)
     if recorded:
@@ -167,8 +189,6 @@ def pin_adapter_base(cfg: Config, run_id: str, model: ModelConfig) -> ModelConfi
     """The registered base an adapter run trains on, as the model config every worker loads: read back from the
     run (a resumed run), else resolved now (``register_base``: the pinned registered version, or the source
     registered once) and recorded on the run with its content hash."""
-    from components.registry.adapter_versions import register_base, version_weights_sha256
-
     client = mlflow.MlflowClient()
     tags = client.get_run(run_id).data.tags
     if tags.get(ADAPTER_BASE_TAG):
@@ -186,11 +206,6 @@ def pin_adapter_base(cfg: Config, run_id: str, model: ModelConfig) -> ModelConfi
 
 def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig | None = None):
     """The TorchTrainer of this run (a new one per attempt; the same name resumes)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from components.training.entry import train_loop_per_worker
-
     data = training_data(cfg, manifest)
     storage = cfg.train.storage_path
     return TorchTrainer(
@@ -205,7 +220,8 @@ def trainer(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelCon
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
-            storage_path=storage,
+            # With a filesystem given, Ray Train takes the path as that filesystem names it (bucket/key for S3).
+            storage_path=filesystem_path(storage),
             storage_filesystem=arrow_filesystem(storage),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute="val_loss",
@@ -227,12 +243,26 @@ class TrainingFailed(RuntimeError):
     """Training failed on every attempt ``train.max_failures`` allowed; the message is the last cause."""
 
 
+LOST = (ray.exceptions.ActorDiedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+        ray.exceptions.WorkerCrashedError)
+"""What a lost node or worker raises in the tasks and actors that were on it."""
+
+
+def lost_to_the_cluster(err: BaseException) -> bool:
+    """Whether a lost node or worker explains ``err``: one of ``LOST`` among its causes, or a cause Ray could
+    not deserialize whose text says an actor or worker died (Ray keeps only the text then)."""
+    def match(e: BaseException) -> bool:
+        return isinstance(e, LOST) or (isinstance(e, ray.exceptions.UnserializableException) and "died" in str(e))
+
+    return find_cause(err, match) is not None
+
+
 def fit(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig | None = None):
     """Run the trainer; after a failure that may not recur (a lost worker, a killed node) start it again
     under the same name, which resumes from the latest checkpoint, up to ``train.max_failures`` times.
-    A ``RecurringError`` (bad data, a model or an optimizer that cannot work) is raised at once."""
-    from ray.train import TrainingFailedError
-
+    That covers an attempt's preparation too: reading the split into the object store can meet a node
+    that died a moment ago and that the cluster has not noticed yet. A ``RecurringError`` (bad data, a
+    model or an optimizer that cannot work) is raised at once, as is any other error before training."""
     for attempt in range(cfg.train.max_failures + 1):
         try:
             return trainer(cfg, manifest, run_id, model).fit()
@@ -240,11 +270,16 @@ def fit(cfg: Config, manifest: CuratedManifest, run_id: str, model: ModelConfig 
             cause = recurring_cause(err)
             if cause is not None:
                 raise cause from None
-            first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
-            if attempt == cfg.train.max_failures:
-                raise TrainingFailed(f"training failed after {attempt + 1} attempt(s): {first}") from err
-            log.warning("training attempt %d of %d failed (%s); resuming from the latest checkpoint",
-                        attempt + 1, cfg.train.max_failures + 1, first)
+            failure = err
+        except Exception as err:  # outside Ray Train's run: only a lost node is worth another attempt
+            if not lost_to_the_cluster(err):
+                raise
+            failure = err
+        first = (str(failure).strip().splitlines() or [type(failure).__name__])[-1][:300]
+        if attempt == cfg.train.max_failures:
+            raise TrainingFailed(f"training failed after {attempt + 1} attempt(s): {first}") from failure
+        log.warning("training attempt %d of %d failed (%s); resuming from the latest checkpoint",
+                    attempt + 1, cfg.train.max_failures + 1, first)
     raise AssertionError("unreachable")
 
 
@@ -256,8 +291,6 @@ def select_checkpoint(cfg: Config, result):
 
 
 def directory_bytes(directory: Path, variant: str | None) -> int:
-    from components.diffusion.sdxl_base import weight_files
-
     return sum(p.stat().st_size for p in weight_files(directory, variant))
 
 
@@ -272,15 +305,6 @@ def export_and_register(cfg: Config, run_id: str, checkpoint, metrics: dict, man
     once the registry holds its copy, so a version is stored once."""
     if cfg.train.is_adapter:
         return export_adapter(cfg, run_id, checkpoint, metrics, manifest)
-    from components.diffusion.conditioning import dropout_uses_zeros
-    from components.diffusion.sdxl import save_pipeline, save_variant
-    from components.diffusion.sdxl_base import COMPONENTS
-    from components.diffusion.sources import weights_sha256
-    from components.host_memory import release_memory
-    from components.registry.adapter_versions import WEIGHTS_TAG
-    from components.registry.model import LINEAGE, PINNED, load_source_parts, log_pipeline_model
-    from components.training.checkpointing import load_unet_weights
-
     parts = load_source_parts(cfg, model)
     # The exported pipeline's unconditional branch is the one caption dropout trained.
     parts.force_zeros_for_empty_prompt = dropout_uses_zeros(cfg.train.caption_dropout_mode,
@@ -327,11 +351,6 @@ def export_adapter(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest
     peft config in its header, the EMA's weights where ``train.ema_decay`` is set), beside ``adapter.json`` and the
     base UNet's config -> a ``TerminusAdapterModel`` version of ``cfg.adapter_model_name`` tagged with its base.
     Reads no model weights: the checkpoint holds the adapter and the run names the base."""
-    from components.diffusion.adapters import save_adapter
-    from components.registry.adapter_versions import log_adapter, write_adapter_folder
-    from components.registry.model import LINEAGE, PINNED, fetch_model
-    from components.training.checkpointing import load_adapter_weights
-
     setup_tracking(cfg)
     client = mlflow.MlflowClient()
     run_tags = client.get_run(run_id).data.tags
@@ -370,8 +389,6 @@ def export(cfg: Config, run_id: str, checkpoint, metrics: dict, manifest: Curate
     without starting a worker process just for it."""
     if not cfg.train.export_memory_gb:
         return export_and_register(cfg, run_id, checkpoint, metrics, manifest, model)
-    import ray
-
     task = ray.remote(export_and_register).options(
         num_cpus=1, num_gpus=0, memory=int(cfg.train.export_memory_gb * 2**30))
     return ray.get(task.remote(cfg, run_id, checkpoint, metrics, manifest, model))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    # imported in the Ray Train worker's process: the driver ships this function without loading torch
     from components.training.loop import train_loop_per_worker as loop
 
     loop(loop_config)

@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import platform
+import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,12 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
 import ray.train
 import ray.train.torch
 import torch
+from diffusers.training_utils import EMAModel
+from torch._dynamo.utils import counters
 
 from components.config import Config, ModelConfig, Precision, RecurringError, TrainConfig
 from components.dataset import read_manifest, val_rows
+from components.diffusion.adapters import AdapterError, add_adapter, peft_config
 from components.diffusion.conditioning import dropout_uses_zeros, encode_text
 from components.diffusion.loss import (
     Batch,
@@ -110,9 +118,6 @@ def table_rows(index: RowIndex, refs: list, names: list[str]) -> TableRows:
     """The in-memory split (Ray's object store; zero-copy on the node) and where each index row lies in it.
     Rows are matched to the index by shard (Ray's ``path`` column) and position within the shard, and the
     match is checked against the index's buckets, so the plan's row ids name the rows they were planned as."""
-    import pyarrow as pa
-    import ray
-
     table = pa.concat_tables(ray.get(refs))
     paths = table["path"].to_pylist()
     shard = {name: i for i, name in enumerate(names)}
@@ -189,8 +194,6 @@ class Trainee:
 
 def adapter_peft_config(train: TrainConfig):
     """The peft config ``train.adapter`` describes for ``train.method``."""
-    from components.diffusion.adapters import peft_config
-
     a = train.adapter
     return peft_config(train.method.value, a.rank, a.alpha, a.dropout, a.target_modules, a.decompose_factor)
 
@@ -202,8 +205,6 @@ def prepare_unet(unet: torch.nn.Module, train: TrainConfig, device: torch.device
     if not train.is_adapter:
         unet.to(device)
         return list(unet.parameters())
-    from components.diffusion.adapters import AdapterError, add_adapter
-
     unet.to(device, frozen_dtype(train.precision))
     try:
         trainable = add_adapter(unet, adapter_peft_config(train), ADAPTER_NAME)
@@ -239,8 +240,6 @@ def build_trainee(cfg: Config, device: torch.device, world: int, steps: int,
     optimizer = build_optimizer(trainable, cfg.train, device)
     ema = None
     if cfg.train.ema_decay is not None:
-        from diffusers.training_utils import EMAModel
-
         ema = EMAModel(trainable, decay=cfg.train.ema_decay)
         ema.to("cpu" if cfg.train.ema_on_cpu else device)
     scaler = torch.amp.GradScaler(enabled=cfg.train.precision is Precision.FP16 and device.type == "cuda")
@@ -298,16 +297,11 @@ def train_step(t: Trainee, batches: list[Batch], spec: LossSpec, draws: list[Noi
 
 def graph_breaks() -> int:
     """Graph breaks torch.compile has met in this process so far (0: every compiled call is one graph)."""
-    from torch._dynamo.utils import counters
-
     return sum(counters["graph_break"].values())
 
 
 def hardware(device: torch.device) -> dict[str, str]:
     """``hardware.*`` tags of rank 0's machine (the model card's hardware section)."""
-    import os
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -322,8 +316,6 @@ def hardware(device: torch.device) -> dict[str, str]:
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Rank 0's peak memory so far, in MiB (the ``_mb`` metrics): the process's resident set (``ru_maxrss``)
     and, on CUDA, the most PyTorch's allocator held (``max_memory_allocated``)."""
-    import resource
-
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
     if device.type == "cuda":
         peak["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

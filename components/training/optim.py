@@ -54,7 +54,7 @@ def build_optimizer(params: Iterable, cfg: TrainConfig, device: torch.device | s
                 "set train.optimizer=adamw (or adafactor) on this machine"
             )
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional: the gpu extra
         except ImportError:
             raise OptimizerUnavailable(
                 "optimizer adamw8bit needs the bitsandbytes package: pip install bitsandbytes, "
@@ -62,7 +62,7 @@ def build_optimizer(params: Iterable, cfg: TrainConfig, device: torch.device | s
             ) from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr.max, weight_decay=cfg.weight_decay)
     if name is OptimizerName.ADAFACTOR:
-        from transformers.optimization import Adafactor
+        from transformers.optimization import Adafactor  # transformers loads only for Adafactor
 
         return Adafactor(
             params, lr=cfg.lr.max, relative_step=False, scale_parameter=False, warmup_init=False,

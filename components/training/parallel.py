@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from components.config import Parallel
 
@@ -28,11 +29,9 @@ class Strategy:
         """Returns the module the step calls; ``unet`` (already on ``device``) stays the parameter owner.
         The process group is the one Ray Train set up for the worker group."""
         if self.kind is Parallel.DDP:
-            from torch.nn.parallel import DistributedDataParallel
-
             return DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
         if self.kind is Parallel.FSDP:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard  # FSDP's modules load only for the fsdp strategy
 
             for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
                 if block is not None:
@@ -52,6 +51,7 @@ class Strategy:
         """Full state dict on CPU. Collective under FSDP: every rank must call it."""
         if not self.sharded:
             return {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+        # loads FSDP's modules: sharded runs only
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -59,6 +59,7 @@ class Strategy:
     def optimizer_state(self, unet: torch.nn.Module, optimizer) -> dict:
         if not self.sharded:
             return optimizer.state_dict()
+        # loads FSDP's modules: sharded runs only
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(unet, optimizer,
@@ -68,6 +69,7 @@ class Strategy:
         if not self.sharded:
             unet.load_state_dict(state, strict=True)
             return
+        # loads FSDP's modules: sharded runs only
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(unet, state, options=StateDictOptions(full_state_dict=True, strict=True))
@@ -76,6 +78,7 @@ class Strategy:
         if not self.sharded:
             optimizer.load_state_dict(state)
             return
+        # loads FSDP's modules: sharded runs only
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(unet, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -9,6 +9,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from components.config import Config, ConfigError, OptimizerName
 from components.dataset import SUCCESS
 from components.storage import Store, is_s3, join
@@ -36,7 +38,7 @@ def local_cluster() -> bool:
 def check_device(cfg: Config) -> None:
     """The optimizer and the workers' resources suit the machine the run will have."""
     t = cfg.train
-    import torch
+    import torch  # torch on first use: the flows refuse bad input before torch or diffusers load
 
     if t.optimizer is OptimizerName.ADAMW_8BIT:
         if not t.use_gpu:
@@ -61,7 +63,7 @@ def check_model_source(cfg: Config) -> None:
     is an SDXL checkpoint whose schedule markers agree with the preset, with component configs to read it
     by; a registered version exists in the registry; a hub id is in the local cache when HF_HUB_OFFLINE
     is set. (An s3:// or http(s) source is checked when it is fetched.)"""
-    from components.diffusion.parts import ModelLoadError
+    from components.diffusion.parts import ModelLoadError  # on first use (see check_device)
     from components.diffusion.sdxl import check_markers
     from components.diffusion.sources import hub_offline, source_kind
 
@@ -100,8 +102,6 @@ def check_model_source(cfg: Config) -> None:
                              "(org/name), a "
                              ".safetensors file, s3:// nor models:/")
     if hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(source, "model_index.json", revision=cfg.model.revision)
         if not isinstance(cached, str):
             raise PreflightError(f"model.source {source} is a hub id, HF_HUB_OFFLINE is set and it is not in the local "
@@ -115,7 +115,7 @@ SDXL_SINGLE_FILE_KEYS = ("model.diffusion_model.input_blocks.0.0.weight",
 
 
 def check_single_file(path: Path) -> None:
-    from components.diffusion.single_file import read_keys
+    from components.diffusion.single_file import read_keys  # on first use (see check_device)
 
     try:
         keys = read_keys(path)
@@ -129,15 +129,13 @@ def check_single_file(path: Path) -> None:
 def check_single_file_config(config: str | None) -> None:
     """The configs a single file is read with: a local diffusers folder, or (None: SDXL base's) a hub id
     that is cached when HF_HUB_OFFLINE is set."""
-    from components.diffusion.sources import hub_offline
+    from components.diffusion.sources import hub_offline  # on first use (see check_device)
 
     if config is not None and config.startswith(("/", "./", "../", "~")):
         if not (Path(config).expanduser() / "model_index.json").is_file():
             raise PreflightError(f"model.single_file_config {config} is not a diffusers folder (no model_index.json)")
         return
     if hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-
         repo = config or "stabilityai/stable-diffusion-xl-base-1.0"
         if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
             raise PreflightError(f"a single-file model.source is read with the configs of {repo}, which is not in the "

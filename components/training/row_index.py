@@ -6,9 +6,12 @@ unpickles the config, and this module imports only numpy (``batches`` imports to
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from components import storage
 
 UNNAMED = "default"
 """The source of rows curated before sources had names (no ``source_name`` column)."""
@@ -50,12 +53,8 @@ class RowIndex:
 def read_index(paths: list[str], endpoint_url: str | None = None) -> RowIndex:
     """The index of a split from its shards' ``bucket`` and ``source_name`` columns only (a column read per
     shard, in threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from components.storage import read_parquet
-
     def one(path: str) -> tuple[list[str], list[str | None]]:
-        table = read_parquet(path, endpoint_url, columns=["bucket", "source_name"])
+        table = storage.read_parquet(path, endpoint_url, columns=["bucket", "source_name"])
         sources = table["source_name"].to_pylist() if "source_name" in table.column_names else [None] * table.num_rows
         return [str(b) for b in table["bucket"].to_pylist()], sources
 

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import requests
 from mlflow.entities import Metric
 
 from components.config import Config
@@ -76,8 +77,6 @@ def server_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """
     if not uri.startswith(("http://", "https://")):
         return True
-    import requests
-
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
         return True
@@ -113,6 +112,7 @@ class RunLogger:
         self._recovered = self._load_spill()
         self._system = None
         try:
+            # inside the try: failing to import or start it turns system metrics off
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._system = SystemMetricsMonitor(

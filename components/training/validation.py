@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from components.config import Config, RecurringError
+from components.config import Config, RecurringError, TerminalPolicy
 from components.diffusion.loss import LossSpec, NoiseDraw, autocast, prediction_error
 from components.diffusion.parts import SDXLParts
 from components.diffusion.pipelines import build_pipelines
 from components.diffusion.request import GenerationRequest
-from components.diffusion.schedule import inference_scheduler, training_scheduler
+from components.diffusion.schedule import inference_scheduler, loss_weights, training_scheduler
 from components.training.batches import rows_to_batch
 
 VAL_NOISE_SEED = 1234
@@ -45,9 +45,6 @@ def selection_weights(timesteps: list[int], metric: str, diffusion) -> dict[int,
         for t in timesteps:
             buckets.setdefault(bucket_of(t), []).append(t)
         return {t: 1.0 / (len(buckets) * len(ts)) for ts in buckets.values() for t in ts}
-    from components.config import TerminalPolicy
-    from components.diffusion.schedule import loss_weights
-
     terminal = TerminalPolicy.PAPER if metric == "paper" else None
     raw = loss_weights(torch.tensor(timesteps), training_scheduler(diffusion), diffusion, terminal)
     total = float(raw.sum())

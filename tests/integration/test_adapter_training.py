@@ -10,12 +10,29 @@ import sys
 from types import SimpleNamespace
 
 import mlflow
+import pandas as pd
 import pytest
+import ray
 import torch
+from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from components.config import load_config
+from components.dataset import read_manifest
+from components.diffusion.adapters import AdapterSlots, read_adapter
+from components.diffusion.pyfunc import predict_rows
+from components.diffusion.sdxl import load_parts
+from components.diffusion.sources import weights_sha256
+from components.diffusion.tiny import build_tiny
+from components.evaluation.run import _base_and_adapter, evaluate_version
+from components.registry.adapter_versions import fetch_adapter
+from components.registry.export import export_version
+from components.registry.model import fetch_model
+from components.registry.model import fetch_model as fetch
+from components.registry.tracking import setup_tracking
 from tests.fixtures.processes import REPO, subprocess_env
+from tests.fixtures.registry import EVAL_SMALL
 from tests.integration.test_train import history, small_cfg
 from tests.unit.diffusion.test_adapters import unet_output
 
@@ -23,15 +40,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_path, ray_local):
-    import ray
-
-    from components.diffusion.adapters import AdapterSlots, read_adapter
-    from components.diffusion.sdxl import load_parts
-    from components.diffusion.sources import weights_sha256
-    from components.diffusion.tiny import build_tiny
-    from components.registry.adapter_versions import fetch_adapter
-    from components.registry.model import fetch_model
-
     cfg, overrides = small_cfg(tmp_path, "train.method=lora", "train.adapter.rank=4", "train.adapter.alpha=8",
                                "train.max_steps=2", "train.checkpoint_every=2", "train.run_name=lora",
                                "train.lr.max=0.01", "train.lr.min=0.001")
@@ -60,8 +68,6 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
 
     # This process's MLflow (tracking and registry) on the run's store, as the flows set it: an earlier test on
     # this worker may have left the registry URI on its own store.
-    from components.registry.tracking import setup_tracking
-
     setup_tracking(cfg)
     client = mlflow.MlflowClient()
     tags = client.get_model_version("terminus-tiny-lora", trained.version).tags
@@ -87,10 +93,6 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     assert (after - before).abs().max() > 1e-3
 
     # Loading the adapter version loads its base first (the pyfunc names it), and the adapter changes the images.
-    import pandas as pd
-
-    from components.diffusion.pyfunc import predict_rows
-
     row = pd.DataFrame({"prompt": ["a red square"], "steps": [2], "seed": [1], "width": [64], "height": [64]})
     loaded = mlflow.pyfunc.load_model(f"models:/terminus-tiny-lora/{trained.version}")
     adapted = loaded.predict(row)
@@ -101,24 +103,17 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
     assert adapted["image_png_b64"][0] != plain["image_png_b64"][0]
 
     # Evaluation runs on the base the adapter names, plus the adapter.
-    from components.evaluation.run import _base_and_adapter
-    from components.registry.model import fetch_model as fetch
-
     target = _base_and_adapter(fetch(f"models:/terminus-tiny-lora/{trained.version}", cfg.state_path("cache", "models"),
                                      adapter_ok=True), cfg)
     assert weights_sha256(target["pipeline_dir"]) == tags["base_weights_sha256"]
     assert set(target["adapter"].state) == set(read_adapter(fetched.directory).state)
 
     # The diffusers-format file of the version: vanilla diffusers loads it and changes the UNet as the platform does.
-    from diffusers import StableDiffusionXLPipeline
-
     pipe = StableDiffusionXLPipeline.from_pretrained(str(base.pipeline_dir))
     pipe.load_lora_weights(str(fetched.directory))
     torch.testing.assert_close(unet_output(pipe.unet) - before, after - before, atol=1e-5, rtol=1e-4)
 
     # The kohya-layout single file: rank, alpha, base and modelspec in its header; diffusers' kohya converter loads it.
-    from components.registry.export import export_version
-
     result = export_version(cfg, f"models:/terminus-tiny-lora/{trained.version}", precision="fp32")
     with safe_open(result["path"], framework="pt") as fh:
         meta = fh.metadata()
@@ -134,11 +129,6 @@ def test_a_lora_run_trains_only_the_adapter_and_registers_it_with_its_base(tmp_p
 
     # Evaluation end to end on the adapter version: its base plus the adapter, measured and tagged as any version;
     # the same protocol on the bare base gives other figures (the adapter is in what was measured).
-    from components.config import load_config
-    from components.dataset import read_manifest
-    from components.evaluation.run import evaluate_version
-    from tests.fixtures.registry import EVAL_SMALL
-
     ev_cfg = load_config(REPO / "flows/configs/tiny.yaml", [*overrides, *EVAL_SMALL])
     manifest = read_manifest(ev_cfg.train.data)
     adapted_eval = evaluate_version(ev_cfg, f"models:/terminus-tiny-lora/{trained.version}", manifest)

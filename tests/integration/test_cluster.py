@@ -3,6 +3,16 @@ placement-group cleaner query it), whatever cluster an old ``ray start`` left na
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
+from ray.util.state import get_actor
+
+from tests.fixtures.processes import REPO, free_port, subprocess_env
+
 
 def test_tasks_reach_this_clusters_state_api_past_a_stale_cluster_file(ray_local, tmp_path):
     ray = ray_local
@@ -17,10 +27,6 @@ def test_tasks_reach_this_clusters_state_api_past_a_stale_cluster_file(ray_local
 
     @ray.remote(num_cpus=0, max_calls=1)  # its worker exits after it: the planted RAY_TMPDIR goes with it
     def actor_state(actor_id: str, tmpdir: str) -> str:
-        import os
-
-        from ray.util.state import get_actor
-
         os.environ["RAY_TMPDIR"] = tmpdir  # Ray reads ``<tmpdir>/ray/ray_current_cluster`` from here
         return get_actor(actor_id, timeout=10).state  # the stale address: a GCS connection timeout, then an error
 
@@ -50,12 +56,6 @@ with cluster.ray_session(num_cpus=1):
 def test_a_dashboard_port_taken_at_start_up_falls_back_to_a_free_one(tmp_path):
     """Another flow took the dashboard's port between the check and the start: the cluster starts on a
     free port, and the address its processes inherit is that dashboard's."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.fixtures.processes import REPO, subprocess_env
-
     proc = subprocess.run([sys.executable, "-c", TAKEN_PORT_SCRIPT], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,13 +81,6 @@ with cluster.ray_session(num_cpus=1):
 def test_two_flows_started_at_the_same_moment_both_get_a_cluster():
     """Two local clusters started together on one machine: both see the preferred dashboard port free, and
     without the start lock the second dashboard failed to bind it (after a minute). Each gets its own."""
-    import json
-    import subprocess
-    import sys
-    import time
-
-    from tests.fixtures.processes import REPO, free_port, subprocess_env
-
     port, go = free_port(), time.time() + 20
     procs = [subprocess.Popen([sys.executable, "-c", SAME_MOMENT_SCRIPT, str(port), str(go)], cwd=REPO,
                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.curation import benchmark_curation
 from components.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_returns_sane_figures(ray_local, tmp_path):
-    from bench.curation import benchmark_curation
-
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.filters.require_exif=true"])
     out = benchmark_curation(4, width=320, height=240, workers=1, cfg=cfg, workdir=str(tmp_path))
     assert out["n_images"] == 4 and out["size"] == "320x240" and out["kept"] == 4

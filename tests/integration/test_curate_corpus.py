@@ -17,6 +17,7 @@ from PIL import Image
 from components import dataset
 from components.config import load_config
 from components.curation.filters import Reason
+from components.curation.pipeline import curate
 from components.curation.process import Curator
 from components.curation.sources import load_inputs
 from components.storage import Store
@@ -175,8 +176,6 @@ def test_curator_gives_each_file_its_reason(corpus, tmp_path):
 
 
 def test_terminus_preset_on_the_corpus(ray_local, corpus, tmp_path):
-    from components.curation.pipeline import curate
-
     root, manifest, expect = corpus
     out = tmp_path / "out"
     report = curate(terminus_cfg(manifest, out))

@@ -9,11 +9,13 @@ import runpy
 import sys
 from pathlib import Path
 
+import mlflow
 import pyarrow.parquet as pq
 from PIL import Image
 
 from components import dataset
 from components.config import load_config
+from components.curation.pipeline import curate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +52,6 @@ def test_curate_flow_on_the_demo_then_rerun(ray_local, monkeypatch, capsys, tmp_
         assert Image.open(io.BytesIO(r["image"])).size == (r["target_w"], r["target_h"])
         assert r["target_w"] * r["target_h"] <= 65536 and r["original_h"] >= r["target_h"]
 
-    import mlflow
 
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.data.metrics["kept"] == result["kept"]
@@ -67,8 +68,6 @@ def test_curate_flow_on_the_demo_then_rerun(ray_local, monkeypatch, capsys, tmp_
     assert {r["source_name"] for r in table.to_pylist()} == {"default"}
 
     # Rerun into the same output: same inputs and seed give the same digest; no stale shard remains.
-    from components.curation.pipeline import curate
-
     cfg = load_config(REPO / "flows/configs/tiny.yaml", sets + ["curate.track=false"])
     again = curate(cfg)
     m2 = dataset.read_manifest(str(out))

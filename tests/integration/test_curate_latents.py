@@ -14,8 +14,13 @@ from PIL import Image
 
 from components import dataset
 from components.config import load_config
+from components.curation.latents import cache_latents
 from components.curation.process import Curator
 from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
+from components.dataset import LATENT_SCHEMA, cached_tensors, decode_image
+from components.diffusion.conditioning import encode_text
+from components.diffusion.loss import encode_latents, sample_latents
+from components.diffusion.sdxl import load_parts
 from components.storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,12 +43,6 @@ def small_curated_dataset(cfg, tmp_path: Path) -> str:
 
 @pytest.mark.slow  # loads torch/diffusers in a Ray actor: ~10 s of imports on 2 cores
 def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
-    from components.curation.latents import cache_latents
-    from components.dataset import LATENT_SCHEMA, cached_tensors, decode_image
-    from components.diffusion.conditioning import encode_text
-    from components.diffusion.loss import sample_latents
-    from components.diffusion.sdxl import load_parts
-
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.workers=1", "curate.cache_dtype=float32",
                                                          f"state_dir={tmp_path / 'state'}"])
     source = small_curated_dataset(cfg, tmp_path)
@@ -70,8 +69,6 @@ def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
     # A sample from the cached posterior is what step.encode_latents draws from the pixels.
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     z = sample_latents(dist[None], gen_a, parts.vae.config.scaling_factor)
-    from components.diffusion.loss import encode_latents
-
     z_ref = encode_latents(parts, decode_image(orig["image"])[None], gen_b)
     torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
     assert Image.open(io.BytesIO(orig["image"])).size == (row["target_w"], row["target_h"])

@@ -8,10 +8,13 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from components import dataset
 from components.config import load_config
+from components.curation.pipeline import curate
+from components.curation.sources import SourceError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,8 +46,6 @@ def test_curate_s3_prefix_to_s3(ray_local, s3_env, tmp_path):
         "curate.source=s3://lake/in/", f"curate.output={out}", "curate.track=false", "curate.rows_per_shard=2",
         f"state_dir={tmp_path / 'state'}",
     ])
-    from components.curation.pipeline import curate
-
     report = curate(cfg)
     assert report["inputs"] == 5 and report["ignored_files"] == 1
     assert report["kept"] == 2 and report["kept"] + report["dropped"] == report["inputs"]
@@ -70,11 +71,6 @@ def test_curate_s3_prefix_to_s3(ray_local, s3_env, tmp_path):
 
 
 def test_missing_output_bucket_fails_before_any_work(s3_env, tmp_path):
-    import pytest
-
-    from components.curation.pipeline import curate
-    from components.curation.sources import SourceError
-
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.output=s3://no-such-bucket/x", "curate.track=false"])
     with pytest.raises(SourceError, match="bucket 'no-such-bucket' not usable"):
         curate(cfg)  # no Ray session needed: it stops before the pipeline

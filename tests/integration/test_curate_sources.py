@@ -17,6 +17,7 @@ import pytest
 from components import dataset
 from components.config import load_config
 from components.curation.pipeline import curate
+from components.registry.card import data_rows, preprocessing_rows
 from tests.fixtures.http_images import skimage_data
 from tests.hub_layout import write_hub_dataset, write_laion_parquet
 
@@ -115,8 +116,6 @@ def test_three_sources_in_one_curation(ray_local, three_sources):
 
     # The model card's data section, from this curation run as MLflow holds it: each source with its counts
     # and its own filters.
-    from components.registry.card import data_rows, preprocessing_rows
-
     facts = SimpleNamespace(params={"data.rows.train": report["kept"], "data.rows.val": 0}, curation=run,
                             version_tags={"dataset_digest": report["digest"]}, curation_report=report)
     rows = dict(data_rows(facts)[0])

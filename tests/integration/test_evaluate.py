@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlflow
@@ -81,8 +82,6 @@ def test_a_challenger_is_measured_beside_the_champion(evaluated_registry, tmp_pa
     """With @champion on the good version, evaluating the perturbed one runs both on the same prompts and
     seeds: a table of every metric for both, a side-by-side grid, and both versions re-tagged under one
     protocol (what the promotion gate compares)."""
-    import json
-
     r = evaluated_registry
     setup_tracking(r.cfg)
     client = mlflow.MlflowClient()

@@ -30,6 +30,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
 from tests.fixtures.processes import REPO
@@ -131,8 +132,6 @@ def test_planted_credentials_never_leak(ray_local, s3_server, monkeypatch, capfd
         leaks += _found(blob, f"s3://{BUCKET}/{key}")
 
     # Ray's session directory: logs of every process of the cluster, the runtime-env agent's included.
-    import ray
-
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     searched = 0
     for path in session.rglob("*"):

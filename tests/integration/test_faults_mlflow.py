@@ -26,6 +26,7 @@ import pytest
 
 from components.config import load_config
 from components.environment import snapshot
+from components.registry.tracking import setup_tracking
 from components.training.driver import run_training
 from components.training.run_logger import PROBE_TIMEOUT_S, RunLogger, server_reachable
 from tests.fixtures.processes import REPO, free_port, wait_for_mlflow
@@ -150,8 +151,6 @@ def test_metrics_a_dead_worker_could_not_send_are_sent_once(tmp_path):
     value replaces the unsent one; the history ends with each step once and the spill is gone."""
     cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path}",
                                                          f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
-    from components.registry.tracking import setup_tracking
-
     with mlflow.start_run(experiment_id=setup_tracking(cfg)) as run:
         for step in (1, 2):
             mlflow.log_metric("loss", 1.0, step=step)

@@ -4,12 +4,18 @@ commands and ``python -m flows.X`` work."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import pytest
+from safetensors.torch import save_file
 
+from components.config import load_config
+from components.diffusion.sdxl import save_pipeline
+from components.diffusion.single_file import export_pipeline
+from components.diffusion.tiny import build_tiny
 from tests.fixtures.processes import REPO, subprocess_env
 from tests.synthetic import write_synthetic_curated
 
@@ -65,13 +71,6 @@ def test_bad_training_input_fails_before_ray(sets, fragment, curated, tmp_path):
 def single_files(tmp_path_factory):
     """An SDXL single file of the tiny preset's model (v-prediction, ZT-SNR markers), its diffusers folder,
     and a safetensors file that is not an SDXL checkpoint."""
-    from safetensors.torch import save_file
-
-    from components.config import load_config
-    from components.diffusion.sdxl import save_pipeline
-    from components.diffusion.single_file import export_pipeline
-    from components.diffusion.tiny import build_tiny
-
     root = tmp_path_factory.mktemp("single")
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
     folder = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, root / "pipe")
@@ -152,8 +151,6 @@ def test_flows_run_from_another_folder_find_the_demo_manifest(tmp_path):
 def test_the_terminus_curation_dry_run_shows_two_sources_with_their_policies():
     """The card's mixture as a user checks it before any work: LAION-HD's URL parquet with the EXIF,
     watermark and luminance filters, the Midjourney dataset with none; no data read, no Ray."""
-    import json
-
     proc, _ = run(["flows/curate.py", "--config", "flows/configs/terminus_v2.yaml", "--dry-run",
                    "--set", "curate.sources.laion-hd.location=s3://elsewhere/laion/"])
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,15 +9,20 @@ as an epsilon-prediction model without a zero-terminal-SNR schedule.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import mlflow
 import pytest
+import torch
 
 from components.config import load_config
+from components.dataset import read_manifest
+from components.evaluation.run import evaluate_version
 from components.registry.promotion import PromotionRefused, promote
 from components.registry.tracking import setup_tracking
 from tests.fixtures.processes import REPO
 from tests.fixtures.registry import EVAL_SMALL, register_trained, unet_checkpoint
+from tests.synthetic import write_synthetic_curated
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +34,6 @@ no relative change to tell, which blocks where KID is gated.)"""
 
 
 def _noise(scale: float, seed: int = 11):
-    import torch
-
     def mutate(unet) -> None:
         gen = torch.Generator().manual_seed(seed)
         for p in unet.parameters():
@@ -42,12 +45,6 @@ def _noise(scale: float, seed: int = 11):
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory):
-    from types import SimpleNamespace
-
-    from components.dataset import read_manifest
-    from components.evaluation.run import evaluate_version
-    from tests.synthetic import write_synthetic_curated
-
     root = tmp_path_factory.mktemp("gate")
     data = write_synthetic_curated(root / "data", n_train=2, n_val=ROWS, size=(64, 64))
     small = [o for o in EVAL_SMALL if not o.startswith("evaluate.min_samples")]
@@ -104,8 +101,6 @@ def test_an_epsilon_model_without_zero_terminal_snr_is_refused(gated):
 
 
 def test_an_identical_copy_is_accepted_whatever_the_bootstrap_seed(gated):
-    from components.evaluation.run import evaluate_version
-
     v = gated.versions["identical"]
     refused = 0
     for seed in (0, 1, 2):
@@ -130,10 +125,6 @@ def test_an_identical_copy_is_accepted_whatever_the_bootstrap_seed(gated):
 def test_the_default_minimum_refuses_a_smaller_held_out_set(gated, tmp_path):
     """The same copy measured on 2 held-out rows: the gate refuses to call that evidence. (Last: it re-tags the
     champion under the smaller set.)"""
-    from components.dataset import read_manifest
-    from components.evaluation.run import evaluate_version
-    from tests.synthetic import write_synthetic_curated
-
     data = write_synthetic_curated(tmp_path / "small", n_train=2, n_val=2, size=(64, 64))
     cfg = gated.cfg.model_copy(deep=True)
     cfg.train.data = str(data)

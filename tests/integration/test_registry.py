@@ -3,13 +3,17 @@ digest, base model, config hash, git commit, checkpoint), evaluation metrics, an
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 import mlflow
 import pytest
 
 from components.registry.model import SIGNATURE
 from components.registry.tracking import git_commit, setup_tracking
+from tests.fixtures.processes import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +87,6 @@ print(json.dumps({"png": len(out["image_png_b64"][0]), "modules": shipped, "path
 def test_a_registered_model_loads_with_its_shipped_code_alone(registered_model, tmp_path):
     """The pyfunc's code is the diffusion package alone, and that is enough to generate in a process
     that has no other code of this platform."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.fixtures.processes import REPO, subprocess_env
-
     r = registered_model
     # ``models:/`` resolves in the registry, which an earlier test may have moved
     mlflow.set_registry_uri(r.tracking_uri)

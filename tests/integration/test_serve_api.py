@@ -10,13 +10,27 @@ import json
 import secrets
 import time
 from ipaddress import ip_address
+from types import SimpleNamespace
 
+import grpc
 import httpx
+import mlflow
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
+from ray._raylet import AuthenticationTokenLoader
 
+from bench.serving import server_timing
+from components.diffusion.adapters import AdapterSlots, save_adapter
+from components.diffusion.pipelines import build_pipelines
+from components.diffusion.request import GenerationRequest
+from components.diffusion.schedule import inference_scheduler
+from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
+from components.registry.model import diffusion_from_pipeline_dir
+from components.registry.promotion import promote, rollback
 from tests.fixtures.servers import serve_app
+from tests.unit.diffusion.test_adapters import random_adapter
 
 ENV = "TERMINUS_TEST_API_KEY"
 TOKEN = "sk-test-" + secrets.token_hex(12)
@@ -119,8 +133,6 @@ def test_openai_client_request(client, registered_model):
     image = Image.open(io.BytesIO(raw))
     assert image.format == "PNG" and image.size == (64, 64)
     # Where the request's time went, nested: the ingress's route holds the model's answer, which holds its work.
-    from bench.serving import server_timing
-
     timing = server_timing(r.headers["server-timing"])
     assert timing.keys() == {"ingress", "model", "work"}
     assert timing["ingress"] >= timing["model"] >= timing["work"] > 0, timing
@@ -141,10 +153,6 @@ def test_only_rays_authenticated_grpc_listens_beyond_loopback(server):
     """The HTTP front listens on 127.0.0.1 alone. The replicas' ports open to every interface are Ray's gRPC
     servers (README, "Security notes"): their request method refuses a call without Ray's token, or with a wrong
     one, and takes one with it (what the call then does with an empty request does not matter here)."""
-    import grpc
-    import psutil
-    from ray._raylet import AuthenticationTokenLoader
-
     port = int(server.rsplit(":", 1)[1])
     listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid]
     assert {c.laddr.ip for c in listening if c.laddr.port == port} == {"127.0.0.1"}
@@ -302,12 +310,6 @@ def register_adapter(registered_model, name: str, seed: int, method: str = "lora
                      alias: str = "champion"):
     """A LoRA/LoKr of the served base (random weights: as training leaves them, but instant), registered the way
     training registers one and aliased; returns (version, its weights)."""
-    import mlflow
-
-    from components.diffusion.adapters import save_adapter
-    from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
-    from tests.unit.diffusion.test_adapters import random_adapter
-
     cfg = registered_model.cfg
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
@@ -327,12 +329,6 @@ def register_adapter(registered_model, name: str, seed: int, method: str = "lora
 
 def expected_png(registered_model, weights, body: dict) -> np.ndarray:
     """The image of ``body`` from the base loaded alone in this process, with ``weights`` attached (None: bare)."""
-    from components.diffusion.adapters import AdapterSlots
-    from components.diffusion.pipelines import build_pipelines
-    from components.diffusion.request import GenerationRequest
-    from components.diffusion.schedule import inference_scheduler
-    from components.registry.model import diffusion_from_pipeline_dir
-
     directory = registered_model.pipeline_dir
     pipes = build_pipelines(str(directory), inference_scheduler(diffusion_from_pipeline_dir(directory)),
                             registered_model.cfg.inference.model_dump())
@@ -352,8 +348,6 @@ def pixels(r: httpx.Response) -> np.ndarray:
 @pytest.fixture(scope="module")
 def adapters(server, registered_model):
     """Two adapters of the served base (a LoRA and a LoKr) and one of another base."""
-    from types import SimpleNamespace
-
     a_version, a = register_adapter(registered_model, "terminus-style", seed=11)
     b_version, b = register_adapter(registered_model, "terminus-sketch", seed=12, method="lokr")
     register_adapter(registered_model, "terminus-alien", seed=13, base_sha="0" * 64)
@@ -436,8 +430,6 @@ def test_the_lru_evicts_and_reloads_and_an_alias_move_hot_swaps(client, register
     assert np.abs(again - first).max() <= TOLERANCE
 
     # Promotion and rollback of an adapter are the registry's aliases, as for a full model; the replica follows.
-    from components.registry.promotion import promote, rollback
-
     v2, moved = register_adapter(registered_model, "terminus-style", seed=15, alias="candidate")
     promote("terminus-style", v2, force_reason="serving test: not evaluated")
 

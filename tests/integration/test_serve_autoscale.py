@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from ray import serve
 
 from tests.fixtures.servers import serve_app
 
@@ -18,8 +19,6 @@ DOWN_BUDGET_S = 60
 
 
 def running_replicas() -> int:
-    from ray import serve
-
     app = serve.status().applications.get(APP)
     if app is None or "Model" not in app.deployments:
         return 0

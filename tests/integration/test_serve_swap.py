@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import time
+from types import SimpleNamespace
 
 import httpx
 import mlflow
@@ -17,7 +19,13 @@ import pytest
 from PIL import Image
 
 from components.config import InferenceConfig
+from components.diffusion.request import GenerationRequest
+from components.diffusion.sdxl import save_pipeline
+from components.diffusion.tiny import build_tiny
 from components.registry.model import ModelUriError, log_pipeline_model
+from deploy.app import Ingress, Model, Readiness
+from deploy.holder import LoadFailed, ModelHolder, NotReady
+from deploy.served_adapters import ReplicaAdapters
 from tests.fixtures.servers import serve_app
 
 NAME = "terminus-swap"
@@ -34,9 +42,6 @@ def register(pipeline_dir, experiment_id) -> str:
 @pytest.fixture(scope="module")
 def second_pipeline(registered_model, tmp_path_factory):
     """Same architecture, different weights (another seed), so a swap shows in the pixels."""
-    from components.diffusion.sdxl import save_pipeline
-    from components.diffusion.tiny import build_tiny
-
     cfg = registered_model.cfg
     tiny = cfg.model.tiny.model_copy(update={"seed": cfg.model.tiny.seed + 1})
     return save_pipeline(build_tiny(tiny), cfg.diffusion, tmp_path_factory.mktemp("v2") / "pipeline")
@@ -44,8 +49,6 @@ def second_pipeline(registered_model, tmp_path_factory):
 
 def test_holder_loads_then_follows_the_alias(registered_model, tmp_path):
     """The holder alone (no Ray): not ready before the first load, then ready; unknown names refused."""
-    from deploy.holder import ModelHolder, NotReady
-
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
     holder = ModelHolder(f"models:/{registered_model.name}@champion", tmp_path, registered_model.cfg.inference)
@@ -64,13 +67,6 @@ def test_holder_loads_then_follows_the_alias(registered_model, tmp_path):
 def test_a_compiling_holder_warms_up_before_it_serves_and_draws_the_same_images(registered_model, tmp_path, caplog):
     """serve.compile: the version's UNet is compiled and generated once before ``current`` hands it out;
     its images equal the eager holder's (aot_eager generates no code of its own)."""
-    import logging
-
-    import numpy as np
-
-    from components.diffusion.request import GenerationRequest
-    from deploy.holder import ModelHolder
-
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
     uri, inference = f"models:/{registered_model.name}/{registered_model.version}", registered_model.cfg.inference
@@ -140,15 +136,8 @@ def test_not_ready_until_loaded(registered_model, tmp_path):
     """check_health fails and /healthz says 503 while no model is loaded; both turn ready once it is.
 
     The deployments' own methods, called on stand-ins for the replica state (no Serve needed)."""
-    from types import SimpleNamespace
-
-    from deploy.app import Ingress, Model, Readiness
-    from deploy.holder import ModelHolder
-
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
-    from deploy.served_adapters import ReplicaAdapters
-
     replica = SimpleNamespace(holder=ModelHolder(
         f"models:/{registered_model.name}@champion", tmp_path, registered_model.cfg.inference),
         adapters=ReplicaAdapters(tmp_path, 1.0))
@@ -179,8 +168,6 @@ def test_not_ready_until_loaded(registered_model, tmp_path):
 def holder_registry(registered_model, tmp_path):
     """A registered model of its own with two good versions (the tiny pipeline, registered as training
     does) and a broken one (its artifacts are an empty folder, as a deleted or half-uploaded version)."""
-    from types import SimpleNamespace
-
     mlflow.set_tracking_uri(registered_model.tracking_uri)
     mlflow.set_registry_uri(registered_model.tracking_uri)
     name = f"terminus-holder-{tmp_path.name[-12:].replace('_', '-')}"
@@ -199,8 +186,6 @@ def holder_registry(registered_model, tmp_path):
 
 
 def _counting_holder(uri, cache):
-    from deploy.holder import ModelHolder
-
     class Counting(ModelHolder):
         loads: list[str] = []
 
@@ -245,8 +230,6 @@ def test_a_new_replica_starts_on_the_last_good_version(holder_registry, tmp_path
     """A replica that starts while the alias names a broken version (a scale-up, a restart) serves the
     last version its node loaded well, else the alias's ``previous``; before, its constructor raised and
     the deployment had no replica. With neither, there is nothing to serve, and it still raises."""
-    from deploy.holder import LoadFailed, ModelHolder
-
     r = holder_registry
     uri = f"models:/{r.name}@champion"
     ModelHolder(uri, tmp_path / "node", r.inference).start()  # a replica that served the good version here

@@ -9,15 +9,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
+import ray
 import requests
+from ray.util.state import list_tasks
+from safetensors.torch import load_file
 
 from components.config import load_config
-from components.training.driver import RUN_NAME_TAG, run_training
+from components.dataset import read_manifest
+from components.diffusion.tiny import build_tiny
+from components.training.batches import ShardRows, epoch_plan, read_index, source_counts
+from components.training.driver import RUN_NAME_TAG, mixture, run_training
+from components.training.loop import as_metric, batch_hash
 from tests.fixtures.processes import REPO, free_port, subprocess_env, wait_for_port
 from tests.synthetic import write_synthetic_curated
 
@@ -57,12 +65,6 @@ def values(cfg, run_id: str, key: str) -> dict[int, float]:
 
 def planned_source_counts(cfg, steps: int, world: int, mode: str = "global") -> dict[str, int]:
     """Rows drawn per source over ``steps`` steps of every rank, from the epoch plans alone."""
-    from collections import Counter
-
-    from components.dataset import read_manifest
-    from components.training.batches import epoch_plan, read_index, source_counts
-    from components.training.driver import mixture
-
     manifest = read_manifest(cfg.train.data)
     index = read_index(manifest.paths("train"))
     repeats = mixture(cfg, manifest, index)
@@ -80,11 +82,6 @@ def planned_source_counts(cfg, steps: int, world: int, mode: str = "global") -> 
 def planned_batch_hashes(cfg, steps: int, rank: int = 0, world: int = 1, mode: str = "global") -> dict[int, float]:
     """step -> ``data.batch_hash`` of rank ``rank``'s micro-batches in an uninterrupted run, from the epoch
     plan alone (``batches.epoch_plan`` on the split's index, rows read from the shards)."""
-    from components.dataset import read_manifest
-    from components.training.batches import ShardRows, epoch_plan, read_index
-    from components.training.driver import mixture
-    from components.training.loop import as_metric, batch_hash
-
     manifest = read_manifest(cfg.train.data)
     index = read_index(manifest.paths("train"))
     repeats = mixture(cfg, manifest, index)
@@ -176,9 +173,6 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
     for tag in ("run_id", "dataset_digest", "base_model", "config_hash", "git_commit"):
         assert version.tags[tag], tag
     assert version.tags["run_id"] == result.run_id
-    import ray
-    from ray.util.state import list_tasks
-
     deadline = time.time() + 30
     while True:  # the state API reports task events with a delay
         exports = list_tasks(address=ray.get_runtime_context().gcs_address, detail=True,
@@ -203,11 +197,7 @@ def test_fsdp_workers_train_checkpoint_and_resume(tmp_path, ray_local):
     assert history(cfg, second.run_id, "loss") == [1, 2, 3, 4]
     assert second.checkpoint.endswith("checkpoint_00000004") or second.val_loss is not None
     ckpt = tmp_path / "ray" / "sharded" / "checkpoint_00000004"
-    from safetensors.torch import load_file
-
     weights = load_file(ckpt / "unet.safetensors")  # full tensors, not shards
-    from components.diffusion.tiny import build_tiny
-
     reference = build_tiny(cfg.model.tiny).unet.state_dict()
     assert weights.keys() == reference.keys()
     assert all(weights[k].shape == reference[k].shape for k in reference)

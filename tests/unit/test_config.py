@@ -12,8 +12,12 @@ from components.config import (
     OptimizerName,
     Precision,
     PredictionType,
+    ServeConfig,
     TerminalPolicy,
+    in_ray_package_copy,
     load_config,
+    reference,
+    reference_text,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "flows" / "configs"
@@ -180,8 +184,6 @@ def test_an_empty_or_blank_value_is_refused_not_read_as_null(overrides):
 
 def test_an_empty_api_key_env_in_a_preset_is_refused(tmp_path):
     """``api_key_env: ""`` in a preset (or ``{"api_key_env": ""}`` from Python) turned auth off silently."""
-    from components.config import Config, ServeConfig
-
     preset = tmp_path / "p.yaml"
     preset.write_text('serve:\n  api_key_env: ""\n')
     assert "not the name of an environment variable" in one_line_error(preset)
@@ -232,8 +234,6 @@ def test_state_locations_derive_from_state_dir(tmp_path):
 
 
 def test_relative_state_paths_are_refused_inside_a_ray_job_copy(tmp_path, monkeypatch):
-    from components.config import in_ray_package_copy
-
     copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
@@ -244,8 +244,6 @@ def test_relative_state_paths_are_refused_inside_a_ray_job_copy(tmp_path, monkey
 
 
 def test_every_key_is_documented_in_the_reference():
-    from components.config import reference, reference_text
-
     rows = reference()
     undocumented = [r["key"] for r in rows if not r["doc"].strip()]
     assert undocumented == []
@@ -261,8 +259,6 @@ def test_one_source_of_a_list_is_set_by_its_name():
     laion, mj = cfg.curate.sources
     assert laion.location == "s3://mine/laion/" and laion.filters.require_exif  # the rest of it stays
     assert mj.filters.dedupe and mj.caption_column == "TEXT" and mj.location == "hf://datasets/ptx0/mj-general"
-    from components.config import reference_text
-
     text = reference_text(cfg)  # --print-config names each entry as --set does
     assert 'curate.sources.laion-hd.location = "s3://mine/laion/"  (str)' in text
     assert "curate.sources.mj-general.filters.dedupe = true  (bool)" in text

@@ -11,17 +11,35 @@ import json
 import os
 import pickle
 import re
+import stat
 from pathlib import Path
 
+import boto3
+import grpc
+import pyarrow.parquet as pq
 import pytest
+import ray
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+from ray._raylet import AuthenticationTokenLoader
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-from components.config import CurateConfig, load_config
-from components.curation.sources import load_inputs, resolve_path
-from components.redact import redact, redact_tree
+from components.config import CurateConfig, DiffusionConfig, InferenceConfig, load_config
+from components.curation.filters import Reason
+from components.curation.process import Curator, Outcome
+from components.curation.remote import PROFILE, worker_args
+from components.curation.sources import SourceError, check_output, from_manifest, load_inputs, resolve_path
+from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
+from components.diffusion.parts import ModelLoadError
+from components.diffusion.pipelines import build_pipelines
+from components.diffusion.sdxl import load_parts, save_pipeline
+from components.diffusion.tiny import build_tiny
+from components.redact import Redactor, redact, redact_tree
 from components.registry.tracking import flatten
 from components.storage import Store
+from components.training.checkpointing import COMPLETE, TrainState, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY_ID = "AKIAQ7FAKEKEY0000042"  # AKIA + 16: the shape of an AWS access key id, not a real one
@@ -85,8 +103,6 @@ PATTERN_ONLY = {
 def test_redact_patterns_catch_credentials_that_are_not_in_the_environment(monkeypatch, secret, text):
     for name in [k for k in os.environ if secret in os.environ[k]]:
         monkeypatch.delenv(name)
-    from components.redact import Redactor
-
     for out in (Redactor({})(text), redact(text)):  # an empty environment, and this process's
         assert secret not in out and "<redacted>" in out, out
 
@@ -94,8 +110,6 @@ def test_redact_patterns_catch_credentials_that_are_not_in_the_environment(monke
 def test_secret_named_variables_are_redacted_wherever_they_turn_up():
     """Values of variables named *_KEY, *_PASS, *_CONNECTION_STRING (as well as SECRET, TOKEN, ...) are
     redacted in any text, whatever their shape."""
-    from components.redact import Redactor
-
     env = {"STRIPE_KEY": "zq8Lr3vNqPw0", "DB_PASS": "correct-horse", "OTHER": "plainvalue1",
            "AZURE_STORAGE_CONNECTION_STRING": "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=v"}
     out = Redactor(env)("values: zq8Lr3vNqPw0 correct-horse Endpoint=sb://x/;SharedAccessKeyName=k;"
@@ -133,8 +147,6 @@ def test_source_errors_are_redacted_when_made(monkeypatch, tmp_path):
     """A ``SourceError`` quotes the library's error, which may quote the endpoint URL with its password;
     the message is redacted when the error is made, whoever prints it (before: only the flows' ``fail``
     redacted, and only what the environment or the old patterns knew). The secret is not in the environment."""
-    from components.curation.sources import SourceError, check_output, from_manifest
-
     password = "q7/NotInTheEnv+" + "x" * 12
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)
@@ -151,12 +163,6 @@ def test_source_errors_are_redacted_when_made(monkeypatch, tmp_path):
 def test_rejects_shards_and_report_carry_no_credentials(tmp_path):
     """A dropped input's source and detail go to the rejects shards (parquet, compressed: a byte search
     of the file would not see them) and the report; both are redacted."""
-    import pyarrow.parquet as pq
-
-    from components.curation.filters import Reason
-    from components.curation.process import Outcome
-    from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
-
     password = "q7/NotInTheEnv+" + "y" * 12
     leaky = Outcome(f"s3://b/in/x.jpg?X-Amz-Signature={'ab' * 32}", Reason.UNREADABLE,
                     f"EndpointConnectionError: Could not connect to http://{FAKE_KEY_ID}:{password}@h:9/b/x.jpg")
@@ -175,12 +181,6 @@ def test_s3_credentials_never_travel_in_the_runtime_env(monkeypatch, tmp_path):
     shared-credentials file under the state directory, named in the runtime env with its profile. The
     keys themselves are not in the runtime env (Ray logs it and lists it with the tasks); before, they were.
     The file works: a boto3 session that sees only the forwarded variables gets the planted keys."""
-    import stat
-
-    import boto3
-
-    from components.curation.remote import PROFILE, worker_args
-
     secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY/PLANTED+KEY"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
@@ -240,8 +240,6 @@ def test_s3_manifest_paths_that_escape_their_prefix_are_refused(raw):
 
 def test_an_escaping_path_is_never_read(tmp_path):
     """Curation decides on a refused record before any I/O: the store is never asked for it."""
-    from components.curation.process import Curator
-
     class NoReads(Store):
         def read(self, uri):
             raise AssertionError(f"read {uri}")
@@ -287,11 +285,6 @@ class _Payload:
 
 
 def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
-    import torch
-
-    from components.diffusion.sdxl import save_pipeline
-    from components.diffusion.tiny import build_tiny
-
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
     directory = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path / "pipe")
     marker = tmp_path / "pickle-ran"
@@ -302,11 +295,6 @@ def _tiny_pipeline_with_pickled_unet(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_pickle_weights_are_refused_and_never_unpickled(tmp_path):
-    from components.config import DiffusionConfig, InferenceConfig
-    from components.diffusion.parts import ModelLoadError
-    from components.diffusion.pipelines import build_pipelines
-    from components.diffusion.sdxl import load_parts
-
     directory, marker = _tiny_pipeline_with_pickled_unet(tmp_path)
     cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"model.source={directory}"])
     with pytest.raises(ModelLoadError) as err:
@@ -322,12 +310,6 @@ def test_checkpoint_pickles_are_not_executed(tmp_path):
     """Optimizer state goes through ``torch.load(weights_only=True)``: a crafted optimizer.pt (with a
     COMPLETE marker that vouches for it) is refused without running; the same file does run when
     loaded the unsafe way, so the payload is live."""
-    import json
-
-    import torch
-
-    from components.training.checkpointing import COMPLETE, TrainState, load_checkpoint, save_checkpoint
-
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -350,12 +332,6 @@ def test_checkpoint_pickles_are_not_executed(tmp_path):
 def test_local_ray_cluster_keeps_token_auth(ray_local):
     """The cluster ``components.cluster.ray_session`` starts (the session's ``ray_local``) answers no
     gRPC call without the token, and answers with it."""
-    import grpc
-    import ray
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
-    from ray._raylet import AuthenticationTokenLoader
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
     assert os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
     assert is_token_auth_enabled()
     loader = AuthenticationTokenLoader.instance()

@@ -10,13 +10,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import boto3
 import pytest
 from moto import mock_aws
 
 from components.dataset import IncompleteDatasetError, read_manifest
-from components.storage import Store, child, fetch_prefix, safe_relative
+from components.environment import snapshot
+from components.storage import Store, child, fetch_prefix, imported_whole, safe_relative
+from tests.fixtures.processes import REPO
 
 BUCKET = "models"
 
@@ -149,12 +153,6 @@ print(type(s3_client("http://127.0.0.1:9")).__name__)
 def test_a_client_is_made_after_a_cancelled_task_interrupted_the_first_boto3_import():
     """The state a cancelled Ray task leaves in a worker that goes on to run the next run's tasks (a rerun after an
     S3 outage failed this way): without ``imported_whole``, "module 'boto3' has no attribute 'utils'"."""
-    import subprocess
-    import sys
-
-    from components.environment import snapshot
-    from tests.fixtures.processes import REPO
-
     proc = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT], capture_output=True, text=True, cwd=REPO,
                           env={**snapshot(), "AWS_DEFAULT_REGION": "us-east-1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -162,10 +160,6 @@ def test_a_client_is_made_after_a_cancelled_task_interrupted_the_first_boto3_imp
 
 
 def test_imported_whole_binds_loaded_submodules_and_leaves_a_clean_import_as_it_was(tmp_path, monkeypatch):
-    import sys
-
-    from components.storage import imported_whole
-
     pkg = tmp_path / "half_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("from half_pkg.session import S\n")

@@ -41,6 +41,7 @@ ALLOCATOR_SLACK = 0.10
 def sdxl_models(cfg: Config | None = None) -> dict[str, torch.nn.Module]:
     """UNet, VAE and both text encoders with SDXL's shapes (the tiny model's for ``model.source: tiny``)."""
     if cfg is not None and cfg.model.source == "tiny":
+        # diffusers on first use: importing this module loads torch alone, as sdxl_base does
         from components.diffusion.tiny import build_tiny
 
         parts = build_tiny(cfg.model.tiny)  # small enough to build for real, then drop the storage
@@ -327,7 +328,7 @@ def plan_for(cfg: Config, capacity: int = A100_80G_BYTES) -> MemoryPlan:
 def adapter_on(unet: torch.nn.Module, cfg: Config, precision: Precision) -> list[torch.nn.Parameter]:
     """Put ``train.adapter`` on the (meta) UNet as an adapter run does: the UNet in the compute dtype, peft's
     adapter in fp32; returns the adapter's parameters."""
-    from components.diffusion.adapters import add_adapter, peft_config
+    from components.diffusion.adapters import add_adapter, peft_config  # peft on first use, as above
 
     a = cfg.train.adapter
     if precision is not Precision.FP32:

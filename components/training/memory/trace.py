@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from components.config import Precision
 
@@ -157,8 +158,6 @@ class StepTrace:
 def _checkpoint_under(emu: CudaAutocastEmulation):
     """diffusers' default checkpointing (non-reentrant), re-entering the emulation on recompute,
     as ``torch.utils.checkpoint`` re-enters autocast when it recomputes a block during backward."""
-    from torch.utils.checkpoint import checkpoint
-
     def run(module, *args):
         def block(*a):
             if emu.depth:

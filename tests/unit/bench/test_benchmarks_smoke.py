@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import components.diffusion.loss as loss
+from bench import training as bench_training
+from bench.curation import cpu_breakdown
 from bench.report import Figure, cpu_precision, figures, table
 from bench.training import benchmark_caching, benchmark_input, benchmark_training, build_trainee, used_precision
 from components.config import Precision, load_config
 from components.diffusion.loss import effective_precision
+from components.training import loop
 
 REPO = Path(__file__).resolve().parents[3]
 SMALL = ["curate.buckets.area=16384", "train.batch_size=2"]  # 128 x 128 images, 2 per step
@@ -59,8 +63,6 @@ def _precision_here(cfg) -> str:
 def test_the_benchmarks_train_in_the_precision_the_training_loop_uses(small_cfg, monkeypatch):
     """On a CPU that emulates bf16 the training loop runs fp32 (components/diffusion/loss.py); the benchmarks'
     steps must too, or they time a step no run takes (emulated bf16 is about 10x slower there)."""
-    import components.diffusion.loss as loss
-
     assert small_cfg.train.precision is Precision.BF16
     monkeypatch.setattr(loss, "native_bf16", lambda device: False)  # an AVX2-only CPU
     emulated = build_trainee(small_cfg)
@@ -138,8 +140,6 @@ def test_verdicts_and_table():
 
 
 def test_the_curation_breakdown_splits_cpu_by_process_and_its_rows_follow_it():
-    from bench.curation import cpu_breakdown
-
     before = {1: 1.0, 2: 0.0, 3: 5.0}  # pid -> CPU s: the driver, two workers
     after = {1: 1.5, 2: 8.0, 3: 13.0, 4: 0.25}  # a process that started during the run counts whole
     cpu = cpu_breakdown(before, after, wall_s=10.0, cores=2, workers=2, loop_cpu_s=15.0)
@@ -179,9 +179,6 @@ def test_multiplex_rows_compare_one_replica_with_one_per_adapter():
 def test_the_benchmark_step_is_the_worker_loops_step(small_cfg, monkeypatch, tmp_path):
     """The benchmark times the step training takes: its trainee is the loop's (scaler, LR schedule, EMA when
     configured) and each step goes through ``loop.train_step``, which moves the weights and the LR schedule."""
-    from bench import training as bench_training
-    from components.training import loop
-
     called = []
     shipped = loop.train_step
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: called.append(1) or shipped(*a, **k))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from components.diffusion import sdxl_base
 from components.environment import snapshot
 
 REPO = Path(__file__).resolve().parents[3]
@@ -77,8 +78,6 @@ def test_smoke_targets_next_to_anchors(smoke):
 
 
 def test_the_benchmark_builds_from_the_library_configs():
-    from components.diffusion import sdxl_base
-
     bench = load_bench()
     assert bench.SDXL_UNET_CONFIG is sdxl_base.SDXL_UNET_CONFIG
     assert bench.SDXL_VAE_CONFIG is sdxl_base.SDXL_VAE_CONFIG

@@ -4,19 +4,22 @@ each request's own split (not timed)."""
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 import pytest
+import ray.serve._private.constants as constants
+from fastapi.responses import JSONResponse
 
+from bench.report import figures
 from bench.serving import _paired, server_timing
+from components.cluster import SERVE_ENV, _environ
 from components.diffusion.request import GenerationResult
+from deploy.app import server_timing as write
 
 
 def test_the_ingress_header_reads_back_in_seconds():
-    from fastapi.responses import JSONResponse
-
-    from deploy.app import server_timing as write
-
     out = GenerationResult("m", "1", 0, [b"png"], model_s=0.0405, work_s=0.0312)
     since = time.perf_counter() - 0.05  # the route started 50 ms ago
     header = write(JSONResponse({}), out, since).headers["server-timing"]
@@ -27,10 +30,6 @@ def test_the_ingress_header_reads_back_in_seconds():
 
 
 def test_a_refusal_without_model_timings_names_the_ingress_only():
-    from fastapi.responses import JSONResponse
-
-    from deploy.app import server_timing as write
-
     header = write(JSONResponse({}), GenerationResult("m", "1", 0, []), time.perf_counter()).headers["server-timing"]
     assert server_timing(header).keys() == {"ingress"}
     assert server_timing(None) == {} and server_timing("") == {}
@@ -72,8 +71,6 @@ def _serving_report(paired_overhead_s: float) -> dict:
 def test_a_load_drift_cannot_pass_the_target_alone(paired_s, status):
     """The direct side ran 80 % slower after Serve than before it: HTTP p50 - direct p50 came out negative; the
     paired figure, which the drift does not enter, carries the verdict too."""
-    from bench.report import figures
-
     rows = {f.name: f for f in figures({"serving": _serving_report(paired_s)})}
     paired = rows["Serve overhead, paired per request (latency - the replica's own work, median)"]
     assert paired.target == ("<=", 5.0) and paired.status == status
@@ -82,10 +79,6 @@ def test_a_load_drift_cannot_pass_the_target_alone(paired_s, status):
 
 
 def test_serve_latency_settings_fill_in_never_override_and_leave_this_process_as_it_was(monkeypatch):
-    import os
-
-    from components.cluster import SERVE_ENV, _environ
-
     assert SERVE_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"  # no HAProxy here: direct ingress would route nowhere
     for name in SERVE_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -99,12 +92,6 @@ def test_serve_latency_settings_fill_in_never_override_and_leave_this_process_as
 
 def test_the_serve_settings_are_ones_this_ray_reads():
     """Each variable is a setting of the installed Ray Serve (a renamed one would be set and silently ignored)."""
-    from pathlib import Path
-
-    import ray.serve._private.constants as constants
-
-    from components.cluster import SERVE_ENV
-
     text = Path(constants.__file__).read_text()
     for name in SERVE_ENV:
         assert f'"{name}"' in text, name

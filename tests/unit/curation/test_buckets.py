@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.config import BucketConfig, CropMode
+from components.config import BucketConfig, ConfigError, CropMode, load_config
 from components.curation.buckets import Bucket, choose_bucket, cover_size, make_buckets, plan
 
 SDXL = make_buckets(BucketConfig())
@@ -101,7 +101,5 @@ def test_random_crop_is_reproducible_from_its_seed(h, w, seed):
 
 
 def test_bucket_config_without_any_bucket_is_refused_at_load():
-    from components.config import ConfigError, load_config
-
     with pytest.raises(ConfigError, match="no bucket"):
         load_config(None, ["curate.buckets.area=4096", "curate.buckets.min_side=128", "curate.buckets.max_side=256"])

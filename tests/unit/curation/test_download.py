@@ -4,6 +4,7 @@ bounded, per-host concurrency is bounded, private addresses are refused unless a
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 from components.config import DownloadConfig
 from components.curation.download import Downloader, DownloadFailed
 from components.curation.filters import Reason
+from tests.fixtures.http_images import HOLD_S
 
 FAST = DownloadConfig(timeout_s=1.0, connect_timeout_s=1.0, retries=1, backoff_s=0.05, max_bytes=2 * 2**20,
                       max_redirects=3, allow_private_addresses=True)
@@ -61,8 +63,6 @@ def test_each_failure_is_its_reason(image_server, path, reason, words):
 
 
 def test_connection_refused_and_odd_schemes_are_http_errors(image_server):
-    import socket
-
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,8 +83,6 @@ def test_private_addresses_are_refused_by_default_without_a_request(image_server
 def test_requests_to_one_host_are_bounded(image_server):
     """12 threads fetching from one host through one downloader allowing 2 per host: the server never has
     more than 2 requests at once, and every photo arrives."""
-    from tests.fixtures.http_images import HOLD_S
-
     image_server.reset()
     d = Downloader(FAST, per_host=2)
     got, start = [], time.monotonic()

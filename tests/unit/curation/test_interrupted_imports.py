@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+from bench.curation import synthetic_photo
 from components.environment import snapshot
 from tests.fixtures.processes import REPO
 
@@ -107,8 +108,6 @@ print(json.dumps({"modules": n, "trials": [{"at": at, **forked(trial(at))} for a
 
 
 def test_an_interrupted_first_import_leaves_the_worker_able_to_run_the_next_task(tmp_path):
-    from bench.curation import synthetic_photo
-
     image = tmp_path / "photo.jpg"
     image.write_bytes(synthetic_photo(2048, 1536, 1))
     proc = subprocess.run([sys.executable, "-c", SWEEP, str(image), str(tmp_path / "out"), str(POINTS)],

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.config import CurateConfig, SourceConfig
+from components.config import CaptionerConfig, CurateConfig, SourceConfig
+from components.curation.captioner import CaptionBatch
 from components.curation.filters import Reason
+from components.curation.pipeline import captioner_gpus
 from components.curation.process import PENDING, Curator
 from components.curation.sources import SourceError, from_parquet, hub_files, load_inputs, parquet_records
 from components.curation.writer import outcomes_table
@@ -151,8 +153,6 @@ def test_watermark_not_checked_is_counted_or_refused(tmp_path):
 def test_the_captioning_model_captions_pending_rows_and_falls_back(tmp_path):
     """The real actor class, called as Ray Data calls it: a tiny BLIP built offline captions the pending row;
     an empty model caption falls back to the recorded policy, or drops the row."""
-    from components.curation.captioner import CaptionBatch
-
     (tmp_path / "a.png").write_bytes((PHOTOS / "camera.png").read_bytes())
     cfg = CurateConfig(source=str(tmp_path), buckets=SMALL, captioner={"model": "tiny", "max_new_tokens": 6})
     cur = Curator(cfg, 0)
@@ -175,9 +175,6 @@ def test_the_captioning_model_captions_pending_rows_and_falls_back(tmp_path):
 
 
 def test_the_captioning_actors_take_a_gpu_where_the_cluster_has_one():
-    from components.config import CaptionerConfig
-    from components.curation.pipeline import captioner_gpus
-
     auto = CaptionerConfig(model="tiny")
     assert captioner_gpus(auto, 0) == 0.0 and captioner_gpus(auto, 4) == 1.0
     assert captioner_gpus(CaptionerConfig(model="tiny", num_gpus=0), 4) == 0.0  # CPU asked for

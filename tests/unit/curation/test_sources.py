@@ -11,12 +11,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
-from components.config import CurateConfig, MissingCaption
+from components.config import CurateConfig, MissingCaption, load_config
 from components.curation.filters import Reason
+from components.curation.pipeline import prepare
 from components.curation.process import Curator
-from components.curation.sources import SourceError, load_inputs, resolve_path, resolve_root
+from components.curation.sources import (
+    SourceError,
+    check_no_overlap,
+    from_listing,
+    load_inputs,
+    resolve_path,
+    resolve_root,
+)
 from components.storage import Store
 
 REPO = Path(__file__).resolve().parents[3]
@@ -199,8 +207,6 @@ def test_folder_symlinks_out_of_the_source_are_refused_as_path_escape(tmp_path):
 def test_s3_keys_with_dot_segments_are_refused_as_path_escape():
     """A listed S3 key with ``..`` segments is refused before any read (an HTTP layer may resolve it to
     another object)."""
-    from components.curation.sources import from_listing
-
     class Listing(Store):
         def list(self, root):
             yield from ["s3://b/in/a.jpg", "s3://b/in/x/../../secret.jpg", "s3://b/in/./b.jpg"]
@@ -229,9 +235,6 @@ def test_an_output_that_overlaps_a_source_is_refused_before_any_work(tmp_path, w
     """Publishing deletes the files under the output's train/, val/ and rejects/ that the run did not
     write. With the output at (or above) a source whose photos sit in train/ and val/ subfolders, that
     deleted the photos; the output is now refused, in one line, before anything is created or read."""
-    from components.config import load_config
-    from components.curation.pipeline import prepare
-
     photos = tmp_path / "photos"
     originals = _photos(photos, ["train/a.jpg", "train/b.jpg", "val/c.jpg"])
     source, extra = str(photos), []
@@ -256,8 +259,6 @@ def test_an_output_that_overlaps_a_source_is_refused_before_any_work(tmp_path, w
 
 
 def test_overlap_is_by_whole_path_segments_and_s3_prefixes():
-    from components.curation.sources import check_no_overlap
-
     for source, output in [("s3://b/in", "s3://b/in"), ("s3://b/in/", "s3://b/in/out"), ("s3://b/in", "s3://b"),
                            ("s3://b/in/x/..", "s3://b/in/y")]:
         with pytest.raises(SourceError, match="must be a separate folder"):
@@ -279,8 +280,6 @@ def test_postscript_named_jpg_is_never_handed_to_ghostscript(tmp_path, monkeypat
     Ghostscript where installed. Decoding is now limited to image formats (DECODE_FORMATS); the file is
     ``not_an_image`` and Ghostscript is never called (its entry point is replaced by a recorder here, so
     the test does not depend on Ghostscript being installed)."""
-    from PIL import EpsImagePlugin
-
     calls = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a) or Image.new("RGB", (300, 300)))
     (tmp_path / "photo.jpg").write_bytes(EPS)

@@ -10,7 +10,10 @@ import pytest
 from PIL import Image, ImageCms
 
 from components.curation import filters as flt
+from components.curation import transforms as tf
+from components.curation.buckets import Bucket, Plan
 from components.curation.transforms import encode_jpeg, orient, to_rgb
+from tests.fixtures.http_images import skimage_data
 
 
 def test_16bit_grey_is_scaled_not_clipped():
@@ -124,8 +127,6 @@ SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "m
 
 
 def _photo_jpegs() -> list[tuple[str, bytes]]:
-    from tests.fixtures.http_images import skimage_data
-
     out = []
     for name in SKIMAGE_PHOTOS:
         buf = io.BytesIO()
@@ -144,9 +145,6 @@ def test_large_downscale_shortcuts_match_plain_lanczos(factor):
     """draft_for + resize_and_crop (what Curator runs) against LANCZOS from the full decode: within
     MIN_PSNR_DB on every photo, never below the target size, and the shortcuts really taken from 4x
     (reduce) and 8x (draft) on, so a change that drops the quality or the speed-up fails here."""
-    from components.curation import transforms as tf
-    from components.curation.buckets import Bucket, Plan
-
     for name, data in _photo_jpegs():
         full = Image.open(io.BytesIO(data))
         full.load()
@@ -172,8 +170,6 @@ def test_large_downscale_shortcuts_match_plain_lanczos(factor):
 def test_drafted_decode_keeps_the_luma_decision():
     """The luminance filter reads the drafted image: libjpeg's DCT scaling keeps each block's DC term (its
     mean), so the mean luma stays within 0.002 of the full decode's."""
-    from components.curation import transforms as tf
-
     for name, data in _photo_jpegs():
         full = Image.open(io.BytesIO(data)).convert("RGB")
         im = Image.open(io.BytesIO(data))
@@ -185,8 +181,6 @@ def test_drafted_decode_keeps_the_luma_decision():
 
 def test_draft_is_turned_by_the_exif_orientation():
     """A portrait target on a landscape-stored JPEG with orientation 6: the request is in stored axes."""
-    from components.curation import transforms as tf
-
     buf = io.BytesIO()
     Image.new("RGB", (1600, 800), (90, 60, 30)).save(buf, "JPEG")
     im = Image.open(io.BytesIO(buf.getvalue()))
@@ -198,9 +192,6 @@ def test_draft_is_turned_by_the_exif_orientation():
 def test_resizing_the_crop_window_equals_resize_then_crop():
     """resize_and_crop resizes only the bucket window's source box; the LANCZOS filter still reads the pixels
     around it, so the result is the crop of the whole resized image, to within 1 level of float rounding."""
-    from components.curation import transforms as tf
-    from components.curation.buckets import Bucket, Plan
-
     for name, data in _photo_jpegs()[:4]:
         full = Image.open(io.BytesIO(data)).convert("RGB")
         rw, rh = round(full.width / 1.7), round(full.height / 1.7)

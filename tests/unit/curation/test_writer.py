@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import dataset
+from components.curation.dedupe import find_duplicates, remove_duplicates
 from components.curation.filters import Reason
 from components.curation.process import Outcome, split_of
 from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
@@ -99,8 +100,6 @@ def dup(i: int, source: str, sha: str) -> Outcome:
 
 
 def dedupe_run(store, root, run_id, groups):
-    from components.curation.dedupe import remove_duplicates
-
     begin(store, root)
     results = [write_shard(store, root, f"{run_id}-{n:05d}", outcomes_table(g, HOLDOUT)) for n, g in enumerate(groups)]
     agg = remove_duplicates(store, root, run_id, aggregate(results))
@@ -136,8 +135,6 @@ def test_duplicates_keep_the_smallest_source_whatever_the_sharding(tmp_path):
 
 
 def test_no_duplicates_leaves_the_shards_alone(tmp_path):
-    from components.curation.dedupe import find_duplicates, remove_duplicates
-
     store, root = Store(), str(tmp_path / "ds")
     results = [write_shard(store, root, "r-00000", outcomes_table([kept(i) for i in range(4)], HOLDOUT))]
     agg = aggregate(results)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
+import time
 
 import httpx
 import numpy as np
@@ -264,8 +267,6 @@ def nested(depth: int) -> tuple[str, bytes]:
 
 def test_a_body_of_many_tiny_parts_is_refused_at_once():
     """Before: the email parser spent ~28 s of CPU on this body, blocking the ingress's event loop."""
-    import time
-
     body = hostile_tiny_parts()
     assert len(body) > 8_000_000 and body.count(b"--b\r\n") > 130_000
     start = time.process_time()
@@ -334,9 +335,6 @@ def test_the_api_key_is_stripped_and_a_blank_one_fails_closed():
 
 def test_ingress_side_imports_no_model_stack():
     """The ingress replica imports deploy.app; torch, diffusers and mlflow belong to the model replica."""
-    import subprocess
-    import sys
-
     code = "import sys, deploy.app; print(sorted(m for m in ('torch', 'diffusers', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"

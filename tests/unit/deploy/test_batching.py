@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import deploy.batching as batching
 from components.config import load_config
 from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines
-from components.diffusion.request import GenerationRequest
+from components.diffusion.request import GenerationRequest, GenerationResult
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.tiny import build_tiny
+from deploy.api import ApiError, raise_for_result
 from deploy.batching import generate_batch, group_compatible, serve_batch
 
 # Batched float32 matmuls on CPU sum in a different order than single ones, so an image computed in a
@@ -119,9 +121,6 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_get_their_images(pipe
 
 
 def test_a_failure_is_a_500_and_a_refusal_a_400():
-    from components.diffusion.request import GenerationResult
-    from deploy.api import ApiError, raise_for_result
-
     with pytest.raises(ApiError) as err:
         raise_for_result(GenerationResult("m", "1", 0, [], failure="RuntimeError"))
     assert err.value.status == 500 and err.value.type == "server_error" and "RuntimeError" in err.value.message
@@ -135,8 +134,6 @@ def test_a_failing_token_check_or_png_encoding_fails_only_its_own_request(pipes,
     """The steps of a dynamic batch outside the pipeline call are per request too: a token check that
     raises refuses its request alone (400), and a PNG encoding that raises fails its request alone (500);
     the batch mates get their images (docs/reliability.md, Endpoint)."""
-    import deploy.batching as batching
-
     real_overflow, real_png = batching.token_overflow, batching.encode_png
 
     def overflow(p, text):

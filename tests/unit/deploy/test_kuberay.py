@@ -3,10 +3,23 @@ entrypoints' configs load and dry-run, resources cover the memory plan, no local
 
 from __future__ import annotations
 
+import shlex
+import warnings
+
 import pytest
 import yaml
+from pydantic import ValidationError
+from ray._common.utils import import_attr
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve._private.build_app import build_app as flatten
+from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
+from components.cluster import CLUSTER_SERVE_ENV
+from components.config import ConfigError, load_config
+from components.registry.model import ModelUriError
+from components.training.memory.plan import plan_for
+from deploy.app import build_app
 from tests.fixtures.processes import REPO
 
 SERVE_YAML = REPO / "deploy/serve.yaml"
@@ -35,10 +48,6 @@ def test_serve_yaml_validates_as_serve_run_would_load_it():
 
 def test_serve_yaml_autoscaling_is_accepted_without_deprecation():
     """Serve warns (and will refuse) a look-back period that does not exceed its metrics interval."""
-    import warnings
-
-    from ray.serve.config import AutoscalingConfig
-
     (app,) = ServeDeploySchema.model_validate(load(SERVE_YAML)).applications
     for deployment in app.deployments:
         if isinstance(deployment.autoscaling_config, dict):
@@ -50,10 +59,6 @@ def test_serve_yaml_autoscaling_is_accepted_without_deprecation():
 def test_serve_yaml_args_build_the_application(tmp_path):
     """What `serve run deploy/serve.yaml` does before deploying: import the builder, call it with the
     YAML's args, flatten the app. Its deployments must be the ones the YAML configures."""
-    from ray._common.utils import import_attr
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.build_app import build_app as flatten
-
     (app,) = load(SERVE_YAML)["applications"]
     args = dict(app["args"])
     args["config"] = str(REPO / args["config"])
@@ -66,15 +71,11 @@ def test_serve_yaml_args_build_the_application(tmp_path):
 
 def entrypoint_commands(entrypoint: str) -> list[list[str]]:
     """The job's commands (``a && b``), each as its argv."""
-    import shlex
-
     return [shlex.split(part) for part in entrypoint.split("&&")]
 
 
 def flow_config(argv: list[str]):
     """The config a flow command line loads: its --config and --set values, through load_config."""
-    from components.config import load_config
-
     assert argv[:2][0] == "python" and argv[1].startswith("flows/")
     preset = argv[argv.index("--config") + 1]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
@@ -88,8 +89,6 @@ def rayjob():
 
 @pytest.fixture(scope="module")
 def train_plan(rayjob):
-    from components.training.memory.plan import plan_for
-
     (train,) = [c for c in entrypoint_commands(rayjob["spec"]["entrypoint"]) if c[1] == "flows/train.py"]
     cfg = flow_config(train)
     return cfg, plan_for(cfg)  # what `flows/train.py ... --dry-run` prints
@@ -114,8 +113,6 @@ def test_rayjob_curates_then_trains_with_explicit_locations(rayjob):
 def test_rayjob_commands_are_accepted_inside_rays_working_dir_copy(rayjob, tmp_path, monkeypatch):
     """A job runs in Ray's temporary copy of the working directory, where relative state paths are
     refused: every state path of the entrypoint is absolute or s3://, so both commands load there."""
-    from components.config import ConfigError, load_config
-
     copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
@@ -169,16 +166,12 @@ def test_rayservice_serves_the_terminus_preset_on_gpus_with_auth():
     assert served["applications"] == serve_yaml_for_the_cluster()
     assert served["http_options"]["host"] == "0.0.0.0"  # reachable from the pod's Service
     (app,) = served["applications"]
-    from components.config import load_config
-
     cfg = load_config(REPO / app["args"]["config"], app["args"]["overrides"])  # the app's config loads
     assert cfg.serve.api_key_env == "TERMINUS_API_KEY" and cfg.name == "terminus_v2"
     cluster = spec["rayClusterConfig"]
     _check_cluster(cluster)
     containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
         g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
-    from components.cluster import CLUSTER_SERVE_ENV
-
     for container in containers:  # the key comes from a Secret that must exist: never an open endpoint
         ref = {e["name"]: e for e in container["env"]}["TERMINUS_API_KEY"]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "terminus-api" and not ref.get("optional", False)
@@ -211,11 +204,6 @@ def _check_cluster(cluster: dict) -> None:
 
 
 def test_builder_refuses_bad_args_before_deploying(tmp_path):
-    from pydantic import ValidationError
-
-    from components.registry.model import ModelUriError
-    from deploy.app import build_app
-
     with pytest.raises(ValidationError):
         build_app({"confg": "flows/configs/tiny.yaml"})  # a typo is an error, not a silent default
     with pytest.raises(ModelUriError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -21,6 +22,8 @@ from components.diffusion.adapters import (
     save_adapter,
 )
 from components.diffusion.kohya import export_kohya, metadata, module_name, to_kohya
+from components.diffusion.sdxl import save_pipeline
+from components.diffusion.tiny import build_tiny
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -40,16 +43,11 @@ def unet_output(unet) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from components.diffusion.sdxl import save_pipeline
-    from components.diffusion.tiny import build_tiny
-
     cfg = Config()
     return save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path_factory.mktemp("base") / "pipeline")
 
 
 def fresh_unet(base_dir):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel.from_pretrained(str(base_dir), subfolder="unet")
 
 
@@ -86,8 +84,6 @@ def test_peft_builds_the_adapter_and_refuses_unknown_targets(base_dir):
 
 
 def test_diffusers_file_loads_in_vanilla_diffusers_and_changes_the_unet_as_the_platform_loader(base_dir, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
     weights = random_adapter(base_dir, "lora", seed=1)
     folder = tmp_path / "adapter"
     save_adapter(folder, weights.state, weights.config)
@@ -117,8 +113,6 @@ def kohya_meta(weights: AdapterWeights) -> dict[str, str]:
 
 
 def test_kohya_file_has_the_documented_keys_and_loads_through_diffusers_kohya_converter(base_dir, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
     weights = random_adapter(base_dir, "lora", seed=2, rank=4, alpha=2.0)
     unet_config = dict(fresh_unet(base_dir).config)
     path = export_kohya(weights, unet_config, tmp_path / "style.safetensors", kohya_meta(weights), precision="fp32")

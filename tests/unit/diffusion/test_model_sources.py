@@ -14,9 +14,12 @@ import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
+import boto3
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from components.config import load_config
 from components.diffusion import single_file as sf
@@ -25,6 +28,7 @@ from components.diffusion.sdxl import load_parts, save_pipeline
 from components.diffusion.sources import describe_source, file_sha256, weights_sha256
 from components.diffusion.tiny import build_tiny
 from tests.fixtures.processes import REPO, subprocess_env
+from tests.synthetic import write_synthetic_curated
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -32,8 +36,6 @@ MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny preset's model: its parts, its diffusers folder and its fp16 single file."""
-    from types import SimpleNamespace
-
     cfg = load_config(REPO / "flows/configs/tiny.yaml")
     root = tmp_path_factory.mktemp("sources")
     parts = build_tiny(cfg.model.tiny)
@@ -67,8 +69,6 @@ def test_a_local_single_file_is_read_with_from_single_file(tiny, tmp_path):
 
 
 def test_an_s3_single_file_is_fetched_once_and_read(tiny, tmp_path, s3_env):
-    import boto3
-
     bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
     client = boto3.client("s3", endpoint_url=s3_env)
     client.create_bucket(Bucket=bucket)
@@ -198,10 +198,6 @@ def test_a_hub_id_loads_offline_from_the_cache_and_records_its_commit(tiny, tmp_
     (``load_source_parts``) on a hub id with ``HF_HUB_OFFLINE=1`` and a Hub cache holding the tiny model:
     the MLflow run records the commit the branch resolved to (not "main"), the hash of the snapshot's
     weights, and the pinned source the workers load."""
-    from safetensors.torch import load_file
-
-    from tests.synthetic import write_synthetic_curated
-
     repo = "terminus-test/tiny-sdxl"
     snapshot = lay_out_hub_cache(tiny.folder, tmp_path / "hub-cache", repo)
     data = write_synthetic_curated(tmp_path / "data", n_train=2, n_val=1)

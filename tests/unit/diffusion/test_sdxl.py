@@ -6,6 +6,7 @@ import socket
 import uuid
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,8 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from components.config import Config, TinyModelConfig
 from components.diffusion.parts import ModelLoadError, SDXLParts
-from components.diffusion.sdxl import load_parts, save_pipeline
+from components.diffusion.safetensors_stream import read_header
+from components.diffusion.sdxl import exact_dtype, load_parts, save_pipeline
 from components.diffusion.tiny import build_tiny
 
 
@@ -89,9 +91,6 @@ def test_load_components_from_a_directory_round_trips(parts, saved, tmp_path):
 
 
 def test_weights_that_are_fp16_numbers_are_stored_in_fp16_and_load_back_equal(tmp_path):
-    from components.diffusion.safetensors_stream import read_header
-    from components.diffusion.sdxl import exact_dtype
-
     parts = build_tiny(TinyModelConfig())
     with torch.no_grad():
         for value in parts.text_encoder.parameters():
@@ -116,8 +115,6 @@ def test_load_components_tiny(parts):
 
 
 def test_load_components_from_s3(parts, saved, s3_env, tmp_path):
-    import boto3
-
     bucket = f"models-{uuid.uuid4().hex[:8]}"  # the moto server is shared by the whole session
     client = boto3.client("s3", endpoint_url=s3_env)
     client.create_bucket(Bucket=bucket)

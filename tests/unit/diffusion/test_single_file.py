@@ -14,14 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    infer_diffusers_model_type,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from components.config import load_config
+from components.config import Config, load_config
 from components.diffusion import single_file as sf
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl import save_pipeline
 from components.diffusion.tiny import build_tiny
+from components.training.memory.plan import sdxl_models
 from tests.fixtures.processes import REPO
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -181,8 +189,6 @@ class Recording(dict):
 
 @pytest.fixture(scope="module")
 def sdxl_on_meta():
-    from components.training.memory.plan import sdxl_models
-
     return sdxl_models()  # SDXL base's published configs, meta tensors: shapes, no storage
 
 
@@ -191,14 +197,6 @@ def test_a_full_size_sdxl_export_has_the_original_key_layout(sdxl_on_meta):
     prefixes with SDXL base's per-module counts; ComfyUI's detection reads SDXL's UNet config off them;
     diffusers' own original -> diffusers converters read every key and give back each diffusers model's
     exact key set and shapes; diffusers and A1111 classify the file as SDXL base."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-        infer_diffusers_model_type,
-    )
-
     m = sdxl_on_meta
     state = sf.to_original(m["unet"], m["vae"], m["text_encoder"], m["text_encoder_2"], torch.float16)
     counts = Counter(next(p for p in SDXL_BASE_KEYS if k.startswith(p)) for k in state)
@@ -254,8 +252,6 @@ def test_an_unknown_key_is_refused_not_passed_through(cfg):
 def test_equal_encoder_widths_are_refused(tmp_path):
     """diffusers tells the two encoders of a single file apart by width: a model whose encoders are equally
     wide (the tiny model's defaults) would load back with encoder 1's weights in encoder 2."""
-    from components.config import Config
-
     cfg = Config()
     folder = save_pipeline(build_tiny(cfg.model.tiny), cfg.diffusion, tmp_path / "same")
     with pytest.raises(sf.SingleFileExportError, match="both text encoders are 32 wide"):

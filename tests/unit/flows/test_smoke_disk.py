@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import shutil
 import subprocess
 import sys
 from collections import namedtuple
 from pathlib import Path
 
+import psutil
 import pytest
 
 from components.config import Config
@@ -69,11 +72,6 @@ def test_the_smoke_refuses_from_the_command_line_too(tmp_path):
 def test_memory_no_file_backs_counts_an_allocation_and_not_a_mapped_file(tmp_path):
     """Reading a mapped file raises RSS by page cache the kernel can drop; only anonymous memory is counted
     as memory no file backs."""
-    import mmap
-    import os
-
-    import psutil
-
     me = psutil.Process(os.getpid())
     size = 128 * 2**20
     path = tmp_path / "weights.bin"

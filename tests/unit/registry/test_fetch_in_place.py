@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
 from components.registry.model import fetch_model, local_artifacts
 from components.registry.tracking import setup_tracking
 
@@ -18,8 +20,6 @@ def test_a_local_artifact_store_is_read_in_place_and_nothing_is_copied(registere
 
 
 def test_a_remote_artifact_store_is_not_taken_for_a_local_folder(registered_model, monkeypatch):
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
     r = registered_model
     setup_tracking(r.cfg)
     for remote in ("s3://bucket/mlartifacts/1/models/m-1/artifacts", "mlflow-artifacts:/1/models/m-1/artifacts"):

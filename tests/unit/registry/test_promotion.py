@@ -17,6 +17,7 @@ import pytest
 
 from components.config import GATE_DIRECTIONS, EvaluateConfig
 from components.registry import promotion
+from components.registry.model import ModelUriError
 from components.registry.promotion import PromotionRefused, alias_lock, check_candidate, promote, rollback
 
 _names = itertools.count()
@@ -254,8 +255,6 @@ def test_other_aliases_keep_their_own_previous(reg):
 
 
 def test_unknown_version_is_bad_input_not_a_refusal(reg):
-    from components.registry.model import ModelUriError
-
     with pytest.raises(ModelUriError, match=f"{reg.name} has no version '99'"):
         promote(reg.name, "99")
 

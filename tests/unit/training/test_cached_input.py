@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pyarrow.parquet as pq
 import torch
 
 from components.config import Config, Precision
@@ -30,8 +33,6 @@ def _cached_row(parts, raw: dict, dtype: str = "float32") -> dict:
 
 
 def test_cached_and_raw_batches_give_the_same_loss(tmp_path):
-    import pyarrow.parquet as pq
-
     cfg = Config()
     parts = build_tiny(cfg.model.tiny)
     root = write_synthetic_curated(tmp_path / "d", n_train=2, n_val=1, size=(64, 64))
@@ -52,10 +53,6 @@ def test_cached_and_raw_batches_give_the_same_loss(tmp_path):
 def test_batches_carry_uint8_pixels_and_the_loss_scales_them_on_its_device(tmp_path):
     """The loader collates decoded JPEGs as uint8 (a quarter of the bytes to move to the device, no torch op
     in a loader thread); the loss on them equals the loss on the same pixels given in [-1, 1]."""
-    import dataclasses
-
-    import pyarrow.parquet as pq
-
     cfg = Config()
     parts = build_tiny(cfg.model.tiny)
     root = write_synthetic_curated(tmp_path / "d", n_train=2, n_val=1, size=(64, 64))
@@ -76,8 +73,6 @@ def test_batches_carry_uint8_pixels_and_the_loss_scales_them_on_its_device(tmp_p
 def test_a_float16_cache_moves_the_loss_by_less_than_its_stated_error(tmp_path):
     """``curate.cache_dtype`` float16 (the default; docs/benchmarks.md states the error): the stored posterior
     and embeddings round to 11 significant bits, and the loss on a batch moves by less than 0.01 %."""
-    import pyarrow.parquet as pq
-
     cfg = Config()
     parts = build_tiny(cfg.model.tiny)
     root = write_synthetic_curated(tmp_path / "d", n_train=4, n_val=1, size=(64, 64))

@@ -5,10 +5,13 @@ a real curated split (shards written to the dataset contract), no Ray."""
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+import components.storage as storage
 from components.config import load_config
 from components.dataset import read_manifest
 from components.training.batches import (
@@ -114,8 +117,6 @@ def test_streamed_rows_are_the_rows_the_plan_names(split):
     rows = ShardRows(index, None, keep=2)
     ids = np.array([0, len(index) - 1, 7, 8, 0])
     taken = rows.take(ids)
-    import pyarrow.parquet as pq
-
     table = pq.read_table(manifest.paths("train"))
     assert [r["sha256"] for r in taken] == [table["sha256"][int(i)].as_py() for i in ids]
 
@@ -123,10 +124,6 @@ def test_streamed_rows_are_the_rows_the_plan_names(split):
 def test_threads_taking_at_once_read_each_shard_once_and_get_the_plans_rows(split, monkeypatch):
     """The prefetch threads share one ``ShardRows``: concurrent takes return exactly the serial rows, and a
     shard two threads want at the same moment is read once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import components.storage as storage
-
     manifest, index = split
     reads: Counter = Counter()
     real = storage.read_parquet

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
 
-from components.config import OptimizerName, Precision, load_config
+from components.config import ConfigError, OptimizerName, Precision, load_config
 from components.diffusion.sdxl_base import SDXL_UNET_PARAMS
 from components.training.memory import plan as mp
 from components.training.memory.trace import CudaAutocastEmulation, LiveBytes, trace_unet_step
@@ -96,8 +97,6 @@ def test_live_bytes_counts_new_storage_until_freed():
 
 def test_trace_on_meta_equals_trace_on_real_tensors():
     """The point of tracing on meta: the same allocations as a real run of the same code."""
-    from diffusers.models.resnet import ResnetBlock2D
-
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=8, groups=8)
 
@@ -141,8 +140,6 @@ def test_unet_trace_checkpointing_and_batch_scaling():
 
 
 def test_a_bad_batch_is_refused_by_the_config_and_by_the_plan():
-    from components.config import ConfigError
-
     with pytest.raises(ConfigError, match="batch_size"):  # flows/plan.py: exit 2 before any tracing
         load_config(REPO / "flows/configs/tiny.yaml", ["train.batch_size=0"])
     cfg = load_config(REPO / "flows/configs/tiny.yaml")

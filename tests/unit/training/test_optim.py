@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import math
 
 import pytest
 import torch
+from transformers.optimization import Adafactor
 
 from components.config import LRConfig, OptimizerName, TrainConfig
 from components.training.optim import OptimizerUnavailable, build_lr_scheduler, build_optimizer
@@ -139,8 +141,6 @@ def test_adamw_on_cuda_is_fused():
 
 
 def test_adafactor_uses_the_external_lr():
-    from transformers.optimization import Adafactor
-
     param = torch.nn.Parameter(torch.ones(16, 8))
     cfg = TrainConfig(optimizer=OptimizerName.ADAFACTOR, weight_decay=0.0, lr=LRConfig(max=1e-2, min=1e-3))
     opt = build_optimizer([param], cfg, "cpu")
@@ -165,8 +165,6 @@ def test_adamw8bit_without_cuda_is_a_one_line_error():
 
 def test_adamw8bit_without_bitsandbytes_message(monkeypatch):
     """The missing-package branch on any machine: CUDA claimed, the import made to fail."""
-    import builtins
-
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kwargs):

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from components.config import Config, Precision
-from components.diffusion.loss import Batch, LossSpec, NoiseDraw, diffusion_loss
+from components.diffusion.conditioning import drop_captions, dropout_uses_zeros, encode_text
+from components.diffusion.loss import (
+    Batch,
+    LossSpec,
+    NoiseDraw,
+    diffusion_loss,
+    effective_precision,
+    native_bf16,
+    prediction_error,
+)
 from components.diffusion.schedule import training_scheduler
+from components.diffusion.sdxl import attention_kind
 from components.diffusion.tiny import build_tiny
 from components.training.batches import bucket_batches, skip
 from components.training.checkpointing import (
@@ -17,7 +30,9 @@ from components.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from components.training.loop import step_generator
+from components.training.loop import build_trainee, graph_breaks, step_generator
+from components.training.validation import VAL_BUCKETS, bucket_of, selection_weights
+from tests.fixtures.processes import REPO, subprocess_env
 
 
 def _batch(n=2, size=64):
@@ -119,12 +134,6 @@ def test_checkpoint_round_trip_and_incomplete_is_refused(tmp_path):
 def test_precision_policy_falls_back_to_fp32_where_bf16_is_emulated():
     """AVX2 kernels emulate bf16 (about ten times slower than fp32): the run trains in fp32 there. The
     same machine forced to AVX2 kernels (ATEN_CPU_CAPABILITY) shows the fallback; fp16 never runs on CPU."""
-    import subprocess
-    import sys
-
-    from components.diffusion.loss import effective_precision, native_bf16
-    from tests.fixtures.processes import REPO, subprocess_env
-
     cpu = torch.device("cpu")
     assert effective_precision(Precision.FP32, cpu) is Precision.FP32
     assert effective_precision(Precision.FP16, cpu) is Precision.FP32
@@ -140,8 +149,6 @@ def test_precision_policy_falls_back_to_fp32_where_bf16_is_emulated():
 def test_selection_weights_keep_the_terminal_step_below_thirty_percent():
     """``val_loss`` ranks checkpoints: under the recipe's own weights t = 999 carries ~41 % of it (the
     sharp edge); the default bucket average gives no timestep more than 1/8, the paper's weights none."""
-    from components.training.validation import VAL_BUCKETS, bucket_of, selection_weights
-
     cfg = Config()
     ts = cfg.train.val_timesteps
     assert {bucket_of(t) for t in ts} == set(VAL_BUCKETS)  # every bucket is measured
@@ -157,8 +164,6 @@ def test_selection_weights_keep_the_terminal_step_below_thirty_percent():
 def test_caption_dropout_conventions():
     """``zeros``: dropped samples get all-zero embeddings; ``empty_prompt``: the encoded empty prompt (and
     the loss zeroes their time ids); ``auto`` follows the base model's ``force_zeros_for_empty_prompt``."""
-    from components.diffusion.conditioning import drop_captions, dropout_uses_zeros
-
     embeds, pooled = torch.ones(64, 77, 8), torch.ones(64, 4)
     empty = (torch.full((1, 77, 8), 3.0), torch.full((1, 4), 5.0))
     z_e, z_p, keep = drop_captions(embeds, pooled, 0.5, torch.Generator().manual_seed(0))
@@ -171,9 +176,6 @@ def test_caption_dropout_conventions():
 
 
 def test_empty_prompt_dropout_changes_the_loss_and_zeroes_time_ids():
-    from components.diffusion.conditioning import encode_text
-    from components.diffusion.loss import LossSpec, NoiseDraw, prediction_error
-
     cfg = Config()
     parts = build_tiny(cfg.model.tiny)
     sched = training_scheduler(cfg.diffusion)
@@ -197,7 +199,6 @@ def test_a_compiled_unet_takes_the_same_step_as_the_eager_one():
     """train.compile compiles in place (the module keeps its type and parameters); forward and backward
     match eager and the UNet is one graph per call."""
 
-    from components.training.loop import build_trainee, graph_breaks
 
     cfg = Config().model_copy(update={"train": Config().train.model_copy(update={
         "compile": True, "compile_backend": "aot_eager", "precision": Precision.FP32})})
@@ -222,8 +223,6 @@ def test_a_compiled_unet_takes_the_same_step_as_the_eager_one():
 
 
 def test_unet_attention_runs_through_sdpa(monkeypatch):
-    from components.diffusion.sdxl import attention_kind
-
     parts = build_tiny(Config().model.tiny)
     assert attention_kind(parts.unet) == "sdpa"
     calls, inside = [], []
