@@ -1,4 +1,4 @@
-"""Benchmark (issue 4 item 8): the Ray Data pipeline against a plain single-process PIL loop doing
+"""Benchmark: the Ray Data pipeline against a plain single-process PIL loop doing
 identical work on the same generated 2048x1536 JPEGs, reported as images/s and their ratio.
 
 Warm, both of them: the loop runs in a process that has imported everything, so the pipeline is

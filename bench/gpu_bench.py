@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.smoke and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(1)  # tiny ops: extra threads only spin (seconds per step on a busy 2-core machine)
+        torch.set_num_threads(1)  # tiny ops: extra threads only spin
     bench = Bench(args)
 
     def on_alarm(signum, frame):

@@ -11,9 +11,9 @@ from components.environment import snapshot
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 """glibc malloc settings, read at process start: step-sized buffers up to 32 MiB (glibc's largest
 allowed threshold) come from the heap, freed memory is kept up to 1 GiB, and the dynamic threshold is
-off, so a process's allocation cost no longer depends on its history. The benchmarks run every
-process with them (``flows/bench.py``): with glibc's defaults the same training step took 0.28 to
-0.44 s on the tiny model depending on the process it ran in; with these, 0.26 to 0.28 s."""
+off, so a process's allocation cost no longer depends on its history: the same step takes the same
+time in every process. The benchmarks run every process with them (``flows/bench.py``; the figures with
+and without them: docs/benchmarks.md)."""
 
 
 def pin_malloc() -> None:

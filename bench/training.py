@@ -1,4 +1,4 @@
-"""Training and caching benchmarks for ``make bench`` (issue 8 item 1), each a side-by-side ratio.
+"""Training and caching benchmarks for ``make bench``, each a side-by-side ratio.
 
 Absolute timings on a shared machine are noise; a ratio of two things measured in the same run, on
 the same data and the same thread count, is not (much). Here:

@@ -23,8 +23,8 @@ Both arms sample from the same initial noise. Brightness = mean pixel value in [
 decoded sample; the figure of merit is its std across samples next to the data's.
 
 The tiny VAE is randomly initialised, and a random VAE's GroupNorms discard most of the brightness
-(measured: a black and a white image differ by ~0.05 in latent channel means against posterior noise
-of std ~1). So before the experiment the VAE is fitted as a deterministic autoencoder on the toy data
+(a black and a white image differ in latent channel means by a small fraction of the posterior noise).
+So before the experiment the VAE is fitted as a deterministic autoencoder on the toy data
 at 64x64 (it is fully convolutional; brightness is a local property, so the fit transfers to 256x256,
 which ``data.recon_brightness_std`` checks) and its ``scaling_factor`` is set to 1 / std of the data
 latents, as Rombach et al. 2022 (sec. 4.3.2 / appendix G) chose SD's 0.18215.

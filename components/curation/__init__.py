@@ -1,4 +1,4 @@
-"""Image curation on Ray Data (issue 4): sources, the Terminus filters, LANCZOS-without-upsampling
+"""Image curation on Ray Data: sources, the Terminus filters, LANCZOS-without-upsampling
 into SDXL aspect buckets with crop coordinates, crash-safe shards in the ``components.dataset`` layout.
 
 Modules: ``sources`` (directory, s3:// prefix, manifest), ``filters`` (reasons and checks),

@@ -1,4 +1,4 @@
-"""Optional stage (issue 4 item 6): cache VAE posteriors and text embeddings of a curated dataset.
+"""Optional stage: cache VAE posteriors and text embeddings of a curated dataset.
 
 Reads a published curated dataset, encodes every row with an actor pool that loads the model once
 per actor (CPU here; ``num_gpus=1`` actors on a GPU cluster via ``curate.cache_num_gpus``), and

@@ -93,7 +93,7 @@ def tasks_in_flight(workers: int, cluster_cpus: float, fused: bool) -> int:
     """Curation tasks Ray Data keeps submitted at once. ``workers`` of them run; where they take every CPU of
     the cluster (the default, ``curate.workers`` = its CPUs) and the stage is one fused operator, as many
     again wait at Ray's scheduler, each handed a CPU the moment a task frees one, instead of after Ray
-    Data's next 100 ms ``ray.wait`` and a dispatch (about 0.2 s per task measured on 2 cores). Ray's CPU
+    Data's next 100 ms ``ray.wait`` and a dispatch. Ray's CPU
     accounting still runs at most ``workers`` at once; the waiting ones hold only their input records."""
     return 2 * workers if fused and cluster_cpus and workers >= cluster_cpus else workers
 

@@ -81,10 +81,10 @@ an integer factor (``Image.reduce``), then LANCZOS for the last factor of at lea
 DRAFT_GAP = 4.0
 """A JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``) only where that still
 leaves at least ``DRAFT_GAP`` times the target size, so from 8x downscales on. The DCT scaling is a cruder
-low-pass than LANCZOS: with a gap of 2 it cost up to 6 dB more than the box reduction (docs/benchmarks.md)."""
+low-pass than LANCZOS: with a gap of 2 it loses more than the box reduction does (docs/benchmarks.md)."""
 MIN_PSNR_DB = 40.0
 """Both shortcuts together stay within this PSNR of a plain LANCZOS from the full decode on real photos
-(tests/unit/curation/test_transforms.py; measured worst 41.8 dB, scikit-image's photos, 2.5x to 12x)."""
+(tests/unit/curation/test_transforms.py checks it on scikit-image's photos, from 2.5x to 12x downscales)."""
 
 
 def orient(im: Image.Image) -> Image.Image:
@@ -109,7 +109,7 @@ def draft_for(im: Image.Image, resized: tuple[int, int], swapped: bool) -> None:
 def resize_and_crop(rgb: Image.Image, plan: Plan) -> Image.Image:
     """LANCZOS downsample to the plan's cover size and the bucket window at the plan's crop, in one resize of
     the window's source box (the filter still reads the pixels around it, so this equals resizing the whole
-    image and cutting the window, to within float rounding: at most 1 level on a few pixels, measured);
+    image and cutting the window, to within float rounding: at most 1 level, tests/unit/curation/test_transforms.py);
     a large downscale is reduced by an integer factor first (``REDUCING_GAP``), and the image may come
     drafted (``draft_for``)."""
     rh, rw = plan.resized

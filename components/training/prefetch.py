@@ -29,10 +29,9 @@ def prefetched(items: Iterator[T], work: Callable[[T], U], depth: int, threads: 
 
     The threads schedule themselves: each takes the next item (under a lock: ``items`` need not be
     thread-safe) whenever fewer than ``depth`` are taken and not yet consumed. The consumer only picks up
-    finished results and frees a slot. An earlier design submitted each next item from the consumer's own
-    call to a thread pool; the woken thread then took the interpreter lock there and then, and the consumer
-    waited out that whole batch's work (measured: 3.4 ms at every other step of a 34 ms step, 4.6 % of the
-    time, against 0.6 % now; docs/benchmarks.md).
+    finished results and frees a slot. It never submits work itself: a thread woken from the consumer's call
+    takes the interpreter lock there and then, and the consumer would wait out that whole batch's work
+    (docs/benchmarks.md).
 
     An exception raised by ``work`` (or by ``items``) surfaces where its item is consumed. Closing the
     generator (a loop that stops early) lets the items being worked on finish, starts no other, and waits

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance on a bad-input corpus generated here: the Terminus preset counts every bad file
+"""Curation on a bad-input corpus generated here: the Terminus preset counts every bad file
 under the right reason, keeps every good image (CMYK, palette, 16-bit, grey, RGBA, EXIF-rotated
 included), never crashes, and its counts add up to the inputs."""
 

@@ -41,7 +41,7 @@ def small_curated_dataset(cfg, tmp_path: Path) -> str:
     return root
 
 
-@pytest.mark.slow  # loads torch/diffusers in a Ray actor: ~10 s of imports on 2 cores
+@pytest.mark.slow  # loads torch/diffusers in a Ray actor: seconds of imports
 def test_latent_cache_matches_direct_encoding(ray_local, tmp_path):
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["curate.workers=1", "curate.cache_dtype=float32",
                                                          f"state_dir={tmp_path / 'state'}"])

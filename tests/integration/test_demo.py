@@ -1,4 +1,4 @@
-"""`make demo` as a new user runs it (issue 13 item 2): a fresh clone of the repository, then
+"""`make demo` as a new user runs it: a fresh clone of the repository, then
 `make demo`, in the environment of a user's shell -- none of the variables by which our dependencies
 recognise a test or CI run (``components.environment.TEST_MARKERS``) and no telemetry opt-out -- so
 every code path that only users run (MLflow's telemetry thread among them) runs here too.

@@ -1,5 +1,5 @@
 """The flows as a user runs them: every bad input fails before Ray starts, with one line
-and exit status 2 (issue 13 item 3); --help and --print-config document themselves; the console
+and exit status 2; --help and --print-config document themselves; the console
 commands and ``python -m flows.X`` work."""
 
 from __future__ import annotations

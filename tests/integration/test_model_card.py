@@ -1,4 +1,4 @@
-"""The model card of a model trained as the demo trains it, read back (issue 14): the YAML header parses
+"""The model card of a model trained as the demo trains it, read back: the YAML header parses
 with the Hub's fields, no section is empty or says "More Information Needed", and every number in it
 equals the figure MLflow holds -- looked up here independently of the card code, and tied to the
 things themselves where they can be measured (parameter counts, file sizes, curation counts)."""

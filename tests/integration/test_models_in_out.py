@@ -1,4 +1,4 @@
-"""Models in and out (issue 14), on a model trained as the demo trains it (``trained_champion``): its
+"""Models in and out, on a model trained as the demo trains it (``trained_champion``): its
 single-file export loads in vanilla diffusers and matches the registered folder; a fine-tune continues
 from ``@champion`` and names its parent; the Hub-ready folder is written and pushed to a Hub stub."""
 

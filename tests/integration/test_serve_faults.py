@@ -1,4 +1,4 @@
-"""The running endpoint under faults, hostile input and load (issue 9), over real HTTP on loopback.
+"""The running endpoint under faults, hostile input and load, over real HTTP on loopback.
 
 - A model replica SIGKILLed under load: Serve replaces it, /healthz and requests work again within
   30 s, and only the requests that replica held fail (503 JSON, never a 500 or a hang).
@@ -267,7 +267,7 @@ def test_fuzz_edits_multipart(client, req):
         assert r.status_code == 413, r.text[:200]
 
 
-# --- the multipart structure itself (issue 18) ------------------------------------------------------
+# --- the multipart structure itself -----------------------------------------------------------------
 
 VALID_PARTS = [(b"image", b"a.png"), (b"prompt", None), (b"steps", None)]
 

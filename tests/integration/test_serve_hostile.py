@@ -1,4 +1,4 @@
-"""Hostile uploads against the running endpoint at its production limits (issue 18), over real HTTP on
+"""Hostile uploads against the running endpoint at its production limits, over real HTTP on
 loopback: the ingress's event loop serves every client, so no request body may block it.
 
 - ``/healthz`` answers in under 1 s, every time, while 8 MiB bodies of ~150,000 tiny multipart parts are

@@ -161,7 +161,7 @@ def test_not_ready_until_loaded(registered_model, tmp_path):
     assert r.status_code == 200 and b'"version":"%s"' % registered_model.version.encode() in r.body
 
 
-# --- a bad alias target (issue 18) -------------------------------------------------------------------
+# --- a bad alias target ------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -199,10 +199,9 @@ def _counting_holder(uri, cache):
 
 
 def test_a_bad_alias_target_is_backed_off_and_the_last_good_version_keeps_serving(holder_registry, tmp_path):
-    """The alias moves to a version that cannot be loaded. Before: the poller downloaded and failed every
-    period, forever (19 tries in 2 s at a 0.1 s period). Now: the replica keeps serving the good version,
-    the bad one is retried with exponential backoff (period x 2**failures), and a fix of the alias is
-    still picked up at the normal pace."""
+    """The alias moves to a version that cannot be loaded: the replica keeps serving the good version, the
+    bad one is retried with exponential backoff (period x 2**failures) rather than every period, and a fix of
+    the alias is still picked up at the normal pace."""
     r = holder_registry
     holder = _counting_holder(f"models:/{r.name}@champion", tmp_path / "cache")
     assert holder.refresh() and holder.current.version == r.good

@@ -148,7 +148,7 @@ def test_tiny_preset_keeps_the_recipe():
     assert cfg.diffusion == load_config(CONFIGS / "terminus_v2.yaml").diffusion
 
 
-# --- ranges, typed overrides, paths, the reference (issue 13 items 3, 4, 6) ----------------------
+# --- ranges, typed overrides, paths, the reference -----------------------------------------------
 
 
 @pytest.mark.parametrize(

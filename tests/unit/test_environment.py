@@ -1,5 +1,5 @@
-"""Reading the environment while other threads change it (issue 13 item 1), and which of our
-dependencies behave differently under test or CI detection (item 2).
+"""Reading the environment while other threads change it, and which of our
+dependencies behave differently under test or CI detection.
 
 The crash this guards against: MLflow's telemetry thread sets and unsets
 ``_MLFLOW_TELEMETRY_SESSION_ID`` in ``os.environ`` while ``redact`` iterated ``os.environ`` once per

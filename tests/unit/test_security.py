@@ -1,4 +1,4 @@
-"""Security guarantees (issue 9, docs/reliability.md): credentials are redacted from what we log,
+"""Security guarantees (docs/reliability.md): credentials are redacted from what we log,
 manifest paths cannot escape their root, weights never load through pickle, Ray keeps token auth.
 
 The integration counterpart (a planted credential searched for in a whole curation + training run)

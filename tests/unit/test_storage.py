@@ -1,4 +1,4 @@
-"""The storage layer's key rules and its model cache (issue 18), against moto's in-process S3.
+"""The storage layer's key rules and its model cache, against moto's in-process S3.
 
 - every key that turns into a local file is checked: one that leaves its prefix (``..``) or is not in
   normal form (``.``, ``//``) is refused, and nothing is written outside the cache;

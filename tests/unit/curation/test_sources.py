@@ -157,7 +157,7 @@ def test_crop_is_deterministic_per_content_and_seed(tmp_path):
     assert Image.open(io.BytesIO(a["image"])).size == (a["target_w"], a["target_h"])
 
 
-# --- a folder source stays inside the folder (issue 18) ----------------------------------------------
+# --- a folder source stays inside the folder ---------------------------------------------------------
 
 
 def test_folder_symlinks_out_of_the_source_are_refused_as_path_escape(tmp_path):
@@ -217,7 +217,7 @@ def test_s3_keys_with_dot_segments_are_refused_as_path_escape():
         Store().read("s3://b/in/x/../../secret.jpg")  # refused before any client is made
 
 
-# --- the output never overlaps a source (issue 18) ---------------------------------------------------
+# --- the output never overlaps a source --------------------------------------------------------------
 
 
 def _photos(folder: Path, names: list[str]) -> list[Path]:
@@ -268,7 +268,7 @@ def test_overlap_is_by_whole_path_segments_and_s3_prefixes():
         check_no_overlap(CurateConfig(source=source, output=output))
 
 
-# --- decoding is limited to image formats (issue 18) ----------------------------------------------
+# --- decoding is limited to image formats ---------------------------------------------------------
 
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\n%%EndComments\n"

@@ -230,7 +230,7 @@ def test_multipart_refusals():
     assert "more than once" in err.message
 
 
-# --- multipart structure (issue 18): part count, nesting, boundaries, duplicates, headers -------------
+# --- multipart structure: part count, nesting, boundaries, duplicates, headers ------------------------
 
 
 def raw_part(name: bytes, payload: bytes = b"x", headers: bytes = b"", boundary: bytes = b"b") -> bytes:

@@ -1,4 +1,4 @@
-"""Everything a run starts from (issue 14): a single-file checkpoint (local, s3://, an http URL) read with
+"""Everything a run starts from: a single-file checkpoint (local, s3://, an http URL) read with
 diffusers' ``from_single_file``, a hub id from a local Hugging Face cache laid out here (offline, the real
 loading code), and the lineage each records: the resolved revision and a content hash of the weights."""
 

@@ -89,4 +89,4 @@ def test_a_float16_cache_moves_the_loss_by_less_than_its_stated_error(tmp_path):
         draw = NoiseDraw(torch.Generator().manual_seed(5), timesteps=torch.tensor([10, 300, 600, 900]))
         return diffusion_loss(parts, parts.unet, batch, spec, draw).item()
 
-    assert abs(loss(b) - loss(a)) <= 1e-4 * abs(loss(a))  # measured: 1e-7 to 1.2e-6
+    assert abs(loss(b) - loss(a)) <= 1e-4 * abs(loss(a))  # fp16 latents move the loss far less than this

@@ -1,4 +1,4 @@
-"""The console progress line of training (issue 13 item 5)."""
+"""The console progress line of training."""
 
 from __future__ import annotations
 
