@@ -98,7 +98,7 @@ def tasks_in_flight(workers: int, cluster_cpus: float, fused: bool) -> int:
     return 2 * workers if fused and cluster_cpus and workers >= cluster_cpus else workers
 
 
-def source_dataset(cfg: Config, src: SourceInputs, total: int):
+def source_rows(cfg: Config, src: SourceInputs, total: int):
     """One source's records as a Ray Dataset: the driver's records (``files``), or its parquet files read by
     Ray Data and turned into records in the read tasks (``urls``, ``huggingface``)."""
     c = cfg.curate
@@ -128,7 +128,7 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
     """Stream every source's records through the curation tasks (and the captioning actors) into the
     sink; returns the write tasks' stats."""
     c = cfg.curate
-    parts = [source_dataset(cfg, s, inputs.rows) for s in inputs.sources if s.rows]
+    parts = [source_rows(cfg, s, inputs.rows) for s in inputs.sources if s.rows]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     args = worker_args(cfg, num_cpus=1)  # the same for the map and the write, so that they fuse
     captioning = c.captioner.model is not None
