@@ -18,7 +18,7 @@ IMAGE_BASE ?= rayproject/ray:2.60.0-py311-gpu
 IMAGE_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 IMAGE_EXTRAS ?= gpu
 
-.PHONY: setup demo test test-fast lint bench smoke-sdxl image clean
+.PHONY: setup demo test test-fast test-multinode lint bench smoke-sdxl image clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,12 @@ demo: $(STAMP)
 
 # Two workers: the integration tests in order on one (tests/conftest.py, SERIAL), the unit tests on the other.
 test: $(STAMP)
-	$(PY) -m pytest -q tests -n 2 --durations=15
+	$(PY) -m pytest -q tests -n 2 -m "not multinode" --durations=15
+
+# Several Ray nodes on this machine (ray.cluster_utils.Cluster): curation, DDP training and Serve across nodes,
+# a node lost under each. A few minutes of both cores, so a target (and a CI step) of its own.
+test-multinode: $(STAMP)
+	$(PY) -m pytest -q tests -m multinode --durations=5
 
 # The edit-test loop: everything but the end-to-end and fault-injection runs marked slow (`make test` runs all).
 test-fast: $(STAMP)

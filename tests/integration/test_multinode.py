@@ -5,6 +5,10 @@ server, so no local path carries the model between nodes.
 Curation: the user's command (``flows/curate.py``) against the cluster (``RAY_ADDRESS``), reading and writing
 S3; its tasks run on both worker nodes and the dataset holds the same rows as a run on one node.
 
+Training: the user's command with DDP, one worker per worker node, checkpoints on S3; the node of one worker
+is removed after the first checkpoint and a replacement joins: the run resumes from its latest checkpoint in
+the same MLflow run and logs every step once.
+
 Serve: Model replicas on two worker nodes and the ingress on the head; a worker node is removed (not
 drained) while a bounded stream of requests runs, and a replacement node joins, as a node pool would replace
 it. The clients retry a 503 (Serve's answer for the requests the lost replica held) after its Retry-After; no request
@@ -27,7 +31,7 @@ import pytest
 
 from tests.fixtures.processes import REPO, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 SERVE_SCENARIO = r"""
 import json, sys, threading, time
@@ -161,6 +165,55 @@ print("RESULT " + json.dumps(out))
 """
 
 
+TRAIN_SCENARIO = r"""
+import json, os, subprocess, sys, time
+import boto3, ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+spec = json.loads(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
+    "dashboard_port": spec["dashboard_port"]})
+workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}") for k in range(2)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+bucket, prefix = spec["checkpoints"]
+out = {"workers": sorted(w.node_id for w in workers)}
+try:
+    env = dict(os.environ, RAY_ADDRESS=cluster.address,
+               RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{spec['dashboard_port']}")
+    flow = subprocess.Popen([sys.executable, "flows/train.py", *spec["args"]], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + spec["timeout_s"]
+    while time.monotonic() < deadline and flow.poll() is None:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        if any(o["Key"].endswith("/COMPLETE") for o in listed):
+            break
+        time.sleep(0.5)
+    if flow.poll() is not None:  # finished (or failed) before its first checkpoint: nothing to remove
+        stdout, stderr = flow.communicate()
+        out.update(rc=flow.returncode, stdout=stdout[-4000:], stderr=stderr[-8000:], train_nodes=[])
+        raise SystemExit(0)
+    nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                      ("state", "=", "ALIVE")], timeout=30)}
+    out["train_nodes"] = sorted(nodes)
+    (victim,) = [w for w in workers if w.node_id == sorted(nodes)[0]]
+    out["victim"] = victim.node_id
+    cluster.remove_node(victim, allow_graceful=False)
+    out["replacement"] = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.4").node_id
+    stdout, stderr = flow.communicate(timeout=max(1, deadline - time.monotonic()))
+    out.update(rc=flow.returncode, stdout=stdout[-4000:], stderr=stderr[-8000:],
+               resumed=[line[-300:] for line in stderr.splitlines() if "resuming from the latest checkpoint" in line])
+    open(spec["log"], "w").write(stderr)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+    print("RESULT " + json.dumps(out))
+"""
+
+
 def run_scenario(script: str, spec: dict, env: dict, timeout: float) -> dict:
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -199,7 +252,7 @@ def served_model(mlflow_server, tmp_path_factory):
                                                          str(info.registered_model_version))
     finally:
         mlflow.set_tracking_uri(previous)
-    return {"overrides": overrides, "env": env, "state": state}
+    return {"overrides": overrides, "env": env, "state": state, "tracking_uri": mlflow_server.url}
 
 
 def _jpeg(w: int, h: int, seed: int) -> bytes:
@@ -260,6 +313,46 @@ def test_curation_runs_on_several_nodes_and_writes_what_one_node_writes(ray_loca
     assert not (tmp_path / "many" / "credentials").exists()
     many = _rows(s3, "cluster-lake", "many")
     assert len(many) >= 12 and many == _rows(s3, "cluster-lake", "one")
+
+
+def test_ddp_training_resumes_after_losing_a_workers_node(ray_local, s3_env, served_model, tmp_path):
+    import boto3
+    import mlflow
+
+    from components.config import load_config
+    from components.curation.pipeline import curate
+
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    s3.create_bucket(Bucket="cluster-train")
+    for i in range(12):
+        s3.put_object(Bucket="cluster-train", Key=f"in/photo_{i}.jpg", Body=_jpeg(320, 320, 100 + i))
+    curate(load_config(REPO / "flows/configs/tiny.yaml", [
+        "curate.source=s3://cluster-train/in/", "curate.output=s3://cluster-train/curated", "curate.track=false",
+        f"state_dir={tmp_path / 'curate'}"]))
+    steps, every = 8, 2
+    settings = [*served_model["overrides"], f"state_dir={tmp_path / 'driver'}", "train.data=s3://cluster-train/curated",
+                "train.storage_path=s3://cluster-train/ray-results", "train.run_name=multinode", "train.num_workers=2",
+                "train.cpus_per_worker=1.5", f"train.max_steps={steps}", f"train.checkpoint_every={every}",
+                f"train.val_every={every}", "train.max_failures=2", "train.batch_size=1", "train.grad_accum=1"]
+    args = ["--config", "flows/configs/tiny.yaml", *(x for o in settings for x in ("--set", o))]
+    env = dict(served_model["env"], AWS_ENDPOINT_URL_S3=s3_env)
+    spec = {"args": args, "dashboard_port": free_port(), "timeout_s": 480, "log": str(tmp_path / "train.log"),
+            "checkpoints": ["cluster-train", "ray-results/multinode/"]}
+    out = run_scenario(TRAIN_SCENARIO, spec, env, timeout=600)
+    assert out["rc"] == 0, out["stderr"]
+    assert out["train_nodes"] == out["workers"], out  # one DDP worker on each worker node
+    assert len(out["resumed"]) == 1, out["resumed"]  # the loss cost one attempt, resumed from its checkpoint
+    result = json.loads(out["stdout"][out["stdout"].index("{"):])
+    previous = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(served_model["tracking_uri"])
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`mlflow.runName` = 'multinode'",
+                                  output_format="list")
+        logged = [m.step for m in mlflow.MlflowClient().get_metric_history(result["run_id"], "loss")]
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert [r.info.run_id for r in runs] == [result["run_id"]]  # the same MLflow run continued
+    assert sorted(logged) == list(range(1, steps + 1)), logged  # every step once: none lost, none twice
 
 
 def test_serve_survives_the_loss_of_a_replicas_node(served_model):
