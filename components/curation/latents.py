@@ -39,7 +39,7 @@ class EncodeBatch:
         # torch and the model load in the encoding actor's process, not in the driver that imports this module
         import torch
 
-        from components.registry.model import load_source_parts
+        from components.registry.model_sources import load_source_parts
 
         cfg = Config.model_validate(config)
         self.device = torch.device(device)

@@ -58,7 +58,7 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
         return build_sdxl_random(model.seed)
     if kind == "registered":
         raise ModelLoadError(f"model source {source}: a registered version is loaded through the registry "
-                             "(components.registry.model.load_source_parts)")
+                             "(components.registry.model_sources.load_source_parts)")
     if kind == "single_file":
         pipe = load_single_file(fetch_single_file(source, cache_dir), model.single_file_config,
                                 diffusion or DiffusionConfig())

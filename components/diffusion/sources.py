@@ -5,7 +5,7 @@ directory, a Hugging Face hub id (``model.revision``, ``model.variant``), an ``s
 local cache (``components.storage.fetch_prefix``), or a single-file ``.safetensors`` checkpoint in the
 original SDXL layout -- a local path, an ``s3://`` object or an http(s) URL, fetched into the cache.
 Registered versions (``models:/``) are resolved a layer up, by the registry
-(``components.registry.model.load_source_parts``), into a directory.
+(``components.registry.model_sources``), into a directory.
 
 ``describe_source`` says what a source is made of, for the lineage of a run: the kind, the resolved hub
 commit, and a content hash of the weight files (``weights_sha256``).
@@ -178,9 +178,9 @@ class SourceInfo:
 
 
 def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
-    """Resolve and hash a non-registered source (the registry handles ``models:/``). A hub id is
-    downloaded (or found in the cache when offline) with diffusers' own ``download`` and pinned to the
-    commit its snapshot is; its weights hash covers the files of ``model.variant``."""
+    """Resolve and hash a non-registered source (``components.registry.model_sources`` handles ``models:/``).
+    A hub id is downloaded (or found in the cache when offline) with diffusers' own ``download`` and pinned to
+    the commit its snapshot is; its weights hash covers the files of ``model.variant``."""
     source, kind = model.source, source_kind(model.source)
     if kind == "tiny":
         return SourceInfo(kind, source, "tiny", tensors_sha256(build_tiny(model.tiny)), pinned=model)

@@ -37,7 +37,6 @@ from components.config import Config, InferenceConfig, ModelConfig
 from components.diffusion.adapters import ADAPTER_FILE, AdapterWeights, rank_alpha, read_adapter
 from components.diffusion.pyfunc import ADAPTER_ARTIFACT, BASE_KEY, INFERENCE_KEY, TerminusAdapterModel
 from components.diffusion.sdxl import save_pipeline, save_variant
-from components.diffusion.sources import source_kind, weights_sha256
 from components.host_memory import release_memory
 from components.registry.model import (
     ADAPTER_METHOD_TAG,
@@ -47,11 +46,11 @@ from components.registry.model import (
     ModelUriError,
     _model_version,
     fetch_model,
-    load_source_parts,
     log_pipeline_model,
     log_pyfunc,
     parse_model_uri,
 )
+from components.registry.model_sources import load_source_parts, source_kind, weights_sha256
 from components.registry.tracking import setup_tracking
 
 log = logging.getLogger(__name__)

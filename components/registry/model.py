@@ -26,7 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.types import ColSpec, Schema
 
-from components.config import Config, DiffusionConfig, InferenceConfig, ModelConfig, PredictionType
+from components.config import Config, DiffusionConfig, InferenceConfig, PredictionType
 from components.diffusion.pyfunc import ADAPTER_ARTIFACT, INFERENCE_KEY, PIPELINE_ARTIFACT, TerminusPipelineModel
 from components.registry.tracking import setup_tracking, tracking_uri
 
@@ -246,7 +246,7 @@ def shipped_inference(pipeline_dir: Path) -> InferenceConfig:
     return InferenceConfig.model_validate(config.get(INFERENCE_KEY) or {})
 
 
-# --- registered versions as model sources ---------------------------------------------------------
+# --- lineage tags (components/registry/model_sources.py resolves and records them) -----------------
 
 LINEAGE = "lineage."
 """Prefix of the lineage tags of a training run (and of the version it registers)."""
@@ -254,44 +254,3 @@ PINNED = LINEAGE + "pinned"
 """The model config (JSON) that loads exactly the weights the run started from: the workers, the export
 and a resumed run all read this one, so an alias that moves or a hub branch that advances mid-run does
 not change what the run is made of."""
-
-
-def load_source_parts(cfg: Config, model: ModelConfig | None = None):
-    """The SDXL parts of ``model`` (default ``cfg.model``) in fp32: a registered version
-    (``models:/NAME/V`` or ``@ALIAS``) is fetched into the local cache of versions and read as the
-    diffusers directory it is (its fp32 weights); every other source goes to ``load_parts``."""
-    # torch and diffusers load with a model: promotion and the flows that only name versions import this module
-    from components.diffusion.sdxl import load_parts
-    from components.diffusion.sources import source_kind
-    model = model or cfg.model
-    if source_kind(model.source) == "registered":
-        setup_tracking(cfg)
-        resolved = fetch_model(model.source, cfg.state_path("cache", "models"))
-        model = model.model_copy(update={"source": str(resolved.pipeline_dir), "revision": None, "variant": None})
-    return load_parts(model, cfg.state_path("cache"), diffusion=cfg.diffusion)
-
-
-def source_lineage(cfg: Config) -> tuple[ModelConfig, dict[str, str]]:
-    """(pinned model config, lineage tags) of ``cfg.model``: the source as given, its kind, the revision it
-    resolved to (a hub commit hash; a registered version's number), a content hash of its weights, and for
-    ``models:/`` the parent model, version and the run that trained it."""
-    # diffusers on first use, as in load_source_parts
-    from components.diffusion.sources import describe_source, source_kind, weights_sha256
-    model = cfg.model
-    if source_kind(model.source) == "registered":
-        setup_tracking(cfg)
-        mv = _model_version(model.source)
-        pinned = model.model_copy(update={"source": f"models:/{mv.name}/{mv.version}", "revision": None,
-                                          "variant": None})
-        resolved = fetch_model(pinned.source, cfg.state_path("cache", "models"))
-        tags = {"kind": "registered", "revision": str(mv.version), "location": pinned.source,
-                "weights_sha256": weights_sha256(resolved.pipeline_dir), "parent_model": mv.name,
-                "parent_version": str(mv.version), "parent_run_id": mv.run_id or "",
-                "parent_base_model": (mv.tags or {}).get("base_model", "")}
-    else:
-        info = describe_source(model, cfg.state_path("cache"))
-        pinned = info.pinned or model
-        tags = {"kind": info.kind, "revision": info.revision or "", "location": info.location,
-                "weights_sha256": info.weights_sha256, **{k: str(v) for k, v in info.extra.items()}}
-    tags = {"source": model.source, **tags, "pinned": pinned.model_dump_json()}
-    return pinned, {LINEAGE + k: v for k, v in tags.items()}

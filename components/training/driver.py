@@ -3,7 +3,7 @@
 Resume is by name: the same ``train.run_name`` reuses the Ray Train storage (Ray V2 restarts from
 the latest checkpoint) and the same MLflow run (found by its ``terminus.run_name`` tag).
 
-Lineage: before training, the model source is resolved once (``components.registry.model.source_lineage``:
+Lineage: before training, the model source is resolved once (``components.registry.model_sources.source_lineage``:
 a hub id to its commit, ``models:/NAME@ALIAS`` to a version) and recorded on the run as ``lineage.*``
 tags with a content hash of the weights; the workers and the export load that pinned source, and a
 resumed run reads it back from the run instead of resolving again.
@@ -39,7 +39,6 @@ from components.diffusion.adapters import save_adapter
 from components.diffusion.conditioning import dropout_uses_zeros
 from components.diffusion.sdxl import save_pipeline, save_variant
 from components.diffusion.sdxl_base import COMPONENTS, weight_files
-from components.diffusion.sources import weights_sha256
 from components.host_memory import release_memory
 from components.registry.adapter_versions import (
     WEIGHTS_TAG,
@@ -48,14 +47,8 @@ from components.registry.adapter_versions import (
     version_weights_sha256,
     write_adapter_folder,
 )
-from components.registry.model import (
-    LINEAGE,
-    PINNED,
-    fetch_model,
-    load_source_parts,
-    log_pipeline_model,
-    source_lineage,
-)
+from components.registry.model import LINEAGE, PINNED, fetch_model, log_pipeline_model
+from components.registry.model_sources import load_source_parts, source_lineage, weights_sha256
 from components.registry.tracking import flatten, git_commit, mlflow_dataset, setup_tracking, tracking_uri
 from components.storage import arrow_filesystem, filesystem_path
 from components.training.batches import read_index

@@ -52,7 +52,7 @@ from components.diffusion.loss import (
 from components.diffusion.parts import SDXLParts
 from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import attention_kind
-from components.registry.model import load_source_parts
+from components.registry.model_sources import load_source_parts
 from components.training.batches import RowIndex, ShardRows, TableRows, epoch_plan, rows_to_batch, source_counts
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer

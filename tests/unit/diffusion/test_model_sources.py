@@ -176,7 +176,7 @@ import json, sys
 import mlflow
 from components.config import load_config
 from components.dataset import read_manifest
-from components.registry.model import load_source_parts
+from components.registry.model_sources import load_source_parts
 from components.training.driver import open_run, pin_source, resolve_paths
 from components.training.preflight import check_model_source
 
