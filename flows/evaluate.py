@@ -18,13 +18,17 @@ def main() -> None:
     args = p.parse_args()
     cfg = load(args)
     # after parsing: --help and a refused command line load no Ray, MLflow or torch
-    from components.registry.model import ModelUriError, parse_model_uri
-    from components.training.preflight import PreflightError, check_dataset
+    from components.config import ConfigError
+    from components.registry.model import ModelUriError, check_version, parse_model_uri
+    from components.registry.tracking import check_tracking
+    from components.training.preflight import check_dataset
 
-    try:
+    try:  # the causes in the order to fix them: the URI, the server, the version, then the data
         parse_model_uri(args.model_uri)
+        check_tracking(cfg)
+        check_version(cfg, args.model_uri)
         check_dataset(cfg.train.data, cfg.curate.s3_endpoint_url)
-    except (ModelUriError, PreflightError) as err:
+    except (ModelUriError, ConfigError) as err:
         fail(str(err))
     setup_logging()
     import mlflow

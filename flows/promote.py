@@ -37,13 +37,14 @@ def main() -> None:
 
     from components.registry.model import ModelUriError
     from components.registry.promotion import PromotionRefused, promote, rollback
-    from components.registry.tracking import setup_tracking
+    from components.registry.tracking import TrackingUnavailable, check_tracking, setup_tracking
 
     gate = dict(cfg.evaluate.gate)
     if args.tolerance is not None:
         gate["val_loss"] = args.tolerance
     name = args.model or cfg.tracking.registered_model
     try:
+        check_tracking(cfg)
         setup_tracking(cfg)
         if args.rollback:
             result = rollback(name, args.alias)
@@ -51,7 +52,7 @@ def main() -> None:
             result = promote(name, args.version, args.alias, gate, args.force, evaluate=cfg.evaluate)
     except PromotionRefused as err:
         fail(f"promotion refused: {err}", code=REFUSED)
-    except ModelUriError as err:
+    except (ModelUriError, TrackingUnavailable) as err:
         fail(str(err))
     except mlflow.exceptions.MlflowException as err:
         fail(f"registry error ({err.error_code}): {str(err.message).splitlines()[0]}")

@@ -16,11 +16,27 @@ Exit codes: 0 stopped (or deployed with --detach), 1 the app did not become heal
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
 
+from components.training.preflight import local_cluster
 from flows._common import banner, emit, fail, load, parser, setup_logging
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse in one line when ``host:port`` is taken on this machine (Serve's proxy would fail to bind after
+    Ray started)."""
+    from components.config import ConfigError
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"serve.port {port} on {host} is taken ({err.strerror}): stop what holds it, or "
+                              "choose another with --set serve.port=N") from None
 
 
 def main() -> None:
@@ -31,13 +47,18 @@ def main() -> None:
     setup_logging()
     # after parsing: --help and a refused command line load no Ray, MLflow or torch
     from components.cluster import ray_session
-    from components.registry.model import ModelUriError, parse_model_uri
+    from components.config import ConfigError
+    from components.registry.model import ModelUriError, check_version
+    from components.registry.tracking import check_tracking
     from deploy.launch import NotHealthy, start
 
     uri = cfg.serve.model_uri or f"models:/{cfg.tracking.registered_model}@champion"
-    try:
-        parse_model_uri(uri)
-    except ModelUriError as err:
+    try:  # before Ray starts: the server answers, the version exists, the port is free
+        check_tracking(cfg)
+        check_version(cfg, uri)
+        if local_cluster():
+            check_port_free(cfg.serve.host, cfg.serve.port)
+    except (ModelUriError, ConfigError) as err:
         fail(str(err))
     banner(f"serve {uri} on http://{cfg.serve.host}:{cfg.serve.port}")
     with ray_session(serve_latency=True):  # Serve's latency settings for a local Ray (components/cluster.py)

@@ -35,12 +35,12 @@ def main() -> None:
         print(plan_for(cfg).table())
         return
 
-    from components.config import RecurringError
-    from components.training.preflight import PreflightError, check_training
+    from components.config import ConfigError, RecurringError
+    from components.training.preflight import check_training
 
     try:
         check_training(cfg)  # before Ray starts: one line, exit 2
-    except PreflightError as err:
+    except ConfigError as err:  # a preflight refusal, or a tracking server that does not answer
         fail(str(err))
 
     from components.cluster import ray_session

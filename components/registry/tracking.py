@@ -14,8 +14,9 @@ import warnings
 from pathlib import Path
 
 import pyarrow as pa
+import requests
 
-from components.config import Config
+from components.config import Config, ConfigError
 from components.dataset import SCHEMA, CuratedManifest
 from components.redact import Redactor
 
@@ -33,6 +34,28 @@ def tracking_uri(cfg: Config) -> str:
     db = cfg.state_path("mlflow.db")
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+class TrackingUnavailable(ConfigError):
+    """The configured MLflow server does not answer: a missing service, reported before any work starts."""
+
+
+def check_tracking(cfg: Config, timeout_s: float = 5.0) -> None:
+    """Refuse in one line when the tracking store is an MLflow server that does not answer its health check
+    (``GET /health``) within ``timeout_s``; a local store (SQLite, files) needs no check. Without it the MLflow
+    client retries for minutes before the first error."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        raise TrackingUnavailable(
+            f"MLflow at {uri} does not answer ({type(err).__name__}): start the server, or point "
+            "tracking.tracking_uri (or MLFLOW_TRACKING_URI) at one that runs") from None
+    if response.status_code >= 500:
+        raise TrackingUnavailable(f"MLflow at {uri} answers its health check with {response.status_code}: "
+                                  "the server is not ready; try again when it is")
 
 
 def setup_tracking(cfg: Config) -> str:

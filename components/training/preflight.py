@@ -13,6 +13,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from components.config import Config, ConfigError, OptimizerName
 from components.dataset import SUCCESS
+from components.registry.tracking import check_tracking
 from components.storage import Store, is_s3, join
 
 
@@ -144,7 +145,9 @@ def check_single_file_config(config: str | None) -> None:
 
 
 def check_training(cfg: Config) -> None:
-    """Everything ``flows/train.py`` can know before Ray starts."""
+    """Everything ``flows/train.py`` can know before Ray starts; a tracking server that does not answer
+    first (the other checks may need it, and it is the cause to fix first)."""
+    check_tracking(cfg)
     check_device(cfg)
     check_model_source(cfg)
     check_dataset(cfg.train.data, cfg.curate.s3_endpoint_url)

@@ -164,3 +164,36 @@ def test_the_terminus_curation_dry_run_shows_two_sources_with_their_policies():
     assert list(sources) == ["laion-hd", "mj-general"]
     laion, mj = (sources[n]["filters"] for n in sources)
     assert laion != mj and mj["max_watermark"] is None and mj["max_luminance"] is None and not mj["require_exif"]
+
+
+def test_a_tracking_server_that_does_not_answer_is_the_first_error(tmp_path, curated):
+    """MLflow down: one line naming it, before Ray starts and before the data or the version are looked at
+    (the MLflow client alone would retry for minutes)."""
+    import socket
+
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    fragment = f"MLflow at http://127.0.0.1:{port} does not answer"
+    state = f"state_dir={tmp_path}"
+    refused(["flows/train.py", "--set", state, "--set", f"train.data={tmp_path / 'nowhere'}"], fragment, env)
+    refused(["flows/evaluate.py", "--set", state, "--model-uri", "models:/nope/1"], fragment, env)
+    refused(["flows/promote.py", "--set", state, "--version", "1"], fragment, env)
+    refused(["flows/serve.py", "--set", state], fragment, env)
+
+
+def test_evaluate_names_a_missing_version_before_missing_data(tmp_path):
+    refused(["flows/evaluate.py", "--set", f"state_dir={tmp_path}", "--model-uri", "models:/nope/1"],
+            "models:/nope/1: not found in the registry")
+
+
+def test_serve_refuses_a_taken_port_before_ray_starts(tmp_path, registered_model):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        refused(["flows/serve.py", *(x for o in registered_model.overrides for x in ("--set", o)),
+                 "--set", f"serve.port={port}"], f"serve.port {port} on 127.0.0.1 is taken")
