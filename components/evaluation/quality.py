@@ -13,11 +13,20 @@ refuses to decide on a random one; docs/recipe.md says which weights to use.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.multimodal import CLIPScore
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from components.diffusion.tiny import tiny_tokenizer
+from components.storage import fetch_object, fetch_prefix
 
 RANDOM = "random"
 """The ``weights_id`` of a metric computed by a randomly initialised feature model."""
@@ -27,9 +36,7 @@ TINY_FEATURE_SIDE = 64  # the tiny extractor looks at 64 x 64 images, as Incepti
 
 def tiny_clip():
     """A randomly initialised CLIP (text and vision towers, projection) and its processor, built offline."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from components.diffusion.tiny import tiny_tokenizer
 
     torch.manual_seed(TINY_SEED)
     config = CLIPConfig(
@@ -89,8 +96,6 @@ def clip_location(name: str, cache_dir: str | Path | None = None) -> str:
     """Where ``CLIPModel.from_pretrained`` reads ``evaluate.clip_model`` from: an ``s3://`` prefix is fetched
     into ``cache_dir`` first (``components.storage.fetch_prefix``); a local folder or a hub id as given."""
     if name.startswith("s3://"):
-        from components.storage import fetch_prefix
-
         if cache_dir is None:
             raise ValueError(f"evaluate.clip_model {name}: an s3:// prefix needs a cache folder")
         return str(fetch_prefix(name, cache_dir))
@@ -104,7 +109,6 @@ def feature_file(name: str | None, cache_dir: str | Path | None = None) -> str |
     or None as given."""
     if name is None or not name.startswith("s3://"):
         return name
-    from components.storage import fetch_object
 
     if cache_dir is None:
         raise ValueError(f"{name}: an s3:// object needs a cache folder")
@@ -120,8 +124,6 @@ def clip_loader(name: str, loaded: dict | None = None):
             model, processor = tiny_clip()
             weights_id = RANDOM
         else:
-            from transformers import CLIPModel, CLIPProcessor
-
             model, processor = CLIPModel.from_pretrained(name).eval(), CLIPProcessor.from_pretrained(name)
             weights_id = f"sha256:{module_sha256(model)[:16]}"
         if loaded is not None:
@@ -172,8 +174,6 @@ def feature_extractor(name: str) -> int | nn.Module:
     """torchmetrics' ``feature`` argument: 2048 (its InceptionV3) for ``inception``, a TorchScript module
     from a path, or ``TinyFeatures``."""
     if name == "inception":
-        import importlib.util
-
         if importlib.util.find_spec("torch_fidelity") is None:
             raise RuntimeError("evaluate.fid_features=inception needs torch-fidelity: pip install '.[inception]' "
                                "(and evaluate.fid_weights for an offline weights file)")
@@ -185,7 +185,6 @@ def feature_extractor(name: str) -> int | nn.Module:
 
 def as_uint8_batch(images: list[np.ndarray], side: int | None = None) -> torch.Tensor:
     """Float (H, W, 3) images in [0, 1] or uint8 ones -> uint8 (N, 3, H, W), resized (LANCZOS) to ``side``."""
-    from PIL import Image
 
     out = []
     for image in images:
@@ -202,7 +201,6 @@ def clip_scores(images: torch.Tensor, prompts: list[str], model: str,
     100 x cosine similarity, floored at 0 as a mean) and each image's own 100 x cosine (what pairs with
     another model's image of the same prompt and seed). ``loaded`` gets the model's ``weights_id``
     (``clip_loader``)."""
-    from torchmetrics.multimodal import CLIPScore
 
     metric = CLIPScore(model_name_or_path=clip_loader(model, loaded))
     per_image = []
@@ -225,8 +223,6 @@ def distribution_distance(real: torch.Tensor, fake: torch.Tensor, features: str,
     intervals resample (``distances.py``)."""
     if len(real) < 2 or len(fake) < 2:
         return {"fid": float("nan"), "kid": float("nan")}, {}
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
 
     extractor = feature_extractor(features)
     kwargs = {"feature_extractor_weights_path": weights} if weights and features == "inception" else {}

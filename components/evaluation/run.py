@@ -29,11 +29,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+import mlflow
 import numpy as np
 from PIL import Image
 
 from components.config import Config, DiffusionConfig
 from components.dataset import CuratedManifest, decode_image, val_rows
+from components.diffusion.adapters import fuse
 from components.diffusion.pipelines import build_pipelines, pick_device, variant_for
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
@@ -50,6 +52,7 @@ from components.evaluation.quality import (
     feature_file,
     fid_weights_id,
 )
+from components.registry.adapter_versions import base_of, fetch_adapter
 from components.registry.model import ModelUriError, ResolvedModel, diffusion_from_pipeline_dir, fetch_model
 from components.registry.promotion import EVAL_PREFIX, FEATURES_PREFIX, PAIRED_PREFIX, SAMPLES_PREFIX, judge
 from components.registry.tracking import setup_tracking
@@ -149,8 +152,6 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
     model = cfg.model.model_copy(update={"variant": variant_for(pipeline_dir, device)[0], "revision": None})
     parts = load_parts(model, cfg.state_path("cache"), source=str(pipeline_dir))
     if adapter is not None:
-        from components.diffusion.adapters import fuse
-
         fuse(parts.unet, adapter)
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device).eval()
@@ -306,7 +307,6 @@ def _base_and_adapter(resolved: ResolvedModel, cfg: Config) -> dict:
     names (fetched first) and the adapter."""
     if not resolved.adapter:
         return {"pipeline_dir": str(resolved.pipeline_dir)}
-    from components.registry.adapter_versions import base_of, fetch_adapter
 
     adapter = fetch_adapter(resolved.uri, cfg.state_path("cache", "models"))
     return {"pipeline_dir": str(base_of(adapter, cfg.state_path("cache", "models"))), "adapter": adapter.weights()}
@@ -315,7 +315,6 @@ def _base_and_adapter(resolved: ResolvedModel, cfg: Config) -> dict:
 def _tag(name: str, version: str, tags: dict[str, str]) -> None:
     """Replace the version's ``eval.*`` tags with ``tags`` (a stale paired interval must not outlive a
     re-evaluation)."""
-    import mlflow
 
     client = mlflow.MlflowClient()
     for key in client.get_model_version(name, version).tags:
@@ -328,7 +327,6 @@ def _tag(name: str, version: str, tags: dict[str, str]) -> None:
 def evaluate_version(cfg: Config, model_uri: str, manifest: CuratedManifest) -> dict:
     """Evaluate the version ``model_uri`` names, and the champion beside it; record the run, the table,
     the grid and both versions' ``eval.*`` tags. Returns the candidate's figures."""
-    import mlflow
 
     experiment_id = setup_tracking(cfg)
     resolved = fetch_model(model_uri, cfg.state_path("cache", "models"), adapter_ok=True)
