@@ -4,7 +4,7 @@ anchor (docs/benchmarks.md, docs/recipe.md), print a table, and keep the run as 
 Sections and where they live: curation (``bench.curation``), training, input and caching
 (``bench.training``), serving (``bench.serving``), multiplex (``bench.multiplex``: adapters many per replica
 against a replica per adapter), zt_repro (``bench.zt_repro``).
-``SIZES`` sizes them so that the whole run stays under 15 minutes on a shared 2-core machine. A missed target
+``SIZES`` sizes them to the run-time budget docs/benchmarks.md states. A missed target
 is a measurement, reported as MISS with its number; a section that fails is reported as ERROR and the others
 still run.
 
@@ -122,7 +122,7 @@ SIZES: dict[str, dict] = {
     "multiplex": {"requests": 16},  # benchmark_multiplex's defaults else: 2 adapters, concurrency 4, 64 px, 4 steps
     "zt_repro": {"threads": 1},
 }
-"""Sized for the whole run to take under 15 minutes on a shared 2-core machine. The ZT-SNR reproduction keeps
+"""Sized for the whole run to fit the run-time budget docs/benchmarks.md states. The ZT-SNR reproduction keeps
 its own defaults (120 steps: with fewer the tiny model does not learn the effect). One torch thread for it: on
 cores that other work already keeps busy, more threads make a training step slower, not faster."""
 

@@ -5,7 +5,8 @@ examples:
   python flows/bench.py --only training,caching
 
 Sections: curation, training, input, caching, serving, multiplex, zt_repro (all by default). The table goes to stdout,
-the full report to <state_dir>/bench/cpu-<timestamp>.json, and the last stdout line is a JSON summary. Every process
+the full report to bench/results/<theme>_<hardware>_<yyyy-mm-dd>.json with its rendered .md (a run of every section
+also regenerates docs/benchmarks.md's results table), and the last stdout line is a JSON summary. Every process
 runs with glibc's malloc thresholds pinned (``bench.process.PINNED_MALLOC``; the flow restarts itself with them). Exit
 status 0 even when a target is missed (a miss is a measurement, reported as such); 1 when a section failed to run.
 """
