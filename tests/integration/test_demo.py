@@ -45,9 +45,12 @@ def test_make_demo_on_a_fresh_clone_as_a_user_runs_it(tmp_path):
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
     (clone / ".venv").symlink_to(REPO / ".venv")
     port = free_port()
+    # The shared environment's editable install points at this checkout; the clone's own packages go first,
+    # as its own `make setup` would have installed them (Ray's workers inherit the variable).
+    env = {**user_environment(), "PYTHONPATH": str(clone)}
     proc = subprocess.run(
         ["make", "-o", ".venv/.installed", "demo", f"DEMO_ARGS=--set serve.port={port}"],
-        cwd=clone, env=user_environment(), capture_output=True, text=True, timeout=1200,
+        cwd=clone, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -341,7 +341,8 @@ def test_ddp_training_resumes_after_losing_a_workers_node(ray_local, s3_env, ser
     out = run_scenario(TRAIN_SCENARIO, spec, env, timeout=600)
     assert out["rc"] == 0, out["stderr"]
     assert out["train_nodes"] == out["workers"], out  # one DDP worker on each worker node
-    assert len(out["resumed"]) == 1, out["resumed"]  # the loss cost one attempt, resumed from its checkpoint
+    # The loss costs an attempt; a retry may meet the dying node once more before the cluster notices it.
+    assert 1 <= len(out["resumed"]) <= 2, out["resumed"]
     result = json.loads(out["stdout"][out["stdout"].index("{"):])
     previous = mlflow.get_tracking_uri()
     try:
