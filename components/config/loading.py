@@ -67,6 +67,11 @@ def _field_annotation(dotted: list[str]):
     return annotation
 
 
+def _is_list_of_sections(dotted: list[str]) -> bool:
+    """True when the field at ``dotted`` is a list of named sections (``curate.sources``)."""
+    return _list_item_model(_field_annotation(dotted)) is not None
+
+
 def _field_annotation_in(model, dotted: list[str]):
     """``_field_annotation`` from ``model`` down (the entries of a list of sections)."""
     annotation = None
@@ -139,6 +144,12 @@ def _set(tree: dict[str, Any], dotted: str, value) -> None:
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i])} has no entry named {key!r} (names: {names})")
             node = entry
             continue
+        if key not in node and _is_list_of_sections(keys[:i + 1]) and i + 1 < len(keys) - 1:
+            # The preset leaves the list out (the tiny preset reads one source through the shorthand keys).
+            listed = ".".join(keys[:i + 1])
+            raise ConfigError(f"--set {dotted}: this preset lists no {listed}, so there is no entry named "
+                              f"{keys[i + 1]!r}; it reads one source: set its keys instead "
+                              "(e.g. --set curate.source=<folder, s3:// prefix or manifest>)")
         node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {dotted}: {key} is not a section")

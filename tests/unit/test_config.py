@@ -266,3 +266,14 @@ def test_one_source_of_a_list_is_set_by_its_name():
         load_config(CONFIGS / "terminus_v2.yaml", ["curate.sources.laion.location=/x"])
     with pytest.raises(ConfigError, match="curate.sources.mj-general.repeats"):
         load_config(CONFIGS / "terminus_v2.yaml", ["curate.sources.mj-general.repeats=-1"])
+
+
+def test_a_named_source_on_a_one_source_preset_says_to_set_the_shorthand():
+    """The tiny preset lists no ``curate.sources``: naming one is refused with the keys that set its source,
+    not with a type error about a list."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", ["curate.sources.laion-hd.location=/x"])
+    message = str(err.value)
+    assert "no entry named 'laion-hd'" in message and "--set curate.source=" in message
+    assert "valid list" not in message and "\n" not in message
+    assert load_config(CONFIGS / "tiny.yaml", ["curate.source=/x"]).curate.resolved_sources()[0].location == "/x"
