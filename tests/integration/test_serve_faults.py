@@ -468,7 +468,10 @@ def test_full_queue_answers_503_at_once(server):
           f"max {max(busy or [0]) * 1000:.0f} ms)")
     assert len(done) + len(busy) == burst, Counter(r.status_code for _, r in results)
     assert busy, "the queue never filled"
-    assert max(busy) < min(2.0, statistics.median(done)), "a full queue must refuse at once, not after a wait"
+    # A refusal that waited for a slot would come after an accepted request finished. The clients' own clocks run
+    # late on a busy machine (connections open slowly), so every refusal is held to the accepted median, not to
+    # the first one or to a fixed number of seconds.
+    assert max(busy) < statistics.median(done), "a full queue must refuse at once, not after a wait"
 
 
 # --- a model replica SIGKILLed under load -------------------------------------------------------------
