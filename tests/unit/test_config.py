@@ -243,6 +243,15 @@ def test_relative_state_paths_are_refused_inside_a_ray_job_copy(tmp_path, monkey
     assert load_config(None, [f"state_dir={tmp_path}"]).state_dir == str(tmp_path)
 
 
+def test_a_relative_state_path_outside_a_job_is_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """The one rule for relative paths: resolved when the config loads (``--set`` against the working
+    directory), so every Ray worker gets an absolute path; only a job's deleted copy refuses them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["state_dir=runs/here", "train.storage_path=ckpt"])
+    assert cfg.state_dir == str(tmp_path / "runs/here") and cfg.train.storage_path == str(tmp_path / "ckpt")
+    assert cfg.train.data == str(tmp_path / "runs/here/datasets/tiny")
+
+
 def test_every_key_is_documented_in_the_reference():
     rows = reference()
     undocumented = [r["key"] for r in rows if not r["doc"].strip()]
