@@ -106,6 +106,28 @@ class TinyModelConfig(Strict):
     """Four blocks, so the VAE downsamples by 8 as SDXL's does."""
 
 
+class ModelDownloadConfig(Strict):
+    """How an http(s) single-file ``model.source`` is downloaded (the guarded downloader of
+    ``components/http_fetch.py``, as for URL sources' images): http(s) only at every redirect, no
+    transparent decompression (an answer with a ``Content-Encoding`` is refused), bounded in size and time."""
+
+    max_bytes: int = Field(16 * 2**30, gt=0)
+    """Largest file accepted (by ``Content-Length``, else while reading): larger is refused and nothing is kept."""
+    timeout_s: float = Field(4 * 3600.0, gt=0)
+    """Seconds the whole download may take (every redirect, the headers and the whole body): past it the
+    download is cut off and refused, however slowly the server keeps sending."""
+    connect_timeout_s: float = Field(10.0, gt=0)
+    """Seconds to connect."""
+    read_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for the headers, and for each next part of the body."""
+    max_redirects: int = Field(5, ge=0)
+    """Redirects followed; more (a loop) is refused."""
+    allow_private_addresses: bool = False
+    """Allow URLs (and redirects) whose host resolves to a loopback, private, link-local or reserved address.
+    Off: a URL or a redirect cannot make the platform call into its own network (a cloud's instance-metadata
+    endpoint, a service on the same host). Turn it on to serve models from 127.0.0.1 or a private network."""
+
+
 class ModelConfig(Strict):
     """The SDXL model a run starts from."""
 
@@ -126,6 +148,8 @@ class ModelConfig(Strict):
     tokenizers the file is read with (the file holds weights only); None: SDXL base's
     (``stabilityai/stable-diffusion-xl-base-1.0``, from the hub or the local Hugging Face cache). The
     scheduler always comes from the preset's ``diffusion`` section."""
+    download: ModelDownloadConfig = ModelDownloadConfig()
+    """How an http(s) ``model.source`` is downloaded."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Sizes of the ``tiny`` model."""
     seed: int = 0
