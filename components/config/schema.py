@@ -714,6 +714,19 @@ class ServeConfig(Strict):
     """Longest prompt accepted, in characters."""
     max_upload_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Largest request body accepted."""
+    body_timeout_s: float = Field(15.0, gt=0)
+    """Longest the ingress waits for one request's body, from the moment the request reaches it; past it the
+    request is answered 408 (``max_upload_bytes`` then needs about 4.5 Mbit/s). A body is awaited inside an
+    ingress request slot, so this bounds how long a client that sends slowly holds one."""
+    max_bodies_per_client: int = Field(8, ge=1)
+    """Request bodies one client address may have being received by one ingress replica at once; the next is
+    answered 429 + Retry-After at once, unread (the address is the one the HTTP proxy reports: docs/reliability.md,
+    Endpoint)."""
+    max_bodies: int = Field(160, ge=1)
+    """Request bodies one ingress replica receives at once, from all clients; the next is answered 503 +
+    Retry-After at once. Kept below the Ingress deployment's ``max_ongoing_requests`` (deploy/serve.yaml) by more
+    than the model deployment's capacity, so that bodies being received never take the slots ``/healthz`` and the
+    requests waiting on the model need (tests/unit/deploy/test_serve_limits.py checks the arithmetic)."""
     default_size: int = Field(256, gt=0)
     """Image side when a request gives no size."""
     default_steps: int = Field(20, gt=0)
@@ -747,6 +760,9 @@ class ServeConfig(Strict):
     def _check(self) -> ServeConfig:
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
+        if self.max_bodies_per_client > self.max_bodies:
+            raise ValueError(f"max_bodies_per_client {self.max_bodies_per_client} is above max_bodies "
+                             f"{self.max_bodies}")
         if self.api_key_env is not None and not ENV_NAME.fullmatch(self.api_key_env):
             # "" would read as "no key" and leave the endpoint open without a word; say so instead.
             raise ValueError(f"api_key_env {self.api_key_env!r} is not the name of an environment variable "
