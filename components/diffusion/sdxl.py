@@ -60,7 +60,7 @@ def load_parts(model: ModelConfig, cache_dir: str | Path, source: str | None = N
         raise ModelLoadError(f"model source {source}: a registered version is loaded through the registry "
                              "(components.registry.model_sources.load_source_parts)")
     if kind == "single_file":
-        pipe = load_single_file(fetch_single_file(source, cache_dir), model.single_file_config,
+        pipe = load_single_file(fetch_single_file(source, cache_dir, model.download), model.single_file_config,
                                 diffusion or DiffusionConfig())
         return _parts(pipe)
     if kind == "url":

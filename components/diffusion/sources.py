@@ -3,7 +3,8 @@
 Kinds: ``tiny`` and ``sdxl-random`` (built offline: ``components.diffusion.tiny``), a local diffusers
 directory, a Hugging Face hub id (``model.revision``, ``model.variant``), an ``s3://`` prefix fetched into a
 local cache (``components.storage.fetch_prefix``), or a single-file ``.safetensors`` checkpoint in the
-original SDXL layout -- a local path, an ``s3://`` object or an http(s) URL, fetched into the cache.
+original SDXL layout -- a local path, an ``s3://`` object or an http(s) URL, fetched into the cache (a URL
+through the guarded downloader ``components.http_fetch``, within ``model.download``).
 Registered versions (``models:/``) are resolved a layer up, by the registry
 (``components.registry.model_sources``), into a directory.
 
@@ -15,24 +16,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 import torch
 from diffusers import StableDiffusionXLPipeline
 from huggingface_hub import constants
 
 from components.config import ModelConfig
+from components.config.schema import ModelDownloadConfig
 from components.diffusion.parts import ModelLoadError, SDXLParts
 from components.diffusion.sdxl_base import COMPONENTS, build_component, weight_files
 from components.diffusion.tiny import build_tiny
 from components.host_memory import release_memory
+from components.http_fetch import Fetcher, FetchError, Limits
+from components.redact import redact
 from components.storage import fetch_object, fetch_prefix, is_s3
 
 SDXL_RANDOM = "sdxl-random"
 SINGLE_FILE_SUFFIX = ".safetensors"
 REGISTERED_PREFIX = "models:/"
+USER_AGENT = "terminus-models/0.1"
 
 
 def source_kind(source: str) -> str:
@@ -66,12 +71,14 @@ def resolve_source(source: str, cache_dir: str | Path) -> str:
     return source
 
 
-def fetch_single_file(source: str, cache_dir: str | Path) -> Path:
+def fetch_single_file(source: str, cache_dir: str | Path, download: ModelDownloadConfig | None = None) -> Path:
     """The local path of a single-file checkpoint: as given, or downloaded into ``cache_dir`` (an
-    ``s3://`` object under ``s3/``, an http(s) URL under ``url/<hash of the URL>/``).
+    ``s3://`` object under ``s3/``, an http(s) URL under ``url/<hash of the URL>/``, within the limits of
+    ``download``, default ``ModelDownloadConfig()``).
 
     A URL is fetched again only when the server says the file changed: the cached copy's ETag goes out
-    as ``If-None-Match`` and a 304 keeps it. Downloads land in ``.partial`` and are renamed when whole.
+    as ``If-None-Match`` and a 304 keeps it. Downloads stream into a ``.partial`` file beside the target,
+    renamed when whole; on any failure it is removed, so no half-written file looks complete.
     """
     if is_s3(source):
         try:
@@ -79,38 +86,63 @@ def fetch_single_file(source: str, cache_dir: str | Path) -> Path:
         except (FileNotFoundError, ValueError) as err:
             raise ModelLoadError(f"model source {source}: {err}") from None
     if source.startswith(("http://", "https://")):
-        return _download_url(source, Path(cache_dir) / "url" / hashlib.sha256(source.encode()).hexdigest()[:16])
+        directory = Path(cache_dir) / "url" / hashlib.sha256(source.encode()).hexdigest()[:16]
+        return _download_url(source, directory, download or ModelDownloadConfig())
     path = Path(source).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"model source {source} is not a file")
     return path
 
 
-def _download_url(url: str, directory: Path) -> Path:
+def download_limits(cfg: ModelDownloadConfig) -> Limits:
+    """``model.download`` as the guarded downloader's limits."""
+    return Limits(timeout_s=cfg.timeout_s, connect_timeout_s=cfg.connect_timeout_s, max_bytes=cfg.max_bytes,
+                  max_redirects=cfg.max_redirects, allow_private_addresses=cfg.allow_private_addresses,
+                  private_setting="model.download.allow_private_addresses", read_timeout_s=cfg.read_timeout_s,
+                  chunk_bytes=1 << 20)
+
+
+def _download_url(url: str, directory: Path, cfg: ModelDownloadConfig) -> Path:
+    """``url`` into ``directory/<its file name>`` (kept when the server answers 304 to its ETag), or
+    ``ModelLoadError`` in one line naming the URL (redacted) and why."""
     name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     target, etag_path = directory / name, directory / (name + ".etag")
     headers = {}
     if target.is_file() and etag_path.is_file():
         headers["If-None-Match"] = etag_path.read_text()
+    fetcher = Fetcher(download_limits(cfg), headers={"User-Agent": USER_AGENT, "Accept": "*/*"})
     try:
-        with requests.get(url, headers=headers, stream=True, timeout=60) as resp:
-            if resp.status_code == 304:
+        with fetcher.open(url, headers=headers) as reply:
+            if reply.status == 304 and headers:
                 return target
-            if resp.status_code != 200:
-                raise ModelLoadError(f"model source {url}: the server answered {resp.status_code}")
+            if reply.status != 200:
+                raise ModelLoadError(f"model source {redact(url)}: the server answered {reply.status}")
             directory.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(name + ".partial")
-            with partial.open("wb") as fh:
-                for chunk in resp.iter_content(1 << 20):
-                    fh.write(chunk)
-            partial.replace(target)
-            if resp.headers.get("ETag"):
-                etag_path.write_text(resp.headers["ETag"])
-            else:
-                etag_path.unlink(missing_ok=True)
-    except requests.RequestException as err:
-        raise ModelLoadError(f"model source {url}: cannot download ({type(err).__name__})") from None
+            _write_whole(reply, target, etag_path)
+            etag = reply.headers.get("ETag")
+            if etag:
+                etag_path.write_text(etag)
+    except FetchError as err:
+        raise ModelLoadError(f"model source {redact(url)}: cannot download: {redact(err.detail)}") from None
+    finally:
+        fetcher.close()
     return target
+
+
+def _write_whole(reply, target: Path, etag_path: Path) -> None:
+    """The body into a ``.partial`` file of its own (downloads into one cache may overlap), renamed to
+    ``target`` once whole; removed on any failure. The old ETag goes first, so a crash can never pair it
+    with the new file."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with partial.open("xb") as fh:
+            for chunk in reply.chunks():
+                fh.write(chunk)
+        etag_path.unlink(missing_ok=True)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def hub_offline() -> bool:
@@ -189,7 +221,7 @@ def describe_source(model: ModelConfig, cache_dir: str | Path) -> SourceInfo:
         release_memory()  # 10 GB of UNet built and dropped: the caller (the training driver) goes on
         return SourceInfo(kind, source, SDXL_RANDOM, digest, pinned=model, extra={"seed": model.seed})
     if kind == "single_file":
-        path = fetch_single_file(source, cache_dir)
+        path = fetch_single_file(source, cache_dir, model.download)
         return SourceInfo(kind, source, str(path), file_sha256(path), pinned=model)
     if kind in ("s3", "directory"):
         location = resolve_source(source, cache_dir)

@@ -14,7 +14,8 @@ from tests.fixtures.processes import REPO
 
 ROOTS = ("components", "deploy", "bench", "flows")
 LAYERS: list[tuple[str, ...]] = [
-    ("components.environment", "components.config", "components.cluster", "components.host_memory"),
+    ("components.environment", "components.config", "components.cluster", "components.host_memory",
+     "components.http_fetch"),
     ("components.redact",),
     ("components.storage",),
     ("components.dataset", "components.diffusion"),

@@ -13,6 +13,7 @@ import pytest
 from components.config import DownloadConfig
 from components.curation.download import Downloader, DownloadFailed
 from components.curation.filters import Reason
+from tests.fixtures.hostile_http import HostileServer, gzipped
 from tests.fixtures.http_images import HOLD_S
 
 FAST = DownloadConfig(timeout_s=1.0, connect_timeout_s=1.0, retries=1, backoff_s=0.05, max_bytes=2 * 2**20,
@@ -97,3 +98,16 @@ def test_requests_to_one_host_are_bounded(image_server):
         t.join(timeout=30)
     assert got == [(image_server.photos / "camera.png").stat().st_size] * 12
     assert image_server.peak == 2 and time.monotonic() - start >= 6 * HOLD_S
+
+
+def test_a_compressed_answer_is_an_http_error_never_inflated():
+    """The request asks for identity; a server that gzips anyway is refused (not retried, not decoded), so
+    ``max_bytes`` bounds what a body can become."""
+    server = HostileServer()
+    try:
+        server.routes["/z.png"] = gzipped(b"\x00" * 2**20, "image/png")
+        failure = _fails(Downloader(FAST, per_host=2), server.url("/z.png"))
+        assert failure.reason is Reason.HTTP_ERROR and "Content-Encoding 'gzip'" in failure.detail
+        assert server.hits["/z.png"] == 1 and server.seen["/z.png"]["Accept-Encoding"] == "identity"
+    finally:
+        server.stop()

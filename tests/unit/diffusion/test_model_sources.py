@@ -122,6 +122,7 @@ def test_a_url_single_file_is_downloaded_once_and_read(tiny, tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/files/tiny.safetensors"
         cfg = config_for(tiny, tmp_path, url)
+        cfg.model.download.allow_private_addresses = True  # served from 127.0.0.1
         assert_fp16_of(tiny.parts, load_parts(cfg.model, cfg.state_path("cache"), diffusion=cfg.diffusion))
         info = describe_source(cfg.model, cfg.state_path("cache"))  # the run's lineage, after the workers' load
         assert info.weights_sha256 == file_sha256(tiny.file) and Path(info.location).read_bytes() == handler.body
