@@ -719,14 +719,15 @@ class ServeConfig(Strict):
     request is answered 408 (``max_upload_bytes`` then needs about 4.5 Mbit/s). A body is awaited inside an
     ingress request slot, so this bounds how long a client that sends slowly holds one."""
     max_bodies_per_client: int = Field(8, ge=1)
-    """Request bodies one client address may have being received by one ingress replica at once; the next is
-    answered 429 + Retry-After at once, unread (the address is the one the HTTP proxy reports: docs/reliability.md,
-    Endpoint)."""
+    """Slow request bodies (still arriving 1 s after the request reached the ingress: ``deploy/app.py``
+    ``BODY_GRACE_S``) one client address may have being received by one ingress replica at once; the next slow one
+    is answered 429 + Retry-After, and a request arriving while the address has this many is refused so at once,
+    unread (the address is the one the HTTP proxy reports: docs/reliability.md, Endpoint)."""
     max_bodies: int = Field(160, ge=1)
-    """Request bodies one ingress replica receives at once, from all clients; the next is answered 503 +
-    Retry-After at once. Kept below the Ingress deployment's ``max_ongoing_requests`` (deploy/serve.yaml) by more
-    than the model deployment's capacity, so that bodies being received never take the slots ``/healthz`` and the
-    requests waiting on the model need (tests/unit/deploy/test_serve_limits.py checks the arithmetic)."""
+    """Slow request bodies one ingress replica receives at once, from all clients; past it 503 + Retry-After, as
+    for ``max_bodies_per_client``. Kept below the Ingress deployment's ``max_ongoing_requests``
+    (deploy/serve.yaml) by more than the model deployment's capacity, so that bodies being received never take the
+    slots ``/healthz`` and the requests waiting on the model need (tests/unit/deploy/test_bodies.py checks it)."""
     default_size: int = Field(256, gt=0)
     """Image side when a request gives no size."""
     default_steps: int = Field(20, gt=0)
