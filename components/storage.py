@@ -12,7 +12,10 @@ A failing *store* (endpoint unreachable, connection dropped, timeouts, 5xx left 
 retries) raises ``StorageUnavailable``, one line naming the operation, the URI and the endpoint. It
 is kept apart from a failing *object* (missing, forbidden), which curation counts per input: an
 outage must stop the run (no ``_SUCCESS``), never turn every remaining input into "unreadable" and
-publish what is left as if it were the dataset.
+publish what is left as if it were the dataset. A listing that the store refuses (no such bucket, access
+denied, no credentials, an endpoint URL boto3 rejects) is about the whole prefix, not one object: it raises
+``StorageRefused``. Both are ``StorageError``s, whose messages are redacted when they are made (they quote
+botocore's errors, which quote the endpoint URL with any password in it).
 """
 
 from __future__ import annotations
@@ -60,8 +63,20 @@ def object_key(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-class StorageUnavailable(RuntimeError):
+class StorageError(RuntimeError):
+    """A failure of the store as a whole, in one line, redacted when made (``components.redact``)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+
+class StorageUnavailable(StorageError):
     """The store itself failed (not one object): stop the run rather than drop or skip inputs."""
+
+
+class StorageRefused(StorageError):
+    """The store refused a request about a whole prefix (a listing): no such bucket, access denied, no
+    credentials, a bucket name or an endpoint URL it does not accept. Its settings are the user's to fix."""
 
 
 def original_unavailable(err: BaseException) -> StorageUnavailable | None:
@@ -227,18 +242,24 @@ class Store:
         return self._client
 
     @contextmanager
-    def _s3(self, op: str, uri: str):
-        """Translate a failing store into ``StorageUnavailable``; per-object errors pass unchanged."""
+    def _s3(self, op: str, uri: str, whole: bool = False):
+        """Translate a failing store into ``StorageUnavailable``; per-object errors pass unchanged, unless
+        ``whole`` (the request is about a prefix, not one object): then botocore's other errors, and the
+        ``ValueError`` of an endpoint URL it rejects, become ``StorageRefused``."""
+        # botocore loads with the first S3 client (s3_client): a local store never imports it
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
             yield
         except Exception as err:
-            if not _unavailable(err):
+            unavailable = _unavailable(err)
+            if not (unavailable or whole and isinstance(err, BotoCoreError | ClientError | ValueError)):
                 raise
-            endpoint = self.client.meta.endpoint_url if self._client is not None else self.endpoint_url
+            via = self.client.meta.endpoint_url if self._client is not None else endpoint(self.endpoint_url)
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise StorageUnavailable(redact(
-                f"S3 store unavailable: {op} {uri} via {endpoint} failed ({type(err).__name__}: {first})"
-            )) from err
+            what = f"{op} {uri} via {via or 'AWS'} failed ({type(err).__name__}: {first})"
+            raise (StorageUnavailable(f"S3 store unavailable: {what}") if unavailable
+                   else StorageRefused(f"S3 store refused: {what}")) from err
 
     def read(self, uri: str) -> bytes:
         if is_s3(uri):
@@ -305,8 +326,8 @@ class Store:
         if is_s3(root):
             bucket, prefix = split_s3(root)
             prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            with self._s3("list", root):  # pages are fetched lazily, inside the translation
+            with self._s3("list", root, whole=True):  # the client, and the pages fetched lazily, inside it
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                 for page in pages:
                     for obj in page.get("Contents", []):
                         if not obj["Key"].endswith("/"):

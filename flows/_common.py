@@ -1,6 +1,10 @@
 """What every flow shares: the command line (--config, --set, --print-config), logging, banners, the
 last JSON line, and the exit codes.
 
+What a flow writes about its errors passes through ``components.redact``: its error lines (``fail``),
+its log records (a ``RedactFilter`` on the root logger's handlers) and the traceback of an exception it
+does not catch (``redact_excepthook``), all three from ``setup_logging``.
+
 Exit codes of every flow: 0 done (the last stdout line is one JSON object), 1 the work itself failed,
 2 bad input (a config, a path, a model that does not exist), 3 refused by a gate (promotion).
 """
@@ -15,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.redact import redact
+from components.redact import RedactFilter, redact, redact_excepthook
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_INPUT = 2
@@ -65,7 +69,12 @@ def load(args):
 
 
 def setup_logging() -> None:
+    """INFO logging to stderr, every record redacted on its way out; uncaught exceptions' tracebacks too."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
+    sys.excepthook = redact_excepthook
     for noisy in ("urllib3", "botocore", "alembic", "mlflow.store.db"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

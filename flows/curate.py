@@ -9,7 +9,9 @@ examples:
       --set state_dir=/mnt/terminus
 
 The last line on stdout is one JSON object: output, report path, digest and the counts.
-Exit codes: 0 curated, 1 the store failed during the run (nothing published), 2 bad input.
+Exit codes: 0 curated, 1 the store failed during the run (nothing published), 2 bad input (a source, an
+output, a store that is unreachable or refuses them, an S3 setting that cannot go to the workers), each one
+redacted line.
 """
 
 from __future__ import annotations
@@ -38,22 +40,25 @@ def main() -> None:
         return
 
     from components.cluster import ray_session
+    from components.config import ConfigError
     from components.curation.pipeline import curate, prepare
+    from components.curation.remote import check_worker_env
     from components.curation.sources import SourceError
     from components.dataset import REPORT, join
-    from components.storage import StorageUnavailable
+    from components.storage import StorageError
 
     banner(f"curate: {', '.join(s.name for s in cfg.curate.resolved_sources())} -> {cfg.curate.output}")
     try:
+        check_worker_env(cfg)  # what the workers' runtime env would carry
         inputs = prepare(cfg)  # sources and output checked before Ray starts
-    except (SourceError, StorageUnavailable) as err:
+    except (ConfigError, SourceError, StorageError) as err:
         fail(str(err))
     try:
         with ray_session():
             report = curate(cfg, inputs)
-    except SourceError as err:
+    except (ConfigError, SourceError) as err:
         fail(str(err))
-    except StorageUnavailable as err:
+    except StorageError as err:  # the store failed or refused during the run: the work failed
         fail(str(err), code=1)
     drops = ", ".join(f"{k} {v}" for k, v in report["reasons"].items() if v) or "none"
     print(f"kept {report['kept']} of {report['inputs']} (dropped: {drops})", file=sys.stderr)

@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -26,10 +28,10 @@ from ray._private.authentication.authentication_utils import is_token_auth_enabl
 from ray._raylet import AuthenticationTokenLoader
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-from components.config import CurateConfig, DiffusionConfig, InferenceConfig, load_config
+from components.config import ConfigError, CurateConfig, DiffusionConfig, InferenceConfig, load_config
 from components.curation.filters import Reason
 from components.curation.process import Curator, Outcome
-from components.curation.remote import PROFILE, worker_args
+from components.curation.remote import PROFILE, check_worker_env, worker_args
 from components.curation.sources import SourceError, check_output, from_manifest, load_inputs, resolve_path
 from components.curation.writer import aggregate, begin, outcomes_table, publish, write_shard
 from components.diffusion.parts import ModelLoadError
@@ -38,7 +40,7 @@ from components.diffusion.sdxl import load_parts, save_pipeline
 from components.diffusion.tiny import build_tiny
 from components.redact import Redactor, redact, redact_tree
 from components.registry.tracking import flatten
-from components.storage import Store
+from components.storage import StorageRefused, Store
 from components.training.checkpointing import COMPLETE, TrainState, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,6 +98,23 @@ PATTERN_ONLY = {
     "key-named-variable": ("zq8Lr3vNqPw", "STRIPE_KEY=zq8Lr3vNqPw"),
     "pass-named-variable": ("hunter2hunter2", "DB_PASS: hunter2hunter2"),
     "json-secret": ("q7/fake+VALUE", '{"aws_secret_access_key": "q7/fake+VALUE"}'),
+    "url-password-with-at": ("ssw0rd!", "fetch https://user:p@ssw0rd!@host.example.com/x.jpg failed"),
+    "passphrase": ("battery staple", "password = correct horse battery staple\nnext: line"),
+    "quoted-passphrase": ("horse battery", "db_password: 'correct horse battery' # the old one"),
+    "google-key-in-a-query": ("AIzaSyQ7fakeGOOGLEkeyNOTreal_0000-00042",
+                              "GET https://maps.example.com/api?key=AIzaSyQ7fakeGOOGLEkeyNOTreal_0000-00042&z=1"),
+    "google-key-bare": ("AIzaSyQ7fakeGOOGLEkeyNOTreal_0000-00042",
+                        "key AIzaSyQ7fakeGOOGLEkeyNOTreal_0000-00042 refused"),
+    "x-api-key-header": ("q7FakeHeaderKey42", "X-Api-Key: q7FakeHeaderKey42\r\nAccept: */*"),
+    "x-auth-token-header": ("q7FakeAuthToken42", "headers: X-Auth-Token: q7FakeAuthToken42"),
+    "api-key-header": ("q7FakeApiKey42", "Api-Key: q7FakeApiKey42"),
+    "openai-key": ("sk-Q7fakeOPENAIkeyNOTreal0000000000000042", "using sk-Q7fakeOPENAIkeyNOTreal0000000000000042 now"),
+    "openai-project-key": ("sk-proj-Q7fake_OPENAI-project0000000000042",
+                           "OpenAIError: Incorrect API key provided: sk-proj-Q7fake_OPENAI-project0000000000042."),
+    "token-as-url-user": ("Q7fakeTOKENasUSER0000042x", "git clone https://Q7fakeTOKENasUSER0000042x@git.example.com/o/r"),
+    "github-token-as-url-user": ("ghp_Q7fakeGITHUBtokenNOTreal000000000042",
+                                 "https://ghp_Q7fakeGITHUBtokenNOTreal000000000042@github.com/o/r.git"),
+    "short-hf-token": ("hf_Q7fake42", "token hf_Q7fake42 is too short to be real"),
 }
 
 
@@ -126,8 +145,13 @@ def test_redact_leaves_ordinary_values_alone(monkeypatch):
     assert params["diffusion.prediction_type"] == "v_prediction"
     for text in ("a photograph of an astronaut", "s3://bucket/prefix/x.jpg", "sqlite:////tmp/s/mlflow.db",
                  "http://127.0.0.1:5000", "http://127.0.0.1:9000/bucket/a@b.jpg", "Basic settings",
-                 "https://example.com/a.jpg?size=large&signal=1"):
+                 "https://example.com/a.jpg?size=large&signal=1", "the token is refreshed", "password reset",
+                 "pip install hf_transfer", "https://git@github.com/o/r.git", "https://deploy-bot-staging@h/x",
+                 "tokenizer: openai/clip-vit-large-patch14", "max_tokens: 77", "a task-specific risk-aware sk-learn"):
         assert redact(text) == text
+    # A URL password ends at the host, a secret's value at the line's end: what follows them stays.
+    assert redact("http://u:p@ss@host/a@b.jpg") == "http://<redacted>@host/a@b.jpg"
+    assert redact("token=abc123 user=bob\nnext line") == "token=<redacted> user=bob\nnext line"
 
 
 def test_params_and_reports_are_redacted(monkeypatch):
@@ -158,6 +182,85 @@ def test_source_errors_are_redacted_when_made(monkeypatch, tmp_path):
             call()
         message = str(err.value)
         assert password not in message and FAKE_KEY_ID not in message and "<redacted>" in message, message
+
+
+def _without_aws_credentials(monkeypatch, tmp_path):
+    """No AWS setting and no credentials anywhere boto3 looks (environment, files, instance metadata)."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("host", ["my_minio:9000", "127.0.0.1:9"], ids=["endpoint-boto3-rejects", "no-credentials"])
+def test_a_refused_listing_is_one_redacted_line(monkeypatch, tmp_path, host):
+    """Listing a prefix fails for the whole source when boto3 rejects the endpoint URL (a host name with
+    ``_``) or finds no credentials: ``StorageRefused``, one line, redacted. botocore's own error (its
+    ``ValueError`` quotes the endpoint URL with its password) must not escape ``Store.list``."""
+    password = "p@ss-NotInTheEnv-42"
+    _without_aws_credentials(monkeypatch, tmp_path)
+    with pytest.raises(StorageRefused) as err:
+        list(Store(f"http://{FAKE_KEY_ID}:{password}@{host}/").list("s3://bucket/pre/"))
+    message = str(err.value)
+    assert "\n" not in message and "list s3://bucket/pre/" in message and f"<redacted>@{host}" in message, message
+    for secret in (password, "ss-NotInTheEnv-42", FAKE_KEY_ID):
+        assert secret not in message, message
+
+
+def test_curate_refuses_an_unusable_store_in_one_redacted_line(tmp_path):
+    """``flows/curate.py`` with an S3 source whose store cannot be used (an endpoint URL boto3 rejects, with a
+    password in it; an endpoint variable with user info that the workers' runtime env would carry): one
+    redacted ``error:`` line, exit 2, no traceback, before any cluster starts."""
+    password = "p@ss-NotInTheEnv-42"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_MAX_ATTEMPTS="1", AWS_EC2_METADATA_DISABLED="true", RAY_ADDRESS="",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    base = ["--set", f"state_dir={tmp_path / 'state'}", "--set", "curate.source=s3://bucket/pre/",
+            "--set", f"curate.output={tmp_path / 'out'}"]
+    runs = {
+        "endpoint-setting": (["--set", f"curate.s3_endpoint_url=http://user:{password}@my_minio:9000/"], env),
+        "endpoint-variable": ([], {**env, "AWS_ENDPOINT_URL_S3": f"http://user:{password}@127.0.0.1:9/"}),
+    }
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "flows/curate.py"), *base, *sets], cwd=REPO, env=e,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (sets, e) in runs.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err, (name, err)
+        assert "<redacted>@" in errors[0], (name, errors)
+        for secret in (password, "ss-NotInTheEnv-42"):
+            assert secret not in out + err, (name, err)
+
+
+LOGGED = """
+import logging
+from flows._common import setup_logging
+setup_logging()
+log = logging.getLogger("x")
+log.info("connecting to %s", "http://user:{pw}@host:9/")
+try:
+    raise RuntimeError("token={pw}")
+except RuntimeError:
+    log.exception("failed with password = {pw} and more")
+raise ValueError("Invalid endpoint: http://user:{pw}@my_minio:9000/")
+"""
+
+
+def test_flow_log_records_and_uncaught_tracebacks_are_redacted():
+    """What a flow's ``setup_logging`` sets up redacts every log record (its arguments, its traceback) and
+    the traceback of an exception nobody catches; the text around the secrets stays."""
+    password = "q7-NotInTheEnv-" + "z" * 8
+    proc = subprocess.run([sys.executable, "-c", LOGGED.format(pw=password)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert password not in proc.stderr + proc.stdout, proc.stderr
+    for kept in ("connecting to http://<redacted>@host:9/", "failed with password = <redacted>",
+                 "RuntimeError: token=<redacted>", "Traceback (most recent call last)",
+                 "ValueError: Invalid endpoint: http://<redacted>@my_minio:9000/"):
+        assert kept in proc.stderr, proc.stderr
 
 
 def test_rejects_shards_and_report_carry_no_credentials(tmp_path):
@@ -205,6 +308,26 @@ def test_s3_credentials_never_travel_in_the_runtime_env(monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
     creds = boto3.Session().get_credentials().get_frozen_credentials()
     assert (creds.access_key, creds.secret_key, creds.token) == (FAKE_KEY_ID, secret, "IQoJb3JpZ2luPLANTEDsessionTOKEN")
+
+
+@pytest.mark.parametrize("name", ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+@pytest.mark.parametrize("userinfo", ["minio:p@ss-NotInTheEnv-42", "Q7fakeTOKENasUSER0000042x"])
+def test_endpoint_user_info_never_travels_in_the_runtime_env(monkeypatch, tmp_path, name, userinfo):
+    """An endpoint variable with a user name or password in it is refused (``ConfigError``, one line, the user
+    info redacted, naming where keys go) rather than copied into the workers' runtime env, which Ray logs and
+    shows; a curation that touches no S3 forwards nothing and refuses nothing."""
+    monkeypatch.setenv(name, f"http://{userinfo}@127.0.0.1:9000")
+    cfg = load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path / 'state'}",
+                                                         "curate.source=s3://lake/in", "curate.output=s3://lake/out"])
+    for call in (lambda: worker_args(cfg, num_cpus=1), lambda: check_worker_env(cfg)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and f"{name}=http://<redacted>@127.0.0.1:9000" in message, message
+        assert "AWS_ACCESS_KEY_ID" in message and userinfo.rpartition("@")[2] not in message, message
+    local = load_config(REPO / "flows/configs/tiny.yaml", [f"state_dir={tmp_path / 'state'}"])
+    check_worker_env(local)
+    assert "runtime_env" not in worker_args(local, num_cpus=1)
 
 
 # --- manifest paths ----------------------------------------------------------------------------
