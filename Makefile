@@ -18,7 +18,7 @@ IMAGE_BASE ?= rayproject/ray:2.60.0-py311-gpu
 IMAGE_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 IMAGE_EXTRAS ?= gpu
 
-.PHONY: setup demo test test-fast test-multinode lint bench smoke-sdxl image clean
+.PHONY: setup demo test test-fast test-cluster lint bench smoke-sdxl image clean
 
 setup: $(STAMP)
 
@@ -38,12 +38,14 @@ demo: $(STAMP)
 
 # Two workers: the integration tests in order on one (tests/conftest.py, SERIAL), the unit tests on the other.
 test: $(STAMP)
-	$(PY) -m pytest -q tests -n 2 -m "not multinode" --durations=15
+	$(PY) -m pytest -q tests -n 2 -m "not cluster" --durations=15
 
-# Several Ray nodes on this machine (ray.cluster_utils.Cluster): curation, DDP training and Serve across nodes,
-# a node lost under each. A few minutes of both cores, so a target (and a CI step) of its own.
-test-multinode: $(STAMP)
-	$(PY) -m pytest -q tests -m multinode --durations=5
+# The tests that start, kill or spread whole Ray clusters: several nodes on this machine
+# (ray.cluster_utils.Cluster) with a node lost under curation, DDP training and Serve; a training worker
+# SIGKILLed; a submitted job's whole cluster killed and the run resumed on a new one. Each holds both cores for
+# minutes, so they are a target (and a CI step) of their own.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q tests -m cluster --durations=10
 
 # The edit-test loop: everything but the end-to-end and fault-injection runs marked slow (`make test` runs all).
 test-fast: $(STAMP)

@@ -31,7 +31,7 @@ import pytest
 
 from tests.fixtures.processes import REPO, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SERVE_SCENARIO = r"""
 import json, sys, threading, time

@@ -115,6 +115,7 @@ def _kill_one_worker_after(path: Path, killed: list, timeout: float = 300) -> No
             return
 
 
+@pytest.mark.cluster
 def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tmp_path, ray_local):
     """One run with 2 DDP workers, one of them SIGKILLed after the first checkpoint: the run
     finishes from its checkpoint with the exact step count, and MLflow holds one run with the
@@ -263,6 +264,7 @@ def _submit(env: dict, dash_port: int, sets: list[str], wait: bool = True) -> su
     return job
 
 
+@pytest.mark.cluster
 def test_a_job_that_dies_with_its_cluster_resumes_on_a_new_one(tmp_path):
     """README's submission, token auth on. The job's state paths derive from the absolute state_dir (never
     Ray's temporary copy of the working directory). Its metrics reach MLflow while it runs, before any
