@@ -22,9 +22,11 @@ parses HTTP; the model replica imports the pipeline stack).
 from __future__ import annotations
 
 import io
+import math
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -60,6 +62,52 @@ class ApiError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:  # noqa: A002
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class BodyBudget:
+    """How many slow request bodies are being received at once: at most ``per_client`` for one client address and
+    ``total`` in all. A body counts once it is still arriving after the ingress's grace (``deploy/app.py``
+    ``receive_body``): prompt bodies, however many a client sends at once, never count. ``refuse_if_full(client)``
+    refuses, before anything of a body is read, a request from an address that already has ``per_client`` slow
+    bodies arriving (429), or when ``total`` are (503); ``receiving(client)`` refuses the same way or holds a place
+    for the duration of its block. Both refusals carry ``Retry-After: retry_after_s``. A slow client thus holds at
+    most ``per_client`` of the ingress's request slots past the grace, and all slow bodies together at most
+    ``total``.
+
+    Not thread-safe, by design: the ingress uses it on its event loop only, where nothing runs between the
+    check and the count."""
+
+    def __init__(self, per_client: int, total: int, retry_after_s: float):
+        self.per_client, self.total = per_client, total
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        self.by_client: dict[str, int] = {}
+        self.receiving_now = 0
+
+    def refuse_if_full(self, client: str) -> None:
+        held = self.by_client.get(client, 0)
+        if held >= self.per_client:
+            raise ApiError(429, f"{held} request bodies from your address are still arriving (at most "
+                           f"{self.per_client} at once); send the next when one has arrived", type="requests",
+                           code="rate_limit_exceeded", headers=self.headers)
+        if self.receiving_now >= self.total:
+            raise ApiError(503, f"the server is receiving {self.receiving_now} slow request bodies, as many as it "
+                           "takes at once; retry after the delay in Retry-After", type="server_overloaded",
+                           headers=self.headers)
+
+    @contextmanager
+    def receiving(self, client: str) -> Iterator[None]:
+        self.refuse_if_full(client)
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        self.receiving_now += 1
+        try:
+            yield
+        finally:
+            self.receiving_now -= 1
+            left = self.by_client[client] - 1
+            if left:
+                self.by_client[client] = left
+            else:
+                del self.by_client[client]
 
 
 class ImageParams(BaseModel):

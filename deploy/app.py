@@ -14,7 +14,9 @@ Retry-After of a full queue.
 Routes: POST /v1/images/generations, POST /v1/images/edits (multipart; inpainting with a mask,
 image-to-image without one), GET /v1/models, GET /healthz (open, for probes). When
 ``serve.api_key_env`` names an environment variable, every /v1 route requires
-``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run. An image response
+``Authorization: Bearer <its value>``; the variable must be set where the Ingress replicas run. A request body
+must arrive within ``serve.body_timeout_s`` (else 408), and one client address may have at most
+``serve.max_bodies_per_client`` slow bodies arriving at once (else 429 + Retry-After; ``Ingress``). An image response
 carries ``Server-Timing`` (``server_timing``): the ingress route's, the model deployment's and its work's durations.
 
 The ingress's event loop serves every client, so nothing CPU-bound runs on it: parsing a body (JSON,
@@ -55,6 +57,7 @@ from components.diffusion.request import GenerationRequest, GenerationResult
 from components.registry.tracking import tracking_uri
 from deploy.api import (
     ApiError,
+    BodyBudget,
     adapter_id,
     api_token,
     decode_upload,
@@ -76,6 +79,10 @@ HEALTH_POLL_S = 1.0
 """How long the ingress goes without an answer from the model deployment (a request's, or its ``info``) before it
 asks whether a version is loaded (``/healthz`` reads the answer)."""
 HEALTH_TIMEOUT_S = 2.0
+BODY_GRACE_S = 1.0
+"""A request body all arrived this long after the request reached the ingress takes no place in the body budget
+(``serve.max_bodies_per_client``, ``serve.max_bodies``): a client's concurrent prompt requests never count, and
+a slow body holds a slot uncounted for at most this long."""
 HEALTH_STALE_S = HEALTH_POLL_S + HEALTH_TIMEOUT_S + 2.0
 """An answer older than this is not trusted (the watcher itself is stuck): ``/healthz`` says 503."""
 UNAVAILABLE = (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
@@ -272,9 +279,11 @@ class Readiness:
         return info, why
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (checked as it streams in, so a
-    missing or false Content-Length does not get around it)."""
+    missing or false Content-Length does not get around it), and with 408 when it has not all arrived
+    ``timeout_s`` after the call (``serve.body_timeout_s``): a client sending slowly holds the request's
+    ingress slot for no longer."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -282,12 +291,34 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came); send it "
+                       "again, faster or smaller", code="body_timeout") from None
     return b"".join(chunks)
+
+
+async def receive_body(request: Request, budget: BodyBudget, client: str, limit: int, timeout_s: float,
+                       grace_s: float = BODY_GRACE_S) -> bytes:
+    """``read_body`` under ``budget``: refused at once, unread, when ``client`` (or the server) already has as many
+    slow bodies arriving as the budget allows; a body all arrived within ``grace_s`` takes no place; one still
+    arriving then takes a place for the rest of its wait, or is refused (429/503) if there is none."""
+    budget.refuse_if_full(client)
+    reading = asyncio.ensure_future(read_body(request, limit, timeout_s))
+    try:
+        await asyncio.wait({reading}, timeout=grace_s)
+        if reading.done():
+            return reading.result()
+        with budget.receiving(client):
+            return await reading
+    finally:
+        reading.cancel()  # refused, or the request itself was cancelled: stop reading (a no-op once done)
 
 
 def served_base(out: GenerationResult) -> dict[str, str]:
@@ -330,10 +361,17 @@ def server_timing(response: JSONResponse, out: GenerationResult, since: float) -
     return response
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=128,
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, max_queued_requests=256,
                   health_check_period_s=10)
 @serve.ingress(api)
 class Ingress:
+    """The HTTP routes. A request holds one of the replica's ``max_ongoing_requests`` slots from the moment the
+    proxy hands it over, its body's arrival included; so every body is read under a deadline
+    (``serve.body_timeout_s``), those still arriving after ``BODY_GRACE_S`` under ``BodyBudget``
+    (``serve.max_bodies_per_client`` per client address, ``serve.max_bodies`` in all), and the slots beyond
+    ``serve.max_bodies`` stay for ``/healthz`` and for the requests waiting on the model (whose own queue bounds
+    them: 503 past it)."""
+
     def __init__(self, model: DeploymentHandle, config: dict, served_name: str):
         self.model = model
         self.cfg = Config.model_validate(config)
@@ -341,6 +379,16 @@ class Ingress:
         # Fails closed: a configured but unset or blank key never leaves the endpoint open.
         self.token: bytes | None = api_token(self.cfg.serve.api_key_env, os.environ)
         self.readiness = Readiness(self._info)
+        s = self.cfg.serve
+        self.bodies = BodyBudget(s.max_bodies_per_client, s.max_bodies, s.retry_after_s)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, under the body budget and deadline. The client is the address Serve's HTTP proxy
+        reports (``request.client``: the peer, or the last untrusted X-Forwarded-For hop when the peer is in
+        uvicorn's ``FORWARDED_ALLOW_IPS``; docs/reliability.md, Endpoint)."""
+        client = request.client.host if request.client is not None else "unknown"
+        return await receive_body(request, self.bodies, client, self.cfg.serve.max_upload_bytes,
+                                  self.cfg.serve.body_timeout_s)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -383,7 +431,7 @@ class Ingress:
     async def generations(self, request: Request) -> JSONResponse:
         since = time.perf_counter()
         self._authorize(request)
-        body = await read_body(request, self.cfg.serve.max_upload_bytes)
+        body = await self._body(request)
         header = serve.get_multiplexed_model_id()
         if len(body) <= INLINE_BYTES:  # a typical prompt: parsed here, without a hop to a worker thread
             return await self._respond(*self._generation_request(body, header), since=since)
@@ -407,7 +455,7 @@ class Ingress:
         full range) and ``inference.img2img_strength`` (0.8)."""
         since = time.perf_counter()
         self._authorize(request)
-        body = await read_body(request, self.cfg.serve.max_upload_bytes)
+        body = await self._body(request)
         content_type = request.headers.get("content-type", "")
         header = serve.get_multiplexed_model_id()
         return await self._respond(*await asyncio.to_thread(self._edit_request, content_type, body, header),
