@@ -16,7 +16,13 @@ batch runs through:
   base with one adapter active, or none.
 
 An adapter is served only on the base it was trained on: its ``base_weights_sha256`` must equal the content hash
-of the base version this replica holds (``AdapterRefused``, 409, naming both). Nothing here knows about Ray.
+of the base version this replica holds (``AdapterRefused``, 409, naming both). A name that is not a servable
+adapter -- unknown, not readable with the server's registry credentials, or a full model -- is one answer, 404
+``model_not_found`` (``not_served``: the same status and body whatever the registry said, so the answers tell no
+one which registered names exist; the registry's reason goes to the replica's log). An adapter whose weights file
+cannot be read or does not fit the base (not safetensors, a cut or lying header, tensors of other names or
+shapes) is refused 422 ``adapter_unloadable`` with the reason in one line: the file is never unpickled, and a failed
+attach leaves the base as it was. Nothing here knows about Ray.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.diffusion.adapters import AdapterSlots, AdapterWeights
+from components.diffusion.adapters import ADAPTER_FILE, AdapterError, AdapterSlots, AdapterWeights, adapter_file
 from components.diffusion.request import GenerationRequest, GenerationResult
-from components.registry.adapter_versions import AdapterVersion, NotAnAdapter, fetch_adapter, version_weights_sha256
+from components.registry.adapter_versions import AdapterVersion, fetch_adapter, version_weights_sha256
 from components.registry.model import ModelUriError, resolve_version
 from deploy.batching import serve_batch
 from deploy.holder import Loaded, _file_lock
@@ -38,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 class AdapterRefused(Exception):
-    """A request's adapter cannot be served here: unknown (404), not an adapter (400), of another base (409)."""
+    """A request's adapter cannot be served here: not a servable adapter (404), a weights file that cannot be
+    loaded (422), of another base (409)."""
 
     def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
@@ -47,6 +54,23 @@ class AdapterRefused(Exception):
     def result(self, req: GenerationRequest) -> GenerationResult:
         return GenerationResult("", "", req.seed, [], error=self.message, param="model", status=self.status,
                                 code=self.code)
+
+
+def not_served(model_id: str, why: Exception) -> AdapterRefused:
+    """The one answer for a name that is not a servable adapter, whatever the registry said (module docstring)."""
+    log.info("adapter %s refused as not served: %s", model_id, str(why)[:300])
+    return AdapterRefused(404, f"model {model_id!r} is not served here; GET /v1/models lists the base and its "
+                          "adapters", "model_not_found")
+
+
+def unloadable(version: AdapterVersion, err: AdapterError) -> AdapterRefused:
+    """422 for an adapter version whose weights cannot be loaded, the reason in one line without the server's
+    paths."""
+    reason = str(err).replace(str(adapter_file(version.directory)), ADAPTER_FILE).replace(
+        str(version.directory), "the adapter folder").splitlines()[0][:300]
+    log.warning("adapter %s v%s cannot be loaded: %s", version.name, version.version, reason)
+    return AdapterRefused(422, f"adapter {version.name} v{version.version} cannot be loaded: {reason}",
+                          "adapter_unloadable")
 
 
 @dataclass
@@ -79,8 +103,7 @@ class ServedAdapter:
             try:
                 _, version = resolve_version(self.uri)
             except ModelUriError as err:  # the alias was removed: the adapter is no longer served under it
-                raise AdapterRefused(404, f"model {self.model_id!r} is not served here: {err}",
-                                     "model_not_found") from None
+                raise not_served(self.model_id, err) from None
             except Exception as err:  # the registry is unreachable: keep serving the version held, look again later
                 log.warning("alias poll of adapter %s failed, still serving v%s: %s", self.model_id,
                             self.version.version, str(err)[:200])
@@ -113,6 +136,8 @@ class ReplicaAdapters:
         self._slots: tuple[Loaded, AdapterSlots] | None = None
         self._base_sha: dict[tuple[str, str], str] = {}
         self._retired: set[str] = set()
+        self._unloadable: dict[str, AdapterRefused] = {}
+        """Adapter versions that failed to attach to the current base's UNet, with their refusal (not retried)."""
         self.swaps = 0
         self.loads = 0
         """Adapter versions fetched and read (first loads, reloads after an eviction, hot swaps)."""
@@ -133,12 +158,12 @@ class ReplicaAdapters:
         try:
             with _file_lock(self.cache_dir / ".fetch.lock"):
                 version = fetch_adapter(f"models:/{model_id}", self.cache_dir)
-        except NotAnAdapter as err:
-            raise AdapterRefused(400, f"{err}: name an adapter, or leave the model out for the base") from None
-        except ModelUriError as err:
-            raise AdapterRefused(404, f"model {model_id!r} is not served here: {err}; GET /v1/models lists the "
-                                 "base and its adapters", "model_not_found") from None
-        weights = version.weights()
+        except ModelUriError as err:  # NotAnAdapter included: a full model's name answers as an unknown one
+            raise not_served(model_id, err) from None
+        try:
+            weights = version.weights()
+        except AdapterError as err:
+            raise unloadable(version, err) from None
         self.loads += 1
         log.info("loaded adapter %s (v%s, %s, %d bytes)", model_id, version.version, version.method, weights.nbytes)
         return version, weights
@@ -161,6 +186,7 @@ class ReplicaAdapters:
         with self.lock:
             if self._slots is None or self._slots[0] is not loaded:
                 self._slots = (loaded, AdapterSlots(loaded.pipelines.t2i.unet))
+                self._unloadable = {}
             return self._slots[1]
 
     @property
@@ -186,7 +212,14 @@ class ReplicaAdapters:
             except AdapterRefused as err:
                 return [err.result(r) for r in reqs]
             self._retired.discard(version.key)
-            slots.ensure(version.key, weights)
+            refused = self._unloadable.get(version.key)
+            if refused is None:
+                try:
+                    slots.ensure(version.key, weights)
+                except AdapterError as err:  # attach removed what it had added: the base is as it was
+                    refused = self._unloadable[version.key] = unloadable(version, err)
+            if refused is not None:
+                return [refused.result(r) for r in reqs]
             with slots.running(version.key):
                 out = serve_batch(version.name, version.version, loaded.pipelines, reqs)
         base = f"{loaded.name}/{loaded.version}"

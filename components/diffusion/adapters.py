@@ -51,7 +51,9 @@ ADAPTER_PARAM_MARKERS = ("lora_", "lokr_")
 
 
 class AdapterError(ValueError):
-    """An adapter that cannot be built, read or attached as it claims to be."""
+    """An adapter that cannot be built, read or attached as it claims to be: every way a weights file can be wrong
+    (not safetensors, a cut or lying header, metadata that is not the peft config, tensors of other names or
+    shapes than its adapter's) is one of these, with its reason in the message."""
 
 
 def peft_config(method: str, rank: int, alpha: float | None, dropout: float, target_modules: list[str],
@@ -192,7 +194,12 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         raise AdapterError(f"{file}: not a safetensors file ({type(err).__name__})") from None
     if METADATA_KEY not in header:
         raise AdapterError(f"{file}: no {METADATA_KEY} in its header (the peft config, which gives the alpha)")
-    meta = json.loads(header[METADATA_KEY])
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{file}: its {METADATA_KEY} is not a JSON object (the peft config)")
     unet_meta = {k.removeprefix(UNET_PREFIX): v for k, v in meta.items() if k.startswith(UNET_PREFIX)}
     other = sorted(k for k in state if not k.startswith(UNET_PREFIX))
     if other:
@@ -205,12 +212,17 @@ def attach(unet: torch.nn.Module, weights: AdapterWeights, name: str) -> None:
     on failure the half-made adapter is removed again."""
     if name in (getattr(unet, "peft_config", None) or {}):
         raise AdapterError(f"adapter name {name!r} is already in use on this UNet")
-    unet.add_adapter(copy.deepcopy(weights.config), adapter_name=name)
     try:
+        unet.add_adapter(copy.deepcopy(weights.config), adapter_name=name)
         load_adapter_state(unet, weights.state, name)
-    except Exception:
-        unet.delete_adapters(name)
-        raise
+    except Exception as err:
+        if name in (getattr(unet, "peft_config", None) or {}):
+            unet.delete_adapters(name)
+        if isinstance(err, AdapterError):
+            raise
+        # peft refuses a config that names no module of this UNet, or values it cannot build layers from
+        raise AdapterError(f"adapter {name!r} does not fit this UNet ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:300] if str(err) else ''})") from None
     unet.requires_grad_(False)
 
 

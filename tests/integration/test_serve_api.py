@@ -22,14 +22,15 @@ from PIL import Image
 from ray._raylet import AuthenticationTokenLoader
 
 from bench.serving import server_timing
-from components.diffusion.adapters import AdapterSlots, save_adapter
+from components.diffusion.adapters import ADAPTER_FILE, AdapterSlots, save_adapter
 from components.diffusion.pipelines import build_pipelines
 from components.diffusion.request import GenerationRequest
 from components.diffusion.schedule import inference_scheduler
 from components.registry.adapter_versions import log_adapter, version_weights_sha256, write_adapter_folder
-from components.registry.model import diffusion_from_pipeline_dir
+from components.registry.model import diffusion_from_pipeline_dir, fetch_model, log_pipeline_model
 from components.registry.promotion import promote, rollback
 from tests.fixtures.servers import serve_app
+from tests.unit.deploy.test_served_adapters import hostile_files
 from tests.unit.diffusion.test_adapters import random_adapter
 
 ENV = "TERMINUS_TEST_API_KEY"
@@ -447,3 +448,51 @@ def test_the_lru_evicts_and_reloads_and_an_alias_move_hot_swaps(client, register
     assert rollback("terminus-style").version == adapters.a_version
     r = served_version(adapters.a_version)
     assert r.json()["model_version"] == adapters.a_version and np.abs(pixels(r) - first).max() <= TOLERANCE
+
+
+# --- adapters that cannot be served: hostile weights files, names that are not servable ------------
+
+
+def test_each_hostile_adapter_file_is_a_422_and_the_base_stays_healthy(client, registered_model, adapters, tmp_path):
+    """Adapter versions registered like any other whose stored weights file was then replaced (a pickle named
+    .safetensors, an empty file, a cut header, a header longer than the file, a header or metadata that is not
+    JSON, tensors of the wrong shapes, unknown tensors): each request for one is a 422 naming why in one line; the
+    base keeps serving the same images and the pickle never runs."""
+    before = pixels(gen(client, **ADAPTER_BODY))
+    marker = tmp_path / "pickle-ran"
+    good = registered_model.cfg.state_path("adapters", "terminus-style-11") / ADAPTER_FILE  # register_adapter's
+    cache = registered_model.cfg.state_path("cache", "models")
+    for i, (kind, data) in enumerate(hostile_files(good, marker).items()):
+        name = f"terminus-hostile-{kind.replace('_', '-')}"
+        version, _ = register_adapter(registered_model, name, seed=40 + i)
+        stored = fetch_model(f"models:/{name}/{version}", cache, adapter_ok=True).pipeline_dir / ADAPTER_FILE
+        stored.write_bytes(data)  # the registry's own copy: what the replica reads
+        for _ in range(2):  # refused again the same way (an adapter that failed to attach is not retried)
+            r = gen(client, **ADAPTER_BODY, model=f"{name}@champion")
+            assert r.status_code == 422, (kind, r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert error["code"] == "adapter_unloadable" and error["param"] == "model", (kind, error)
+            assert error["message"].startswith(f"adapter {name} v{version} cannot be loaded: "), (kind, error)
+            assert "\n" not in error["message"] and str(stored.parent) not in error["message"], (kind, error)
+    assert not marker.exists()
+    assert np.abs(pixels(gen(client, **ADAPTER_BODY)) - before).max() == 0
+    assert client.get("/healthz").status_code == 200
+    assert np.abs(pixels(gen(client, **ADAPTER_BODY, model="terminus-sketch@champion"))
+                  - expected_png(registered_model, adapters.b, ADAPTER_BODY)).max() <= TOLERANCE
+
+
+def test_a_registered_full_model_and_an_unknown_name_answer_alike(client, registered_model):
+    """Whether a name is registered (here a full model, not an adapter), unknown, or not readable by the server's
+    registry credentials (tests/unit/deploy/test_served_adapters.py), the answer is the same 404: the client's own
+    name is all that differs."""
+    mlflow.set_tracking_uri(registered_model.tracking_uri)
+    mlflow.set_registry_uri(registered_model.tracking_uri)
+    with mlflow.start_run(experiment_id=registered_model.experiment_id):
+        info = log_pipeline_model(registered_model.pipeline_dir, "terminus-hidden", registered_model.cfg.inference)
+    mlflow.MlflowClient().set_registered_model_alias("terminus-hidden", "champion", info.registered_model_version)
+    known = gen(client, **ADAPTER_BODY, model="terminus-hidden@champion")
+    unknown = gen(client, **ADAPTER_BODY, model="terminus-absent@champion")
+    assert known.status_code == unknown.status_code == 404, (known.text[:300], unknown.text[:300])
+    assert known.text.replace("terminus-hidden", "terminus-absent") == unknown.text
+    for word in ("RESOURCE_DOES_NOT_EXIST", "full model", "registry"):
+        assert word not in known.text and word not in unknown.text
