@@ -98,6 +98,22 @@ def _unavailable(err: Exception) -> bool:
     return False
 
 
+STORE_REFUSALS = frozenset({"NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                            "InvalidToken", "AllBucketsRequireSignature"})
+"""S3 error codes that refuse every request with these settings, not one object: no object of the store can
+be read until the user fixes a bucket name or credentials."""
+
+
+def _refused_whole(err: Exception) -> bool:
+    """No credentials (or bad ones), or no such bucket: a refusal of the settings, whatever the object."""
+    # botocore loads with the first S3 client (s3_client): a local store never imports it
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+        return True
+    return isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in STORE_REFUSALS
+
+
 def join(root: str, *parts: str) -> str:
     if is_s3(root):
         return "/".join([root.rstrip("/"), *parts])
@@ -243,9 +259,10 @@ class Store:
 
     @contextmanager
     def _s3(self, op: str, uri: str, whole: bool = False):
-        """Translate a failing store into ``StorageUnavailable``; per-object errors pass unchanged, unless
-        ``whole`` (the request is about a prefix, not one object): then botocore's other errors, and the
-        ``ValueError`` of an endpoint URL it rejects, become ``StorageRefused``."""
+        """Translate a failing store into ``StorageUnavailable``, and missing or bad credentials or a missing
+        bucket into ``StorageRefused``; other per-object errors pass unchanged, unless ``whole`` (the request is
+        about a prefix, not one object): then botocore's other errors, and the ``ValueError`` of an endpoint URL
+        it rejects, become ``StorageRefused``."""
         # botocore loads with the first S3 client (s3_client): a local store never imports it
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -253,7 +270,8 @@ class Store:
             yield
         except Exception as err:
             unavailable = _unavailable(err)
-            if not (unavailable or whole and isinstance(err, BotoCoreError | ClientError | ValueError)):
+            refused = _refused_whole(err) or whole and isinstance(err, BotoCoreError | ClientError | ValueError)
+            if not (unavailable or refused):
                 raise
             via = self.client.meta.endpoint_url if self._client is not None else endpoint(self.endpoint_url)
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -14,7 +14,7 @@ from huggingface_hub import try_to_load_from_cache
 from components.config import Config, ConfigError, OptimizerName
 from components.dataset import SUCCESS
 from components.registry.tracking import check_tracking
-from components.storage import Store, is_s3, join
+from components.storage import StorageError, Store, is_s3, join
 
 
 class PreflightError(ConfigError):
@@ -26,7 +26,11 @@ def check_dataset(root: str, endpoint_url: str | None, key: str = "train.data") 
     if not is_s3(root) and not Path(root).exists():
         raise PreflightError(f"{key} {root} does not exist: run flows/curate.py first, or point {key} at a "
                              "curated dataset")
-    if Store(endpoint_url).read_if_exists(join(root, SUCCESS)) is None:
+    try:
+        marker = Store(endpoint_url).read_if_exists(join(root, SUCCESS))
+    except StorageError as err:  # no credentials, no such bucket, the endpoint down: nothing can be read
+        raise PreflightError(f"{key} {root}: {err}") from None
+    if marker is None:
         raise PreflightError(f"{key} {root} has no {SUCCESS}: curation did not finish there; rerun flows/curate.py "
                              "into it")
 

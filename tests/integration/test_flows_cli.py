@@ -67,6 +67,17 @@ def test_bad_training_input_fails_before_ray(sets, fragment, curated, tmp_path):
     refused(args + [x for s in sets for x in ("--set", s)], fragment, env)
 
 
+def test_an_s3_dataset_without_credentials_is_one_line_before_ray(tmp_path):
+    """No AWS credentials anywhere (environment, files, instance metadata): botocore's NoCredentialsError is
+    one line naming train.data, not a traceback after Ray started."""
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    line = refused(["flows/train.py", "--set", f"state_dir={tmp_path}", "--set", "train.data=s3://no-such-bucket/ds/"],
+                   "train.data s3://no-such-bucket/ds/", env)
+    assert "NoCredentialsError" in line and "Unable to locate credentials" in line
+
+
 @pytest.fixture(scope="module")
 def single_files(tmp_path_factory):
     """An SDXL single file of the tiny preset's model (v-prediction, ZT-SNR markers), its diffusers folder,
