@@ -15,6 +15,7 @@ from the choice of the dashboard's port until that dashboard listens). Two flows
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import sys
@@ -41,6 +42,11 @@ overhead"). Serve reads them when its processes start, so they must be in the en
 that starts Ray (``ray start`` on a cluster: see deploy/serve.yaml). Not in a driver that calls deployment
 handles from synchronous code: there the router on the caller's own loop refuses to run ("No event loop
 running")."""
+
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""The environment of a local Ray this platform starts, where the user has not set it: Ray Train's preemption
+watcher off. It watches for nodes being drained, which one machine never is, and Ray logs an error-level line
+about its constructor arguments each time a worker group starts."""
 
 CLUSTER_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 """Serve's settings on a cluster's pods (deploy/kubernetes/rayservice.yaml): Ray's high-throughput configuration for
@@ -104,11 +110,18 @@ def ray_session(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
             _start_local(num_cpus, runtime_env, serve_latency, saved_api)
     if not sys.stderr.isatty():  # redrawn bars turn into hundreds of lines in a log file
         ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data says at WARNING level that the bars are off, which this platform chose (here, and for the training
+    # driver's in-memory read): not a warning to its user.
+    logging.getLogger("ray.data._internal.progress").addFilter(_not_the_bars_off_notice)
     try:
         yield
     finally:
         ray.shutdown()
         _restore_api_address(saved_api)
+
+
+def _not_the_bars_off_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled.")
 
 
 def _start_local(num_cpus: int | None, runtime_env: dict | None, serve_latency: bool, saved_api: str | None) -> None:
@@ -120,7 +133,7 @@ def _start_local(num_cpus: int | None, runtime_env: dict | None, serve_latency: 
         try:
             # Ray 2.60 maps a loopback node address to the host's own address for its internal
             # services; the servers this platform starts (Serve's HTTP proxy, MLflow, S3) bind 127.0.0.1.
-            with _environ(SERVE_ENV if serve_latency else {}):  # inherited by the raylet and its workers
+            with _environ({**LOCAL_ENV, **(SERVE_ENV if serve_latency else {})}):  # inherited by the raylet, workers
                 ray.init(
                     address="local",  # always a new cluster, never one a stale /tmp/ray file points at
                     num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,

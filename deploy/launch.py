@@ -46,6 +46,13 @@ def stop() -> None:
     serve.shutdown()
 
 
+def remove(name: str = "terminus") -> None:
+    """Delete the application ``name``, leaving Serve's controller and proxy to the cluster: on a local Ray that is
+    about to stop, they stop with it, and Ray logs no failed task for a controller that killed itself (which
+    ``serve.shutdown`` makes it do)."""
+    serve.delete(name)
+
+
 def wait_healthy(base: str, timeout_s: float = 300.0) -> None:
     """Until ``/healthz`` answers 200 (a model replica has its version loaded)."""
     deadline = time.time() + timeout_s

@@ -65,6 +65,9 @@ def load(args):
     # which is what the pipelines use): noise in every process of every flow. TRANSFORMERS_VERBOSITY=info
     # brings its messages back.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():  # redrawn progress bars are escape codes and half lines in a log or a pipe
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own default, read by every bar (diffusers, hub, MLflow)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return cfg
 
 

@@ -30,7 +30,7 @@ def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_
     request."""
     import requests  # on first use: --help loads neither requests nor Ray
 
-    from deploy.launch import NotHealthy, start, stop
+    from deploy.launch import NotHealthy, remove, start, stop
 
     try:
         base = start(cfg, config_path, overrides)
@@ -47,7 +47,11 @@ def serve_and_call(cfg, config_path: str, overrides: list[str], model: str, out_
     except NotHealthy as err:
         fail(str(err), code=1)
     finally:
-        stop()
+        # A cluster of the user's (RAY_ADDRESS) keeps nothing of the demo; the demo's own stops with everything on it.
+        if os.environ.get("RAY_ADDRESS"):
+            stop()
+        else:
+            remove()
     return f"{base}/v1/images/generations"
 
 
@@ -95,6 +99,11 @@ def run_stages(cfg, args, env: dict[str, str]) -> None:
     done("serve")
     banner("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
            + f"; total {sum(stages.values()):.0f} s")
+    if cfg.model.source == "tiny":
+        print("the tiny model is built from random weights and trained for a minute: its image is coloured noise, "
+              "not a picture; the same chain draws pictures from a real checkpoint (--config "
+              "flows/configs/terminus_v2.yaml, model.source=<hub id, folder, s3:// or .safetensors>)",
+              file=sys.stderr, flush=True)
     print(f"image: {out_png}\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{cfg.state_path('mlflow.db')}"
           " --host 127.0.0.1   (then http://127.0.0.1:5000)", file=sys.stderr, flush=True)
     emit({"model": model, "version": version, "alias": promoted["alias"], "image": str(out_png),

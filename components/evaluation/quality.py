@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,7 @@ def as_uint8_batch(images: list[np.ndarray], side: int | None = None) -> torch.T
         arr = image if image.dtype == np.uint8 else (np.nan_to_num(image).clip(0, 1) * 255).round().astype(np.uint8)
         if side is not None and arr.shape[:2] != (side, side):
             arr = np.asarray(Image.fromarray(arr).resize((side, side), Image.Resampling.LANCZOS))
-        out.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+        out.append(torch.from_numpy(np.array(arr)).permute(2, 0, 1))  # a writable copy (PIL's arrays are read-only)
     return torch.stack(out)
 
 
@@ -227,7 +228,10 @@ def distribution_distance(real: torch.Tensor, fake: torch.Tensor, features: str,
     extractor = feature_extractor(features)
     kwargs = {"feature_extractor_weights_path": weights} if weights and features == "inception" else {}
     fid = FrechetInceptionDistance(feature=extractor, **kwargs)
-    kid = KernelInceptionDistance(feature=extractor, subset_size=min(kid_subset_size, len(real), len(fake)), **kwargs)
+    with warnings.catch_warnings():  # that KID keeps every feature vector: these two sets, the evaluation's own
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer")
+        kid = KernelInceptionDistance(feature=extractor, subset_size=min(kid_subset_size, len(real), len(fake)),
+                                      **kwargs)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(fake, real=False)

@@ -155,11 +155,16 @@ def evaluate_pipeline(cfg: Config, pipeline_dir: str, manifest: CuratedManifest,
         fuse(parts.unet, adapter)
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device).eval()
-    metrics, rows = Validator(scored, val_rows(manifest, cfg.train.val_max_rows), device).row_losses(parts, parts.unet)
+    held_out = val_rows(manifest, cfg.train.val_max_rows)
+    log.info("evaluating %s on %s: held-out loss on %d rows", pipeline_dir, device, len(held_out))
+    metrics, rows = Validator(scored, held_out, device).row_losses(parts, parts.unet)
     pipes = build_pipelines(parts, inference_scheduler(diffusion), cfg.inference.model_dump(), device=device)
     ev = cfg.evaluate
+    log.info("generating %d probe images (dark and bright prompts) and %d quality images, %d steps each",
+             len(ev.seeds) * (len(ev.dark_prompts) + len(ev.bright_prompts)), len(prompts.prompts), cfg.inference.steps)
     dark, bright = _generate(cfg, pipes, ev.dark_prompts, ev.seeds), _generate(cfg, pipes, ev.bright_prompts, ev.seeds)
     quality = _generate(cfg, pipes, prompts.prompts, ev.seeds[:1])
+    log.info("scoring: CLIP score, FID and KID against %d held-out images, the probe's luminance", len(real))
     metrics.update(probe_stats(dark, bright))
     metrics.update(image_checks(dark + bright + quality, ev.blank_std))
     fake = as_uint8_batch(quality)

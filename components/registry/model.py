@@ -13,9 +13,12 @@ the code logged with it: load models only from registries you trust.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -107,16 +110,38 @@ def log_pyfunc(python_model, artifacts: dict[str, str], model_config: dict, regi
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (shipped / "__init__.py").write_text(
             '"""The diffusion package of the Terminus platform, as shipped with a model."""\n')
-        return mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=python_model,
-            artifacts=artifacts,
-            model_config=model_config,
-            signature=SIGNATURE,
-            code_paths=[str(shipped)],
-            pip_requirements=pip_requirements or PIP_REQUIREMENTS,
-            registered_model_name=registered_model,
-        )
+        with warnings.catch_warnings(), _quiet(logging.getLogger("mlflow.pyfunc"), "serialized using CloudPickle"):
+            # An input example would run predict (a generation) while logging; the signature is given instead.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            return _log_model(python_model, artifacts, model_config, shipped, pip_requirements, registered_model)
+
+
+def _log_model(python_model, artifacts, model_config, shipped: Path, pip_requirements, registered_model):
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME_IN_RUN,
+        python_model=python_model,
+        artifacts=artifacts,
+        model_config=model_config,
+        signature=SIGNATURE,
+        code_paths=[str(shipped)],
+        pip_requirements=pip_requirements or PIP_REQUIREMENTS,
+        registered_model_name=registered_model,
+    )
+
+
+@contextmanager
+def _quiet(logger: logging.Logger, fragment: str):
+    """``logger``'s records containing ``fragment`` dropped for the block. The pickle MLflow warns about here is
+    an instance of this platform's own stateless model class, written by the trainer; a registered version is
+    loaded from the registry this platform writes, not from strangers."""
+    def drop(record: logging.LogRecord) -> bool:
+        return fragment not in record.getMessage()
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @dataclass(frozen=True)

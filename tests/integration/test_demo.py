@@ -9,6 +9,7 @@ rest is the clone's own code, on its own state directory."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,14 @@ def test_make_demo_on_a_fresh_clone_as_a_user_runs_it(tmp_path):
     for stage in ("1/5 curate", "2/5 train", "3/5 evaluate", "4/5 promote", "5/5 serve", "done: curate"):
         assert stage in proc.stderr  # a banner per stage, and the summary of stage times
     assert "step 60/60" in proc.stderr  # the training progress lines reach the console
+    # Nothing a user should worry about, piped: no traceback, no error-level line (Ray's " E " records included),
+    # no redrawn progress bars, and no warning but Ray's note that token authentication is on.
+    assert "Traceback" not in proc.stderr and "\x1b[A" not in proc.stderr and "it/s]" not in proc.stderr
+    assert not re.search(r"\bERROR\b|\] [EF] |\bE \d{4}-", proc.stderr), proc.stderr[-4000:]
+    warnings = [line for line in proc.stderr.splitlines() if re.search(r"\bWARNING\b|Warning:", line)]
+    assert all("Token authentication is enabled" in line for line in warnings), warnings
+    assert "failed" not in proc.stderr.lower(), proc.stderr[-4000:]  # e.g. Serve's controller, killed at the end
+    assert "coloured noise" in proc.stderr  # the tiny model's image is said to be noise
 
     store = f"sqlite:///{clone}/.state/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's globals
