@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError
@@ -149,11 +150,25 @@ class Fetcher:
 
     def __init__(self, limits: Limits, headers: dict[str, str] | None = None, maxsize: int = 1):
         self.limits = limits
-        self.pool = urllib3.PoolManager(num_pools=64, maxsize=max(1, maxsize), retries=False,
-                                        headers={**(headers or {}), "Accept-Encoding": "identity"})
+        kwargs = {"num_pools": 64, "maxsize": max(1, maxsize), "retries": False,
+                  "headers": {**(headers or {}), "Accept-Encoding": "identity"}}
+        self.pool = urllib3.PoolManager(**kwargs)
+        # HTTP_PROXY / HTTPS_PROXY / NO_PROXY as read when the fetcher is made (the guards above still check
+        # each target URL; the proxy only carries the connection).
+        proxies = getproxies_environment()
+        self.proxies = {scheme: urllib3.ProxyManager(proxies[scheme], **kwargs)
+                        for scheme in SCHEMES if proxies.get(scheme)}
 
     def close(self) -> None:
         self.pool.clear()
+        for proxy in self.proxies.values():
+            proxy.clear()
+
+    def _pool_for(self, url: str) -> urllib3.PoolManager:
+        """The environment's proxy for ``url``'s scheme unless NO_PROXY names its host, else a direct pool."""
+        parts = urlsplit(url)
+        proxy = self.proxies.get(parts.scheme)
+        return proxy if proxy is not None and not proxy_bypass_environment(parts.netloc) else self.pool
 
     def check_url(self, url: str) -> str:
         """The host of ``url``, or ``FetchError`` (``REFUSED``) for a scheme other than http(s), no host, or a
@@ -225,9 +240,10 @@ class Fetcher:
         read, by_deadline = self._timeouts(deadline)
         timeout = urllib3.Timeout(connect=min(self.limits.connect_timeout_s, read), read=read)
         try:
-            return self.pool.request("GET", url, headers={**self.pool.headers, **(headers or {}),
-                                                          "Accept-Encoding": "identity"},
-                                     preload_content=False, redirect=False, timeout=timeout, decode_content=False)
+            return self._pool_for(url).request("GET", url, headers={**self.pool.headers, **(headers or {}),
+                                                                    "Accept-Encoding": "identity"},
+                                               preload_content=False, redirect=False, timeout=timeout,
+                                               decode_content=False)
         except NewConnectionError as err:  # refused, DNS (urllib3 makes it a kind of timeout error: not here)
             raise FetchError(CONNECTION, f"connection failed: {type(err).__name__}: {str(err)[:200]}",
                              retry=True) from None

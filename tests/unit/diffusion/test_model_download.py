@@ -165,3 +165,21 @@ def test_the_shared_core_refuses_before_connecting_and_reads_identity_only():
             fetcher.check_url(url)
         assert info.value.kind == "refused" and not info.value.retry
     assert is_identity(None) and is_identity(" Identity ") and not is_identity("gzip") and not is_identity("br")
+
+
+def test_a_proxy_from_the_environment_carries_the_download_and_no_proxy_bypasses_it(server, other, tmp_path,
+                                                                                      monkeypatch):
+    """HTTP_PROXY is honoured (the proxy gets the absolute URL), the target still passes the guards, and a host
+    NO_PROXY names is fetched directly."""
+    target = other.url("/model.safetensors")
+    server.routes[target] = file_with_etag(BODY, '"p1"')  # the proxy answers for the target
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    path = fetch_single_file(target, tmp_path / "a", LOOPBACK)
+    assert path.read_bytes() == BODY and server.hits[target] == 1 and other.hits["/model.safetensors"] == 0
+
+    other.routes["/model.safetensors"] = file_with_etag(BODY[:100], '"d1"')
+    monkeypatch.setenv("NO_PROXY", f"127.0.0.1:{other.port}")
+    assert fetch_single_file(target, tmp_path / "b", LOOPBACK).read_bytes() == BODY[:100]
+    assert server.hits[target] == 1 and other.hits["/model.safetensors"] == 1
