@@ -24,8 +24,10 @@ cluster: it may not hand a worker a file only the driver's disk holds (the S3 cr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +49,8 @@ REQUESTS, CLIENTS, RETRIES, BUDGET_S = spec["requests"], spec["clients"], spec["
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": True,
     "dashboard_host": "127.0.0.1", "dashboard_port": spec["dashboard_port"]})
-workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}") for k in range(2)]
+workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}", env_vars=spec["worker_env"])
+           for k in range(2)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 out = {"nodes": 1 + len(workers)}
@@ -144,7 +147,8 @@ spec = json.loads(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
     "dashboard_port": spec["dashboard_port"]})
-workers = [cluster.add_node(num_cpus=1, node_ip_address=f"127.0.0.{2 + k}") for k in range(2)]
+workers = [cluster.add_node(num_cpus=1, node_ip_address=f"127.0.0.{2 + k}", env_vars=spec["worker_env"])
+           for k in range(2)]
 cluster.wait_for_nodes()
 try:
     env = dict(os.environ, RAY_ADDRESS=cluster.address,
@@ -152,12 +156,22 @@ try:
     flow = subprocess.run([sys.executable, "flows/curate.py", *spec["args"]], env=env, capture_output=True,
                           text=True, timeout=spec["timeout_s"])
     ray.init(address=cluster.address)
+
+    @ray.remote(num_cpus=1)
+    def touch_driver_only(path):  # the guard's own check: a worker node cannot read the driver's state folder
+        try:
+            os.listdir(path)
+            return "read"
+        except PermissionError as err:
+            return str(err)
+
+    guard = ray.get(touch_driver_only.remote(spec["worker_env"]["TERMINUS_DRIVER_ONLY"]))
     tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], limit=10000, timeout=30, raise_on_missing_output=False)
     actors = list_tasks(filters=[("type", "=", "ACTOR_TASK")], limit=10000, timeout=30, raise_on_missing_output=False)
     out = {"rc": flow.returncode, "stderr": flow.stderr[-3000:], "stdout": flow.stdout[-2000:],
            "head": cluster.head_node.node_id, "workers": sorted(w.node_id for w in workers),
            "curate_nodes": sorted({t.node_id for t in tasks if "curate_block" in t.name and t.node_id}),
-           "tasks": len(tasks) + len(actors)}
+           "tasks": len(tasks) + len(actors), "guard": guard}
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -202,7 +216,7 @@ try:
     (victim,) = [w for w in workers if w.node_id == sorted(nodes)[0]]
     out["victim"] = victim.node_id
     cluster.remove_node(victim, allow_graceful=False)
-    out["replacement"] = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.4").node_id
+    out["replacement"] = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.4", env_vars=spec["worker_env"]).node_id
     stdout, stderr = flow.communicate(timeout=max(1, deadline - time.monotonic()))
     out.update(rc=flow.returncode, stdout=stdout[-4000:], stderr=stderr[-8000:],
                resumed=[line[-300:] for line in stderr.splitlines() if "resuming from the latest checkpoint" in line])
@@ -212,6 +226,17 @@ finally:
     cluster.shutdown()
     print("RESULT " + json.dumps(out))
 """
+
+
+GUARD = REPO / "tests/fixtures/driver_only"
+
+
+def worker_env(driver_only: Path) -> dict[str, str]:
+    """The environment of a worker node's raylet: every Python process on it fails to touch ``driver_only``
+    (tests/fixtures/driver_only/sitecustomize.py), as on a cluster where that folder is only on the driver's disk."""
+    driver_only.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(p for p in (str(GUARD), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "TERMINUS_DRIVER_ONLY": str(driver_only)}
 
 
 def run_scenario(script: str, spec: dict, env: dict, timeout: float) -> dict:
@@ -305,8 +330,9 @@ def test_curation_runs_on_several_nodes_and_writes_what_one_node_writes(ray_loca
     env = dict(served_model["env"], AWS_ENDPOINT_URL_S3=s3_env)
     args = ["--config", "flows/configs/tiny.yaml", *(x for o in common for x in ("--set", o)),
             "--set", "curate.output=s3://cluster-lake/many", "--set", f"state_dir={tmp_path / 'many'}"]
-    out = run_scenario(CURATE_SCENARIO, {"args": args, "dashboard_port": free_port(), "timeout_s": 300}, env,
-                       timeout=420)
+    spec = {"args": args, "dashboard_port": free_port(), "timeout_s": 300, "worker_env": worker_env(tmp_path / "many")}
+    out = run_scenario(CURATE_SCENARIO, spec, env, timeout=420)
+    assert out["guard"].startswith("a worker node touched"), out["guard"]  # the driver's folder is not theirs
     assert out["rc"] == 0, out
     assert out["curate_nodes"] == out["workers"], out  # every worker node curated, the head none
     # Nothing the workers need lives only on the driver's disk: no credentials file written for them.
@@ -337,7 +363,7 @@ def test_ddp_training_resumes_after_losing_a_workers_node(ray_local, s3_env, ser
     args = ["--config", "flows/configs/tiny.yaml", *(x for o in settings for x in ("--set", o))]
     env = dict(served_model["env"], AWS_ENDPOINT_URL_S3=s3_env)
     spec = {"args": args, "dashboard_port": free_port(), "timeout_s": 480, "log": str(tmp_path / "train.log"),
-            "checkpoints": ["cluster-train", "ray-results/multinode/"]}
+            "checkpoints": ["cluster-train", "ray-results/multinode/"], "worker_env": worker_env(tmp_path / "driver")}
     out = run_scenario(TRAIN_SCENARIO, spec, env, timeout=600)
     assert out["rc"] == 0, out["stderr"]
     assert out["train_nodes"] == out["workers"], out  # one DDP worker on each worker node
