@@ -42,8 +42,8 @@ test: $(STAMP)
 
 # The tests that start, kill or spread whole Ray clusters: several nodes on this machine
 # (ray.cluster_utils.Cluster) with a node lost under curation, DDP training and Serve; a training worker
-# SIGKILLed; a submitted job's whole cluster killed and the run resumed on a new one. Each holds both cores for
-# minutes, so they are a target (and a CI step) of their own.
+# SIGKILLed; a flow and its local cluster killed mid-checkpoint; a submitted job's whole cluster killed and the
+# run resumed on a new one. Each holds both cores for minutes, so they are a target (and a CI step) of their own.
 test-cluster: $(STAMP)
 	$(PY) -m pytest -q tests -m cluster --durations=10
 

@@ -132,6 +132,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # the flow's whole process group, its local cluster with it, SIGKILLed
 def test_kill_during_checkpoint_write_resumes_from_last_complete(tmp_path, ray_local):
     steps = 6
     cfg, overrides = small_cfg(tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=2",
