@@ -49,8 +49,7 @@ REQUESTS, CLIENTS, RETRIES, BUDGET_S = spec["requests"], spec["clients"], spec["
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "resources": {"head": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": True,
     "dashboard_host": "127.0.0.1", "dashboard_port": spec["dashboard_port"]})
-workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}", env_vars=spec["worker_env"])
-           for k in range(2)]
+workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}") for k in range(2)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 out = {"nodes": 1 + len(workers)}
@@ -189,7 +188,8 @@ spec = json.loads(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
     "dashboard_port": spec["dashboard_port"]})
-workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}") for k in range(2)]
+workers = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{2 + k}", env_vars=spec["worker_env"])
+           for k in range(2)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
