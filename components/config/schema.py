@@ -85,6 +85,7 @@ class SourceKind(enum.StrEnum):
     FILES = "files"  # a folder, an s3:// prefix, or a manifest (.jsonl, .csv, .parquet) of image paths
     URLS = "urls"  # parquet of image URLs and their metadata (LAION's layout); images are downloaded
     HUGGINGFACE = "huggingface"  # a dataset in the Hugging Face Hub's parquet layout (image column + caption)
+    WEBDATASET = "webdataset"  # webdataset tar shards: one sample per key (image member, .txt / .json caption)
 
 
 class TinyModelConfig(Strict):
@@ -280,11 +281,14 @@ class SourceConfig(Strict):
     row (``source_name``) and the training mixture."""
     kind: SourceKind = SourceKind.FILES
     """``files`` (a folder, s3:// prefix or manifest of paths), ``urls`` (parquet of image URLs and
-    metadata, LAION's layout) or ``huggingface`` (the Hub's parquet layout); docs/sources.md."""
+    metadata, LAION's layout), ``huggingface`` (the Hub's parquet layout) or ``webdataset`` (tar shards);
+    docs/sources.md."""
     location: str
     """``files``: a directory, an ``s3://`` prefix or a manifest (.jsonl, .csv, .parquet). ``urls``: a
     parquet file or a folder / ``s3://`` prefix of them. ``huggingface``: a local copy of a dataset
-    repository, an ``s3://`` prefix holding one, or ``hf://datasets/<owner>/<name>`` (read from the Hub)."""
+    repository, an ``s3://`` prefix holding one, or ``hf://datasets/<owner>/<name>`` (read from the Hub).
+    ``webdataset``: a ``.tar`` shard, a folder or ``s3://`` prefix of them, a glob, or http(s) URLs of shards;
+    each may be a brace pattern (``shards-{000..009}.tar``)."""
     root: str | None = None
     """``files`` manifests: what their paths are relative to (a directory, an ``s3://`` prefix or
     ``pkg:<package>/<dir>``); None: the manifest's directory. Paths outside it are ``path_escape``."""
@@ -299,7 +303,8 @@ class SourceConfig(Strict):
     """``huggingface``: the split to read (files named after it, e.g. ``data/train-00000-of-00004.parquet``)."""
     caption_column: str = "caption"
     """The column with each image's caption (case-insensitive for parquet sources: LAION's ``TEXT``,
-    a Hugging Face dataset's ``prompt``)."""
+    a Hugging Face dataset's ``prompt``); for ``webdataset``, the field of a sample's ``.json`` member (else
+    its ``.txt`` member is the caption)."""
     missing_caption: MissingCaption = MissingCaption.DROP
     """An image without a caption (no column value, no sidecar ``.txt``, no captioning model or an empty
     model caption): ``drop`` it, train it with the ``empty`` caption, or caption it with its ``filename``."""
@@ -318,8 +323,9 @@ class SourceConfig(Strict):
                              "starting with a letter or digit")
         if not self.location.strip():
             raise ValueError(f"source {self.name!r} has an empty location")
-        if self.location.startswith("hf://") and self.kind is SourceKind.FILES:
-            raise ValueError(f"source {self.name!r}: an hf:// location is read as kind 'urls' or 'huggingface'")
+        if self.location.startswith("hf://") and self.kind in (SourceKind.FILES, SourceKind.WEBDATASET):
+            raise ValueError(f"source {self.name!r}: an hf:// location is read as kind 'urls' or 'huggingface' "
+                             "(a webdataset on the Hub: its https://huggingface.co/.../resolve/... shard URLs)")
         return self
 
 
