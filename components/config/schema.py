@@ -79,6 +79,13 @@ class MissingCaption(enum.StrEnum):
     FILENAME = "filename"  # the file stem, underscores as spaces
 
 
+class LuminancePolicy(enum.StrEnum):
+    """What ``filters.max_luminance`` does to an image above the cap (docs/recipe.md, "Luminance")."""
+
+    DROP = "drop"  # drop it, counted as ``too_bright``
+    CLAMP = "clamp"  # keep it darkened: RGB x (cap / mean luma), clipped to 0..255; its row says ``luma_clamped``
+
+
 class SourceKind(enum.StrEnum):
     """How a curation source is read (docs/sources.md)."""
 
@@ -225,7 +232,13 @@ class FilterConfig(Strict):
     """Keep rows whose ``similarity`` (LAION's CLIP image-text cosine similarity) is >= this; rows without
     a score pass."""
     max_luminance: float | None = Field(None, ge=0, le=1)
-    """Mean Rec. 709 relative luminance (0..1) of the sRGB pixel values, at most this."""
+    """Cap on the image's mean luma: the mean over pixels of BT.709 Y' = 0.2126 R' + 0.7152 G' + 0.0722 B' of
+    the gamma-encoded sRGB values / 255, in 0..1 (a uniform grey of 128 reads 0.502). Not relative (linear)
+    luminance. The card: "Luminance value of samples capped to 100 (.5)". None: no cap."""
+    luminance_policy: LuminancePolicy = LuminancePolicy.DROP
+    """Above ``max_luminance``: ``drop`` the image (``too_bright``), or ``clamp`` it: multiply its RGB by
+    cap / mean luma, clip to 0..255 (clipped channels can leave the mean slightly under the cap) and keep it,
+    its row's ``luma_clamped`` true."""
     min_aspect: float = Field(0.25, gt=0)
     """Smallest width / height kept."""
     max_aspect: float = Field(4.0, gt=0)
@@ -313,11 +326,20 @@ class SourceConfig(Strict):
     filters: FilterConfig = FilterConfig()
     """This source's filter policy."""
     repeats: float = Field(1.0, ge=0)
-    """The training mixture: how many times each image of this source is drawn per epoch (2: twice, 0.5:
-    a fresh random half each epoch, 0: never). Recorded with the dataset; ``train.mixture`` overrides it."""
+    """The training mixture by repeats: how many times each image of this source is drawn per epoch (2: twice,
+    0.5: a fresh random half each epoch, 0: never), so a source's share grows with its size. Recorded with the
+    dataset; ``train.mixture`` overrides it. Set this or ``weight``, not both."""
+    weight: float | None = Field(None, ge=0)
+    """The training mixture by sampling probability: this source's share of each epoch's samples is
+    weight / (sum of the sources' weights), whatever its size (``train.epoch_samples`` and
+    ``train.mixture_replacement`` say how the epoch is drawn; docs/shuffle.md). Set on every source of the
+    curation or on none; set this or ``repeats``, not both. None: the mixture is by ``repeats``."""
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:
+        if self.weight is not None and "repeats" in self.model_fields_set:
+            raise ValueError(f"source {self.name!r} sets both repeats and weight: set one (weight: a share of each "
+                             "epoch; repeats: draws per image)")
         if not SOURCE_NAME.fullmatch(self.name):
             raise ValueError(f"source name {self.name!r}: letters, digits, '_', '.', '-' (at most 64), "
                              "starting with a letter or digit")
@@ -448,6 +470,13 @@ class CurateConfig(Strict):
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 raise ValueError(f"curate.sources: the name(s) {twice} are used twice")
+            weighted = [s.name for s in self.sources if s.weight is not None]
+            if weighted and len(weighted) < len(self.sources):
+                unweighted = [s.name for s in self.sources if s.weight is None]
+                raise ValueError(f"curate.sources: {weighted} set a weight and {unweighted} do not: set a weight "
+                                 "on every source or on none")
+            if weighted and not sum(s.weight for s in self.sources) > 0:
+                raise ValueError("curate.sources: the weights sum to 0: give at least one source a weight above 0")
         return self
 
     def resolved_sources(self) -> list[SourceConfig]:
@@ -625,8 +654,16 @@ class TrainConfig(Strict):
     """Streaming only: rows shuffled together, taken in the epoch's shard order (at least a few shards'
     worth; the shards of that many rows are held in memory at once)."""
     mixture: dict[str, float] | None = None
-    """Draws per image per epoch, by source name, overriding the ``repeats`` the dataset was curated with
-    (``{laion-hd: 1, midjourney: 2}``); None: the curated ``repeats``. A source left out keeps its own."""
+    """By source name, overriding the mixture the dataset was curated with, in its own terms: draws per image
+    where its sources set ``repeats`` (``{laion-hd: 1, midjourney: 2}``), weights where they set ``weight``
+    (``{laion-hd: 0.75, midjourney: 0.25}``). None: the curated values. A source left out keeps its own."""
+    epoch_samples: int | None = Field(None, gt=0)
+    """Weighted mixtures: rows drawn per epoch (before bucket batching drops its leftovers); None: the train
+    split's row count. Rejected with a mixture by repeats, whose epoch is sum(repeats x rows)."""
+    mixture_replacement: bool = False
+    """Weighted mixtures: False draws each source's share as evenly as its rows allow (every row
+    floor(n / rows) times, a fresh random n mod rows of them once more); True draws n rows independently
+    with replacement."""
     log_flush_s: float = Field(10.0, ge=0)
     """Seconds between live writes of the metrics to MLflow while training runs (0: after every step)."""
     log_every: int = Field(1, gt=0)
@@ -685,9 +722,9 @@ class PublishConfig(Strict):
     repo_id: str | None = None
     """Hub repository (``org/name``) ``--push`` uploads to; None: ``--repo-id`` must name it."""
     base_model: str | None = None
-    """Hub id the model card names as ``base_model``; None: the hub id the run's lineage starts from (its hub
-    source, or the source of the registered version it continued from), else SDXL base
-    (``stabilityai/stable-diffusion-xl-base-1.0``), whose architecture every SDXL-layout model shares."""
+    """Hub id the model card names as ``base_model`` when the lineage starts from a copy of a Hub model that is
+    not on the Hub itself (a local folder, s3://, a single file); None: the Hub id the lineage starts from (its
+    hub source, or that of the registered version it continued from), else none (docs/interchange.md)."""
     license: str = "openrail++"
     """Licence of the card (SDXL's CreativeML Open RAIL++-M, which a fine-tune of it carries)."""
     author: str | None = None
