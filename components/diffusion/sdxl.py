@@ -131,6 +131,11 @@ def load_single_file(path: str | Path, config: str | None, diffusion: DiffusionC
 # --- saving --------------------------------------------------------------------------------------
 
 HALF_VARIANTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SHARD_SIZE = "1GB"
+"""The largest weight file ``save_pipeline`` writes per component (diffusers' and transformers' ``max_shard_size``).
+diffusers and transformers load a sharded model one file at a time, so a reader holds the model in its target
+dtype plus one shard as stored: with SDXL's UNet in one 5 GB fp16 file, loading it in fp32 peaked at the fp32 model
+plus the whole fp16 state dict; in 1 GB shards the surplus is at most 1 GB."""
 
 
 @torch.no_grad()
@@ -147,11 +152,11 @@ def exact_dtype(module: torch.nn.Module) -> torch.dtype | None:
 
 
 def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str | Path,
-                  variant: str | None = None) -> Path:
+                  variant: str | None = None, max_shard_size: str | int = SHARD_SIZE) -> Path:
     """A plain diffusers directory in safetensors with the ZT-SNR trailing v-prediction scheduler. Each model
     is written in the narrowest precision that holds it exactly (``exact_dtype``; the modules are cast for the
-    write and back after it), else in fp32. With ``variant`` (``fp16`` or ``bf16``) the same weights also in
-    that precision, next to those (``save_variant``)."""
+    write and back after it), else in fp32, in files of at most ``max_shard_size`` (``SHARD_SIZE``). With
+    ``variant`` (``fp16`` or ``bf16``) the same weights also in that precision, next to those (``save_variant``)."""
     pipe = StableDiffusionXLPipeline(scheduler=inference_scheduler(diffusion), **parts.as_dict())
     narrowed = []
     for name in COMPONENTS:
@@ -159,7 +164,7 @@ def save_pipeline(parts: SDXLParts, diffusion: DiffusionConfig, directory: str |
         if (dtype := exact_dtype(module)) is not None:
             narrowed.append(module.to(dtype))
     try:
-        pipe.save_pretrained(str(directory), safe_serialization=True)
+        pipe.save_pretrained(str(directory), safe_serialization=True, max_shard_size=max_shard_size)
     finally:
         for module in narrowed:
             module.to(torch.float32)

@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from safetensors.torch import load_file
 
 from components.config import Config, TinyModelConfig
+from components.config.loading import load_config
+from components.diffusion import single_file as sf
 from components.diffusion.parts import ModelLoadError, SDXLParts
 from components.diffusion.safetensors_stream import read_header
 from components.diffusion.sdxl import exact_dtype, load_parts, save_pipeline
 from components.diffusion.tiny import build_tiny
+from tests.fixtures.processes import REPO
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +180,27 @@ def test_directory_without_a_pipeline_is_a_one_line_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load SDXL directory") as info:
         load_parts(cfg.model, cfg.state_path("cache"))
     assert "\n" not in str(info.value)
+
+
+def test_saved_weights_are_sharded_and_every_reader_takes_the_shards(tmp_path):
+    """Loaders hold one shard as stored beside the model in fp32 (``SHARD_SIZE``): the shards must be real
+    files of bounded size, and the loader and the single-file export must read them all."""
+    preset = load_config(REPO / "flows/configs/tiny.yaml")  # text encoders of SDXL's distinct widths' ratio
+    parts = build_tiny(preset.model.tiny)
+    saved = save_pipeline(parts, Config().diffusion, tmp_path / "whole")
+    assert all(len(list((saved / c).glob("*.safetensors"))) == 1 for c in ("unet", "vae"))
+    sharded = save_pipeline(parts, Config().diffusion, tmp_path / "sharded", max_shard_size="200KB")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        shards = sorted((sharded / component).glob("*.safetensors"))
+        assert len(shards) > 1, component
+        assert (sharded / component / f"{shards[0].name.split('-')[0]}.safetensors.index.json").is_file()
+        largest_tensor = max(t.numel() * t.element_size() for t in getattr(parts, component).state_dict().values())
+        assert max(p.stat().st_size for p in shards) <= max(200_000, largest_tensor) + 100_000, component
+    cfg = Config(state_dir=str(tmp_path))
+    cfg.model.source = str(sharded)
+    assert_same_weights(parts, load_parts(cfg.model, cfg.state_path("cache")))
+    one, other = (sf.export_pipeline(d, tmp_path / f"{d.name}.safetensors", "fp16", title="t",
+                                     date="2024-05-01T00:00:00Z", resolution=(64, 64), license="openrail++",
+                                     metadata={}) for d in (saved, sharded))
+    a, b = load_file(one), load_file(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
