@@ -324,7 +324,7 @@ def benchmark_input(cfg: Config, *, batches: int = 128, speedup: float = 10.0, w
             step_times.append(time.perf_counter() - start)
         step_s = statistics.median(step_times)
         fake_s = step_s / speedup
-        data = {"index": read_index(manifest.paths("train")), "repeats": {}, "mode": "blocks"}
+        data = {"index": read_index(manifest.paths("train")), "mixture": {"repeats": {}}, "mode": "blocks"}
         arms = {}
         for label, depth in (("no_prefetch", 0), ("prefetch", cfg.train.prefetch_batches)):
             arm_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"prefetch_batches": depth})})

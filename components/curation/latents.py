@@ -123,6 +123,7 @@ def cache_latents(cfg: Config, source: str | None = None, output: str | None = N
               "model": cfg.model.source, "dtype": c.cache_dtype, "inputs": agg["inputs"], "wall_s": round(wall, 3),
               "images_per_s": round(agg["inputs"] / wall, 2) if wall > 0 else None}
     # holdout 0: the splits are the source's (already balanced); publish must not move rows.
-    sources = {n: {"kind": v.get("kind"), "repeats": v.get("repeats", 1.0)}
+    sources = {n: {"kind": v.get("kind"), "repeats": v.get("repeats", 1.0),
+                   **({"weight": v["weight"]} if v.get("weight") is not None else {})}
                for n, v in (manifest.sources or {}).items()}
     return publish(store, output, run_id, agg, 0.0, report, sources=sources)  # the mixture carries over

@@ -161,6 +161,7 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
 def source_meta(cfg: CurateConfig) -> dict[str, dict]:
     """What the report and ``_SUCCESS`` record of each source's configuration."""
     return {s.name: {"kind": s.kind.value, "location": s.location, "repeats": s.repeats,
+                     **({"weight": s.weight} if s.weight is not None else {}),
                      "caption_column": s.caption_column, "missing_caption": s.missing_caption.value,
                      "caption_with_model": s.caption_with_model and cfg.captioner.model is not None,
                      "filters": s.filters.model_dump(mode="json")} for s in cfg.resolved_sources()}
@@ -175,9 +176,10 @@ def policy_lines(cfg: CurateConfig) -> list[str]:
         own = {k: v for k, v in meta["filters"].items() if v != defaults[k]}
         filters = ", ".join(f"{k}={v}" for k, v in own.items()) or "none beyond the defaults"
         model = ", then the captioning model" if meta["caption_with_model"] else ""
+        mix = f"weight {meta['weight']}" if "weight" in meta else f"repeats {meta['repeats']}"
         lines.append(f"{name}: {meta['kind']} {meta['location']} | captions: column {meta['caption_column']!r}"
                      f"{', sidecar .txt' if meta['kind'] == 'files' else ''}{model}, else {meta['missing_caption']}"
-                     f" | repeats {meta['repeats']} | filters: {filters}")
+                     f" | {mix} | filters: {filters}")
     return lines
 
 

@@ -332,7 +332,8 @@ def publish(store: Store, root: str, run_id: str, agg: dict, holdout_fraction: f
                           "captions": dict(sorted(captions.items())), "watermark": dict(sorted(watermark.items()))})
     cleanup(store, root, {f["path"] for f in files} | set(agg["rejects"]))
     store.write(join(root, dataset.REPORT), json.dumps(report, indent=2, sort_keys=True).encode())
-    recorded = {name: {"kind": s.get("kind"), "repeats": s.get("repeats", 1.0), "rows": s["rows"]}
+    recorded = {name: {"kind": s.get("kind"), "repeats": s.get("repeats", 1.0), "rows": s["rows"],
+                       **({"weight": s["weight"]} if s.get("weight") is not None else {})}
                 for name, s in report["sources"].items()}
     store.write(
         join(root, dataset.SUCCESS),

@@ -12,11 +12,18 @@ Two orders, by how the rows are held (``train.in_memory_mb``):
 - ``global``: the split is in memory (Ray's object store); the epoch's draws are permuted as a whole,
   grouped into bucket batches in order of completion, and dealt to the ranks in turn.
 - ``blocks``: the split streams from its shards; the epoch permutes the shards, deals them to the
-  ranks, and shuffles each rank's rows within windows of ``train.shuffle_window`` rows, so a rank
-  reads each of its shards once per epoch (bar a rare bucket's leftovers) and holds a window at a time.
+  ranks so that each draws about as many rows (``deal_shards``), and shuffles each rank's rows within
+  windows of ``train.shuffle_window`` rows, so a rank reads each of its shards once per epoch (bar a rare
+  bucket's leftovers) and holds a window at a time.
 
-The mixture: a source with ``repeats`` r contributes each of its rows floor(r) times, plus a fresh
-random (r - floor(r)) share of its rows, every epoch.
+The mixture, one of two kinds (docs/shuffle.md):
+
+- by ``repeats``: a source with repeats r contributes each of its rows floor(r) times, plus a fresh random
+  (r - floor(r)) share of its rows, every epoch; its share of the epoch grows with its size.
+- by ``weights``: an epoch draws ``samples`` rows (default: the split's row count), source s contributing
+  n_s of them, n_s = samples x w_s / sum(w) rounded by largest remainder (so the n_s sum to ``samples``);
+  without replacement each of its rows floor(n_s / rows_s) times plus a fresh random (n_s mod rows_s) of
+  them once more, with replacement n_s independent uniform draws from its rows.
 """
 
 from __future__ import annotations
@@ -52,6 +59,45 @@ def draws(index: RowIndex, repeats: dict[str, float], rng: np.random.Generator) 
     return np.sort(np.concatenate(parts), kind="stable") if parts else np.zeros(0, dtype=np.int64)
 
 
+def shares(counts_total: int, weights: np.ndarray) -> np.ndarray:
+    """``counts_total`` split in proportion to ``weights`` (>= 0, sum > 0) by largest remainder: integers that
+    sum to ``counts_total``, each within 1 of its exact share (ties to the earlier source)."""
+    exact = counts_total * weights / weights.sum()
+    whole = np.floor(exact).astype(np.int64)
+    short = counts_total - int(whole.sum())
+    whole[np.argsort(-(exact - whole), kind="stable")[:short]] += 1
+    return whole
+
+
+def weighted_draws(index: RowIndex, weights: dict[str, float], rng: np.random.Generator,
+                   samples: int | None = None, replace: bool = False) -> np.ndarray:
+    """The row ids one epoch of a weighted mixture draws, in canonical order: ``samples`` rows (None: one per
+    row of the split), source s's n_s of them in proportion to its weight (``shares``). Without replacement
+    every row of s is drawn floor(n_s / rows_s) times and a fresh random n_s mod rows_s of them once more;
+    with replacement n_s uniform draws. Every source of the index needs a weight (the index lists only
+    sources with rows; ``driver.mixture`` refuses a weighted source that has none)."""
+    missing = [name for name in index.sources if name not in weights]
+    if missing:
+        raise ValueError(f"weighted mixture: no weight for source(s) {missing} (weights: {weights})")
+    w = np.array([float(weights[name]) for name in index.sources], dtype=np.float64)
+    if (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"weighted mixture: weights must be >= 0 and sum above 0, got {weights}")
+    counts = shares(len(index) if samples is None else int(samples), w)
+    parts = []
+    for code, n in enumerate(counts.tolist()):
+        rows = np.flatnonzero(index.source == code)
+        if n == 0:
+            continue
+        if replace:
+            parts.append(rng.choice(rows, size=n, replace=True))
+            continue
+        whole, extra = divmod(n, len(rows))
+        parts += [rows] * whole
+        if extra:
+            parts.append(rng.choice(rows, size=extra, replace=False))
+    return np.sort(np.concatenate(parts), kind="stable") if parts else np.zeros(0, dtype=np.int64)
+
+
 def bucket_batch_ids(order: np.ndarray, bucket: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """``bucket_batches`` on row ids: one bucket per batch, in order of completion, leftovers dropped."""
     buffers: dict[int, list[int]] = {}
@@ -66,11 +112,20 @@ def bucket_batch_ids(order: np.ndarray, bucket: np.ndarray, batch_size: int) -> 
 
 
 def epoch_plan(index: RowIndex, *, seed: int, epoch: int, world: int, batch_size: int,
-               repeats: dict[str, float], mode: str = "global", window: int = 1024) -> list[list[np.ndarray]]:
+               repeats: dict[str, float] | None = None, weights: dict[str, float] | None = None,
+               samples: int | None = None, replace: bool = False, mode: str = "global",
+               window: int = 1024) -> list[list[np.ndarray]]:
     """Every rank's micro-batches of one epoch (``plan[rank][k]``: the row ids of its k-th micro-batch),
-    the same number for each rank. Deterministic in its arguments; a fresh order for every (seed, epoch)."""
+    the same number for each rank. The mixture is ``repeats`` (``draws``) or ``weights`` with ``samples`` and
+    ``replace`` (``weighted_draws``), exactly one of the two. Deterministic in its arguments; a fresh order
+    and fresh draws for every (seed, epoch)."""
+    if (repeats is None) == (weights is None):
+        raise ValueError("epoch_plan: give the mixture as repeats or as weights (exactly one)")
     rng = np.random.default_rng([seed, epoch])
-    chosen = draws(index, repeats, rng)
+    if weights is not None:
+        chosen = weighted_draws(index, weights, rng, samples, replace)
+    else:
+        chosen = draws(index, repeats, rng)
     if mode == "global":
         batches = bucket_batch_ids(rng.permutation(chosen), index.bucket, batch_size)
         usable = len(batches) // world * world
@@ -80,9 +135,10 @@ def epoch_plan(index: RowIndex, *, seed: int, epoch: int, world: int, batch_size
     shards = rng.permutation(len(index.files))
     position = np.empty(len(shards), dtype=np.int64)
     position[shards] = np.arange(len(shards))
+    owner = deal_shards(shards, np.bincount(index.file_of[chosen], minlength=len(shards)), world)
     plans = []
     for rank in range(world):
-        mine = chosen[np.isin(index.file_of[chosen], shards[rank::world])]
+        mine = chosen[owner[index.file_of[chosen]] == rank]
         mine = mine[np.argsort(position[index.file_of[mine]], kind="stable")]  # the epoch's shard order
         local = np.random.default_rng([seed, epoch, rank])
         for start in range(0, len(mine), window):
@@ -92,12 +148,33 @@ def epoch_plan(index: RowIndex, *, seed: int, epoch: int, world: int, batch_size
     return [p[:usable] for p in plans]
 
 
+def deal_shards(order: np.ndarray, load: np.ndarray, world: int) -> np.ndarray:
+    """The rank of each shard: shards by drawn rows, most first (ties in the epoch's ``order``), each to the rank
+    with the fewest rows so far (ties to the lowest rank). Ranks end within one shard's draws of each other,
+    so cutting them to the same number of batches drops little, even when a weighted or repeated source's
+    shards draw more rows than the others'. Equal loads deal ``order`` round-robin."""
+    owner = np.zeros(len(order), dtype=np.int64)
+    totals = np.zeros(world, dtype=np.int64)
+    for f in order[np.argsort(-load[order], kind="stable")].tolist():
+        rank = int(np.argmin(totals))
+        owner[f] = rank
+        totals[rank] += load[f]
+    return owner
+
+
 def source_counts(index: RowIndex, batches: Iterable[np.ndarray]) -> dict[str, int]:
     """Rows drawn per source name in ``batches``."""
     counts = np.zeros(len(index.sources), dtype=np.int64)
     for ids in batches:
         counts += np.bincount(index.source[ids], minlength=len(index.sources))
     return {name: int(n) for name, n in zip(index.sources, counts, strict=True)}
+
+
+def epoch_shares(index: RowIndex, batches: Iterable[np.ndarray]) -> dict[str, float]:
+    """Each source's share of the rows in ``batches`` (an epoch's plan: the mixture it realised)."""
+    counts = source_counts(index, batches)
+    total = sum(counts.values()) or 1
+    return {name: n / total for name, n in counts.items()}
 
 
 class TableRows:

@@ -111,16 +111,42 @@ def open_run(cfg: Config, manifest: CuratedManifest) -> str:
     return run.info.run_id
 
 
-def mixture(cfg: Config, manifest: CuratedManifest, index) -> dict[str, float]:
-    """Draws per image per epoch by source: the ``repeats`` recorded at curation, then ``train.mixture``."""
-    repeats = {name: float(info.get("repeats", 1.0)) for name, info in (manifest.sources or {}).items()}
+def mixture(cfg: Config, manifest: CuratedManifest, index) -> dict:
+    """The epoch plan's mixture arguments (``batches.epoch_plan``): ``{"repeats": ...}`` (draws per image by
+    source) or, where the dataset's sources were curated with a ``weight``, ``{"weights": ..., "samples": ...,
+    "replace": ...}``; the curated values, then ``train.mixture`` over them, in the same terms."""
+    recorded = manifest.sources or {}
+    weighted = any(info.get("weight") is not None for info in recorded.values())
     given = cfg.train.mixture or {}
     unknown = sorted(set(given) - set(index.sources))
     if unknown:
         raise RecurringError(f"train.mixture names source(s) {unknown} that {manifest.root} does not have "
                              f"(its sources: {list(index.sources)})")
-    repeats.update(given)
-    return {name: repeats.get(name, 1.0) for name in index.sources}
+    if not weighted:
+        if cfg.train.epoch_samples is not None:
+            raise RecurringError(f"train.epoch_samples is for a weighted mixture; {manifest.root} mixes its sources "
+                                 "by repeats (an epoch is sum(repeats x rows)): unset it")
+        repeats = {name: float(info.get("repeats", 1.0)) for name, info in recorded.items()}
+        repeats.update(given)
+        return {"repeats": {name: repeats.get(name, 1.0) for name in index.sources}}
+    weights = {name: float(info.get("weight") or 0.0) for name, info in recorded.items()}
+    weights.update(given)
+    empty = sorted(name for name, w in weights.items() if w > 0 and name not in index.sources)
+    if empty:
+        raise RecurringError(f"source(s) {empty} have a weight but no train rows in {manifest.root}: give them "
+                             "weight 0 in train.mixture or curate them again")
+    weights = {name: weights.get(name, 0.0) for name in index.sources}
+    if not sum(weights.values()) > 0:
+        raise RecurringError(f"the mixture's weights {weights} sum to 0: give a source a weight above 0")
+    return {"weights": weights, "samples": cfg.train.epoch_samples, "replace": cfg.train.mixture_replacement}
+
+
+def epoch_rows(mix: dict, index) -> int:
+    """Rows one epoch draws under ``mix`` (``mixture``'s), before bucket batching drops its leftovers."""
+    if "weights" in mix:
+        return len(index) if mix["samples"] is None else int(mix["samples"])
+    return sum(int(round(mix["repeats"][name] * int((index.source == code).sum())))
+               for code, name in enumerate(index.sources))
 
 
 def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
@@ -130,10 +156,8 @@ def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
     workers stream their shards, in each epoch's shard order)."""
     paths = manifest.paths("train")
     index = read_index(paths, manifest.endpoint_url)
-    repeats = mixture(cfg, manifest, index)
-    expected = sum(int(round(repeats[name] * int((index.source == code).sum())))
-                   for code, name in enumerate(index.sources))
-    data = {"index": index, "repeats": repeats, "epoch_rows": expected, "mode": "blocks"}
+    mix = mixture(cfg, manifest, index)
+    data = {"index": index, "mixture": mix, "epoch_rows": epoch_rows(mix, index), "mode": "blocks"}
     size = (manifest.nbytes or {}).get("train")
     if size is not None and size <= cfg.train.in_memory_mb * 2**20:
         ctx = ray.data.DataContext.get_current()
@@ -142,8 +166,8 @@ def training_data(cfg: Config, manifest: CuratedManifest) -> dict:
         ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(manifest.root, manifest.endpoint_url),
                                    include_paths=True).materialize()  # read once; every epoch reads it from there
         data.update(mode="global", refs=ds.to_arrow_refs(), names=manifest.files["train"])
-    log.info("training data: %d rows in %d shards, %s order; draws per image by source %s",
-             len(index), len(paths), data["mode"], repeats)
+    log.info("training data: %d rows in %d shards, %s order; %d rows per epoch, mixture %s",
+             len(index), len(paths), data["mode"], data["epoch_rows"], mix)
     return data
 
 

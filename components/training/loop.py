@@ -3,7 +3,8 @@
 Ray appears only at the edges (the split's blocks in the object store, report, checkpoint); the step
 itself is ``components.diffusion.loss.diffusion_loss``. The data order is ``batches.epoch_plan``'s, the
 same on every rank; rank 0 alone talks to MLflow (``RunLogger``), and logs with every step the rows
-drawn so far per source (``samples_seen.<source>``, ``mix.<source>``: the realised mixture) and a hash
+drawn so far per source (``samples_seen.<source>``, ``mix.<source>``: the realised mixture; at the end of each
+whole epoch ``epoch_mix.<source>``, that epoch's share, and a log line) and a hash
 of the rows of its own micro-batches (``data.batch_hash``: which rows a step saw, comparable across runs).
 
 An adapter run (``train.method: lora | lokr``) trains through the same loop: the UNet is frozen and stored in the
@@ -53,7 +54,15 @@ from components.diffusion.parts import SDXLParts
 from components.diffusion.schedule import training_scheduler
 from components.diffusion.sdxl import attention_kind
 from components.registry.model_sources import load_source_parts
-from components.training.batches import RowIndex, ShardRows, TableRows, epoch_plan, rows_to_batch, source_counts
+from components.training.batches import (
+    RowIndex,
+    ShardRows,
+    TableRows,
+    epoch_plan,
+    epoch_shares,
+    rows_to_batch,
+    source_counts,
+)
 from components.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from components.training.optim import build_lr_scheduler, build_optimizer
 from components.training.parallel import Strategy
@@ -77,7 +86,7 @@ class EpochReader:
     def __init__(self, data: dict, cfg: Config):
         self.index: RowIndex = data["index"]
         self.mode: str = data["mode"]
-        self.repeats: dict[str, float] = data["repeats"]
+        self.mixture: dict = data["mixture"]  # epoch_plan's mixture arguments (driver.mixture)
         self.cfg = cfg
         if self.mode == "global":
             self.rows = table_rows(self.index, data["refs"], data["names"])
@@ -92,7 +101,7 @@ class EpochReader:
         if (epoch, world) not in self._plans:
             self._plans = {(epoch, world): epoch_plan(
                 self.index, seed=self.cfg.seed, epoch=epoch, world=world, batch_size=self.cfg.train.batch_size,
-                repeats=self.repeats, mode=self.mode, window=self.cfg.train.shuffle_window)}
+                mode=self.mode, window=self.cfg.train.shuffle_window, **self.mixture)}
         return self._plans[(epoch, world)]
 
     def batches(self, epoch: int, rank: int, world: int, skip_batches: int) -> Iterator[list[dict]]:
@@ -434,6 +443,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if state.step >= steps:
                 break
         batches.close()  # stops the prefetch threads of an epoch left early
+        if logger is not None and state.batches_in_epoch == len(plan[rank]):  # whole: every rank's plan was drawn
+            shares = epoch_shares(reader.index, [ids for p in plan for ids in p])
+            log.info("epoch %d done: realised mix %s", state.epoch, {k: round(v, 4) for k, v in shares.items()})
+            logger.metrics({f"epoch_mix.{name}": v for name, v in shares.items()}, state.step)
         if state.step >= steps:
             break
         state.epoch += 1

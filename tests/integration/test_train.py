@@ -67,11 +67,11 @@ def planned_source_counts(cfg, steps: int, world: int, mode: str = "global") -> 
     """Rows drawn per source over ``steps`` steps of every rank, from the epoch plans alone."""
     manifest = read_manifest(cfg.train.data)
     index = read_index(manifest.paths("train"))
-    repeats = mixture(cfg, manifest, index)
+    mix = mixture(cfg, manifest, index)
     counts, micro, epoch = Counter(), steps * cfg.train.grad_accum, 0
     while micro > 0:
         plans = epoch_plan(index, seed=cfg.seed, epoch=epoch, world=world, batch_size=cfg.train.batch_size,
-                           repeats=repeats, mode=mode, window=cfg.train.shuffle_window)
+                           mode=mode, window=cfg.train.shuffle_window, **mix)
         take = min(micro, len(plans[0]))
         for plan in plans:
             counts.update(source_counts(index, plan[:take]))
@@ -84,12 +84,12 @@ def planned_batch_hashes(cfg, steps: int, rank: int = 0, world: int = 1, mode: s
     plan alone (``batches.epoch_plan`` on the split's index, rows read from the shards)."""
     manifest = read_manifest(cfg.train.data)
     index = read_index(manifest.paths("train"))
-    repeats = mixture(cfg, manifest, index)
+    mix = mixture(cfg, manifest, index)
     rows, out, epoch, accum = ShardRows(index, None, keep=len(index.files)), {}, 0, cfg.train.grad_accum
     pending: list = []
     while len(out) < steps:
         plan = epoch_plan(index, seed=cfg.seed, epoch=epoch, world=world, batch_size=cfg.train.batch_size,
-                          repeats=repeats, mode=mode, window=cfg.train.shuffle_window)[rank]
+                          mode=mode, window=cfg.train.shuffle_window, **mix)[rank]
         for ids in plan:
             pending.append(rows.take(ids))
             if len(pending) == accum:

@@ -84,7 +84,7 @@ def test_a_resume_reads_exactly_the_batches_the_uninterrupted_epoch_had_left(spl
     epoch's batches 5.. exactly (the same rows, in the same order), without the first five."""
     manifest, index = split
     cfg = load_config(REPO / "flows/configs/tiny.yaml", ["train.batch_size=2", "train.shuffle_window=8"])
-    data = {"index": index, "repeats": {"laion": 1.0, "mj": 1.0}, "mode": "blocks"}
+    data = {"index": index, "mixture": {"repeats": {"laion": 1.0, "mj": 1.0}}, "mode": "blocks"}
     whole = EpochReader(data, cfg)
     whole.mode = mode
     uninterrupted = [[r["sha256"] for r in rows] for rows in whole.batches(2, 0, 1, 0)]
