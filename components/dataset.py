@@ -43,6 +43,7 @@ METADATA = [
     ("source_name", pa.string()),  # the curation source it came from (``curate.sources[].name``)
     ("caption_origin", pa.string()),  # column, sidecar, model, filename or empty
     ("watermark_check", pa.string()),  # passed, unchecked (a threshold but no score) or off (no threshold)
+    ("luma_clamped", pa.bool_()),  # darkened to ``max_luminance`` (``luminance_policy: clamp``); null: curated before
 ]
 SCHEMA = pa.schema([("image", pa.binary()), *METADATA])  # image: JPEG of the crop, exactly target size
 LATENT_SCHEMA = pa.schema(

@@ -53,6 +53,7 @@ def write_synthetic_curated(root: Path, n_train: int = 16, n_val: int = 4, size:
                 "source": [f"synthetic/{split}/{i}.jpg" for i in range(n)],
                 "sha256": [hashlib.sha256(b).hexdigest() for b in images],
                 "source_name": owner, "caption_origin": ["column"] * n, "watermark_check": ["off"] * n,
+                "luma_clamped": [False] * n,
             },
             schema=SCHEMA,
         )

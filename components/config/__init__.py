@@ -44,6 +44,7 @@ from components.config.schema import (  # noqa: F401
     FilterConfig,
     InferenceConfig,
     LRConfig,
+    LuminancePolicy,
     MissingCaption,
     ModelConfig,
     OptimizerName,

@@ -83,7 +83,7 @@ class LuminancePolicy(enum.StrEnum):
     """What ``filters.max_luminance`` does to an image above the cap (docs/recipe.md, "Luminance")."""
 
     DROP = "drop"  # drop it, counted as ``too_bright``
-    CLAMP = "clamp"  # keep it darkened: RGB x (cap / mean luma), clipped to 0..255; its row says ``luma_clamped``
+    CLAMP = "clamp"  # keep it darkened: RGB x (cap / mean luma), rounded; its row's ``luma_clamped`` is true
 
 
 class SourceKind(enum.StrEnum):
@@ -237,8 +237,8 @@ class FilterConfig(Strict):
     luminance. The card: "Luminance value of samples capped to 100 (.5)". None: no cap."""
     luminance_policy: LuminancePolicy = LuminancePolicy.DROP
     """Above ``max_luminance``: ``drop`` the image (``too_bright``), or ``clamp`` it: multiply its RGB by
-    cap / mean luma, clip to 0..255 (clipped channels can leave the mean slightly under the cap) and keep it,
-    its row's ``luma_clamped`` true."""
+    cap / mean luma and round (a darkening, so nothing clips; the mean lands on the cap to within 0.5/255)
+    and keep it, its row's ``luma_clamped`` true."""
     min_aspect: float = Field(0.25, gt=0)
     """Smallest width / height kept."""
     max_aspect: float = Field(4.0, gt=0)

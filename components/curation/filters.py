@@ -39,7 +39,7 @@ class Reason(enum.StrEnum):
     EDITED = "edited"  # EXIF Software names a known editor (``drop_edited``)
     TRUNCATED = "truncated"  # the pixel data ends early
     CORRUPT = "corrupt"  # the pixel data does not decode
-    TOO_BRIGHT = "too_bright"  # mean luma above ``max_luminance``
+    TOO_BRIGHT = "too_bright"  # mean luma above ``max_luminance`` (under ``luminance_policy: drop``)
     DUPLICATE = "duplicate"  # same bytes as a kept record with a smaller source URI
 
 
@@ -111,8 +111,9 @@ def oriented_size(size: tuple[int, int], exif: Image.Exif) -> tuple[int, int]:
 
 
 # Rec. ITU-R BT.709-6, item 3.2: Y' = 0.2126 R' + 0.7152 G' + 0.0722 B'. Applied to the
-# gamma-encoded sRGB values / 255 (sRGB shares BT.709's primaries), i.e. luma, the quantity an
-# "average brightness" cap on photographs means; 0.5 is the card's "luminance capped at 100 (0.5)".
+# gamma-encoded sRGB values / 255 (sRGB shares BT.709's primaries), i.e. luma, not relative (linear)
+# luminance: a uniform grey of 128 reads 128/255 = 0.502. It is the quantity an "average brightness" cap
+# on photographs means; 0.5 is the card's "Luminance value of samples capped to 100 (.5)" (docs/recipe.md).
 LUMA_709 = np.array([0.2126, 0.7152, 0.0722], dtype=np.float64)
 
 
@@ -129,3 +130,17 @@ def mean_luma(rgb: Image.Image, max_side: int = 512) -> float:
     small = rgb.reduce(factor) if factor > 1 else rgb
     means = np.array(ImageStat.Stat(small).mean, dtype=np.float64)  # per channel, from the histograms
     return float(means @ LUMA_709 / 255.0)
+
+
+def clamp_luma(rgb: Image.Image, cap: float, luma: float | None = None) -> Image.Image:
+    """``rgb`` darkened so its mean luma is ``cap`` (``luminance_policy: clamp``): every channel of every pixel
+    multiplied by cap / mean luma (``luma``: that mean, as ``mean_luma`` measured it), rounded and clipped to
+    0..255. Luma is linear in R'G'B', so the scale alone lands on the cap exactly; rounding to integers moves
+    the mean by at most 0.5/255. The scale is below 1 (only an image above the cap is clamped), so no channel
+    leaves 0..255 and the clip never bites: nothing saturates, and hue and contrast ratios are kept. An image
+    at or under the cap is returned as it is."""
+    luma = mean_luma(rgb) if luma is None else luma
+    if luma <= cap:
+        return rgb
+    scaled = np.asarray(rgb, dtype=np.float64) * (cap / luma)  # (H, W, 3)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "RGB")

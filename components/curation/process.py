@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-from components.config import CurateConfig, MissingCaption, SourceConfig
+from components.config import CurateConfig, LuminancePolicy, MissingCaption, SourceConfig
 from components.curation import buckets as bk
 from components.curation import filters as flt
 from components.curation import transforms as tf
@@ -309,10 +309,13 @@ class Curator:
             return Outcome(source, Reason.CORRUPT, f"conversion failed: {type(err).__name__}: {err}"[:300])
         if rgb.size != decoded:  # orientation tag and pixel data disagree; trust the pixels
             return Outcome(source, Reason.CORRUPT, f"oriented size {rgb.size} != header {w}x{h}")
+        clamped = False
         if f.max_luminance is not None:
             luma = flt.mean_luma(rgb)
-            if luma > f.max_luminance:
+            if luma > f.max_luminance and f.luminance_policy is LuminancePolicy.DROP:
                 return Outcome(source, Reason.TOO_BRIGHT, f"mean BT.709 luma {luma:.3f} > {f.max_luminance}")
+            if luma > f.max_luminance:  # clamp: kept, darkened to the cap, and its row says so
+                rgb, clamped = flt.clamp_luma(rgb, f.max_luminance, luma), True
         crop = tf.resize_and_crop(rgb, plan)
         row = {
             "image": tf.encode_jpeg(crop, self.cfg.jpeg_quality),
@@ -326,5 +329,6 @@ class Curator:
             "bucket": plan.bucket.name,
             "source": source,
             "sha256": sha,
+            "luma_clamped": clamped,
         }
         return Outcome(source, None, "", row)
