@@ -1,17 +1,22 @@
 """The HTTP contract: OpenAI Images API request models, their validation, and the error format.
 
 Compatible with ``POST /v1/images/generations`` and ``POST /v1/images/edits`` of the OpenAI Images API
-(https://platform.openai.com/docs/api-reference/images): same field names, same response shape
-(``{"created", "data": [{"b64_json"}]}``), same error object (``{"error": {"message", "type",
-"param", "code"}}``). Extras accepted in the JSON body or form (``extra_body`` in the OpenAI client):
-negative_prompt, steps, guidance_scale, guidance_rescale, seed, strength.
+(https://platform.openai.com/docs/api-reference/images) as the current openai-python sends them: same field
+names, same response shape (``{"created", "data": [{"b64_json"}], "output_format", "background", "usage"}``),
+same error object (``{"error": {"message", "type", "param", "code"}}``). Every field, OpenAI's and this server's
+extras (``extra_body`` in the OpenAI client), with what it does here, is in one table: the README, "The Images
+API". vLLM-Omni's spelling ``num_inference_steps`` is accepted beside ``steps``; its ``guidance_scale``,
+``seed`` and ``negative_prompt`` are this server's names too.
 
 Differences from OpenAI, on purpose: ``response_format`` ``url`` is refused (images are returned
-inline, ``b64_json`` is the default); images are uploaded only as multipart files (as OpenAI's edits
-endpoint takes them), never as base64 strings; /v1/images/edits without a mask is image-to-image
-(the image is noised to ``strength``, default ``inference.img2img_strength``, 0.8, and denoised with the
-prompt) rather than "transparent areas of the image are the mask"; a mask's alpha 0 marks the area to repaint, as
-OpenAI's. Prompts longer than the text encoders read (77 tokens for SDXL) are refused, never truncated.
+inline, ``b64_json`` is the default); ``background: transparent`` is refused (the model makes no alpha);
+``quality`` picks a step count (``QUALITY_STEPS``; ``steps`` wins); ``moderation`` is accepted and moderates
+nothing (this server runs no content filter); ``stream`` is refused (images are returned whole); images are uploaded
+only as multipart files (as OpenAI's edits endpoint takes them), never as base64 strings; /v1/images/edits without
+a mask is image-to-image (the image is noised to ``strength``, default ``inference.img2img_strength``, 0.8, and denoised
+with the prompt) rather than "transparent areas of the image are the mask"; a mask's alpha 0 marks the area to
+repaint, as OpenAI's. Prompts longer than the text encoders read (77 tokens for SDXL) are refused, never
+truncated.
 
 Every client mistake is an :class:`ApiError` with a 4xx status; nothing here touches Ray or a model,
 so the whole contract is unit-tested without a server. Nor does it import torch: the request and result
@@ -27,20 +32,23 @@ import re
 import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from components.config import Config
-from components.diffusion.request import GenerationRequest, GenerationResult
+from components.diffusion.request import LATENT_FACTOR, GenerationRequest, GenerationResult
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what OpenAI's edits endpoint accepts
 MAX_SEED = 2**53 - 1  # exact in a JSON number (a double)
 MAX_GUIDANCE = 50.0
+QUALITY_STEPS = {"low": 10, "medium": 20, "high": 30, "xhigh": 40, "max": 50, "standard": 20, "hd": 30}
+"""OpenAI ``quality`` -> denoising steps (each at most ``serve.max_steps``); ``auto`` is ``serve.default_steps``.
+DALL-E's ``standard`` and ``hd`` are ``medium`` and ``high``."""
 
 
 class ApiError(Exception):
@@ -120,16 +128,21 @@ class ImageParams(BaseModel):
     n: int = 1
     size: str | None = None
     response_format: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
     # OpenAI fields accepted for compatibility; they do not change what this model produces.
-    quality: str | None = None
     style: str | None = None
     user: str | None = None
-    background: str | None = None
-    moderation: str | None = None
-    output_format: str | None = None
-    # Extras (this server only).
+    safety_identifier: str | None = None
+    # Extras (this server only; vLLM-Omni's num_inference_steps is steps).
     negative_prompt: str | None = None
     steps: int | None = None
+    num_inference_steps: int | None = None
     guidance_scale: float | None = None
     guidance_rescale: float | None = None
     seed: int | None = None
@@ -152,13 +165,21 @@ def parse_params(raw: Any) -> ImageParams:
         raise ApiError(400, f"invalid {field}: {first['msg']}", param=field) from None
 
 
+def size_grid(cfg: Config) -> str:
+    """The sizes a request may ask for, in words (the 400s of a bad size quote it)."""
+    s = cfg.serve
+    return (f"'auto' ({s.default_size}x{s.default_size}) or WIDTHxHEIGHT with each side a multiple of "
+            f"{LATENT_FACTOR} from {s.min_side} to {s.max_side}")
+
+
 def parse_size(size: str | None, cfg: Config) -> tuple[int, int] | None:
-    """``"WxH"`` -> (width, height) within the limits; None or ``"auto"`` -> None (caller's default)."""
+    """``"WxH"`` on the model's grid (:func:`size_grid`) -> (width, height); None or ``"auto"`` -> None (the
+    caller's default: ``serve.default_size`` square, or an edit's image size)."""
     if size is None or size == "auto":
         return None
     match = SIZE_RE.match(size)
     if not match:
-        raise ApiError(400, f"size must look like '512x512' (WIDTHxHEIGHT), got {size!r}", param="size")
+        raise ApiError(400, f"size {size[:40]!r} is not a size; sizes are {size_grid(cfg)}", param="size")
     width, height = int(match[1]), int(match[2])
     check_side_limits(width, height, cfg, what="size")
     return width, height
@@ -166,11 +187,11 @@ def parse_size(size: str | None, cfg: Config) -> tuple[int, int] | None:
 
 def check_side_limits(width: int, height: int, cfg: Config, what: str) -> None:
     s = cfg.serve
-    if width % 8 or height % 8:
-        raise ApiError(400, f"{what} {width}x{height}: both sides must be multiples of 8 (the VAE's factor)",
-                       param="size")
+    if width % LATENT_FACTOR or height % LATENT_FACTOR:
+        raise ApiError(400, f"{what} {width}x{height} is off the model's grid (sides are multiples of "
+                       f"{LATENT_FACTOR}, the VAE's factor); sizes are {size_grid(cfg)}", param="size")
     if min(width, height) < s.min_side or max(width, height) > s.max_side:
-        raise ApiError(400, f"{what} {width}x{height}: each side must be between {s.min_side} and {s.max_side}",
+        raise ApiError(400, f"{what} {width}x{height} is outside the limits; sizes are {size_grid(cfg)}",
                        param="size")
 
 
@@ -245,15 +266,25 @@ def to_request(
                            "use response_format 'b64_json'", param="response_format")
         raise ApiError(400, f"response_format must be 'b64_json', got {p.response_format!r}",
                        param="response_format")
-    if p.output_format not in (None, "png"):
-        raise ApiError(400, f"output_format {p.output_format!r} is not supported; images are PNG",
-                       param="output_format")
+    output_format = p.output_format or "png"
+    if p.output_compression is not None and output_format == "png":
+        raise ApiError(400, "output_compression applies to output_format 'jpeg' or 'webp'; PNG is lossless",
+                       param="output_compression")
+    if p.background == "transparent":
+        raise ApiError(400, "background 'transparent' is not supported: the model makes no alpha channel; send "
+                       "background 'opaque' or 'auto'", param="background")
+    if p.stream:
+        raise ApiError(400, "stream is not supported: images are returned whole; send stream false or leave it out",
+                       param="stream")
+    if p.partial_images is not None:
+        raise ApiError(400, "partial_images applies to streaming, which this server does not do; leave it out",
+                       param="partial_images")
+    steps = request_steps(p, cfg)
     if not p.prompt.strip():
         raise ApiError(400, "prompt must not be empty", param="prompt")
     check_text(p.prompt, "prompt", cfg)
     check_text(p.negative_prompt, "negative_prompt", cfg)
     _in_range(p.n, "n", 1, s.max_n)
-    _in_range(p.steps, "steps", 1, s.max_steps)
     _in_range(p.guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE)
     _in_range(p.guidance_rescale, "guidance_rescale", 0.0, 1.0)
     _in_range(p.seed, "seed", 0, MAX_SEED - s.max_n)
@@ -274,7 +305,7 @@ def to_request(
         negative_prompt=p.negative_prompt,
         width=width,
         height=height,
-        steps=p.steps if p.steps is not None else s.default_steps,
+        steps=steps,
         guidance_scale=p.guidance_scale,
         guidance_rescale=p.guidance_rescale,
         # A seed is always drawn here so that every response can report the seed that reproduces it.
@@ -283,7 +314,26 @@ def to_request(
         image=image,
         mask=mask,
         strength=p.strength,
+        output_format=output_format,
+        output_compression=p.output_compression,
     )
+
+
+def request_steps(p: ImageParams, cfg: Config) -> int:
+    """The denoising steps a request asks for: ``steps`` or its vLLM-Omni spelling ``num_inference_steps`` (1 to
+    ``serve.max_steps``), else its ``quality`` (``QUALITY_STEPS``, capped at ``serve.max_steps``), else
+    ``serve.default_steps``: the exact setting wins over the coarse one."""
+    s = cfg.serve
+    if p.steps is not None and p.num_inference_steps is not None and p.steps != p.num_inference_steps:
+        raise ApiError(400, f"steps {p.steps} and num_inference_steps {p.num_inference_steps} are the same setting; "
+                       "send one", param="num_inference_steps")
+    field, steps = ("steps", p.steps) if p.steps is not None else ("num_inference_steps", p.num_inference_steps)
+    if steps is not None:
+        _in_range(steps, field, 1, s.max_steps)
+        return steps
+    if p.quality not in (None, "auto"):
+        return min(QUALITY_STEPS[p.quality], s.max_steps)
+    return s.default_steps
 
 
 def api_token(env_name: str | None, environ: Mapping[str, str]) -> bytes | None:

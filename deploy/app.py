@@ -72,7 +72,7 @@ from deploy.api import (
 # imports this module too, and stays light without them.
 
 INLINE_BYTES = 64 * 1024
-"""A request body, or a response's PNG bytes, up to this size is parsed or encoded on the event loop (tens of
+"""A request body, or a response's image bytes, up to this size is parsed or encoded on the event loop (tens of
 microseconds); larger ones go to a worker thread, so that no client's upload stalls the others. The thread hop
 costs more than the work below this size (docs/benchmarks.md, the Serve overhead breakdown)."""
 HEALTH_POLL_S = 1.0
@@ -330,16 +330,21 @@ def served_base(out: GenerationResult) -> dict[str, str]:
 
 
 def render_result(out: GenerationResult) -> JSONResponse:
-    """The OpenAI Images response for a result: each PNG base64-encoded in JSON, version headers.
-    Defined above ``Ingress``: Serve serializes the class where it is declared, with the globals that
-    exist by then."""
+    """The OpenAI Images response for a result: each image base64-encoded in JSON, the ``output_format`` it is
+    in, ``background`` (always ``opaque``: the model makes no alpha), ``usage`` (``Usage``: tokens of the prompts,
+    latent positions of the images), version headers. Defined above ``Ingress``: Serve serializes the class where
+    it is declared, with the globals that exist by then."""
     body = {
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(png).decode(), "seed": out.seed + i}
-                 for i, png in enumerate(out.images)],
+        "data": [{"b64_json": base64.b64encode(image).decode(), "seed": out.seed + i}
+                 for i, image in enumerate(out.images)],
+        "output_format": out.output_format,
+        "background": "opaque",
         "model": out.name,
         "model_version": out.version,
     }
+    if out.usage is not None:
+        body["usage"] = out.usage.body()
     headers = {"X-Model-Version": f"{out.name}/{out.version}", "X-Batch-Size": str(out.batch_size)}
     if out.base is not None:  # an adapter answered: name the base it ran on too
         body["base_model"] = out.base
@@ -349,7 +354,7 @@ def render_result(out: GenerationResult) -> JSONResponse:
 
 def server_timing(response: JSONResponse, out: GenerationResult, since: float) -> JSONResponse:
     """Adds ``Server-Timing`` (W3C; milliseconds): ``ingress`` from the route's start to the response built here,
-    ``model`` the model deployment's own time for the request, ``work`` its batch's pipeline and PNG encoding. What
+    ``model`` the model deployment's own time for the request, ``work`` its batch's pipeline and image encoding. What
     a client measures beyond ``ingress`` is the HTTP proxy and the network; ``ingress`` beyond ``model`` the hop to
     the model replica and back; ``model`` beyond ``work`` the batch queue and the worker thread."""
     parts = [f"ingress;dur={(time.perf_counter() - since) * 1e3:.3f}"]

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from components.diffusion.pipelines import ZTSNRPipelines
-from components.diffusion.request import GenerationRequest, GenerationResult, encode_png
+from components.diffusion.request import GenerationRequest, GenerationResult, Usage, encode_image
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def generate_batch(pipes: ZTSNRPipelines, reqs: list[GenerationRequest]) -> list
 
 def serve_batch(name: str, version: str, pipes: ZTSNRPipelines,
                 reqs: list[GenerationRequest]) -> list[GenerationResult]:
-    """A dynamic batch -> one GenerationResult per request: refused ones (too many tokens) and PNG images.
+    """A dynamic batch -> one GenerationResult per request: refused ones (too many tokens), and images in each
+    request's ``output_format`` with its ``usage`` (``Usage``: the prompts' tokens, the latent positions).
 
     The token check runs here, on the thread that runs the pipeline, because tokenizers are not
     safe to share between threads (a fast tokenizer's truncation setting is global to it).
@@ -82,13 +83,16 @@ def serve_batch(name: str, version: str, pipes: ZTSNRPipelines,
             log.error("request failed on its own: %s: %s", type(images).__name__, str(images)[:500])
             results[i] = GenerationResult(name, version, reqs[i].seed, [], failure=type(images).__name__)
             continue
+        r = reqs[i]
         try:
-            pngs = [encode_png(im) for im in images]
+            encoded = [encode_image(im, r.output_format, r.output_compression) for im in images]
+            usage = Usage.of(r, prompt_tokens(pipes, r.prompt) + prompt_tokens(pipes, r.negative_prompt))
         except Exception as err:  # an image that cannot be encoded fails its own request only
             log.error("encoding a result failed: %s: %s", type(err).__name__, str(err)[:500])
-            results[i] = GenerationResult(name, version, reqs[i].seed, [], failure=type(err).__name__)
+            results[i] = GenerationResult(name, version, r.seed, [], failure=type(err).__name__)
             continue
-        results[i] = GenerationResult(name, version, reqs[i].seed, pngs, batch_size=sizes[j])
+        results[i] = GenerationResult(name, version, r.seed, encoded, batch_size=sizes[j],
+                                      output_format=r.output_format, usage=usage)
     return results
 
 
@@ -107,6 +111,15 @@ def refusal(pipes: ZTSNRPipelines, req: GenerationRequest) -> tuple[str, str] | 
         return "strength", (f"steps x strength must give at least one denoising step; got {req.steps} x "
                             f"{req.strength:g}: raise steps or strength")
     return None
+
+
+def prompt_tokens(pipes: ZTSNRPipelines, text: str | None) -> int:
+    """The tokens the text encoders read of ``text`` (start and end included; the larger count of the two
+    tokenizers); 0 for None."""
+    if text is None:
+        return 0
+    return max((len(t(text, truncation=False).input_ids) for t in (pipes.t2i.tokenizer, pipes.t2i.tokenizer_2)
+                if t is not None), default=0)
 
 
 def token_overflow(pipes: ZTSNRPipelines, text: str | None) -> str | None:

@@ -17,6 +17,11 @@ from PIL import Image
 
 SETTINGS = ("width", "height", "steps", "guidance_scale", "guidance_rescale", "strength")
 """The request fields a preset's ``inference`` section gives defaults for."""
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+"""The OpenAI ``output_format`` values served -> PIL's format names."""
+LATENT_FACTOR = 8
+"""Pixels per latent position along each side (the SDXL VAE downsamples by 8): what ``usage`` counts as image
+tokens."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,17 @@ class GenerationRequest:
     n: int = 1
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    output_format: str = "png"
+    """A key of :data:`OUTPUT_FORMATS`: how the images are encoded."""
+    output_compression: int | None = None
+    """JPEG / WebP quality 0-100 (PIL's ``quality``; 100 is the least lossy); None: 100, as OpenAI's default."""
+
+    @property
+    def latent_positions(self) -> int:
+        """Latent positions of one image of this request's size (``width/8 x height/8``); 0 before completion."""
+        if self.width is None or self.height is None:
+            return 0
+        return (self.width // LATENT_FACTOR) * (self.height // LATENT_FACTOR)
 
     @property
     def mode(self) -> str:
@@ -58,9 +74,36 @@ class GenerationRequest:
                 strength, self.negative_prompt is None)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a request used, in the shape of OpenAI's ``ImagesResponse.usage``, counted for a diffusion model:
+    ``text_tokens`` are the CLIP tokens of the prompt and of the negative prompt (start and end tokens included,
+    the larger count of the two tokenizers); ``image_tokens`` (input) the latent positions of an uploaded image
+    (``width/8 x height/8``; 0 for generations); ``output_tokens`` the latent positions generated (that, times
+    ``n``). They are sizes, not prices: the work of a request grows with ``output_tokens`` times its steps."""
+
+    text_tokens: int
+    image_tokens: int
+    output_tokens: int
+
+    @classmethod
+    def of(cls, req: GenerationRequest, text_tokens: int) -> Usage:
+        """The usage of a completed request whose prompts are ``text_tokens`` tokens."""
+        return cls(text_tokens=text_tokens, image_tokens=req.latent_positions if req.image is not None else 0,
+                   output_tokens=req.n * req.latent_positions)
+
+    def body(self) -> dict[str, Any]:
+        """The JSON of OpenAI's ``usage`` object."""
+        inputs = self.text_tokens + self.image_tokens
+        return {"input_tokens": inputs, "output_tokens": self.output_tokens,
+                "total_tokens": inputs + self.output_tokens,
+                "input_tokens_details": {"text_tokens": self.text_tokens, "image_tokens": self.image_tokens},
+                "output_tokens_details": {"text_tokens": 0, "image_tokens": self.output_tokens}}
+
+
 @dataclass
 class GenerationResult:
-    """What the model deployment answers for one request: PNG images, or why there are none."""
+    """What the model deployment answers for one request: encoded images, or why there are none."""
 
     name: str
     version: str
@@ -81,14 +124,28 @@ class GenerationResult:
     base: str | None = None
     """For a request served with an adapter (``name``/``version`` are the adapter's): ``NAME/VERSION`` of the base."""
     work_s: float | None = None
-    """Seconds of the model replica's work for this request's batch (token check, pipeline, PNG), as timed on the
+    """Seconds of the model replica's work for this request's batch (token check, pipeline, encoding), as timed on the
     thread that ran it; the ingress reports it in ``Server-Timing`` (observability, the Serve overhead breakdown)."""
     model_s: float | None = None
     """Seconds from the model deployment receiving the request to its answer (the work plus the batch queue and the
     hop to the worker thread)."""
+    output_format: str = "png"
+    """How ``images`` are encoded (a key of :data:`OUTPUT_FORMATS`)."""
+    usage: Usage | None = None
+    """What the request used (None for a refusal or a failure)."""
 
 
 def encode_png(image: Image.Image) -> bytes:
+    return encode_image(image, "png")
+
+
+def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
+    """``image`` as PNG (lossless; ``compression`` unused), or JPEG / WebP at PIL ``quality=compression``
+    (None: 100). ``image`` is the pipeline's RGB output: the model makes no alpha."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    fmt = OUTPUT_FORMATS[output_format]
+    if fmt == "PNG":
+        image.save(buf, format=fmt)
+    else:
+        image.save(buf, format=fmt, quality=100 if compression is None else compression)
     return buf.getvalue()

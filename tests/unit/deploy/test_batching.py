@@ -77,6 +77,16 @@ def test_too_many_tokens_refuses_only_that_request(pipes):
     assert outcomes[0].error is None and len(outcomes[0].images) == 1 and outcomes[0].version == "3"
     assert outcomes[1].error and "never truncated" in outcomes[1].error and outcomes[1].param == "prompt"
     assert Image.open(io.BytesIO(outcomes[0].images[0])).size == (64, 64)
+    tokens = len(pipes.t2i.tokenizer("a cat", truncation=False).input_ids)
+    assert outcomes[0].usage.text_tokens == tokens > 2 and outcomes[0].usage.output_tokens == 8 * 8
+    assert outcomes[1].usage is None  # refused: nothing used
+
+
+def test_each_request_of_a_batch_is_encoded_in_its_own_format(pipes):
+    out = serve_batch("m", "1", pipes, [req("a", 1, output_format="jpeg", output_compression=50),
+                                        req("b", 2, output_format="webp"), req("c", 3)])
+    assert [Image.open(io.BytesIO(o.images[0])).format for o in out] == ["JPEG", "WEBP", "PNG"]
+    assert [o.output_format for o in out] == ["jpeg", "webp", "png"] and out[0].batch_size == 3
 
 
 def test_zero_denoising_steps_is_refused_not_an_error(pipes):
@@ -134,7 +144,7 @@ def test_a_failing_token_check_or_png_encoding_fails_only_its_own_request(pipes,
     """The steps of a dynamic batch outside the pipeline call are per request too: a token check that
     raises refuses its request alone (400), and a PNG encoding that raises fails its request alone (500);
     the batch mates get their images (docs/reliability.md, Endpoint)."""
-    real_overflow, real_png = batching.token_overflow, batching.encode_png
+    real_overflow, real_encode = batching.token_overflow, batching.encode_image
 
     def overflow(p, text):
         if text == "tokenizer bomb":
@@ -143,14 +153,14 @@ def test_a_failing_token_check_or_png_encoding_fails_only_its_own_request(pipes,
 
     encoded = []
 
-    def png(image):
+    def encode(image, *args):
         encoded.append(image)
         if len(encoded) == 2:  # the second image of the batch
             raise OSError("simulated encoder failure")
-        return real_png(image)
+        return real_encode(image, *args)
 
     monkeypatch.setattr(batching, "token_overflow", overflow)
-    monkeypatch.setattr(batching, "encode_png", png)
+    monkeypatch.setattr(batching, "encode_image", encode)
     out = serve_batch("m", "1", pipes, [req("a red cat", 1), req("tokenizer bomb", 2), req("a blue dog", 3),
                                         req("a green frog", 4)])
     assert out[1].error and "could not be tokenized" in out[1].error and out[1].failure is None
