@@ -29,15 +29,17 @@ from pathlib import Path
 import mlflow
 import yaml
 from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from components.config import Config
 from components.registry.export import export_version
 from components.registry.model import LINEAGE, _model_version, fetch_model, shipped_inference
 from components.registry.tracking import setup_tracking
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 PLACEHOLDER = "More Information Needed"
 """What the Hub's card template leaves in an empty field; a card written here never contains it."""
+PLACEHOLDERS = re.compile(r"More Information Needed|\[optional\]|\{\{|\bTODO\b|\bTBD\b|\bFIXME\b", re.I)
+"""Any mark of a field left unfilled (the Hub template's, a Jinja slot, a note to self); ``render`` refuses them."""
 TAGS = ["text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "diffusers", "v-prediction",
         "zero-terminal-snr", "terminus"]
 IMAGES = "images"
@@ -97,7 +99,8 @@ class Facts:
     evaluation: object | None = None
     images: list[tuple[str, int, str]] = field(default_factory=list)  # (key, step, artifact path)
     inference: dict = field(default_factory=dict)
-    base_model: str = SDXL_BASE
+    lineage_root: dict = field(default_factory=dict)  # lineage tags of the model the lineage starts from
+    base_model: str | None = None  # the Hub id the card's metadata names; None: none (card_base_model)
     base_model_note: str = ""
 
     @property
@@ -113,19 +116,56 @@ def curation_run(client, experiment_id: str, digest: str):
     return runs[0] if runs else None
 
 
-def hub_ancestor(client, tags: dict, depth: int = 0) -> str | None:
-    """The hub id the lineage of a version (or run) starts from: its own hub source, or its parent
-    version's, recursively."""
-    kind, source = tags.get(LINEAGE + "kind"), tags.get(LINEAGE + "source", "")
-    if kind == "hub":
-        return source
-    if kind == "registered" and depth < 16:
+KIND_NAMES = {
+    "tiny": "the platform's tiny test model, built from random weights",
+    "sdxl_random": "SDXL at its published size with random weights",
+    "directory": "a local diffusers folder",
+    "s3": "a diffusers folder in S3",
+    "single_file": "a single-file checkpoint",
+    "registered": "a registered version this tracking store does not hold",
+}
+"""What a lineage root that is not a Hub model is, in the card's words (``lineage.kind``)."""
+RANDOM_KINDS = {"tiny", "sdxl_random"}
+"""Lineage kinds that start from random weights: what such a version draws, it learned from its data alone."""
+
+
+def lineage_root(client, tags: dict, depth: int = 0) -> dict:
+    """The lineage tags of the model a version (or run) started from at the very beginning: its own, or, when
+    it continued a registered version, that version's root, recursively. A parent the store does not hold
+    ends the walk at the child's tags (kind ``registered``)."""
+    if tags.get(LINEAGE + "kind") == "registered" and depth < 16:
         try:
             parent = client.get_model_version(tags[LINEAGE + "parent_model"], tags[LINEAGE + "parent_version"])
         except (KeyError, mlflow.exceptions.MlflowException):
-            return None
-        return hub_ancestor(client, parent.tags or {}, depth + 1)
-    return None
+            return tags
+        return lineage_root(client, dict(parent.tags or {}), depth + 1)
+    return tags
+
+
+def card_base_model(configured: str | None, root: dict) -> tuple[str | None, str]:
+    """(the card's ``base_model``, a sentence for the card where it needs one). The Hub's model-card metadata
+    takes ``base_model`` only as the id of a model on the Hub (huggingface_hub's ``ModelCardData``), so it is
+    the Hub id the lineage starts from; a root that is not on the Hub (the random builds, a folder, s3://, a
+    single file) gives none, unless ``publish.base_model`` names the Hub model that root is a copy of.
+    ``CardError`` when ``publish.base_model`` is not a Hub id, or names another model than a Hub root."""
+    kind, source = root.get(LINEAGE + "kind"), root.get(LINEAGE + "source") or ""
+    if configured is not None:
+        try:
+            validate_repo_id(configured)
+        except HFValidationError:
+            raise CardError(f"publish.base_model {configured!r} is not a Hub model id (org/name): the Hub's "
+                            "base_model names a model on the Hub; unset it to name none") from None
+    if kind == "hub":
+        if configured not in (None, source):
+            raise CardError(f"publish.base_model {configured!r} is not the Hub model this version was trained "
+                            f"from ({source!r}, its lineage): unset publish.base_model")
+        return source, ""
+    where = f"`{source}` ({KIND_NAMES.get(kind, kind or 'unrecorded')})"
+    if configured is not None:
+        return configured, (f"The lineage of this model starts from {where}, which `publish.base_model` names "
+                            f"as a copy of `{configured}`; the card's `base_model` is that statement.")
+    return None, (f"The lineage of this model reaches no Hub model: it starts from {where}, so the card's "
+                  "metadata names no `base_model`.")
 
 
 def collect(cfg: Config, uri: str) -> Facts:
@@ -156,12 +196,8 @@ def collect(cfg: Config, uri: str) -> Facts:
         if m := re.fullmatch(rf"{IMAGES}/(?P<key>.+?)\+step\+(?P<step>\d+)\+.*\.png", artifact.path):
             facts.images.append((m["key"], int(m["step"]), artifact.path))
     facts.inference = {k.removeprefix("inference."): v for k, v in facts.params.items() if k.startswith("inference.")}
-    chosen = cfg.publish.base_model or hub_ancestor(client, tags)
-    facts.base_model = chosen or SDXL_BASE
-    if not chosen:
-        facts.base_model_note = (f"The lineage of this model reaches no Hub model (it started from "
-                                 f"`{tags.get(LINEAGE + 'source') or tags.get('base_model')}`); `{SDXL_BASE}` is named "
-                                 "for the architecture it shares.")
+    facts.lineage_root = lineage_root(client, tags)
+    facts.base_model, facts.base_model_note = card_base_model(cfg.publish.base_model, facts.lineage_root)
     return facts
 
 
@@ -371,12 +407,138 @@ def compute_rows(f: Facts) -> list[tuple[str, str]]:
     return rows
 
 
+PAPERS = (
+    ("diffusion.zero_terminal_snr", "True", "Lin et al., *Common Diffusion Noise Schedules and Sample Steps are "
+     "Flawed*", "https://arxiv.org/abs/2305.08891", "zero-terminal SNR, trailing spacing, guidance rescale"),
+    ("diffusion.prediction_type", "v_prediction", "Salimans & Ho, *Progressive Distillation for Fast Sampling of "
+     "Diffusion Models*", "https://arxiv.org/abs/2202.00512", "v-prediction"),
+    ("diffusion.min_snr_gamma", None, "Hang et al., *Efficient Diffusion Training via Min-SNR Weighting Strategy*",
+     "https://arxiv.org/abs/2303.09556", "min-SNR weighting"),
+)
+"""(param, value it must have -- None: any but ``None`` --, paper, link, what the recipe takes from it)."""
+RAIL = {"openrail++", "openrail", "creativeml-openrail-m"}
+"""Hub licence ids of the RAIL licences, whose use restrictions bind a model and its derivatives."""
+
+
+def objective(p: dict) -> str:
+    """The training objective in words, from the run's ``diffusion.*`` params."""
+    pred = "v-prediction" if p["diffusion.prediction_type"] == "v_prediction" else "epsilon prediction"
+    schedule = ("a zero-terminal-SNR noise schedule" if p["diffusion.zero_terminal_snr"] == "True"
+                else "SDXL's original noise schedule")
+    return f"{pred} on {schedule}"
+
+
+def summary(f: Facts) -> str:
+    """What the model is, by where its lineage starts: a fine-tune of a Hub model or of other weights, or a
+    model trained from random weights."""
+    kind, source = f.lineage_root.get(LINEAGE + "kind"), f.lineage_root.get(LINEAGE + "source") or ""
+    if kind in RANDOM_KINDS:
+        return "A Stable Diffusion XL model trained from random weights"
+    return f"A full fine-tune of `{source}`, a Stable Diffusion XL model,"
+
+
+def metadata(f: Facts, cfg: Config) -> dict:
+    """The README's YAML block: the Hub's model-card fields, as huggingface_hub's ``ModelCardData`` reads them.
+    ``base_model`` (with ``base_model_relation: finetune``: every weight was trained) only where there is one."""
+    header = {"license": cfg.publish.license}
+    if f.base_model:
+        header |= {"base_model": f.base_model, "base_model_relation": "finetune"}
+    return header | {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": TAGS}
+
+
+def source_rows(f: Facts, repo_id: str) -> list[tuple[str, str]]:
+    """Where the model, its base, its code and its recipe are (the seed card's "Model sources")."""
+    kind, source = f.lineage_root.get(LINEAGE + "kind"), f.lineage_root.get(LINEAGE + "source") or ""
+    if kind == "hub":
+        base = f"[`{source}`](https://huggingface.co/{source})"
+    else:
+        base = f"none on the Hub: `{source}` ({KIND_NAMES.get(kind, kind or 'unrecorded')})"
+        if f.base_model:
+            base += f", named as a copy of [`{f.base_model}`](https://huggingface.co/{f.base_model})"
+    papers = [f"[{title}]({url}) ({what})" for key, value, title, url, what in PAPERS
+              if (f.params.get(key) == value if value else f.params.get(key) not in (None, "None"))]
+    rows = [("Repository", f"`{repo_id}`"), ("Base model", base),
+            ("Training code", f"the Terminus platform, git `{f.version_tags.get('git_commit')}`")]
+    return rows + ([("Papers", "; ".join(papers))] if papers else [])
+
+
+def uses_section(f: Facts, cfg: Config, single_file: str) -> str:
+    """Direct, downstream and out-of-scope use, from the lineage's root, the objective and the licence."""
+    kind, source = f.lineage_root.get(LINEAGE + "kind"), f.lineage_root.get(LINEAGE + "source") or ""
+    random_root = kind in RANDOM_KINDS
+    zt = f.params["diffusion.zero_terminal_snr"] == "True"
+    wrong = "an epsilon" if f.params["diffusion.prediction_type"] == "v_prediction" else "a v-prediction"
+    if random_root:
+        direct = (f"A test of the platform end to end. Its lineage starts from `{source}` ({KIND_NAMES[kind]}), "
+                  "and it learned only from the images under Training data, so what it draws shows that "
+                  "training, export and serving work, not what a prompt describes.")
+    else:
+        direct = ("Text-to-image generation from English prompts, and image-to-image and inpainting with the "
+                  f"same weights (the platform serves all three). It was trained with {objective(f.params)}"
+                  + (", which lets it reach very dark and very bright images" if zt else "")
+                  + "; sample it with the scheduler it ships (How to use) at the sizes of its aspect buckets "
+                    "(Preprocessing).")
+    downstream = (f"Further training on the Terminus platform: `model.source: models:/{f.name}/{f.version}` "
+                  "continues it in full (the new version records this one as its parent) and `train.method: "
+                  "lora` or `lokr` trains an adapter on it. The single file "
+                  f"`{single_file}` is for ComfyUI, A1111 and Forge, which read its schedule keys; a tool that "
+                  "does not read them needs the settings of How to use.")
+    if random_root:
+        downstream += " A version that starts from random weights is a starting point for tests only."
+    out = ["Any use other than testing the platform." if random_root else
+           "Prompts far from what its training images show (Training data): it draws what those suggest.",
+           f"Sampling it with {wrong} setting"
+           + (", or with a sampler that never reaches the last timestep (leading spacing)" if zt else "")
+           + ": the images come out washed out or broken.",
+           "Images of real people without their consent, images meant to deceive or harass, and depictions "
+           "presented as fact: the model draws what its training images suggest, not what is true."]
+    if cfg.publish.license in RAIL:
+        out.append(f"Whatever the use restrictions of its licence (`{cfg.publish.license}`, a RAIL licence) forbid; "
+                   "they bind every use of the model and of its derivatives.")
+    else:
+        out.append(f"Whatever its licence (`{cfg.publish.license}`) does not allow.")
+    return ("## Uses\n\n### Direct use\n\n" + direct + "\n\n### Downstream use\n\n" + downstream
+            + "\n\n### Out-of-scope use\n\n" + "\n".join(f"- {line}" for line in out))
+
+
+def risks_section(f: Facts) -> str:
+    """Bias, risks and limitations, from the training data's curation, the lineage's root and the objective."""
+    kind, source = f.lineage_root.get(LINEAGE + "kind"), f.lineage_root.get(LINEAGE + "source") or ""
+    origin = (f"the curation run `{f.curation.info.run_id}`" if f.curation is not None
+              else f"`{f.params.get('train.data')}`")
+    parts = [f"The model learned from the images and captions of its training data ({origin}, under Training "
+             "data): what those images show, and what they leave out, it reproduces."]
+    if kind == "hub":
+        parts.append(f"It also carries what `{source}` learned from its own training data, biases included; "
+                     "that model's card describes it.")
+    elif kind in RANDOM_KINDS:
+        parts.append("Its lineage starts from random weights, so it knows nothing beyond those images.")
+    else:
+        parts.append(f"It also carries what its starting weights (`{source}`) learned, which this record does "
+                     "not describe.")
+    captions = f.curation.data.metrics if f.curation is not None else {}
+    if captions.get("captions.filename", 0) > 0:
+        parts.append("Some images had no caption and were captioned with their file name (Captions by origin), "
+                     "which ties words to pictures they may not describe.")
+    if captions.get("captions.empty", 0) > 0:
+        parts.append("Some images were trained with an empty caption (Captions by origin).")
+    parts.append("Its evaluation measures held-out loss and how dark and how bright its images get for dark and "
+                 "bright prompts; it measures neither image quality, prompt adherence nor bias.")
+    if f.params["diffusion.zero_terminal_snr"] == "True":
+        parts.append("It needs a sampler that reaches the last timestep (trailing spacing) and a "
+                     f"{'v-prediction' if f.params['diffusion.prediction_type'] == 'v_prediction' else 'epsilon'} "
+                     "setting; samplers that clamp the terminal noise level give washed-out images.")
+    recommendations = ("Review generated images before using them, for what they show and whom they leave out; "
+                       "do not publish them as photographs. Compare versions only under the same evaluation "
+                       "protocol id, and sample with the scheduler the folder ships (How to use).")
+    return "## Bias, risks, and limitations\n\n" + " ".join(parts) + "\n\n### Recommendations\n\n" + recommendations
+
+
 def render(f: Facts, cfg: Config, single_file: str, images: list[tuple[str, str]], repo_id: str) -> str:
     """The README.md of the folder: the Hub's YAML block, then every section filled. ``repo_id`` is where the
     usage example loads it from."""
     precision = cfg.publish.precision
-    header = {"license": cfg.publish.license, "base_model": f.base_model, "library_name": "diffusers",
-              "pipeline_tag": "text-to-image", "tags": TAGS}
+    header = metadata(f, cfg)
     inf = f.inference
     data, data_source = data_rows(f)
     protocol, results = eval_rows(f)
@@ -385,11 +547,15 @@ def render(f: Facts, cfg: Config, single_file: str, images: list[tuple[str, str]
     parts = [
         "---\n" + yaml.safe_dump(header, sort_keys=False) + "---",
         f"# {f.name} v{f.version}",
-        "A full fine-tune of Stable Diffusion XL with the Terminus recipe: v-prediction on a zero-terminal-SNR "
-        "noise schedule with min-SNR weighting, trained, evaluated and registered by the Terminus platform. "
+        f"{summary(f)} with the Terminus recipe: {objective(f.params)}"
+        + (" with min-SNR weighting" if f.params.get("diffusion.min_snr_gamma") not in (None, "None") else "")
+        + ", trained, evaluated and registered by the Terminus platform. "
         "Every figure on this card is read from the MLflow record of its training run, its dataset's curation "
         "run and its evaluation run.",
         "## Model details\n\n" + _table(model_rows(f, cfg)) + (f"\n\n{f.base_model_note}" if f.base_model_note else ""),
+        "### Model sources\n\n" + _table(source_rows(f, repo_id)),
+        uses_section(f, cfg, single_file),
+        risks_section(f),
         "## Files\n\nThe diffusers folder sits at the root of the repository; the single-file checkpoint next to "
         "it is the same model in the original SDXL key layout, for ComfyUI, A1111 and Forge.\n\n"
         + _table(file_rows(f, single_file, precision)),
@@ -404,7 +570,11 @@ def render(f: Facts, cfg: Config, single_file: str, images: list[tuple[str, str]
         f"guidance_scale={inf.get('guidance_scale')}, guidance_rescale={inf.get('guidance_rescale')}, "
         f"width={inf.get('width')}, height={inf.get('height')}).images[0]\n```\n\n"
         f"In ComfyUI, A1111 or Forge: load `{single_file}`. Its `v_pred` and `ztsnr` keys make those UIs sample "
-        "it as a v-prediction, zero-terminal-SNR model; without them the images come out grey.",
+        "it as a v-prediction, zero-terminal-SNR model; without them the images come out grey. diffusers' "
+        f"`from_single_file` does not read them: pass `config=\"{repo_id}\"`, whose `scheduler/` is the one "
+        "above, or set `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, "
+        "prediction_type=\"v_prediction\", rescale_betas_zero_snr=True, timestep_spacing=\"trailing\")` and "
+        "sample with the guidance rescale above.",
         "## Training details",
         f"### Training data\n\nFrom {data_source}.\n\n" + _table(data),
         "### Preprocessing\n\n" + _table(preprocessing_rows(f)),
@@ -419,13 +589,10 @@ def render(f: Facts, cfg: Config, single_file: str, images: list[tuple[str, str]
         "### Validation images\n\nThe last validation round of the training run, and the evaluation's probe "
         "grid (dark prompts, then bright prompts).\n\n" + image_md,
         "## Compute infrastructure\n\n" + _table(compute_rows(f)),
-        "## Limitations\n\nThe model inherits the biases and limits of SDXL and of its training images. It "
-        "needs a sampler that reaches the last timestep (trailing spacing) and a v-prediction setting; "
-        "samplers that clamp the terminal noise level, or an epsilon setting, give washed-out images.",
     ]
     text = "\n\n".join(parts) + "\n"
-    if PLACEHOLDER in text:  # a template field left empty is a bug here, not a card
-        raise CardError(f"the card contains {PLACEHOLDER!r}")
+    if m := PLACEHOLDERS.search(text):  # a template field left empty is a bug here, not a card
+        raise CardError(f"the card contains the placeholder {m[0]!r}")
     return text
 
 
