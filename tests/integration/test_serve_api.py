@@ -16,6 +16,7 @@ import grpc
 import httpx
 import mlflow
 import numpy as np
+import openai
 import psutil
 import pytest
 from PIL import Image
@@ -137,6 +138,30 @@ def test_openai_client_request(client, registered_model):
     timing = server_timing(r.headers["server-timing"])
     assert timing.keys() == {"ingress", "model", "work"}
     assert timing["ingress"] >= timing["model"] >= timing["work"] > 0, timing
+
+
+def test_the_openai_sdk_gets_each_output_format_and_its_usage(server, registered_model):
+    """The current openai SDK, unchanged: each output format decodes as itself, ``size="auto"`` is the default
+    size, ``usage`` parses; a transparent background and a size off the grid are 400s that say why."""
+    sdk = openai.OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0)
+    for fmt, pil in (("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")):
+        r = sdk.images.generate(prompt="a lighthouse at dusk", model=registered_model.name, size="auto",
+                                output_format=fmt, output_compression=None if fmt == "png" else 80,
+                                background="opaque", quality="auto", moderation="low", extra_body={"seed": 3})
+        image = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        assert (image.format, image.size, r.output_format) == (pil, (64, 64), fmt)  # serve.default_size=64 here
+        assert r.usage.input_tokens == r.usage.input_tokens_details.text_tokens > 2
+        assert r.usage.output_tokens == 8 * 8 and r.usage.total_tokens == r.usage.input_tokens + 64
+    edit = sdk.images.edit(image=("image.png", png(), "image/png"), prompt="a window", size="64x64",
+                           output_format="jpeg", extra_body={"strength": 0.5, "num_inference_steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))).format == "JPEG"
+    assert edit.usage.input_tokens_details.image_tokens == 8 * 8
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.images.generate(prompt="a", background="transparent", output_format="png")
+    assert err.value.status_code == 400 and "background" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.images.generate(prompt="a", size="1000x1000")
+    assert err.value.body["param"] == "size" and "multiple of 8 from 64 to 512" in err.value.message
 
 
 def test_bearer_auth(client):
