@@ -5,6 +5,9 @@
       urls, hf:     ray.data.read_parquet(files, columns)       the source's own rows, read by Ray's tasks
                       .map_batches(parquet_records)             -> records (URL, inline bytes or path)
                       .repartition(target_num_rows_per_block)   curation-sized blocks
+      webdataset:   ray.data.read_webdataset(shards)            raw members grouped by key, read by Ray's tasks
+                      .map_batches(webdataset_records)          -> records (image bytes inline)
+                      .repartition(rows_per_shard)              its sample count is known only as it is read
     union(every source)
       .map_batches(curate_block, compute=TaskPoolStrategy(size=workers))
                                                  caption, metadata filters, fetch (downloads in threads),
@@ -56,6 +59,7 @@ from components.curation.sources import (
     load_inputs,
     parquet_records,
 )
+from components.curation.webdataset import read_shards
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
 from components.redact import redact
 from components.storage import StorageUnavailable, Store, arrow_filesystem, filesystem_path, is_hf, original_unavailable
@@ -99,9 +103,13 @@ def tasks_in_flight(workers: int, cluster_cpus: float, fused: bool) -> int:
 
 
 def source_rows(cfg: Config, src: SourceInputs, total: int):
-    """One source's records as a Ray Dataset: the driver's records (``files``), or its parquet files read by
-    Ray Data and turned into records in the read tasks (``urls``, ``huggingface``)."""
+    """One source's records as a Ray Dataset: the driver's records (``files``), or its parquet files or tar
+    shards read by Ray Data and turned into records in the read tasks (``urls``, ``huggingface``,
+    ``webdataset``)."""
     c = cfg.curate
+    if src.shards:  # how many samples they hold is unknown here: tasks of rows_per_shard samples
+        ds = read_shards(src.source, src.shards, c.s3_endpoint_url, worker_args(cfg, num_cpus=1))
+        return ds.repartition(target_num_rows_per_block=c.rows_per_shard)
     if src.records is not None:
         # from_blocks keeps our block boundaries and computes their metadata here; from_arrow would
         # launch one remote task per block just to read row counts (seconds of worker start-up).
@@ -128,11 +136,11 @@ def run_pipeline(cfg: Config, inputs: Inputs, run_id: str) -> list[dict]:
     """Stream every source's records through the curation tasks (and the captioning actors) into the
     sink; returns the write tasks' stats."""
     c = cfg.curate
-    parts = [source_rows(cfg, s, inputs.rows) for s in inputs.sources if s.rows]
+    parts = [source_rows(cfg, s, inputs.rows) for s in inputs.readable]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     args = worker_args(cfg, num_cpus=1)  # the same for the map and the write, so that they fuse
     captioning = c.captioner.model is not None
-    fused = not captioning and all(s.records is not None for s in inputs.sources if s.rows)
+    fused = not captioning and all(s.records is not None for s in inputs.readable)
     in_flight = tasks_in_flight(c.workers, ray.cluster_resources().get("CPU", 0), fused)
     ds = ds.map_batches(curate_block, fn_kwargs={"cfg": c, "seed": cfg.seed},
                         compute=ray.data.TaskPoolStrategy(size=in_flight), batch_size=None,
@@ -209,7 +217,7 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
     begin(store, c.output)
     start = time.perf_counter()
     try:
-        results = run_pipeline(cfg, inputs, run_id) if inputs.rows else []
+        results = run_pipeline(cfg, inputs, run_id) if inputs.readable else []
     except StorageUnavailable as err:  # a worker's, wrapped by Ray: one line for people
         first = str(original_unavailable(err) or err).strip().splitlines()[0]  # Ray Data appends advice
         raise StorageUnavailable(
@@ -219,14 +227,18 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
     if deduped:  # byte-identical images among the rows of these sources (one stays)
         agg = remove_duplicates(store, c.output, run_id, agg, deduped)
     wall = time.perf_counter() - start
-    # One outcome per record is an invariant, not a hope: per source, and so in all.
+    # One outcome per record is an invariant, not a hope: per source, and so in all. A webdataset's samples
+    # are counted only as its shards are read, so its outcomes are its count.
+    read = 0
     for src in inputs.sources:
         counted = agg["sources"].get(src.source.name, {}).get("inputs", 0)
-        if counted != src.rows:
+        if src.shards:
+            read += counted
+        elif counted != src.rows:
             raise RuntimeError(
                 f"curation lost records of source {src.source.name}: {src.rows} in, {counted} accounted for")
-    if agg["inputs"] != inputs.rows:
-        raise RuntimeError(f"curation lost records: {inputs.rows} in, {agg['inputs']} accounted for")
+    if agg["inputs"] != inputs.rows + read:
+        raise RuntimeError(f"curation lost records: {inputs.rows + read} in, {agg['inputs']} accounted for")
     dropped = sum(agg["reasons"].values())
     report = {
         "run_id": run_id,
@@ -246,7 +258,11 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
         "workers": c.workers,
         "captioner": c.captioner.model,
     }
-    report = publish(store, c.output, run_id, agg, c.holdout_fraction, report, sources=source_meta(c))
+    meta = source_meta(c)
+    for src in inputs.sources:  # a webdataset's lineage: the tars its location named, in the order read
+        if src.shards:
+            meta[src.source.name]["shards"] = list(src.shards)
+    report = publish(store, c.output, run_id, agg, c.holdout_fraction, report, sources=meta)
     if c.cache_latents:
         cache = cache_latents(cfg)
         report["latents"] = {"output": cache["output"], "digest": cache["digest"], "rows": cache["splits"]}

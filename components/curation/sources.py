@@ -1,6 +1,6 @@
 """Where the inputs come from: the sources of ``curate.sources`` (or the one-source shorthand).
 
-Three kinds (docs/sources.md):
+Four kinds (docs/sources.md):
 
 - ``files``: a local directory, an ``s3://bucket/prefix``, or a manifest of paths. Listing and manifest
   parsing happen on the driver and hold only a few strings per image; the bytes are read by the
@@ -11,13 +11,16 @@ Three kinds (docs/sources.md):
 - ``huggingface``: a dataset in the Hugging Face Hub's parquet layout (an image column, the Hub's
   ``{bytes, path}`` struct, raw bytes, a path or a URL, and a caption column), from a local copy of the
   repository, an ``s3://`` prefix or ``hf://datasets/<owner>/<name>``; read by Ray Data the same way.
+- ``webdataset``: tar shards (``components/curation/webdataset.py``): the driver lists them, Ray Data
+  reads them, each sample becomes one record with its image bytes inline.
 
-Every source becomes rows of ``RECORD_SCHEMA`` (one per input, no pixels except a Hugging Face dataset's
-inline bytes): ``source`` (full path, s3:// URI, URL or ``file#image``), ``source_name`` (the source's
-name), ``fetch`` (how the bytes are got: ``path``, ``url`` or ``inline``), ``data`` (inline bytes),
-``name`` (a file name for the ``filename`` caption policy when ``source`` is none), ``caption``, ``sidecar``
-(a .txt caption file), the metadata scores ``pwatermark``, ``punsafe``, ``similarity``, and
-``reject``/``detail`` for records refused before any I/O (a manifest path that escapes its root).
+Every source becomes rows of ``RECORD_SCHEMA`` (``components/curation/records.py``; one per input, no
+pixels except a Hugging Face dataset's or a webdataset's inline bytes): ``source`` (full path, s3:// URI,
+URL, ``file#image`` or ``shard#key``), ``source_name`` (the source's name), ``fetch`` (how the bytes are
+got: ``path``, ``url`` or ``inline``), ``data`` (inline bytes), ``name`` (a file name for the ``filename``
+caption policy when ``source`` is none), ``caption``, ``sidecar`` (a .txt caption file), the metadata
+scores ``pwatermark``, ``punsafe``, ``similarity``, and ``reject``/``detail`` for records refused before
+any I/O (a manifest path that escapes its root).
 
 Manifests (.jsonl, .csv, .parquet) have a path column (``path_column``), an optional caption column and
 optional metadata (LAION's ``pwatermark``). Relative paths resolve against ``root``: a local directory,
@@ -42,9 +45,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.config import DEFAULT_SOURCE, CurateConfig, SourceConfig, SourceKind
+from components.config import CurateConfig, SourceConfig, SourceKind
 from components.curation.filters import Reason
-from components.redact import redact
+from components.curation.records import RECORD_SCHEMA, SourceError, float_or_none, setting
+from components.curation.webdataset import shard_list, shard_root
 from components.storage import (
     Store,
     arrow_filesystem,
@@ -61,44 +65,11 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
-RECORD_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("source_name", pa.string()),
-        ("fetch", pa.string()),  # "path" (Store.read), "url" (HTTP download) or "inline" (``data``)
-        ("data", pa.binary()),
-        ("name", pa.string()),
-        ("caption", pa.string()),
-        ("sidecar", pa.string()),
-        ("pwatermark", pa.float64()),
-        ("punsafe", pa.float64()),
-        ("similarity", pa.float64()),
-        ("reject", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
 METADATA_SCORES = ("pwatermark", "punsafe", "similarity")
 """Metadata columns of URL and Hugging Face sources the filters read (LAION's names; the watermark
 column's name is ``filters.watermark_column``)."""
 SPLIT_WORDS = ("train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval")
 """Split names the Hub recognises in file and folder names (docs/sources.md)."""
-
-
-class SourceError(ValueError):
-    """A source that cannot be used at all (missing, unreadable manifest, no path column, an output that
-    overlaps it). The message is redacted when the error is made: it often quotes a library's error
-    text, which may carry an endpoint URL with its credentials."""
-
-    def __init__(self, message: str):
-        super().__init__(redact(message))
-
-
-def setting(src: SourceConfig, key: str) -> str:
-    """How the user names ``key`` of ``src`` in the config (and in ``--set``): the shorthand's
-    ``curate.source`` or ``curate.sources.<name>.location``."""
-    if src.name == DEFAULT_SOURCE:
-        return {"location": "curate.source"}.get(key, f"curate.{key}")
-    return f"curate.sources.{src.name}.{key}"
 
 
 @dataclass
@@ -114,6 +85,7 @@ class SourceInputs:
     columns: dict[str, str] = field(default_factory=dict)  # role (url, image, caption, pwatermark...) -> column
     image_type: str = ""  # huggingface: "struct", "binary" or "string"
     ignored: int = 0  # files in a directory source that are neither images nor sidecars
+    shards: list[str] = field(default_factory=list)  # ``webdataset``: its tars (``rows`` 0: counted as read)
     places: list[tuple[str, str]] = field(default_factory=list)  # (what, place) curation reads
 
 
@@ -123,7 +95,14 @@ class Inputs:
 
     @property
     def rows(self) -> int:
+        """Inputs known before the run: every source's but a webdataset's, whose samples are counted as
+        its shards are read."""
         return sum(s.rows for s in self.sources)
+
+    @property
+    def readable(self) -> list[SourceInputs]:
+        """The sources with anything to read: known rows, or shards."""
+        return [s for s in self.sources if s.rows or s.shards]
 
     @property
     def ignored(self) -> int:
@@ -223,15 +202,6 @@ def _manifest_rows(text_or_bytes: bytes, name: str, columns: list[str]) -> list[
     return rows
 
 
-def _float_or_none(value) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def from_manifest(cfg: CurateConfig | SourceConfig, store: Store) -> SourceInputs:
     src = _as_source(cfg)
     try:
@@ -251,9 +221,9 @@ def from_manifest(cfg: CurateConfig | SourceConfig, store: Store) -> SourceInput
         caption = row.get(src.caption_column)
         out["source"].append(full or raw)
         out["caption"].append(None if caption is None else str(caption))
-        out["pwatermark"].append(_float_or_none(row.get(mark_col)))
-        out["punsafe"].append(_float_or_none(row.get("punsafe")))
-        out["similarity"].append(_float_or_none(row.get("similarity")))
+        out["pwatermark"].append(float_or_none(row.get(mark_col)))
+        out["punsafe"].append(float_or_none(row.get("punsafe")))
+        out["similarity"].append(float_or_none(row.get("similarity")))
         out["reject"].append(None if full else str(Reason.PATH_ESCAPE))
         out["detail"].append(why or None)
     records = _records(out, src)
@@ -404,7 +374,7 @@ def from_parquet(src: SourceConfig, endpoint_url: str | None) -> SourceInputs:
 
 def _score(column) -> list[float | None]:
     values = column.to_pylist() if column is not None else None
-    return [_float_or_none(v) for v in values] if values is not None else None
+    return [float_or_none(v) for v in values] if values is not None else None
 
 
 def parquet_records(batch: pa.Table, source: dict, columns: dict[str, str], image_type: str,
@@ -501,11 +471,15 @@ def _overlap(a: str, b: str) -> str | None:
 
 def source_places(cfg: CurateConfig) -> list[tuple[str, str]]:
     """(what, place) of everything curation reads: a listed folder or prefix; a manifest's folder and the
-    root its paths resolve against; the folder of a URL or Hugging Face source's parquet files."""
+    root its paths resolve against; the folder of a URL or Hugging Face source's parquet files; the folder
+    or prefix a webdataset's shards lie under (``webdataset.shard_root``; http(s) shards are elsewhere)."""
     places = []
     for src in cfg.resolved_sources():
         key = setting(src, "location")
-        if src.kind is not SourceKind.FILES:
+        if src.kind is SourceKind.WEBDATASET:
+            root = shard_root(src.location)
+            places += [(key, root)] if root else []
+        elif src.kind is not SourceKind.FILES:
             places.append((key, src.location if not src.location.endswith(".parquet") else _folder_of(src.location)))
         elif not src.location.lower().endswith(MANIFEST_EXTENSIONS):
             places.append((key, src.location))
@@ -548,7 +522,17 @@ def check_output(store: Store, output: str) -> None:
             raise SourceError(f"curate.output {output}: cannot create it ({err.strerror})") from None
 
 
+def from_webdataset(src: SourceConfig, store: Store) -> SourceInputs:
+    """A ``webdataset`` source: its shard list (``webdataset.shard_list``); its samples are counted as read."""
+    shards = shard_list(src, store)
+    root = shard_root(src.location)
+    return SourceInputs(src, 0, f"webdataset {src.location} ({len(shards)} shard(s))", shards=shards,
+                        places=[(setting(src, "location"), root)] if root else [])
+
+
 def load_source(src: SourceConfig, store: Store) -> SourceInputs:
+    if src.kind is SourceKind.WEBDATASET:
+        return from_webdataset(src, store)
     if src.kind is SourceKind.FILES:
         if src.location.lower().endswith(MANIFEST_EXTENSIONS):
             return from_manifest(src, store)
