@@ -185,9 +185,10 @@ def policy_lines(cfg: CurateConfig) -> list[str]:
         filters = ", ".join(f"{k}={v}" for k, v in own.items()) or "none beyond the defaults"
         model = ", then the captioning model" if meta["caption_with_model"] else ""
         mix = f"weight {meta['weight']}" if "weight" in meta else f"repeats {meta['repeats']}"
-        lines.append(f"{name}: {meta['kind']} {meta['location']} | captions: column {meta['caption_column']!r}"
-                     f"{', sidecar .txt' if meta['kind'] == 'files' else ''}{model}, else {meta['missing_caption']}"
-                     f" | {mix} | filters: {filters}")
+        column = (f".json field {meta['caption_column']!r}, .txt member" if meta["kind"] == "webdataset" else
+                  f"column {meta['caption_column']!r}{', sidecar .txt' if meta['kind'] == 'files' else ''}")
+        lines.append(f"{name}: {meta['kind']} {meta['location']} | captions: {column}{model}, "
+                     f"else {meta['missing_caption']} | {mix} | filters: {filters}")
     return lines
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from components.config import CurateConfig, SourceConfig
+from components.curation.pipeline import policy_lines
 from components.curation.sources import SourceError, load_inputs, source_places
 from components.curation.webdataset import expand_braces, shard_list, shard_root, webdataset_records
 from components.storage import Store
@@ -65,6 +66,11 @@ def test_a_missing_shard_is_one_line_before_any_work(tmp_path):
     assert inputs.sources[0].shards == [str(tmp_path / "s-000.tar")] and inputs.rows == 0 and inputs.readable
     places = source_places(CurateConfig(sources=[_source(f"{tmp_path}/s-{{000..001}}.tar")], output="/elsewhere"))
     assert places == [("curate.sources.wds.location", str(tmp_path))]
+
+
+def test_the_dry_run_names_where_a_webdatasets_captions_come_from():
+    line = policy_lines(CurateConfig(sources=[_source("/x/s-{0..1}.tar", caption_column="prompt")]))[0]
+    assert line.startswith("wds: webdataset /x/s-{0..1}.tar | captions: .json field 'prompt', .txt member, else drop")
 
 
 def test_hf_locations_are_refused_for_webdatasets():
