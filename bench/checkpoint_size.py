@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -45,20 +46,58 @@ import torch
 
 from components.config import OptimizerName, TinyModelConfig
 from components.diffusion.safetensors_stream import read_tensors
-from components.diffusion.sdxl_base import build_component
+from components.diffusion.sdxl_base import build_component, component_seed, empty_component, seeded_init
 from components.diffusion.tiny import build_tiny
 from components.host_memory import release_memory
 from components.storage import arrow_filesystem, filesystem_path, is_s3, s3_client
 from components.training import checkpointing as ck
+from components.training.memory.plan import optimizer_state_bytes
 
 MIN_8BIT = 4096
 BLOCK = 256
 SMALL_FILES = ("COMPLETE", "state.json", "lr_scheduler.json")
 
 
-def build_unet(size: str, seed: int = 0) -> torch.nn.Module:
+def checkpoint_bytes(module: torch.nn.Module, optimizer: OptimizerName) -> int:
+    """A full fine-tune's checkpoint of ``module``: its fp32 weights and ``optimizer``'s state (the memory plan's
+    formula)."""
+    shapes = [p.shape for p in module.parameters()]
+    return 4 * sum(math.prod(s) for s in shapes) + optimizer_state_bytes(shapes, optimizer)
+
+
+def largest_block(optimizer: OptimizerName, max_bytes: int, seed: int = 0) -> torch.nn.Module:
+    """The full-size UNet's largest block (a top-level child, or one of its ``down_blocks``/``up_blocks``) whose
+    checkpoint fits ``max_bytes``, seeded exactly as in the whole UNet and under the same key names
+    (``mid_block.attentions.0...``): the largest real part of a full checkpoint a server that cannot hold the
+    whole one takes."""
+    unet = empty_component("unet")  # the meta device: shapes only
+    blocks = []
+    for name, child in unet.named_children():
+        parts = enumerate(child) if isinstance(child, torch.nn.ModuleList) else [(None, child)]
+        blocks += [(name if i is None else f"{name}.{i}", part) for i, part in parts]
+    fitting = [(checkpoint_bytes(m, optimizer), name, m) for name, m in blocks
+               if 0 < checkpoint_bytes(m, optimizer) <= max_bytes]
+    if not fitting:
+        raise SystemExit(f"--s3-max-gb {max_bytes / 1e9:g}: no block of the UNet fits")
+    _, name, block = max(fitting, key=lambda f: f[0])
+    holder = torch.nn.Module()
+    parent = holder
+    *path, last = name.split(".")
+    for part in path:  # the block under its own name, so seeds and keys are the whole UNet's
+        parent.add_module(part, torch.nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(last, block)
+    return seeded_init(holder, component_seed(seed, "unet")).eval()
+
+
+def build_unet(size: str, seed: int = 0, optimizer: OptimizerName = OptimizerName.ADAMW_8BIT,
+               max_bytes: int = 0) -> torch.nn.Module:
+    """``full``: SDXL's UNet at real size; ``block``: its largest block whose checkpoint fits ``max_bytes``;
+    ``tiny``: the tiny model's UNet."""
     if size == "full":
         return build_component("unet", seed)
+    if size == "block":
+        return largest_block(optimizer, max_bytes, seed)
     torch.manual_seed(seed)
     return build_tiny(TinyModelConfig()).unet
 
@@ -122,6 +161,49 @@ def upload(directory: Path, target: str, endpoint_url: str | None, die_after: in
         pyarrow.fs.copy_files(str(directory / name), f"{base}/{name}", destination_filesystem=fs)
 
 
+class BlockReader(io.RawIOBase):
+    """A seekable view of an S3 object read in ``block``-sized ranged GETs, one block held at a time.
+
+    moto's server answers every ranged GET by reading the whole object first, so reading a 1.6 GB file tensor
+    by tensor (hundreds of small ranges) costs hundreds of whole-object reads; in large blocks it costs a few.
+    A real S3 endpoint serves ranges directly; the reads are the same bytes either way."""
+
+    def __init__(self, fh, block: int = 256 * 2**20):
+        super().__init__()
+        self.fh, self.block, self.pos, self.start, self.data = fh, block, 0, -1, b""
+        self.size = fh.size()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view) and self.pos < self.size:
+            if not self.start <= self.pos < self.start + len(self.data):
+                self.start = self.pos // self.block * self.block
+                self.fh.seek(self.start)
+                self.data = self.fh.read(self.block)
+            chunk = self.data[self.pos - self.start:self.pos - self.start + len(view) - done]
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+            self.pos += len(chunk)
+        return done
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
+
+
 class Reader:
     """The files of a checkpoint at a local path or an s3:// prefix, opened for streaming."""
 
@@ -131,7 +213,7 @@ class Reader:
     def open(self, name: str):
         if self.fs is None:
             return open(Path(self.target) / name, "rb")  # noqa: SIM115 -- closed by the caller's with
-        return self.fs.open_input_file(f"{filesystem_path(self.target)}/{name}")
+        return io.BufferedReader(BlockReader(self.fs.open_input_file(f"{filesystem_path(self.target)}/{name}")))
 
     def verify_complete(self) -> None:
         if self.fs is None:
@@ -171,7 +253,7 @@ def read_back(target: str, endpoint_url: str | None, expected: dict[str, str]) -
 
 
 def measure(size: str, s3_size: str, optimizer: OptimizerName, targets: list[str], endpoint_url: str | None,
-            scratch: Path) -> list[dict]:
+            scratch: Path, max_bytes: int = 0) -> list[dict]:
     """Each local target at ``size``, each S3 target at ``s3_size`` (uploaded from a local copy at that size)."""
     local = next((t for t in targets if not is_s3(t)), None)
     if local is None:
@@ -182,7 +264,7 @@ def measure(size: str, s3_size: str, optimizer: OptimizerName, targets: list[str
         if not group:
             continue
         staged = Path(local) if group_size == size else scratch / f"staged-{group_size}"
-        unet = build_unet(group_size)
+        unet = build_unet(group_size, optimizer=optimizer, max_bytes=max_bytes)
         opt_state = optimizer_state(unet, optimizer)
         expected = digests(unet.state_dict(), opt_state)
         t0 = time.perf_counter()
@@ -285,10 +367,13 @@ def s3_endpoint(value: str | None, buckets: list[str]):
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("full", "tiny"), default="full")
-    p.add_argument("--s3-size", choices=("full", "tiny"),
+    p.add_argument("--size", choices=("full", "block", "tiny"), default="full")
+    p.add_argument("--s3-size", choices=("full", "block", "tiny"),
                    help="the size for s3:// targets (default --size). moto's server assembles a multipart upload "
-                        "in memory, so on a 24 GB machine a 10 GB object kills it: the smoke sends the tiny size")
+                        "in memory, so on a 24 GB machine a 10 GB object kills it: the smoke sends the largest "
+                        "block of the UNet whose checkpoint fits --s3-max-gb")
+    p.add_argument("--s3-max-gb", type=float, default=3.0,
+                   help="--size/--s3-size block: the most checkpoint bytes the block may take (default 3)")
     p.add_argument("--optimizer", default="adamw8bit", choices=("adamw", "adamw8bit"))
     p.add_argument("--target", action="append", default=[], help="a local folder or s3://bucket/prefix (repeat)")
     p.add_argument("--s3-endpoint-url", help="'moto' to start moto's server on loopback, or an endpoint URL")
@@ -307,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         scratch = local.parent / f".{local.name}.kill"
         try:
             rows = measure(args.size, args.s3_size or args.size, OptimizerName(args.optimizer), args.target,
-                           endpoint_url, scratch)
+                           endpoint_url, scratch, int(args.s3_max_gb * 1e9))
             for row in rows:
                 row.update(killed_write(row["target"].rstrip("/") + "-kill", endpoint_url, scratch))
         finally:

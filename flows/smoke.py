@@ -7,10 +7,11 @@
 Stages, each through the flow a user runs, on one local Ray cluster (as ``make demo``):
 checkpoint (first, while the disk holds nothing else: a full fine-tune's UNet and optimizer state written
 and read back, locally and on an S3-compatible server on loopback -- ``bench/checkpoint_size.py``; the S3
-copy at the tiny size, since moto's server assembles a multipart upload in memory and a 10 GB object does
-not fit; the local copy is removed once read back) -> curate -> train (a LoRA through Ray Train on Ray Data;
-the adapter's base registered once) -> evaluate -> promote -> serve (one image over the OpenAI endpoint) -> export (the
-base as one fp16 single file, the adapter in kohya's layout) -> reload (the single file through vanilla diffusers'
+copy is the largest block of the full-size UNet whose checkpoint fits 3 GB (its mid block), since moto's
+server assembles a multipart upload in memory and a 10 GB object does not fit; the local copy is removed
+once read back) -> curate -> train (a LoRA through Ray Train on Ray Data; the adapter's base registered
+once) -> evaluate -> promote -> serve (one image over the OpenAI endpoint) -> export (the base as one fp16
+single file, the adapter in kohya's layout) -> reload (the single file through vanilla diffusers'
 ``from_single_file``, every tensor checked against the registered base).
 
 Before any of it, the free space under ``state_dir`` is checked against what the run needs (``disk_needed``:
@@ -259,10 +260,10 @@ class Chain:
         (the figures are the result; the files are the size of a full fine-tune's state)."""
         out = self.cfg.state_path("smoke", "checkpoint.json")
         target = self.cfg.state_path("smoke", "checkpoint")
-        size = "full" if self.cfg.model.source == "sdxl-random" else "tiny"
-        cmd = [sys.executable, "-m", "bench.checkpoint_size", "--size", size, "--optimizer", "adamw8bit",
-               "--target", str(target), "--target", "s3://smoke/checkpoint",
-               "--s3-endpoint-url", "moto", "--s3-size", "tiny", "--json", str(out)]
+        full = self.cfg.model.source == "sdxl-random"
+        cmd = [sys.executable, "-m", "bench.checkpoint_size", "--size", "full" if full else "tiny",
+               "--optimizer", "adamw8bit", "--target", str(target), "--target", "s3://smoke/checkpoint",
+               "--s3-endpoint-url", "moto", "--s3-size", "block" if full else "tiny", "--json", str(out)]
         try:
             subprocess.run(cmd, cwd=REPO, env=self.env, check=True)
         finally:
