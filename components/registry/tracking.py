@@ -114,7 +114,8 @@ def mlflow_dataset(manifest: CuratedManifest, name: str | None = None):
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import ColSpec, DataType, Schema
 
-    kinds = {pa.binary(): DataType.binary, pa.string(): DataType.string, pa.int32(): DataType.integer}
+    kinds = {pa.binary(): DataType.binary, pa.string(): DataType.string, pa.int32(): DataType.integer,
+             pa.bool_(): DataType.boolean}
     schema = Schema([ColSpec(kinds[field.type], field.name) for field in SCHEMA])
     with warnings.catch_warnings():  # a local path matches two equivalent "local" source classes
         warnings.simplefilter("ignore", UserWarning)
