@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from components.config import load_config
 from components.dataset import read_manifest
 from components.diffusion.tiny import build_tiny
-from components.training.batches import ShardRows, epoch_plan, read_index, source_counts
+from components.training.batches import ShardRows, epoch_plan, epoch_shares, read_index, source_counts
 from components.training.driver import RUN_NAME_TAG, mixture, run_training
 from components.training.loop import as_metric, batch_hash
 from tests.fixtures.processes import REPO, free_port, subprocess_env, wait_for_port
@@ -161,6 +161,14 @@ def test_two_ddp_workers_survive_a_killed_worker_and_the_run_is_fully_tracked(tm
         assert run.data.metrics[f"samples_seen.{name}"] == n, name
         assert run.data.metrics[f"mix.{name}"] == pytest.approx(n / (steps * 2 * 2)), name
     assert values(cfg, result.run_id, "data.batch_hash") == planned_batch_hashes(cfg, steps, rank=0, world=2)
+    # Each whole epoch logs the share it realised (every rank's batches): epoch 0's is its plan's.
+    manifest = read_manifest(cfg.train.data)
+    index = read_index(manifest.paths("train"))
+    epoch0 = epoch_plan(index, seed=cfg.seed, epoch=0, world=2, batch_size=cfg.train.batch_size,
+                        window=cfg.train.shuffle_window, **mixture(cfg, manifest, index))
+    logged = values(cfg, result.run_id, "epoch_mix.laion")
+    assert logged and logged[min(logged)] == pytest.approx(
+        epoch_shares(index, [ids for p in epoch0 for ids in p])["laion"])
 
     records = sorted(a.path for a in client.list_artifacts(result.run_id, "checkpoints"))
     assert records == [f"checkpoints/checkpoint_0000000{s}.json" for s in (2, 4, 6)]
