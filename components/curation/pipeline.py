@@ -36,6 +36,7 @@ shared storage; S3 always works).
 from __future__ import annotations
 
 import logging
+import tarfile
 import time
 import uuid
 
@@ -59,7 +60,7 @@ from components.curation.sources import (
     load_inputs,
     parquet_records,
 )
-from components.curation.webdataset import read_shards
+from components.curation.webdataset import read_shards, unreadable_shard
 from components.curation.writer import CuratedDatasink, aggregate, begin, outcomes_table, publish
 from components.redact import redact
 from components.storage import StorageUnavailable, Store, arrow_filesystem, filesystem_path, is_hf, original_unavailable
@@ -223,6 +224,8 @@ def curate(cfg: Config, inputs: Inputs | None = None) -> dict:
         first = str(original_unavailable(err) or err).strip().splitlines()[0]  # Ray Data appends advice
         raise StorageUnavailable(
             f"{first}; curation stopped, {c.output} has no _SUCCESS: rerun when the store is back") from err
+    except tarfile.ReadError as err:  # Ray's RayTaskError(ReadError): a webdataset shard that is not a tar
+        raise unreadable_shard(err, [s.source for s in inputs.sources if s.shards], c.output) from err
     agg = aggregate(results)
     deduped = {s.name for s in c.resolved_sources() if s.filters.dedupe}
     if deduped:  # byte-identical images among the rows of these sources (one stays)

@@ -29,6 +29,7 @@ import json
 import os
 import posixpath
 import re
+import tarfile
 from fnmatch import fnmatch
 
 import pyarrow as pa
@@ -224,3 +225,13 @@ def read_shards(src: SourceConfig, shards: list[str], endpoint_url: str | None, 
                           f"shards ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
     return ds.map_batches(webdataset_records, batch_size=None, batch_format="pandas",
                           fn_kwargs={"source": src.model_dump(mode="json")})
+
+
+def unreadable_shard(err: tarfile.ReadError, sources: list[SourceConfig], output: str) -> SourceError:
+    """The one line for a shard Ray Data's read found not to be a tar, or to end early: Ray raises the
+    ``tarfile.ReadError`` (as a ``RayTaskError`` that is one) with its retry advice and no shard name, so
+    the line names the webdataset sources' locations and the first line of tarfile's reason."""
+    reason = (str(err.args[0]) if err.args else str(err)).strip().splitlines()
+    names = ", ".join(setting(s, "location") for s in sources) or "a webdataset source"
+    return SourceError(f"a shard of {names} is not a tar or ends early ({reason[0] if reason else 'no reason'}); "
+                       f"curation stopped, {output} has no _SUCCESS: check the shards (tar -tf) and rerun")

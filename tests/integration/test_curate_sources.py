@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +24,7 @@ from components import dataset
 from components.config import SourceConfig, load_config
 from components.curation.pipeline import curate
 from components.curation.sources import SourceError
-from components.curation.webdataset import read_shards, shard_list
+from components.curation.webdataset import read_shards, shard_list, unreadable_shard
 from components.registry.card import data_rows, preprocessing_rows
 from components.storage import Store
 from tests.fixtures.http_images import skimage_data
@@ -198,3 +199,11 @@ def test_webdataset_shards_over_https_and_from_s3(ray_local, shard_server, s3_en
     missing = SourceConfig(name="wds", kind="webdataset", location=f"{shard_server}/missing.tar")
     with pytest.raises(SourceError, match="cannot open its shards"):
         read_shards(missing, [missing.location], None, {"num_cpus": 1})
+    # A shard that ends early stops the read with tarfile's error (wrapped by Ray), which curate() makes one line.
+    (tmp_path / "cut.tar").write_bytes(shard.read_bytes()[:3000])
+    cut = SourceConfig(name="wds", kind="webdataset", location=str(tmp_path / "cut.tar"))
+    with pytest.raises(tarfile.ReadError) as err:
+        read_shards(cut, [cut.location], None, {"num_cpus": 1}).take_all()
+    assert str(unreadable_shard(err.value, [cut], "/out")) == (
+        "a shard of curate.sources.wds.location is not a tar or ends early (unexpected end of data); curation "
+        "stopped, /out has no _SUCCESS: check the shards (tar -tf) and rerun")
