@@ -20,9 +20,8 @@ from components.registry.card import (
     card_base_model,
     lineage_root,
     metadata,
-    risks_section,
-    uses_section,
 )
+from components.registry.card_uses import risks_section, uses_section
 from tests.fixtures.processes import REPO
 
 HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
