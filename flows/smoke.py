@@ -286,7 +286,7 @@ def stored_bytes(cfg, params: int) -> int:
     (``components.diffusion.sdxl.save_pipeline``); the tiny model's are fp32."""
     # on first use: --help and the disk check load no Ray, MLflow or torch
     from components.diffusion.sdxl_base import VALUES_DTYPE
-    from components.diffusion.sources import SDXL_RANDOM
+    from components.diffusion.source_kinds import SDXL_RANDOM
 
     return params * (VALUES_DTYPE.itemsize if cfg.model.source == SDXL_RANDOM else 4)
 

@@ -28,7 +28,8 @@ from components.diffusion.safetensors_stream import copy_cast
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.sdxl_base import COMPONENTS, weight_files
 from components.diffusion.single_file import V_PRED_KEY, ZTSNR_KEY, read_keys
-from components.diffusion.sources import fetch_single_file, hub_error, hub_offline, resolve_source, source_kind
+from components.diffusion.source_kinds import hub_offline, source_kind
+from components.diffusion.sources import fetch_single_file, hub_error, resolve_source
 from components.diffusion.tiny import build_sdxl_random, build_tiny
 
 

@@ -22,43 +22,23 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from huggingface_hub import constants
 
 from components.config import ModelConfig
 from components.config.schema import ModelDownloadConfig
 from components.diffusion.parts import ModelLoadError, SDXLParts
 from components.diffusion.sdxl_base import COMPONENTS, build_component, weight_files
+from components.diffusion.source_kinds import (
+    SDXL_RANDOM,
+    hub_offline,
+    source_kind,
+)
 from components.diffusion.tiny import build_tiny
 from components.host_memory import release_memory
 from components.http_fetch import Fetcher, FetchError, Limits
 from components.redact import redact
 from components.storage import fetch_object, fetch_prefix, is_s3
 
-SDXL_RANDOM = "sdxl-random"
-SINGLE_FILE_SUFFIX = ".safetensors"
-REGISTERED_PREFIX = "models:/"
 USER_AGENT = "terminus-models/0.1"
-
-
-def source_kind(source: str) -> str:
-    """``tiny``, ``sdxl_random``, ``registered`` (models:/), ``single_file`` (a .safetensors path, s3:// object or URL),
-    ``s3`` (a prefix), ``url`` (an http(s) address that is not a .safetensors file: refused),
-    ``directory`` (local) or ``hub`` (anything else: a hub id, checked when loaded)."""
-    if source == "tiny":
-        return "tiny"
-    if source == SDXL_RANDOM:
-        return "sdxl_random"
-    if source.startswith(REGISTERED_PREFIX):
-        return "registered"
-    if source.lower().split("?", 1)[0].endswith(SINGLE_FILE_SUFFIX):
-        return "single_file"
-    if is_s3(source):
-        return "s3"
-    if source.startswith(("http://", "https://")):
-        return "url"
-    if Path(source).expanduser().is_dir() or source.startswith((".", "/", "~")):
-        return "directory"
-    return "hub"
 
 
 def resolve_source(source: str, cache_dir: str | Path) -> str:
@@ -143,16 +123,6 @@ def _write_whole(reply, target: Path, etag_path: Path) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import) or at import time.
-
-    Offline, a hub id is looked up in the local cache only (``local_files_only``), so loading fails
-    at once with one line instead of a connection attempt and a logged warning.
-    """
-    now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return now or bool(constants.HF_HUB_OFFLINE)
 
 
 # --- lineage -------------------------------------------------------------------------------------

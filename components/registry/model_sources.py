@@ -16,7 +16,8 @@ from __future__ import annotations
 from components.config import Config, ModelConfig
 from components.diffusion.parts import SDXLParts
 from components.diffusion.sdxl import load_parts
-from components.diffusion.sources import describe_source, source_kind, weights_sha256
+from components.diffusion.source_kinds import source_kind
+from components.diffusion.sources import describe_source, weights_sha256
 from components.registry.model import LINEAGE, _model_version, fetch_model
 from components.registry.tracking import setup_tracking
 

@@ -13,6 +13,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from components.config import Config, ConfigError, OptimizerName
 from components.dataset import SUCCESS
+from components.diffusion.source_kinds import hub_offline, source_kind
 from components.registry.tracking import check_tracking
 from components.storage import StorageError, Store, is_s3, join
 
@@ -43,8 +44,6 @@ def local_cluster() -> bool:
 def check_device(cfg: Config) -> None:
     """The optimizer and the workers' resources suit the machine the run will have."""
     t = cfg.train
-    import torch  # torch on first use: the flows refuse bad input before torch or diffusers load
-
     if t.optimizer is OptimizerName.ADAMW_8BIT:
         if not t.use_gpu:
             raise PreflightError("train.optimizer=adamw8bit needs CUDA workers (bitsandbytes): set train.use_gpu=true "
@@ -53,6 +52,9 @@ def check_device(cfg: Config) -> None:
             raise PreflightError("train.optimizer=adamw8bit needs the bitsandbytes package: pip install -e '.[gpu]', "
                                  "or set train.optimizer=adamw")
     if local_cluster():
+        if t.use_gpu:
+            import torch  # on first use: the flows refuse bad input before torch or diffusers load
+
         if t.use_gpu and torch.cuda.device_count() < t.num_workers:
             raise PreflightError(f"train.use_gpu=true with {t.num_workers} worker(s), but this machine has "
                                  f"{torch.cuda.device_count()} CUDA device(s) and no RAY_ADDRESS names a cluster: "
@@ -68,10 +70,6 @@ def check_model_source(cfg: Config) -> None:
     is an SDXL checkpoint whose schedule markers agree with the preset, with component configs to read it
     by; a registered version exists in the registry; a hub id is in the local cache when HF_HUB_OFFLINE
     is set. (An s3:// or http(s) source is checked when it is fetched.)"""
-    from components.diffusion.parts import ModelLoadError  # on first use (see check_device)
-    from components.diffusion.sdxl import check_markers
-    from components.diffusion.sources import hub_offline, source_kind
-
     source = cfg.model.source
     kind = source_kind(source)
     if kind in ("tiny", "sdxl_random", "s3"):
@@ -92,6 +90,10 @@ def check_model_source(cfg: Config) -> None:
             if not path.is_file():
                 raise PreflightError(f"model.source {source} is not a file")
             check_single_file(path)
+            # diffusers on first use: the flows refuse bad input before torch or diffusers load
+            from components.diffusion.parts import ModelLoadError
+            from components.diffusion.sdxl import check_markers
+
             try:
                 check_markers(path, cfg.diffusion)
             except ModelLoadError as err:
@@ -120,7 +122,7 @@ SDXL_SINGLE_FILE_KEYS = ("model.diffusion_model.input_blocks.0.0.weight",
 
 
 def check_single_file(path: Path) -> None:
-    from components.diffusion.single_file import read_keys  # on first use (see check_device)
+    from components.diffusion.single_file import read_keys  # torch on first use (as check_model_source)
 
     try:
         keys = read_keys(path)
@@ -134,8 +136,6 @@ def check_single_file(path: Path) -> None:
 def check_single_file_config(config: str | None) -> None:
     """The configs a single file is read with: a local diffusers folder, or (None: SDXL base's) a hub id
     that is cached when HF_HUB_OFFLINE is set."""
-    from components.diffusion.sources import hub_offline  # on first use (see check_device)
-
     if config is not None and config.startswith(("/", "./", "../", "~")):
         if not (Path(config).expanduser() / "model_index.json").is_file():
             raise PreflightError(f"model.single_file_config {config} is not a diffusers folder (no model_index.json)")

@@ -7,7 +7,7 @@ import torch
 from components.config import ModelConfig
 from components.diffusion import sdxl_base
 from components.diffusion.sdxl_base import build_component, empty_component, seeded_init
-from components.diffusion.sources import SDXL_RANDOM, source_kind
+from components.diffusion.source_kinds import SDXL_RANDOM, source_kind
 from components.diffusion.tiny import tiny_tokenizer
 
 
