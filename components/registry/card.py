@@ -259,6 +259,15 @@ def curated_sources(cp: dict) -> dict[str, dict]:
                 if k.startswith(f"curate.sources.{n}.")} for n in names}
 
 
+def mixture_wording(sp: dict) -> str:
+    """How a source enters each epoch: its ``weight`` (a share of the epoch's samples) where it set one, else its
+    ``repeats`` (draws per image)."""
+    weight = sp.get("weight")
+    if weight not in (None, "", "None"):
+        return f"weight {weight} (its share of each epoch's samples)"
+    return f"drawn {sp.get('repeats')} time(s) per image per epoch"
+
+
 def data_rows(f: Facts) -> tuple[list[tuple[str, str]], str]:
     """Training-data rows and where they came from (each source with its counts and its filters, when the
     curation had several)."""
@@ -275,8 +284,7 @@ def data_rows(f: Facts) -> tuple[list[tuple[str, str]], str]:
             for name, sp in sources.items():
                 filters = {k.removeprefix("filters."): v for k, v in sp.items() if k.startswith("filters.")}
                 rows += [
-                    (f"Source `{name}`", f"{sp.get('kind')} `{sp.get('location')}`, drawn {sp.get('repeats')} "
-                                         "time(s) per image per epoch"),
+                    (f"Source `{name}`", f"{sp.get('kind')} `{sp.get('location')}`, {mixture_wording(sp)}"),
                     (f"Source `{name}`: read, kept", f"{fmt_int(cm.get(f'source.{name}.inputs', 0))}, "
                                                      f"{fmt_int(cm.get(f'source.{name}.kept', 0))}"),
                     (f"Source `{name}`: filters", ", ".join(f"{k} {v}" for k, v in sorted(filters.items()))),

@@ -20,6 +20,7 @@ from components.registry.card import (
     card_base_model,
     lineage_root,
     metadata,
+    mixture_wording,
 )
 from components.registry.card_uses import risks_section, uses_section
 from tests.fixtures.processes import REPO
@@ -133,3 +134,8 @@ def test_uses_and_risks_follow_the_lineage_root(cfg):
     for text in (random_risks, hub_risks):
         assert text.startswith("## Bias, risks, and limitations\n") and "\n### Recommendations\n" in text
         assert not PLACEHOLDERS.search(text)
+
+
+def test_a_source_is_described_by_its_weight_or_its_repeats():
+    assert mixture_wording({"weight": "0.75", "repeats": "1.0"}) == "weight 0.75 (its share of each epoch's samples)"
+    assert mixture_wording({"weight": "None", "repeats": "2.0"}) == "drawn 2.0 time(s) per image per epoch"
