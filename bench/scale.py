@@ -19,7 +19,8 @@ Terminus run's size, on synthetic data, without a model.
    time ``MlflowClient.get_metric_history`` takes to return one key's whole history (what the UI's chart reads).
 
 The run is kept as ``bench/results/scale_<hardware>_<yyyy-mm-dd>.json`` (the report's shape: ``meta``,
-``sections``, ``figures``), its ``.md`` and one PNG per part beside it (matplotlib, where installed).
+``sections``, ``figures``) with its ``.md``; one PNG per part (matplotlib, where installed) goes to ``PLOTS``, since
+bench/results holds only ``.json`` and ``.md`` files (``tests/unit/bench/test_results_table.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ from components.training.run_logger import RunLogger
 
 PRESET = Path(__file__).resolve().parents[1] / "flows" / "configs" / "terminus_v2.yaml"
 """The preset the section measures: the Terminus run's sources, mixture, batch and world size."""
+PLOTS = PRESET.parents[2] / ".state" / "bench"
+"""Where the plots go by default (git ignores ``.state/``), named after the results file."""
 ROWS = (10_000, 100_000, 770_000)
 """Index sizes; 770k is the Terminus run's train split."""
 TERMINUS_STEPS = 128_000
@@ -438,9 +441,9 @@ def write_plots(d: dict, stem: Path) -> list[str]:
 
 
 def run_scale(cfg: Config, results_dir: Path = RESULTS, log: Callable[[str], None] = print,
-              **sizes) -> tuple[dict, Path]:
-    """The section, kept as ``<results_dir>/scale_<hardware>_<date>.json`` with its ``.md`` and plots (a day's
-    second run: ``_2``). Returns (report, the JSON's path)."""
+              plots_dir: Path = PLOTS, **sizes) -> tuple[dict, Path]:
+    """The section, kept as ``<results_dir>/scale_<hardware>_<date>.json`` with its ``.md`` (a day's second run:
+    ``_2``), its plots in ``plots_dir`` under the same name. Returns (report, the JSON's path)."""
     report = {"meta": {**machine(), "config": cfg.name}, "sizes": {"scale": sizes}, "sections": {}}
     load, t0 = os.getloadavg(), time.perf_counter()
     try:
@@ -461,7 +464,8 @@ def run_scale(cfg: Config, results_dir: Path = RESULTS, log: Callable[[str], Non
     while path.exists() or path.with_suffix(".md").exists():
         path, n = results_dir / f"{stem}_{n}.json", n + 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    report["plots"] = write_plots(data, path.with_suffix("")) if "error" not in data else []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = write_plots(data, plots_dir / path.stem) if "error" not in data else []
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = render_markdown(report, path.name).replace("# make bench", "# make bench: scale", 1)
     path.with_suffix(".md").write_text(text)

@@ -21,7 +21,8 @@ def test_synthetic_index_has_the_presets_sources_and_sdxl_buckets():
 def test_scale_section_at_tiny_sizes_writes_its_figures_and_verdicts(tmp_path):
     cfg = scale_config([f"state_dir={tmp_path / 'state'}"])
     report, path = run_scale(cfg, results_dir=tmp_path / "results", log=lambda line: None,
-                             rows=(500, 1000), steps=(100, 200), server=False, workdir=str(tmp_path))
+                             plots_dir=tmp_path / "plots", rows=(500, 1000), steps=(100, 200), server=False,
+                             workdir=str(tmp_path))
     data = report["sections"]["scale"]
     assert "error" not in data, data.get("error")
     assert json.loads(path.read_text())["sections"]["scale"]["plans"][1]["rows"] == 1000
