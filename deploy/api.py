@@ -11,7 +11,8 @@ API". vLLM-Omni's spelling ``num_inference_steps`` is accepted beside ``steps``;
 Differences from OpenAI, on purpose: ``response_format`` ``url`` is refused (images are returned
 inline, ``b64_json`` is the default); ``background: transparent`` is refused (the model makes no alpha);
 ``quality`` picks a step count (``QUALITY_STEPS``; ``steps`` wins); ``moderation`` is accepted and moderates
-nothing (this server runs no content filter); ``stream`` is refused (images are returned whole); images are uploaded
+nothing (this server runs no content filter); ``stream`` takes one image (``n`` 1), its partial images the sampler's
+intermediate x0 predictions (``partial_images`` 0 to 3, ``MAX_PARTIAL_IMAGES``); images are uploaded
 only as multipart files (as OpenAI's edits endpoint takes them), never as base64 strings; /v1/images/edits without
 a mask is image-to-image (the image is noised to ``strength``, default ``inference.img2img_strength``, 0.8, and denoised
 with the prompt) rather than "transparent areas of the image are the mask"; a mask's alpha 0 marks the area to
@@ -26,12 +27,16 @@ parses HTTP; the model replica imports the pipeline stack).
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import math
 import re
 import secrets
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
@@ -40,7 +45,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from components.config import Config
-from components.diffusion.request import LATENT_FACTOR, GenerationRequest, GenerationResult
+from components.diffusion.request import LATENT_FACTOR, GenerationRequest, GenerationResult, PartialImage
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what OpenAI's edits endpoint accepts
@@ -49,6 +54,7 @@ MAX_GUIDANCE = 50.0
 QUALITY_STEPS = {"low": 10, "medium": 20, "high": 30, "xhigh": 40, "max": 50, "standard": 20, "hd": 30}
 """OpenAI ``quality`` -> denoising steps (each at most ``serve.max_steps``); ``auto`` is ``serve.default_steps``.
 DALL-E's ``standard`` and ``hd`` are ``medium`` and ``high``."""
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
 
 
 class ApiError(Exception):
@@ -273,12 +279,7 @@ def to_request(
     if p.background == "transparent":
         raise ApiError(400, "background 'transparent' is not supported: the model makes no alpha channel; send "
                        "background 'opaque' or 'auto'", param="background")
-    if p.stream:
-        raise ApiError(400, "stream is not supported: images are returned whole; send stream false or leave it out",
-                       param="stream")
-    if p.partial_images is not None:
-        raise ApiError(400, "partial_images applies to streaming, which this server does not do; leave it out",
-                       param="partial_images")
+    check_streaming(p)
     steps = request_steps(p, cfg)
     if not p.prompt.strip():
         raise ApiError(400, "prompt must not be empty", param="prompt")
@@ -317,6 +318,62 @@ def to_request(
         output_format=output_format,
         output_compression=p.output_compression,
     )
+
+
+def check_streaming(p: ImageParams) -> None:
+    """``stream`` and ``partial_images`` as this server serves them: ``partial_images`` 0 to ``MAX_PARTIAL_IMAGES``
+    and only with ``stream: true``; a streamed request makes one image (``n`` 1)."""
+    if p.partial_images is not None:
+        if not p.stream:
+            raise ApiError(400, "partial_images applies to streaming: send stream true with it, or leave it out",
+                           param="partial_images")
+        _in_range(p.partial_images, "partial_images", 0, MAX_PARTIAL_IMAGES)
+    if p.stream and p.n != 1:
+        raise ApiError(400, f"a streamed request makes one image; got n {p.n}: send n 1, or stream false",
+                       param="n")
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How a streamed request's events are shaped (OpenAI's ``ImageGenStreamEvent`` / ``ImageEditStreamEvent``):
+    ``kind`` prefixes the event types (``image_generation`` or ``image_edit``), ``quality`` is echoed in each."""
+
+    kind: str
+    partial_images: int
+    quality: str
+
+
+def streaming(p: ImageParams, kind: str) -> Streaming | None:
+    """The streaming a (validated) request asks for, or None. The echoed ``quality`` is OpenAI's name of it
+    (``standard`` is ``medium``, ``hd`` ``high``; unset ``auto``)."""
+    if not p.stream:
+        return None
+    quality = {"standard": "medium", "hd": "high"}.get(p.quality or "auto", p.quality or "auto")
+    return Streaming(kind, p.partial_images or 0, quality)
+
+
+def sse(event: str, body: dict[str, Any]) -> bytes:
+    """One server-sent event (``event:`` and one ``data:`` line of JSON), as openai-python's SSE decoder reads it."""
+    return f"event: {event}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+
+def stream_event(item: PartialImage | GenerationResult, req: GenerationRequest, s: Streaming) -> bytes:
+    """A partial image -> ``<kind>.partial_image``; the final result -> ``<kind>.completed`` with its ``usage``, or,
+    for a result that is an error (the model failed after the stream began), an ``error`` event with the error
+    object, which the openai SDK raises as ``APIError``."""
+    common = {"created_at": int(time.time()), "size": f"{req.width}x{req.height}", "quality": s.quality,
+              "background": "opaque", "output_format": req.output_format}
+    if isinstance(item, PartialImage):
+        return sse(f"{s.kind}.partial_image", {"type": f"{s.kind}.partial_image", "b64_json":
+                   base64.b64encode(item.image).decode(), "partial_image_index": item.index, **common})
+    try:
+        raise_for_result(item)
+    except ApiError as err:
+        return sse("error", err.body())
+    body = {"type": f"{s.kind}.completed", "b64_json": base64.b64encode(item.images[0]).decode(), **common}
+    if item.usage is not None:
+        body["usage"] = item.usage.body()
+    return sse(f"{s.kind}.completed", body)
 
 
 def request_steps(p: ImageParams, cfg: Config) -> int:

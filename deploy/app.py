@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -58,6 +58,7 @@ from components.registry.tracking import tracking_uri
 from deploy.api import (
     ApiError,
     BodyBudget,
+    Streaming,
     adapter_id,
     api_token,
     decode_upload,
@@ -65,6 +66,9 @@ from deploy.api import (
     parse_multipart,
     parse_params,
     raise_for_result,
+    sse,
+    stream_event,
+    streaming,
     to_request,
 )
 
@@ -173,17 +177,67 @@ class Model:
         from deploy.served_adapters import AdapterRefused  # in the model replica only (see __init__)
 
         received = time.perf_counter()
-        model_id = serve.get_multiplexed_model_id()
-        adapter = None
-        if model_id:
-            try:
-                adapter = await self._adapter(model_id)  # the LRU: a lookup, or a load (evicting the oldest)
-                await asyncio.to_thread(adapter.follow, self.cfg.serve.poll_alias_s)
-            except AdapterRefused as err:
-                return err.result(request)
+        try:
+            adapter = await self._request_adapter()
+        except AdapterRefused as err:
+            return err.result(request)
         out = await self._batched(request, adapter)
         out.model_s = time.perf_counter() - received
         return out
+
+    async def _request_adapter(self):
+        """The adapter the request's multiplexed model id names (the LRU: a lookup, or a load evicting the oldest),
+        following its alias; None for the bare base. Raises ``AdapterRefused``."""
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id:
+            return None
+        adapter = await self._adapter(model_id)
+        await asyncio.to_thread(adapter.follow, self.cfg.serve.poll_alias_s)
+        return adapter
+
+    async def generate_stream(self, request: GenerationRequest, partial_images: int):
+        """A streamed request (``handle.options(stream=True)``): yields its ``PartialImage``s as the sampler reaches
+        them, then its ``GenerationResult``. It skips the batcher, not the limits: it holds one of this replica's
+        ``max_ongoing_requests`` until it ends, runs on the same adapter path as a batch (one pipeline call at a
+        time per UNet), and when the caller goes away (a client that disconnects) the remaining steps are skipped
+        and the call ends once the running step has, freeing its slot."""
+        from components.diffusion.pipelines import Partials  # in the model replica only (see __init__)
+        from components.diffusion.request import PartialImage, encode_image
+        from deploy.served_adapters import AdapterRefused
+
+        received = time.perf_counter()
+        try:
+            adapter = await self._request_adapter()
+        except AdapterRefused as err:
+            yield err.result(request)
+            return
+        loop, ready = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(index: int, image) -> None:  # on the worker thread, between two denoising steps
+            encoded = encode_image(image, request.output_format, request.output_compression)
+            loop.call_soon_threadsafe(ready.put_nowait, PartialImage(index, encoded))
+
+        partials = Partials(partial_images, emit)
+        work = asyncio.ensure_future(asyncio.to_thread(self._run, self.holder.current, adapter, [request], partials))
+        waiting = None
+        try:
+            while not work.done():
+                waiting = asyncio.ensure_future(ready.get())
+                await asyncio.wait({waiting, work}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield waiting.result()
+                else:
+                    waiting.cancel()
+            while not ready.empty():  # emitted before the work ended: they were queued before its result
+                yield ready.get_nowait()
+            (out,) = work.result()
+            out.model_s = time.perf_counter() - received
+            yield out
+        finally:
+            partials.stop.set()  # the caller went away (or we are done): skip what is left of the steps
+            if waiting is not None:
+                waiting.cancel()
+            await asyncio.wait({work})  # the pipeline call ends before the slot is given back
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def _batched(self, reqs: list[GenerationRequest], adapters: list) -> list[GenerationResult]:
@@ -191,10 +245,17 @@ class Model:
         loaded = self.holder.current  # one version for the whole batch, reported with every result
         return await asyncio.to_thread(self._run, loaded, adapters[0], reqs)
 
-    def _run(self, loaded, adapter, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        """The batch's work on a worker thread, timed there (``work_s`` of each result: ``Server-Timing``)."""
+    def _run(self, loaded, adapter, reqs: list[GenerationRequest], partials=None) -> list[GenerationResult]:
+        """The batch's work on a worker thread, timed there (``work_s`` of each result: ``Server-Timing``);
+        ``partials`` (a streamed request's ``Partials``) reaches its pipeline call through ``PARTIALS``."""
+        from deploy.batching import PARTIALS  # in the model replica only (see __init__)
+
         start = time.perf_counter()
-        out = self.adapters.run(loaded, adapter, reqs)
+        token = PARTIALS.set(partials)
+        try:
+            out = self.adapters.run(loaded, adapter, reqs)
+        finally:
+            PARTIALS.reset(token)
         work = time.perf_counter() - start
         for result in out:
             result.work_s = work
@@ -433,7 +494,7 @@ class Ingress:
         return JSONResponse({"object": "list", "data": data})
 
     @api.post("/v1/images/generations")
-    async def generations(self, request: Request) -> JSONResponse:
+    async def generations(self, request: Request) -> Response:
         since = time.perf_counter()
         self._authorize(request)
         body = await self._body(request)
@@ -442,18 +503,19 @@ class Ingress:
             return await self._respond(*self._generation_request(body, header), since=since)
         return await self._respond(*await asyncio.to_thread(self._generation_request, body, header), since=since)
 
-    def _generation_request(self, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
-        """JSON body -> (request, adapter) (a worker thread: parsing up to max_upload_bytes of JSON is CPU)."""
+    def _generation_request(self, body: bytes, header: str) -> tuple[GenerationRequest, str | None, Streaming | None]:
+        """JSON body -> (request, adapter, streaming) (a worker thread: parsing up to max_upload_bytes of JSON is
+        CPU)."""
         try:
             raw = json.loads(body)
         except (ValueError, RecursionError):
             raise ApiError(400, "request body is not valid JSON") from None
         params = parse_params(raw)
         adapter = adapter_id(params.model, header or None, self.served_name)
-        return to_request(params, self.cfg), adapter
+        return to_request(params, self.cfg), adapter, streaming(params, "image_generation")
 
     @api.post("/v1/images/edits")
-    async def edits(self, request: Request) -> JSONResponse:
+    async def edits(self, request: Request) -> Response:
         """Inpainting when a mask is sent (its transparent pixels are repainted, as OpenAI's), else
         image-to-image: the image is noised to ``strength`` and denoised with the prompt. Default strengths:
         ``inference.inpaint_strength`` (1.0: the masked area from pure noise, so a ZT-SNR model reaches its
@@ -466,7 +528,8 @@ class Ingress:
         return await self._respond(*await asyncio.to_thread(self._edit_request, content_type, body, header),
                                    since=since)
 
-    def _edit_request(self, content_type: str, body: bytes, header: str) -> tuple[GenerationRequest, str | None]:
+    def _edit_request(self, content_type: str, body: bytes,
+                      header: str) -> tuple[GenerationRequest, str | None, Streaming | None]:
         """Multipart body -> request (a worker thread: parsing, decoding and resizing the uploads is CPU,
         seconds for a 4096x4096 image and its mask, and would stall every other client on the loop)."""
         fields, files = parse_multipart(content_type, body)
@@ -479,7 +542,7 @@ class Ingress:
         mask = decode_upload(files["mask"], "mask", self.cfg) if "mask" in files else None
         params = parse_params(fields)
         adapter = adapter_id(params.model, header or None, self.served_name)
-        return to_request(params, self.cfg, image=image, mask=mask), adapter
+        return to_request(params, self.cfg, image=image, mask=mask), adapter, streaming(params, "image_edit")
 
     async def _call(self, awaitable):
         """Await a model call, mapping Serve's capacity and availability errors to 503 + Retry-After."""
@@ -493,9 +556,13 @@ class Ingress:
             raise ApiError(503, "no model replica is available right now; retry shortly",
                            type="service_unavailable", headers=self._retry_after(None)) from None
 
-    async def _respond(self, request: GenerationRequest, adapter: str | None, since: float) -> JSONResponse:
+    async def _respond(self, request: GenerationRequest, adapter: str | None, stream: Streaming | None,
+                       since: float) -> Response:
         """Run ``request`` on the base, or with ``adapter`` (a multiplexed model id: Serve routes it to a replica
-        that has the adapter loaded, where it can). ``since``: when the route started (``Server-Timing``)."""
+        that has the adapter loaded, where it can); streamed when ``stream`` says so (``_stream``). ``since``: when
+        the route started (``Server-Timing``)."""
+        if stream is not None:
+            return await self._stream(request, adapter, stream)
         handle = self.model.generate if adapter is None else self.model.generate.options(multiplexed_model_id=adapter)
         out: GenerationResult = await self._call(handle.remote(request))
         raise_for_result(out)
@@ -504,6 +571,42 @@ class Ingress:
             return server_timing(render_result(out), out, since)
         return server_timing(await asyncio.to_thread(render_result, out), out, since)  # base64 and JSON: CPU
 
+    async def _stream(self, request: GenerationRequest, adapter: str | None, stream: Streaming) -> Response:
+        """Server-sent events of ``Model.generate_stream``: its partial images, then the completed image. Its first
+        answer is awaited before the response starts, so a full queue is still a 503 and a refusal (too many
+        tokens, an adapter that does not exist) still a 4xx JSON error; a failure after that is an ``error`` event.
+        A client that goes away cancels the model's call (its slot is freed once the running step ends)."""
+        handle = self.model.generate_stream.options(stream=True)
+        if adapter is not None:
+            handle = handle.options(multiplexed_model_id=adapter)
+        answers = handle.remote(request, stream.partial_images)
+        try:
+            first = await self._call(answers.__anext__())
+        except BaseException:
+            answers.cancel()
+            raise
+        if isinstance(first, GenerationResult):
+            raise_for_result(first)
+
+        async def events():
+            try:
+                item = first
+                while True:
+                    if isinstance(item, GenerationResult) and item.failure is None and item.error is None:
+                        self.readiness.seen(served_base(item))
+                    yield stream_event(item, request, stream)
+                    if isinstance(item, GenerationResult):
+                        return
+                    try:
+                        item = await answers.__anext__()
+                    except (RayActorError, ActorDiedError, ActorUnavailableError):  # the replica died mid-stream
+                        yield sse("error", ApiError(503, "the model replica went away during the stream; retry",
+                                                    type="service_unavailable").body())
+                        return
+            finally:
+                answers.cancel()  # a no-op once the model's generator ended; else it stops the generation
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # --- application builder --------------------------------------------------------------------------

@@ -9,20 +9,27 @@ path every other caller takes, so a batched image equals the image of the same r
 A failure stays with its own request: when a shared call raises (out of memory for the batch, a
 request the pipeline cannot take), its requests run again one at a time, so only the request that
 fails alone gets the error (a 500 for that client) and its batch mates get their images.
+
+A streamed request (``Model.generate_stream``) runs alone, through this same path, with :data:`PARTIALS` set on
+its worker thread: its group's pipeline call then takes the partial images (``Partials``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from contextvars import ContextVar
 
 import torch
 from PIL import Image
 
-from components.diffusion.pipelines import ZTSNRPipelines
+from components.diffusion.pipelines import Partials, ZTSNRPipelines
 from components.diffusion.request import GenerationRequest, GenerationResult, Usage, encode_image
 
 log = logging.getLogger(__name__)
+PARTIALS: ContextVar[Partials | None] = ContextVar("partials", default=None)
+"""The partial images a streamed request's thread asks for; None (a batch) takes none. A context variable, not an
+argument, because the call reaches here through the adapter layer (``ReplicaAdapters.run``), which need not know."""
 
 
 def group_compatible(reqs: list[GenerationRequest]) -> list[list[int]]:
@@ -37,7 +44,7 @@ def run_isolated(pipes: ZTSNRPipelines, group: list[GenerationRequest]) -> list[
     """``generate_group``, except that a failing shared call is retried one request at a time: each
     request gets its images, or the exception it raises alone."""
     try:
-        return pipes.generate_group(group)
+        return pipes.generate_group(group, partials=PARTIALS.get())
     except Exception as err:
         if len(group) == 1:
             return [err]

@@ -12,7 +12,10 @@ loads with this package alone (``components/diffusion/pyfunc.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +66,23 @@ def variant_for(directory: str | Path, device: torch.device) -> tuple[str | None
     return None, torch.bfloat16
 
 
+def partial_steps(steps: int, count: int) -> list[int]:
+    """The 0-based denoising steps after which ``count`` partial images are taken: evenly spaced over ``steps``
+    (``(j + 1) * steps // (count + 1)``), repeats dropped, so a run of fewer steps than ``count`` gives fewer."""
+    return sorted({(j + 1) * steps // (count + 1) for j in range(count)})
+
+
+@dataclass
+class Partials:
+    """What a streamed generation asks of :meth:`ZTSNRPipelines.generate_group`: after each of ``partial_steps``
+    the scheduler's x0 prediction (DDIM's ``pred_original_sample``), decoded by the VAE, goes to
+    ``emit(index, image)``; once ``stop`` is set (the client went away) the remaining steps are skipped."""
+
+    count: int
+    emit: Callable[[int, Any], None]
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 class ZTSNRPipelines:
     """Holds the text-to-image pipeline and lazily derived img2img / inpaint views of it."""
 
@@ -92,14 +112,16 @@ class ZTSNRPipelines:
             self._views[mode] = view
         return self._views[mode]
 
-    def generate_group(self, reqs: list[GenerationRequest], output_type: str = "pil") -> list[list]:
+    def generate_group(self, reqs: list[GenerationRequest], output_type: str = "pil",
+                       partials: Partials | None = None) -> list[list]:
         """One pipeline call for requests that share a ``batch_key`` once completed; returns each
         request's ``n`` images, in order.
 
         Image ``i`` of a request is drawn from a generator seeded ``seed + i``: diffusers draws each
         image's initial latents from its own generator (``randn_tensor`` with a list) and DDIM with
         eta = 0 adds no noise after that, so an image does not depend on its batch mates.
-        ``output_type="np"`` gives float arrays (H, W, 3) in [0, 1] with any NaN kept.
+        ``output_type="np"`` gives float arrays (H, W, 3) in [0, 1] with any NaN kept. ``partials`` (one image
+        only) streams the intermediate x0 predictions (:class:`Partials`).
         """
         reqs = [self.complete(r) for r in reqs]
         first = reqs[0]
@@ -123,16 +145,13 @@ class ZTSNRPipelines:
             output_type="latent" if split_decode else output_type,
         )
         pipe = self.view(first.mode)
-        if first.mode == "text2img":
-            out = pipe(width=first.width, height=first.height, **kwargs)
-        elif first.mode == "img2img":
-            out = pipe(image=[r.image.convert("RGB") for r, _ in per_image], strength=first.strength, **kwargs)
+        if partials is not None:
+            if len(per_image) != 1:
+                raise ValueError("partial images are taken of a single image only")
+            with self._taking_partials(pipe, partials) as callback:
+                out = self._call(pipe, first, per_image, callback_on_step_end=callback, **kwargs)
         else:
-            out = pipe(
-                image=[r.image.convert("RGB") for r, _ in per_image],
-                mask_image=[r.mask.convert("L") for r, _ in per_image],
-                strength=first.strength, width=first.width, height=first.height, **kwargs,
-            )
+            out = self._call(pipe, first, per_image, **kwargs)
         images = self._decode(out.images, output_type) if split_decode else list(out.images)
         if first.mode == "inpaint" and output_type == "pil":
             # Outside the mask the result is the input itself (what the user did not ask to repaint stays
@@ -145,6 +164,51 @@ class ZTSNRPipelines:
             result.append(images[start:start + r.n])
             start += r.n
         return result
+
+    @staticmethod
+    def _call(pipe, first: GenerationRequest, per_image: list, **kwargs):
+        """The diffusers call for the group's mode."""
+        if first.mode == "text2img":
+            return pipe(width=first.width, height=first.height, **kwargs)
+        if first.mode == "img2img":
+            return pipe(image=[r.image.convert("RGB") for r, _ in per_image], strength=first.strength, **kwargs)
+        return pipe(
+            image=[r.image.convert("RGB") for r, _ in per_image],
+            mask_image=[r.mask.convert("L") for r, _ in per_image],
+            strength=first.strength, width=first.width, height=first.height, **kwargs,
+        )
+
+    @contextmanager
+    def _taking_partials(self, pipe, partials: Partials) -> Iterator[Callable]:
+        """A ``callback_on_step_end`` for ``partials``, with ``pipe.scheduler.step`` wrapped for the duration to keep
+        its x0 prediction (``pred_original_sample``: diffusers hands the callback only the next noisy latents). A
+        scheduler without one gives the latents themselves. Safe because pipeline calls on one UNet run one at a
+        time (deploy/served_adapters.py), and the scheduler is stateful anyway."""
+        scheduler, x0 = pipe.scheduler, {}
+        step = scheduler.step
+
+        def keeping_x0(*args, **kwargs):
+            out = step(*args, **kwargs)
+            x0["latents"] = (out[1] if len(out) > 1 else None) if isinstance(out, tuple) else getattr(
+                out, "pred_original_sample", None)
+            return out
+
+        def on_step_end(p, i: int, t, tensors: dict) -> dict:
+            if partials.stop.is_set():
+                p._interrupt = True  # diffusers' own interruption: the remaining steps are skipped
+                return {}
+            wanted = partial_steps(p.num_timesteps, partials.count)
+            if i in wanted:
+                latents = x0.get("latents")
+                partials.emit(wanted.index(i), self._decode(tensors["latents"] if latents is None else latents,
+                                                            "pil")[0])
+            return {}
+
+        scheduler.step = keeping_x0  # an instance attribute shadowing the method
+        try:
+            yield on_step_end
+        finally:
+            del scheduler.step
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, output_type: str) -> list:

@@ -135,6 +135,16 @@ class GenerationResult:
     """What the request used (None for a refusal or a failure)."""
 
 
+@dataclass(frozen=True)
+class PartialImage:
+    """One intermediate image of a streamed request (the sampler's x0 prediction after a step, decoded), encoded
+    in the request's ``output_format``; ``index`` counts from 0. A streamed request's model answer is its partial
+    images in order, then its :class:`GenerationResult`."""
+
+    index: int
+    image: bytes
+
+
 def encode_png(image: Image.Image) -> bytes:
     return encode_image(image, "png")
 

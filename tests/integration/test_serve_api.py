@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import secrets
+import socket
 import time
 from ipaddress import ip_address
 from types import SimpleNamespace
@@ -162,6 +163,59 @@ def test_the_openai_sdk_gets_each_output_format_and_its_usage(server, registered
     with pytest.raises(openai.BadRequestError) as err:
         sdk.images.generate(prompt="a", size="1000x1000")
     assert err.value.body["param"] == "size" and "multiple of 8 from 64 to 512" in err.value.message
+
+
+def test_the_openai_sdk_streams_partial_images_then_the_completed_image(server, registered_model):
+    """``stream=True, partial_images=2`` through the current openai SDK's own SSE parsing: two partial images
+    (indices 0 then 1) and one completed event carrying the final image and its usage; ``n`` 2 streamed is a 400."""
+    sdk = openai.OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0)
+    events = list(sdk.images.generate(prompt="a lighthouse at dusk", model=registered_model.name, size="64x64",
+                                      stream=True, partial_images=2, extra_body={"steps": 2, "seed": 3}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    final = events[-1]
+    image = Image.open(io.BytesIO(base64.b64decode(final.b64_json)))
+    assert (image.format, image.size, final.size, final.output_format) == ("PNG", (64, 64), "64x64", "png")
+    assert final.usage.output_tokens == 8 * 8 and final.usage.input_tokens > 2
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.images.generate(prompt="a", size="64x64", n=2, stream=True)
+    assert err.value.body["param"] == "n"
+
+
+def first_event_then_close(server: str, body: dict) -> bytes:
+    """A raw HTTP/1.1 client that sends a streamed request, reads up to the end of its first event, and closes."""
+    host, port = server.removeprefix("http://").rsplit(":", 1)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: " + host.encode() + b"\r\nAuthorization: "
+                     + AUTH["Authorization"].encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        received = b""
+        while b"\n\n" not in received.partition(b"\r\n\r\n")[2]:
+            chunk = sock.recv(65536)
+            assert chunk, received[:300]
+            received += chunk
+    return received
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(client, server):
+    """A stream read to its end gives the full generation's time; then two clients (the model's 2 running slots)
+    read their first event and hang up, and three more do so in a row (past the 2 running + 2 queued). Were a
+    hung-up generation to run on, the request after them would wait out most of a full generation behind it (or
+    be a 503): it must be answered in under half of one."""
+    body = {"prompt": "a red cat", "size": "512x512", "steps": 50, "seed": 1, "stream": True, "partial_images": 3}
+    since = time.perf_counter()
+    with client.stream("POST", "/v1/images/generations", json=body, headers=AUTH) as whole:
+        events = [line for line in whole.iter_lines() if line.startswith("event: ")]
+    full_s = time.perf_counter() - since
+    assert events == ["event: image_generation.partial_image"] * 3 + ["event: image_generation.completed"]
+    for _ in range(5):
+        head = first_event_then_close(server, body)
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head[:300]
+        assert b"event: image_generation.partial_image" in head
+    since = time.perf_counter()
+    assert images_of(gen(client, prompt="a cat", steps=2))[0].size == (64, 64)
+    assert time.perf_counter() - since < full_s / 2, (time.perf_counter() - since, full_s)
 
 
 def test_bearer_auth(client):

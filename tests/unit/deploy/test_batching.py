@@ -11,7 +11,7 @@ from PIL import Image
 
 import deploy.batching as batching
 from components.config import load_config
-from components.diffusion.pipelines import ZTSNRPipelines, build_pipelines
+from components.diffusion.pipelines import Partials, ZTSNRPipelines, build_pipelines
 from components.diffusion.request import GenerationRequest, GenerationResult
 from components.diffusion.schedule import inference_scheduler
 from components.diffusion.tiny import build_tiny
@@ -113,11 +113,11 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_get_their_images(pipe
     own gets ``failure``; the others get exactly the images they get alone."""
     real, calls = ZTSNRPipelines.generate_group, []
 
-    def flaky(self, group, output_type="pil"):
+    def flaky(self, group, output_type="pil", partials=None):
         calls.append([r.prompt for r in group])
         if any(r.prompt == "boom" for r in group):
             raise RuntimeError("out of memory (simulated)")
-        return real(self, group, output_type)
+        return real(self, group, output_type, partials)
 
     ok1, bad, ok2 = req("a red cat", 1), req("boom", 2), req("a blue dog", 3)
     alone = [generate_batch(pipes, [r])[0][0] for r in (ok1, ok2)]
@@ -166,3 +166,29 @@ def test_a_failing_token_check_or_png_encoding_fails_only_its_own_request(pipes,
     assert out[1].error and "could not be tokenized" in out[1].error and out[1].failure is None
     assert out[2].failure == "OSError" and out[2].images == []
     assert len(out[0].images) == 1 and len(out[3].images) == 1 and out[0].failure is None and out[3].failure is None
+
+
+def test_a_streamed_request_gets_its_x0_predictions_then_the_same_final_image(pipes):
+    """``PARTIALS`` on the thread: the one request's pipeline call emits a decoded x0 prediction after each
+    partial step (the last step's is the final image's latents, so it is that image), and its final image is
+    the one it gets unstreamed; a set ``stop`` skips the remaining steps, and nothing more is emitted."""
+    r = req("a red cat", 7, steps=4)
+    plain = generate_batch(pipes, [r])[0][0]
+    got: list[tuple[int, Image.Image]] = []
+    token = batching.PARTIALS.set(Partials(3, lambda i, im: got.append((i, im))))
+    try:
+        (out,) = serve_batch("m", "1", pipes, [r])
+    finally:
+        batching.PARTIALS.reset(token)
+    assert [i for i, _ in got] == [0, 1, 2] and all(im.size == (64, 64) for _, im in got)
+    assert diff(Image.open(io.BytesIO(out.images[0])), plain) == 0
+    assert diff(got[0][1], plain) > 10  # the x0 predicted after step 2 of 4 is not yet the image
+    stopped = Partials(3, lambda i, im: (got.append((i, im)), stopped.stop.set()))
+    got.clear()
+    token = batching.PARTIALS.set(stopped)
+    try:
+        (out,) = serve_batch("m", "1", pipes, [r])
+    finally:
+        batching.PARTIALS.reset(token)
+    assert [i for i, _ in got] == [0] and out.failure is None
+    assert diff(Image.open(io.BytesIO(out.images[0])), plain) > 10  # steps 2 to 4 were skipped

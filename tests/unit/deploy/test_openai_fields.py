@@ -63,8 +63,11 @@ def test_output_compression_sets_the_lossy_quality():
     ({"steps": 5, "num_inference_steps": 6}, "num_inference_steps"),
     ({"num_inference_steps": CFG.serve.max_steps + 1}, "num_inference_steps"),
     ({"num_inference_steps": 0}, "num_inference_steps"),
-    ({"stream": True}, "stream"),
-    ({"partial_images": 2}, "partial_images"),
+    ({"partial_images": 2}, "partial_images"),  # without stream true
+    ({"stream": False, "partial_images": 1}, "partial_images"),
+    ({"stream": True, "partial_images": 4}, "partial_images"),
+    ({"stream": True, "partial_images": -1}, "partial_images"),
+    ({"stream": True, "n": 2}, "n"),
 ])
 def test_refusals_name_the_field(raw, param):
     assert refused(**raw).param == param
